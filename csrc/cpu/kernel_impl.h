@@ -1,0 +1,245 @@
+// The fused CPU row kernels, written once and compiled per instruction set:
+// kernel_{default,avx2,avx512}.cpp include this file with CPU_CAPABILITY set,
+// so at::vec::Vectorized is 1, 8 or 16 floats wide.
+//
+// Forward (rows): per row, the statistics of SPEC §2 over the non-target
+// classes only -- a max pass then a sum-of-exp pass over the row, the target
+// lane masked to -inf -- so q = exp(lse_nt - lse) needs no 1 - p. Then the
+// scheme math of schemes.h gives (lse_nt, log w, x). Nothing of size N x C is
+// written.
+//
+// Backward: per row, one pass writing g_i * coef_i * (r - e_y) straight from the
+// logits, r_j = exp(z_j - lse_nt), already scaled by the cross-row factor.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+
+#include "kernel.h"
+#include "robustloss/schemes.h"
+
+namespace robustloss {
+namespace cpu {
+namespace CPU_CAPABILITY {
+
+using at::vec::Vectorized;
+
+template <typename scalar_t>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
+template <typename acc_t>
+constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+
+// exp of a whole vector: the 20-ulp polynomial for float (what ATen's own
+// softmax uses), Sleef's 1-ulp exp for double.
+template <typename acc_t>
+inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& v) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return v.exp_u20();
+  } else {
+    return v.exp();
+  }
+}
+
+// Load one full vector of acc_t from scalar_t memory.
+template <typename scalar_t, typename acc_t>
+inline Vectorized<acc_t> vload(const scalar_t* p) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return Vectorized<acc_t>::loadu(p);
+  } else {
+    Vectorized<float> out;
+    at::vec::load_to_float(p, out);
+    return out;
+  }
+}
+
+// Store `count` lanes of v as scalar_t.
+template <typename scalar_t, typename acc_t>
+inline void vstore(scalar_t* p, const Vectorized<acc_t>& v, int64_t count) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    v.store(p, count);
+  } else {
+    const auto h = at::vec::convert_from_float<scalar_t>(v, v);
+    h.store(p, count);
+  }
+}
+
+// NaN-propagating max (as at::vec::maximum).
+template <typename acc_t>
+inline acc_t nanmax(acc_t a, acc_t b) {
+  return (a != a || a > b) ? a : b;
+}
+
+// Visit the row as vectors of K lanes, with the target's lane and the lanes
+// past the end set to -inf. Full vectors without the target are loaded
+// straight from memory; the rest go through a small stack buffer, which also
+// keeps every load inside the row.
+template <typename scalar_t, typename acc_t, typename F>
+inline void for_each_masked_vector(const scalar_t* row, int64_t c, int64_t y, F&& f) {
+  constexpr int64_t K = Vectorized<acc_t>::size();
+  alignas(64) acc_t buf[K];
+  for (int64_t j0 = 0; j0 < c; j0 += K) {
+    const int64_t count = std::min<int64_t>(K, c - j0);
+    if (count == K && (y < j0 || y >= j0 + K)) {
+      f(vload<scalar_t, acc_t>(row + j0));
+    } else {
+      for (int64_t k = 0; k < K; ++k) buf[k] = k < count ? static_cast<acc_t>(row[j0 + k]) : kNegInf<acc_t>;
+      if (y >= j0 && y < j0 + K) buf[y - j0] = kNegInf<acc_t>;
+      f(Vectorized<acc_t>::loadu(buf));
+    }
+  }
+}
+
+template <typename acc_t>
+inline acc_t reduce_max(const Vectorized<acc_t>& v) {
+  constexpr int64_t K = Vectorized<acc_t>::size();
+  alignas(64) acc_t buf[K];
+  v.store(buf);
+  acc_t m = buf[0];
+  for (int64_t k = 1; k < K; ++k) m = nanmax(m, buf[k]);
+  return m;
+}
+
+template <typename acc_t>
+inline acc_t reduce_sum(const Vectorized<acc_t>& v) {
+  constexpr int64_t K = Vectorized<acc_t>::size();
+  alignas(64) acc_t buf[K];
+  v.store(buf);
+  acc_t s = 0;
+  for (int64_t k = 0; k < K; ++k) s += buf[k];
+  return s;
+}
+
+// logsumexp over the non-target classes (-inf when there is none, NaN when a
+// non-target logit is NaN or +inf).
+template <typename scalar_t, typename acc_t>
+inline acc_t lse_non_target(const scalar_t* row, int64_t c, int64_t y) {
+  using Vec = Vectorized<acc_t>;
+  Vec vmax(kNegInf<acc_t>);
+  for_each_masked_vector<scalar_t, acc_t>(row, c, y, [&](const Vec& v) { vmax = at::vec::maximum(vmax, v); });
+  const acc_t m = reduce_max(vmax);
+  if (m != m || m == std::numeric_limits<acc_t>::infinity()) return std::numeric_limits<acc_t>::quiet_NaN();
+  if (m == kNegInf<acc_t>) return m;
+  const Vec vm(m);
+  Vec vsum(acc_t(0));
+  for_each_masked_vector<scalar_t, acc_t>(row, c, y, [&](const Vec& v) { vsum = vsum + vexp(v - vm); });
+  return m + std::log(reduce_sum(vsum));
+}
+
+// Work per task: about 16K logits, so small-C batches still split into few tasks.
+inline int64_t grain(int64_t c) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(c, 1)); }
+
+template <typename scalar_t>
+void rows_typed(const RowsArgs& args) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const auto* logits = static_cast<const scalar_t*>(args.logits);
+  auto* out = static_cast<acc_t*>(args.rows);
+  const acc_t a = static_cast<acc_t>(args.a), b = static_cast<acc_t>(args.b);
+  at::parallel_for(0, args.n, grain(args.c), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t y = args.target[i];
+      acc_t* o = out + 3 * i;
+      if (y == args.ignore_index) {
+        o[0] = kNegInf<acc_t>;
+        o[1] = kNegInf<acc_t>;
+        o[2] = 0;
+        continue;
+      }
+      const scalar_t* row = logits + i * args.row_stride;
+      const acc_t lse_nt = lse_non_target<scalar_t, acc_t>(row, args.c, y);
+      const RowProb<acc_t> pr = row_prob<acc_t>(static_cast<acc_t>(row[y]), lse_nt);
+      const acc_t lw = log_weight<acc_t>(args.scheme, a, b, pr);
+      o[0] = lse_nt;
+      o[1] = lw;
+      o[2] = row_x<acc_t>(args.scheme, a, lw, pr, args.normalised);
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_typed(const BackwardArgs& args) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t K = Vec::size();
+  const auto* logits = static_cast<const scalar_t*>(args.logits);
+  const auto* stats = static_cast<const acc_t*>(args.stats);
+  const auto* grad = static_cast<const acc_t*>(args.grad);
+  auto* out = static_cast<scalar_t*>(args.out);
+  const int64_t c = args.c;
+  at::parallel_for(0, args.n, grain(c), [&](int64_t begin, int64_t end) {
+    alignas(64) acc_t buf[K];
+    for (int64_t i = begin; i < end; ++i) {
+      scalar_t* o = out + i * c;
+      const int64_t y = args.target[i];
+      if (y == args.ignore_index) {
+        std::fill(o, o + c, scalar_t(0));
+        continue;
+      }
+      const acc_t lse_nt = stats[2 * i];
+      const acc_t gc = (args.grad_per_row ? grad[i] : grad[0]) * stats[2 * i + 1];
+      if (lse_nt == kNegInf<acc_t>) {
+        // SPEC §3: no finite non-target logit, G = 0 (NaN stays NaN).
+        std::fill(o, o + c, static_cast<scalar_t>(gc * acc_t(0)));
+        continue;
+      }
+      const scalar_t* row = logits + i * args.row_stride;
+      const Vec vg(gc), vl(lse_nt);
+      int64_t j = 0;
+      for (; j + K <= c; j += K) vstore<scalar_t, acc_t>(o + j, vg * vexp(vload<scalar_t, acc_t>(row + j) - vl), K);
+      if (j < c) {
+        const int64_t count = c - j;
+        for (int64_t k = 0; k < K; ++k) buf[k] = k < count ? static_cast<acc_t>(row[j + k]) : kNegInf<acc_t>;
+        vstore<scalar_t, acc_t>(o + j, vg * vexp(Vec::loadu(buf) - vl), count);
+      }
+      o[y] = static_cast<scalar_t>(-gc);
+    }
+  });
+}
+
+inline void rows_impl(const RowsArgs& args) {
+  switch (args.dtype) {
+    case c10::ScalarType::Float:
+      return rows_typed<float>(args);
+    case c10::ScalarType::Double:
+      return rows_typed<double>(args);
+    case c10::ScalarType::Half:
+      return rows_typed<c10::Half>(args);
+    case c10::ScalarType::BFloat16:
+      return rows_typed<c10::BFloat16>(args);
+    default:
+      return;  // dtypes are checked by the op layer
+  }
+}
+
+inline void backward_impl(const BackwardArgs& args) {
+  switch (args.dtype) {
+    case c10::ScalarType::Float:
+      return backward_typed<float>(args);
+    case c10::ScalarType::Double:
+      return backward_typed<double>(args);
+    case c10::ScalarType::Half:
+      return backward_typed<c10::Half>(args);
+    case c10::ScalarType::BFloat16:
+      return backward_typed<c10::BFloat16>(args);
+    default:
+      return;
+  }
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace robustloss

@@ -1,0 +1,206 @@
+// CPU implementations of the robustloss ops: argument checks, the fused row
+// kernel, and the cross-row step (emphasis normalisation and reduction).
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+#include "kernel.h"
+#include "robustloss/checks.h"
+#include "robustloss/schemes.h"
+
+namespace robustloss {
+namespace {
+
+// Shape and dtype, then every value: a bad target raises IndexError naming it
+// before any kernel reads a logit.
+at::Tensor check_target(const at::Tensor& target_in, const at::Tensor& logits, int64_t ignore_index) {
+  at::Tensor target = check_target_shape(target_in, logits);
+  TORCH_CHECK(target.device().is_cpu(), "robustloss: CPU kernel got target on ", target.device());
+  const int64_t* t = target.const_data_ptr<int64_t>();
+  const int64_t n = target.size(0), c = logits.size(1);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t v = t[i];
+    if (v != ignore_index && (v < 0 || v >= c)) {
+      TORCH_CHECK_INDEX(false, ROBUSTLOSS_BAD_TARGET_MSG(v, i, c, ignore_index));
+    }
+  }
+  return target;
+}
+
+cpu::RowsArgs rows_args(const at::Tensor& logits, const at::Tensor& target, int64_t scheme, double a, double b,
+                        int64_t ignore_index, bool normalised, at::Tensor& rows) {
+  cpu::RowsArgs args;
+  args.dtype = logits.scalar_type();
+  args.logits = logits.const_data_ptr();
+  args.n = logits.size(0);
+  args.c = logits.size(1);
+  args.row_stride = logits.stride(0);
+  args.target = target.const_data_ptr<int64_t>();
+  args.ignore_index = ignore_index;
+  args.scheme = scheme;
+  args.a = a;
+  args.b = b;
+  args.normalised = normalised;
+  args.rows = rows.data_ptr();
+  return args;
+}
+
+// The cross-row step of SPEC §5, in double, sequentially (deterministic and
+// O(N): small next to the O(N C) row pass). rows = (lse_nt, log w, x).
+template <typename acc_t>
+void finalize(const at::Tensor& rows_t, const at::Tensor& target_t, const c10::optional<at::Tensor>& weight_t,
+              const c10::optional<at::Tensor>& sw_t, int64_t ignore_index, int64_t reduction, bool normalize,
+              at::Tensor& value_t, at::Tensor& stats_t) {
+  const int64_t n = rows_t.size(0);
+  const acc_t* rows = rows_t.const_data_ptr<acc_t>();
+  const int64_t* target = target_t.const_data_ptr<int64_t>();
+  const acc_t* weight = weight_t.has_value() ? weight_t->const_data_ptr<acc_t>() : nullptr;
+  const acc_t* sw = sw_t.has_value() ? sw_t->const_data_ptr<acc_t>() : nullptr;
+  acc_t* stats = stats_t.data_ptr<acc_t>();
+  acc_t* value = value_t.data_ptr<acc_t>();
+  const double inf = std::numeric_limits<double>::infinity();
+
+  auto s_of = [&](int64_t i) {
+    double s = 1.0;
+    if (weight) s *= static_cast<double>(weight[target[i]]);
+    if (sw) s *= static_cast<double>(sw[i]);
+    return s;
+  };
+  for (int64_t i = 0; i < n; ++i) {
+    stats[2 * i] = rows[3 * i];
+    stats[2 * i + 1] = 0;
+  }
+
+  if (reduction == kMean && normalize) {
+    // Normalised weights = softmax of log w over the rows that count: shift
+    // by the largest log-weight so nothing overflows (|beta| up to 1000+).
+    double m = -inf;
+    bool saw_nan = false;
+    for (int64_t i = 0; i < n; ++i) {
+      if (target[i] == ignore_index || s_of(i) == 0.0) continue;
+      const double lw = rows[3 * i + 1];
+      if (std::isnan(lw)) saw_nan = true;
+      else m = std::max(m, lw);
+    }
+    if (saw_nan) m = std::numeric_limits<double>::quiet_NaN();
+    double denom = 0.0, num = 0.0;
+    if (m != -inf) {
+      for (int64_t i = 0; i < n; ++i) {
+        if (target[i] == ignore_index) continue;
+        const double s = s_of(i);
+        if (s == 0.0) continue;
+        const double e = std::exp(static_cast<double>(rows[3 * i + 1]) - m);
+        denom += std::fabs(s) * e;
+        num += s * e * static_cast<double>(rows[3 * i + 2]);
+      }
+    }
+    if (denom != 0.0) {  // NaN passes too: it must reach every row
+      for (int64_t i = 0; i < n; ++i) {
+        if (target[i] == ignore_index) continue;
+        const double s = s_of(i);
+        if (s == 0.0) continue;
+        stats[2 * i + 1] = static_cast<acc_t>(s * std::exp(static_cast<double>(rows[3 * i + 1]) - m) / (2.0 * denom));
+      }
+      value[0] = static_cast<acc_t>(num / denom);
+    } else {
+      value[0] = 0;
+    }
+    return;
+  }
+
+  double total = 0.0, denom = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (target[i] == ignore_index) {
+      if (reduction == kNone) value[i] = 0;
+      continue;
+    }
+    const double s = s_of(i);
+    const double sx = s * static_cast<double>(rows[3 * i + 2]);
+    stats[2 * i + 1] = static_cast<acc_t>(s * std::exp(static_cast<double>(rows[3 * i + 1])) / 2.0);
+    if (reduction == kNone) value[i] = static_cast<acc_t>(sx);
+    total += sx;
+    denom += weight ? static_cast<double>(weight[target[i]]) : 1.0;
+  }
+  if (reduction == kSum) {
+    value[0] = static_cast<acc_t>(total);
+  } else if (reduction == kMean) {
+    // PyTorch's rule: divide by the summed class weights of the valid rows.
+    value[0] = denom != 0.0 ? static_cast<acc_t>(total / denom) : acc_t(0);
+    for (int64_t i = 0; i < n; ++i)
+      stats[2 * i + 1] = denom != 0.0 ? static_cast<acc_t>(stats[2 * i + 1] / denom) : acc_t(0);
+  }
+}
+
+at::Tensor rows_cpu(const at::Tensor& logits_in, const at::Tensor& target_in, int64_t scheme, double a, double b,
+                    int64_t ignore_index, bool normalised) {
+  const at::Tensor logits = check_logits(logits_in);
+  const at::Tensor target = check_target(target_in, logits, ignore_index);
+  check_scheme(scheme);
+  at::Tensor rows = at::empty({logits.size(0), 3}, logits.options().dtype(acc_dtype(logits)));
+  cpu::kernels().rows(rows_args(logits, target, scheme, a, b, ignore_index, normalised, rows));
+  return rows;
+}
+
+std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& logits_in, const at::Tensor& target_in,
+                                               int64_t scheme, double a, double b,
+                                               const c10::optional<at::Tensor>& weight_in,
+                                               const c10::optional<at::Tensor>& sw_in, int64_t ignore_index,
+                                               int64_t reduction, bool normalize) {
+  const at::Tensor logits = check_logits(logits_in);
+  const at::Tensor target = check_target(target_in, logits, ignore_index);
+  check_scheme(scheme);
+  check_reduction(reduction);
+  const auto weight = check_weight(weight_in, logits);
+  const auto sw = check_sample_weight(sw_in, logits);
+  const bool normalised = reduction == kMean && normalize;
+  const auto acc = acc_dtype(logits);
+  const int64_t n = logits.size(0);
+
+  at::Tensor rows = at::empty({n, 3}, logits.options().dtype(acc));
+  cpu::kernels().rows(rows_args(logits, target, scheme, a, b, ignore_index, normalised, rows));
+
+  at::Tensor value = reduction == kNone ? at::empty({n}, logits.options().dtype(acc))
+                                        : at::empty({}, logits.options().dtype(acc));
+  at::Tensor stats = at::empty({n, 2}, logits.options().dtype(acc));
+  if (acc == at::kDouble) {
+    finalize<double>(rows, target, weight, sw, ignore_index, reduction, normalize, value, stats);
+  } else {
+    finalize<float>(rows, target, weight, sw, ignore_index, reduction, normalize, value, stats);
+  }
+  return {value, stats};
+}
+
+at::Tensor backward_cpu(const at::Tensor& grad_in, const at::Tensor& logits_in, const at::Tensor& target_in,
+                        const at::Tensor& stats_in, int64_t ignore_index) {
+  const at::Tensor logits = check_logits(logits_in);
+  const at::Tensor target = check_target(target_in, logits, ignore_index);
+  const at::Tensor stats = check_stats(stats_in, logits);
+  const at::Tensor grad = check_grad(grad_in, logits);
+  at::Tensor out = at::empty({logits.size(0), logits.size(1)}, logits.options());
+  cpu::BackwardArgs args;
+  args.dtype = logits.scalar_type();
+  args.logits = logits.const_data_ptr();
+  args.n = logits.size(0);
+  args.c = logits.size(1);
+  args.row_stride = logits.stride(0);
+  args.target = target.const_data_ptr<int64_t>();
+  args.ignore_index = ignore_index;
+  args.stats = stats.const_data_ptr();
+  args.grad = grad.const_data_ptr();
+  args.grad_per_row = grad.dim() == 1;
+  args.out = out.data_ptr();
+  cpu::kernels().backward(args);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(robustloss, CPU, m) {
+  m.impl("robust_ce_forward", &forward_cpu);
+  m.impl("robust_ce_backward", &backward_cpu);
+  m.impl("robust_ce_rows", &rows_cpu);
+}
+
+}  // namespace robustloss

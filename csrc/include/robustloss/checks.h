@@ -1,0 +1,82 @@
+// Argument checks shared by the CPU and CUDA op layers. Messages name the
+// argument and the bad value; the Python API has already canonicalised shapes,
+// so these guard direct calls of the ops (torch.ops.robustloss.*).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include "robustloss/schemes.h"
+
+namespace robustloss {
+
+inline at::ScalarType acc_dtype(const at::Tensor& logits) {
+  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// 2-D float logits whose classes are contiguous (rows may have any stride).
+inline at::Tensor check_logits(const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 2, "robustloss: logits must be 2-D (N, C), got shape ", logits.sizes());
+  const auto t = logits.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16,
+              "robustloss: logits must be float32, float64, float16 or bfloat16, got ", t);
+  TORCH_CHECK(logits.size(1) >= 1, "robustloss: logits need at least one class (C >= 1)");
+  if (logits.stride(1) != 1 || (logits.size(0) > 1 && logits.stride(0) < logits.size(1))) return logits.contiguous();
+  return logits;
+}
+
+inline at::Tensor check_target_shape(const at::Tensor& target, const at::Tensor& logits) {
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), "robustloss: target must have shape (",
+              logits.size(0), ",), got ", target.sizes());
+  TORCH_CHECK(target.scalar_type() == at::kLong, "robustloss: target must be int64, got ", target.scalar_type());
+  TORCH_CHECK(target.device() == logits.device(), "robustloss: target is on ", target.device(),
+              " but logits are on ", logits.device());
+  return target.contiguous();
+}
+
+inline void check_scheme(int64_t scheme) {
+  TORCH_CHECK(scheme >= 0 && scheme < kNumSchemes, "robustloss: unknown scheme id ", scheme);
+}
+
+inline void check_reduction(int64_t reduction) {
+  TORCH_CHECK(reduction == kNone || reduction == kMean || reduction == kSum,
+              "robustloss: reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+}
+
+inline c10::optional<at::Tensor> check_weight(const c10::optional<at::Tensor>& weight, const at::Tensor& logits) {
+  if (!weight.has_value()) return c10::nullopt;
+  TORCH_CHECK(weight->dim() == 1 && weight->size(0) == logits.size(1), "robustloss: weight must have shape (",
+              logits.size(1), ",), got ", weight->sizes());
+  TORCH_CHECK(weight->device() == logits.device(), "robustloss: weight is on ", weight->device(),
+              " but logits are on ", logits.device());
+  return weight->to(acc_dtype(logits)).contiguous();
+}
+
+inline c10::optional<at::Tensor> check_sample_weight(const c10::optional<at::Tensor>& sw, const at::Tensor& logits) {
+  if (!sw.has_value()) return c10::nullopt;
+  TORCH_CHECK(sw->dim() == 1 && sw->size(0) == logits.size(0), "robustloss: sample_weight must have shape (",
+              logits.size(0), ",), got ", sw->sizes());
+  TORCH_CHECK(sw->device() == logits.device(), "robustloss: sample_weight is on ", sw->device(),
+              " but logits are on ", logits.device());
+  return sw->to(acc_dtype(logits)).contiguous();
+}
+
+inline at::Tensor check_stats(const at::Tensor& stats, const at::Tensor& logits) {
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == logits.size(0) && stats.size(1) == 2,
+              "robustloss: stats must have shape (", logits.size(0), ", 2), got ", stats.sizes());
+  return stats.to(acc_dtype(logits)).contiguous();
+}
+
+// The upstream gradient: one value (reductions "mean"/"sum") or one per row ("none").
+inline at::Tensor check_grad(const at::Tensor& grad, const at::Tensor& logits) {
+  TORCH_CHECK(grad.dim() == 0 || (grad.dim() == 1 && grad.size(0) == logits.size(0)),
+              "robustloss: grad must be a scalar or have shape (", logits.size(0), ",), got ", grad.sizes());
+  return grad.to(logits.device(), acc_dtype(logits)).contiguous();
+}
+
+// The message of a bad target, shared by every backend.
+#define ROBUSTLOSS_BAD_TARGET_MSG(value, position, num_classes, ignore_index)                                   \
+  "robust_cross_entropy: target value ", (value), " (at flat position ", (position), ") is out of bounds for ", \
+      (num_classes), " classes; expected 0..", (num_classes)-1, " or ignore_index=", (ignore_index)
+
+}  // namespace robustloss

@@ -1,0 +1,130 @@
+// The scheme math of SPEC §2-§5, once, for every C++ backend (CPU and CUDA).
+//
+// Everything here is per row and scalar: the kernels reduce a row to
+// (z_y, lse_nt), and these functions turn that into p, q, the log-emphasis
+// log w(p) and the per-row value. The kernel table mirrors
+// robustloss_fast/schemes.py (KERNEL_IDS) and robustloss_fast/reference.py.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define RL_HD __host__ __device__ __forceinline__
+#else
+#define RL_HD inline
+#endif
+
+namespace robustloss {
+
+enum SchemeId : int64_t {
+  kCCE = 0,       // L = -log p            w = 2q
+  kMAE = 1,       // L = q                 w = 2pq
+  kMSE = 2,       // L = q^2               w = 4pq^2
+  kGCE = 3,       // L = (1 - p^k)/k       w = 2 p^k q          params (k)
+  kDM = 4,        // w = exp(beta p^lam q)                      params (lam, beta)
+  kDMNormal = 5,  // w = exp(-beta p (p - 2 psi))               params (psi, beta)
+  kDMBeta = 6,    // w = p^(alpha-1) q^(eta-1)                  params (alpha, eta)
+  kNumSchemes = 7,
+};
+
+enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
+
+RL_HD bool is_loss_defined(int64_t id) { return id <= kGCE; }
+
+// softplus(x) = log(1 + exp(x)) without overflow; +inf -> +inf, -inf -> 0.
+template <typename T>
+RL_HD T softplus(T x) {
+  using std::exp;
+  using std::fabs;
+  using std::log1p;
+  return (x > T(0) ? x : T(0)) + log1p(exp(-fabs(x)));
+}
+
+// The probabilities of one row from its target logit and lse_nt (SPEC §2).
+// With d = z_y - lse_nt (the margin): log p = -softplus(-d), log q = -softplus(d).
+// q is never formed as 1 - p, so it stays exact for margins of 100+.
+template <typename T>
+struct RowProb {
+  T logp, logq, p, q;
+};
+
+template <typename T>
+RL_HD RowProb<T> row_prob(T z_y, T lse_nt) {
+  using std::exp;
+  T d = z_y - lse_nt;
+  // A +inf target logit is not a valid input (SPEC §6: NaN for the row); the
+  // margin alone would read it as p = 1.
+  if (z_y == std::numeric_limits<T>::infinity()) d = std::numeric_limits<T>::quiet_NaN();
+  RowProb<T> r;
+  r.logp = -softplus(-d);
+  r.logq = -softplus(d);
+  r.p = exp(r.logp);
+  r.q = exp(r.logq);
+  return r;
+}
+
+// log w(p): the log of the emphasis. Normalised weights are a softmax over the
+// batch of these, so they never overflow (SPEC §5).
+template <typename T>
+RL_HD T log_weight(int64_t id, T a, T b, const RowProb<T>& r) {
+  using std::exp;
+  const T ln2 = T(0.69314718055994530942);
+  switch (id) {
+    case kCCE:
+      return ln2 + r.logq;
+    case kMAE:
+      return ln2 + r.logp + r.logq;
+    case kMSE:
+      return T(2) * ln2 + r.logp + T(2) * r.logq;
+    case kGCE:
+      return ln2 + a * r.logp + r.logq;
+    case kDM: {
+      // p^0 = 1 even at p = 0 (0 * log 0 would be NaN).
+      const T plam = (a == T(0)) ? T(1) : exp(a * r.logp);
+      return b * plam * r.q;
+    }
+    case kDMNormal:
+      return -b * r.p * (r.p - T(2) * a);
+    case kDMBeta:
+      return (a == T(1) ? T(0) : (a - T(1)) * r.logp) + (b == T(1) ? T(0) : (b - T(1)) * r.logq);
+    default:
+      return std::numeric_limits<T>::quiet_NaN();
+  }
+}
+
+// L(p) of a loss-defined scheme, written to stay accurate as p -> 1.
+template <typename T>
+RL_HD T loss_value(int64_t id, T a, const RowProb<T>& r) {
+  using std::expm1;
+  switch (id) {
+    case kCCE:
+      return -r.logp;
+    case kMAE:
+      return r.q;
+    case kMSE:
+      return r.q * r.q;
+    case kGCE:
+      return -expm1(a * r.logp) / a;
+    default:
+      return std::numeric_limits<T>::quiet_NaN();
+  }
+}
+
+// The per-row quantity x_i that the reduction scales by the sample weight s_i
+// (SPEC §4-§5). With derivative normalisation (reduction "mean", normalize=True)
+// the value of every scheme is the emphasis-weighted cross-entropy, and the
+// weight exp(log w - M) is applied in the cross-row step, so x_i = -log p_i.
+// Otherwise x_i is the row's own value: L(p) for a loss-defined scheme, the
+// monitoring value w * (-log p) for a derivative-defined one (raw w: it can
+// overflow for large beta, as SPEC documents).
+template <typename T>
+RL_HD T row_x(int64_t id, T a, T logw, const RowProb<T>& r, bool derivative_normalised) {
+  using std::exp;
+  if (derivative_normalised) return -r.logp;
+  if (is_loss_defined(id)) return loss_value(id, a, r);
+  return exp(logw) * (-r.logp);
+}
+
+}  // namespace robustloss

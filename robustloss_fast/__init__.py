@@ -1,0 +1,37 @@
+"""robustloss_fast: fused, noise-robust drop-in replacements for cross-entropy.
+
+DM / IMAE example weighting (Wang et al.) and the losses they generalise,
+with fused C++ (CPU), CUDA and Triton kernels behind one API.
+"""
+
+from . import schemes
+from ._backends import available_backends
+from .analysis import ExampleWeights, example_weights
+from .functional import dm_loss, imae_loss, robust_cross_entropy
+from .modules import DMLoss, IMAELoss, RobustCrossEntropyLoss
+from .schemes import CCE, DM, GCE, IMAE, MAE, MSE, DMBeta, DMExponential, DMNormal, Scheme
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "schemes",
+    "robust_cross_entropy",
+    "dm_loss",
+    "imae_loss",
+    "RobustCrossEntropyLoss",
+    "DMLoss",
+    "IMAELoss",
+    "available_backends",
+    "example_weights",
+    "ExampleWeights",
+    "Scheme",
+    "DM",
+    "IMAE",
+    "DMNormal",
+    "DMExponential",
+    "DMBeta",
+    "CCE",
+    "MAE",
+    "MSE",
+    "GCE",
+]

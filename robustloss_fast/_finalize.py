@@ -1,0 +1,81 @@
+"""The cross-row step of SPEC §5 in tensor ops, for paths that compute rows in pieces.
+
+The fused ops do this step inside the kernel call. Callers that produce the
+row statistics in several calls -- chunks of a fused linear layer, shards of a
+distributed batch, the Triton backend -- concatenate the ``rows`` ``(N, 3) =
+(lse_nt, log w, x)`` from ``robust_ce_rows`` and finish here. It is written
+without data-dependent Python branches, so it traces under
+``torch.compile(fullgraph=True)``.
+
+Returns ``(value, stats)`` exactly as ``robust_ce_forward`` does:
+``stats (N, 2) = (lse_nt, coef)`` with ``grad_logits = g * coef * (r - e_y)``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+NONE, MEAN, SUM = 0, 1, 2
+
+
+def sample_scale(
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    sample_weight: Optional[torch.Tensor],
+    ignore_index: int,
+    dtype: torch.dtype,
+):
+    """(valid, s, class weight of each row): s_i = sample_weight_i * weight[y_i], 0 when ignored."""
+    valid = target != ignore_index
+    y = torch.where(valid, target, torch.zeros_like(target))
+    zero = torch.zeros((), dtype=dtype, device=target.device)
+    cw = weight.to(dtype)[y] if weight is not None else torch.ones(target.shape, dtype=dtype, device=target.device)
+    cw = torch.where(valid, cw, zero)
+    s = cw if sample_weight is None else cw * sample_weight.to(dtype)
+    return valid, s, cw
+
+
+def finalize(
+    rows: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    sample_weight: Optional[torch.Tensor],
+    ignore_index: int,
+    reduction: int,
+    normalize: bool,
+):
+    """(value, stats) from per-row ``rows = (lse_nt, log w, x)``; see the module docstring."""
+    dtype = rows.dtype
+    lse_nt, lw, x = rows[:, 0], rows[:, 1], rows[:, 2]
+    valid, s, cw = sample_scale(target, weight, sample_weight, ignore_index, dtype)
+    zero = torch.zeros((), dtype=dtype, device=rows.device)
+
+    if reduction == MEAN and normalize:
+        # Softmax of log w over the rows that count (s != 0): shift by their max.
+        active = valid & (s != 0)
+        lw_active = torch.where(active, lw, torch.full_like(lw, float("-inf")))
+        m = torch.cat([lw_active, lw_active.new_full((1,), float("-inf"))]).max()
+        m = torch.where(m == float("-inf"), zero, m)
+        e = torch.where(active, torch.exp(lw - m), zero)
+        denom = (s.abs() * e).sum()
+        ok = denom != 0
+        safe = torch.where(ok, denom, torch.ones_like(denom))
+        value = torch.where(ok, torch.where(active, s * e * x, zero).sum() / safe, zero)
+        coef = torch.where(ok & active, s * e / (2 * safe), zero)
+        return value, torch.stack([lse_nt, coef], dim=1)
+
+    sx = torch.where(valid, s * x, zero)
+    coef = torch.where(valid, s * torch.exp(lw) / 2, zero)
+    if reduction == NONE:
+        value = sx
+    elif reduction == SUM:
+        value = sx.sum()
+    else:
+        denom = cw.sum()
+        ok = denom != 0
+        safe = torch.where(ok, denom, torch.ones_like(denom))
+        value = torch.where(ok, sx.sum() / safe, zero)
+        coef = torch.where(ok, coef / safe, zero)
+    return value, torch.stack([lse_nt, coef], dim=1)

@@ -1,0 +1,67 @@
+"""Load the compiled extension and give its ops fake kernels and autograd.
+
+The C++ library ``robustloss`` defines (csrc/ops.cpp):
+
+``robust_ce_forward(logits, target, scheme, a, b, weight?, sample_weight?,
+ignore_index, reduction, normalize) -> (value, stats)``
+    the fused forward: row statistics, emphasis, cross-row normaliser D and
+    the reduced value; ``stats`` (N, 2) = (lse_nt, coef) per row.
+``robust_ce_backward(grad, logits, target, stats, ignore_index) -> grad_logits``
+    one pass over the logits writing ``g * coef * (r - e_y)``.
+``robust_ce_rows(logits, target, scheme, a, b, ignore_index, normalised) -> rows``
+    the row pass alone: (N, 3) = (lse_nt, log w, x) per row, for callers
+    that combine rows from several calls before normalising (chunked or
+    distributed batches).
+
+Autograd is registered on ``robust_ce_forward`` here, so every dispatch key
+(CPU now, CUDA where built) shares one backward rule.
+"""
+
+from __future__ import annotations
+
+import torch
+
+EXT = None
+LOAD_ERROR = None
+try:  # the extension is optional at import time: the "torch" backend always works
+    from . import _C as EXT  # noqa: F401  (importing registers the ops)
+except ImportError as exc:  # pragma: no cover - exercised only on broken installs
+    LOAD_ERROR = exc
+
+
+def has_cuda_kernels() -> bool:
+    """True when the extension was built with its CUDA sources."""
+    return EXT is not None and bool(EXT.built_with_cuda())
+
+
+if EXT is not None:
+    _lib = "robustloss"
+
+    @torch.library.register_fake(f"{_lib}::robust_ce_forward")
+    def _forward_fake(logits, target, scheme, a, b, weight, sample_weight, ignore_index, reduction, normalize):
+        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        n = logits.shape[0]
+        value = logits.new_empty((n,) if reduction == 0 else (), dtype=acc)
+        stats = logits.new_empty((n, 2), dtype=acc)
+        return value, stats
+
+    @torch.library.register_fake(f"{_lib}::robust_ce_backward")
+    def _backward_fake(grad, logits, target, stats, ignore_index):
+        return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake(f"{_lib}::robust_ce_rows")
+    def _rows_fake(logits, target, scheme, a, b, ignore_index, normalised):
+        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        return logits.new_empty((logits.shape[0], 3), dtype=acc)
+
+    def _setup_context(ctx, inputs, output):
+        logits, target = inputs[0], inputs[1]
+        ctx.save_for_backward(logits, target, output[1])
+        ctx.ignore_index = inputs[7]
+
+    def _backward(ctx, grad_value, _grad_stats):
+        logits, target, stats = ctx.saved_tensors
+        grad_logits = torch.ops.robustloss.robust_ce_backward(grad_value, logits, target, stats, ctx.ignore_index)
+        return grad_logits, None, None, None, None, None, None, None, None, None
+
+    torch.library.register_autograd(f"{_lib}::robust_ce_forward", _backward, setup_context=_setup_context)

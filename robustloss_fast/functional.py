@@ -1,0 +1,181 @@
+"""The functional API: ``robust_cross_entropy`` and its shortcuts.
+
+Shapes and flags are checked and canonicalised here, once, to 2-D rows
+``(N, C)``; the backend computes on rows; the result is restored to the shape
+of ``target`` for ``reduction="none"``. Target *values* are checked inside the
+op (a data-dependent check here would break ``torch.compile(fullgraph=True)``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import _backends
+from .schemes import DM, IMAE, Scheme
+
+__all__ = ["robust_cross_entropy", "dm_loss", "imae_loss", "available_backends"]
+
+_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+available_backends = _backends.available_backends
+
+
+def _canonical(input: torch.Tensor, target: torch.Tensor, sample_weight: Optional[torch.Tensor]):
+    """(logits (N, C), target (N,), sample_weight (N,) or None, shape of the per-element output)."""
+    if not isinstance(input, torch.Tensor) or not isinstance(target, torch.Tensor):
+        raise TypeError("input and target must be tensors")
+    if input.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"input must be float16, bfloat16, float32 or float64 logits, got {input.dtype}")
+    if target.dtype.is_floating_point or target.dtype.is_complex:
+        raise TypeError(
+            f"target must hold integer class indices (int64 or int32), got {target.dtype}; "
+            "class-probability targets are not supported"
+        )
+    if target.dtype == torch.bool:
+        raise TypeError("target must hold integer class indices, got torch.bool")
+    if input.device != target.device:
+        raise ValueError(f"input is on {input.device} but target is on {target.device}")
+    if input.dim() == 0:
+        raise ValueError("input must have at least one dimension (the classes)")
+
+    if input.dim() == 1:
+        expected = ()
+    else:
+        expected = (input.shape[0],) + tuple(input.shape[2:])
+    if tuple(target.shape) != expected:
+        raise ValueError(
+            f"target shape {tuple(target.shape)} does not match input shape {tuple(input.shape)}: "
+            f"expected {expected} (input (N, C, d1, ...) takes target (N, d1, ...))"
+        )
+    c = input.shape[0] if input.dim() == 1 else input.shape[1]
+    if c < 1:
+        raise ValueError("input must have at least one class (C >= 1)")
+
+    if sample_weight is not None:
+        if not isinstance(sample_weight, torch.Tensor):
+            raise TypeError("sample_weight must be a tensor")
+        if not sample_weight.dtype.is_floating_point:
+            raise TypeError(f"sample_weight must be a floating tensor, got {sample_weight.dtype}")
+        if tuple(sample_weight.shape) != tuple(target.shape):
+            raise ValueError(
+                f"sample_weight shape {tuple(sample_weight.shape)} must equal target shape {tuple(target.shape)}"
+            )
+        if sample_weight.device != input.device:
+            raise ValueError(f"sample_weight is on {sample_weight.device} but input is on {input.device}")
+
+    if input.dim() == 1:
+        logits = input.unsqueeze(0)
+    elif input.dim() == 2:
+        logits = input
+    else:
+        logits = input.movedim(1, -1).reshape(-1, c)
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    rows_target = target.reshape(-1).long()
+    rows_sw = None
+    if sample_weight is not None:
+        acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+        rows_sw = sample_weight.reshape(-1).to(acc).contiguous()
+    return logits, rows_target, rows_sw, tuple(target.shape)
+
+
+def robust_cross_entropy(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    scheme: Scheme,
+    *,
+    weight: Optional[torch.Tensor] = None,
+    sample_weight: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    normalize: Optional[bool] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""Robust cross-entropy: the ``softmax - onehot`` direction with the emphasis of ``scheme``.
+
+    For row ``i`` with target ``y``, ``p = softmax(z)_y`` and ``q = 1 - p``, the
+    gradient w.r.t. the logits is ``s_i * (w(p_i) / 2) * (r_i - e_y) / D`` where
+    ``r`` is the softmax over the non-target classes (so the row's gradient
+    has L1 norm ``w(p_i)``), ``s_i = sample_weight_i * weight[y_i]`` and ``D``
+    depends on the reduction:
+
+    * ``"none"``: no reduction, ``D = 1``; returns ``s_i * value_i`` shaped
+      like ``target``;
+    * ``"sum"``: ``D = 1``;
+    * ``"mean"``: with ``normalize=True`` (default for derivative-defined
+      schemes) ``D = sum_i |s_i| w_i``, the paper's derivative normalisation,
+      and the value is ``sum_i s_i w_i (-log p_i) / D``; with
+      ``normalize=False`` (default for loss-defined schemes)
+      ``D = sum_i weight[y_i]``, exactly ``torch.nn.functional.cross_entropy``'s
+      rule.
+
+    ``value_i`` is ``L(p_i)`` for loss-defined schemes (``CCE``, ``MAE``,
+    ``MSE``, ``GCE``) and ``w_i (-log p_i)`` for derivative-defined ones
+    (``DM``, ``IMAE``, ``DMNormal``, ``DMExponential``, ``DMBeta``). With
+    ``CCE()`` and ``normalize=False`` this equals ``F.cross_entropy``.
+
+    Args:
+        input: logits ``(N, C)``, ``(C,)`` or ``(N, C, d1, ..., dk)``; float16,
+            bfloat16, float32 or float64; any strides.
+        target: class indices ``(N,)``, ``()`` or ``(N, d1, ..., dk)``; int64
+            or int32, each in ``[0, C)`` or ``ignore_index``.
+        scheme: a scheme from :mod:`robustloss_fast.schemes`.
+        weight: per-class weights ``(C,)``.
+        sample_weight: per-element weights shaped like ``target`` (negative
+            values allowed: gradient ascent on those examples).
+        ignore_index: target value that contributes nothing.
+        reduction: ``"none"``, ``"mean"`` or ``"sum"``.
+        normalize: derivative normalisation for ``"mean"`` (ignored otherwise);
+            ``None`` picks the scheme's default.
+        backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"torch"``
+            (the pure-PyTorch reference).
+
+    Returns:
+        The loss: float32 for float16/bfloat16 input, else the input's dtype.
+        Raw (un-normalised) weights ``exp(beta ...)`` can overflow for large
+        ``|beta|`` with ``"none"``, ``"sum"`` or ``normalize=False``; the
+        normalised ``"mean"`` never does.
+    """
+    if not isinstance(scheme, Scheme):
+        raise TypeError(f"scheme must be a robustloss_fast.schemes.Scheme (e.g. DM()), got {scheme!r}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
+    if normalize is None:
+        normalize = scheme.default_normalize
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool or None, got {normalize!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+
+    logits, rows_target, rows_sw, out_shape = _canonical(input, target, sample_weight)
+    c = logits.shape[1]
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point:
+            raise TypeError("weight must be a floating tensor of shape (C,)")
+        if tuple(weight.shape) != (c,):
+            raise ValueError(f"weight must have shape ({c},) (one per class), got {tuple(weight.shape)}")
+        if weight.device != input.device:
+            raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
+        acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+        weight = weight.to(acc).contiguous()
+
+    _, apply = _backends.resolve(backend, input.device)
+    a, b = scheme.kernel_params
+    red = _REDUCTIONS[reduction]
+    value = apply(logits, rows_target, scheme.kernel_id, float(a), float(b), weight, rows_sw, ignore_index, red, normalize)
+    if red == 0:
+        value = value.reshape(out_shape)
+    return value
+
+
+def dm_loss(input: torch.Tensor, target: torch.Tensor, lam: float = 1.0, beta: float = 8.0, **kwargs) -> torch.Tensor:
+    """``robust_cross_entropy`` with ``DM(lam, beta)``: w = exp(beta p^lam (1 - p))."""
+    return robust_cross_entropy(input, target, DM(lam=lam, beta=beta), **kwargs)
+
+
+def imae_loss(input: torch.Tensor, target: torch.Tensor, T: float = 8.0, **kwargs) -> torch.Tensor:
+    """``robust_cross_entropy`` with ``IMAE(T)``: w = exp(T p (1 - p))."""
+    return robust_cross_entropy(input, target, IMAE(T=T), **kwargs)

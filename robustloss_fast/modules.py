@@ -1,0 +1,73 @@
+"""``nn.Module`` wrappers mirroring ``torch.nn.CrossEntropyLoss``."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .functional import robust_cross_entropy
+from .schemes import DM, IMAE, Scheme
+
+__all__ = ["RobustCrossEntropyLoss", "DMLoss", "IMAELoss"]
+
+
+class RobustCrossEntropyLoss(nn.Module):
+    """Drop-in for ``nn.CrossEntropyLoss`` with the emphasis of ``scheme``.
+
+    ``weight`` is a registered buffer (it follows ``.to()`` and ``state_dict``),
+    as in ``nn.CrossEntropyLoss``. ``forward(input, target, sample_weight=None)``
+    calls :func:`robustloss_fast.robust_cross_entropy`; see it for the math.
+    """
+
+    def __init__(
+        self,
+        scheme: Scheme,
+        weight: Optional[torch.Tensor] = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        normalize: Optional[bool] = None,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if not isinstance(scheme, Scheme):
+            raise TypeError(f"scheme must be a robustloss_fast.schemes.Scheme, got {scheme!r}")
+        if reduction not in ("none", "mean", "sum"):
+            raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
+        self.scheme = scheme
+        self.register_buffer("weight", weight)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.normalize = normalize
+        self.backend = backend
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor, sample_weight: Optional[torch.Tensor] = None):
+        return robust_cross_entropy(
+            input,
+            target,
+            self.scheme,
+            weight=self.weight,
+            sample_weight=sample_weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            normalize=self.normalize,
+            backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return f"scheme={self.scheme!r}, ignore_index={self.ignore_index}, reduction={self.reduction!r}"
+
+
+class DMLoss(RobustCrossEntropyLoss):
+    """DM loss (unified emphasis exp(beta p^lam (1 - p)), derivative-normalised by default)."""
+
+    def __init__(self, lam: float = 1.0, beta: float = 8.0, **kwargs):
+        super().__init__(DM(lam=lam, beta=beta), **kwargs)
+
+
+class IMAELoss(RobustCrossEntropyLoss):
+    """IMAE loss (emphasis exp(T p (1 - p)), derivative-normalised by default)."""
+
+    def __init__(self, T: float = 8.0, **kwargs):
+        super().__init__(IMAE(T=T), **kwargs)

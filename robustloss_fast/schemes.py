@@ -1,0 +1,284 @@
+"""Example-weighting schemes (SPEC §4).
+
+Every scheme is a function of ``p = p_y`` that gives the emphasis ``w(p) >= 0``:
+the L1 norm of the gradient of an example w.r.t. its logits. The gradient
+direction is always ``softmax - onehot(y)``; only its magnitude differs.
+
+Derivative-defined schemes (``DM`` and its special cases) define ``w`` directly
+and report the monitoring value ``w * (-log p)``. Loss-defined schemes (``CCE``,
+``MAE``, ``MSE``, ``GCE``) are ordinary losses ``L(p)`` whose exact gradient
+has magnitude ``w(p)``.
+
+The kernels see a scheme only as ``(kernel_id, kernel_params)``: several
+schemes share one kernel formula (``IMAE(T)`` is ``DM(lam=1, beta=T)``,
+``DMExponential(beta)`` is ``DM(lam=0, beta)``), so the kernel table is small.
+The table of kernel ids is mirrored in ``csrc/include/robustloss/schemes.h``,
+``robustloss_fast/reference.py`` and the Triton kernels; the parity tests bind
+them together.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Optional, Tuple
+
+__all__ = [
+    "Scheme",
+    "DM",
+    "IMAE",
+    "DMNormal",
+    "DMExponential",
+    "DMBeta",
+    "CCE",
+    "MAE",
+    "MSE",
+    "GCE",
+    "KERNEL_IDS",
+]
+
+# Kernel formula ids: keep in sync with csrc/include/robustloss/schemes.h.
+KERNEL_IDS = {
+    "CCE": 0,
+    "MAE": 1,
+    "MSE": 2,
+    "GCE": 3,
+    "DM": 4,
+    "DM_NORMAL": 5,
+    "DM_BETA": 6,
+}
+
+
+def _real(cls: str, name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{cls}: {name} must be a real number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{cls}: {name} must be finite, got {value!r}")
+    return value
+
+
+class Scheme:
+    """Base class of all schemes: frozen, hashable, comparable by value."""
+
+    #: True when the scheme is an ordinary loss L(p) whose gradient is exact.
+    loss_defined: ClassVar[bool] = False
+
+    @property
+    def kernel_id(self) -> int:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    @property
+    def kernel_params(self) -> Tuple[float, float]:
+        """The two floats the kernel formula takes (unused slots are 0)."""
+        raise NotImplementedError  # pragma: no cover
+
+    @property
+    def emphasis_mode(self) -> Optional[float]:
+        """psi = argmax_p w(p) on [0, 1], or None where w has no unique maximum."""
+        raise NotImplementedError  # pragma: no cover
+
+    @property
+    def default_normalize(self) -> bool:
+        """SPEC §5: derivative normalisation is on by default for derivative-defined schemes."""
+        return not self.loss_defined
+
+
+@dataclass(frozen=True)
+class DM(Scheme):
+    """Unified DM emphasis (DM eq. 12): w(p) = exp(beta * p**lam * (1 - p)).
+
+    ``lam >= 0`` moves the emphasis mode psi = lam / (lam + 1) towards easy
+    examples (more label noise -> larger lam); ``beta`` sets how peaked it is
+    (``beta = 0`` weighs all examples equally, ``beta < 0`` inverts it).
+    """
+
+    lam: float = 1.0
+    beta: float = 8.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "lam", _real("DM", "lam", self.lam))
+        object.__setattr__(self, "beta", _real("DM", "beta", self.beta))
+        if self.lam < 0:
+            raise ValueError(f"DM: lam must be >= 0, got {self.lam!r}")
+
+    kernel_id = KERNEL_IDS["DM"]
+
+    @property
+    def kernel_params(self):
+        return (self.lam, self.beta)
+
+    @property
+    def emphasis_mode(self):
+        return self.lam / (self.lam + 1.0) if self.beta > 0 else None
+
+
+@dataclass(frozen=True)
+class IMAE(Scheme):
+    """IMAE (eq. 8): w(p) = exp(T * p * (1 - p)); the DM case lam = 1, beta = T."""
+
+    T: float = 8.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "T", _real("IMAE", "T", self.T))
+
+    kernel_id = KERNEL_IDS["DM"]
+
+    @property
+    def kernel_params(self):
+        return (1.0, self.T)
+
+    @property
+    def emphasis_mode(self):
+        return 0.5 if self.T > 0 else None
+
+
+@dataclass(frozen=True)
+class DMNormal(Scheme):
+    """DM eq. 9: w(p) = exp(-beta * p * (p - 2 psi)), a Gaussian-shaped bump at psi."""
+
+    psi: float = 0.5
+    beta: float = 8.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "psi", _real("DMNormal", "psi", self.psi))
+        object.__setattr__(self, "beta", _real("DMNormal", "beta", self.beta))
+        if not 0.0 <= self.psi <= 1.0:
+            raise ValueError(f"DMNormal: psi must be in [0, 1], got {self.psi!r}")
+        if self.beta < 0:
+            raise ValueError(f"DMNormal: beta must be >= 0, got {self.beta!r}")
+
+    kernel_id = KERNEL_IDS["DM_NORMAL"]
+
+    @property
+    def kernel_params(self):
+        return (self.psi, self.beta)
+
+    @property
+    def emphasis_mode(self):
+        return self.psi if self.beta > 0 else None
+
+
+@dataclass(frozen=True)
+class DMExponential(Scheme):
+    """DM eq. 10: w(p) = exp(beta * (1 - p)); the DM case lam = 0."""
+
+    beta: float = 8.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "beta", _real("DMExponential", "beta", self.beta))
+
+    kernel_id = KERNEL_IDS["DM"]
+
+    @property
+    def kernel_params(self):
+        return (0.0, self.beta)
+
+    @property
+    def emphasis_mode(self):
+        if self.beta > 0:
+            return 0.0
+        if self.beta < 0:
+            return 1.0
+        return None
+
+
+@dataclass(frozen=True)
+class DMBeta(Scheme):
+    """DM eq. 11: w(p) = p**(alpha - 1) * (1 - p)**(eta - 1), alpha, eta >= 1."""
+
+    alpha: float = 2.0
+    eta: float = 2.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "alpha", _real("DMBeta", "alpha", self.alpha))
+        object.__setattr__(self, "eta", _real("DMBeta", "eta", self.eta))
+        if self.alpha < 1:
+            raise ValueError(f"DMBeta: alpha must be >= 1, got {self.alpha!r}")
+        if self.eta < 1:
+            raise ValueError(f"DMBeta: eta must be >= 1, got {self.eta!r}")
+
+    kernel_id = KERNEL_IDS["DM_BETA"]
+
+    @property
+    def kernel_params(self):
+        return (self.alpha, self.eta)
+
+    @property
+    def emphasis_mode(self):
+        a, e = self.alpha - 1.0, self.eta - 1.0
+        return a / (a + e) if a + e > 0 else None
+
+
+@dataclass(frozen=True)
+class CCE(Scheme):
+    """Categorical cross-entropy: L = -log p, w = 2(1 - p). Emphasises hard examples."""
+
+    loss_defined: ClassVar[bool] = True
+    kernel_id = KERNEL_IDS["CCE"]
+
+    @property
+    def kernel_params(self):
+        return (0.0, 0.0)
+
+    @property
+    def emphasis_mode(self):
+        return 0.0
+
+
+@dataclass(frozen=True)
+class MAE(Scheme):
+    """Mean absolute error of the probability vector / 2: L = 1 - p, w = 2p(1 - p)."""
+
+    loss_defined: ClassVar[bool] = True
+    kernel_id = KERNEL_IDS["MAE"]
+
+    @property
+    def kernel_params(self):
+        return (0.0, 0.0)
+
+    @property
+    def emphasis_mode(self):
+        return 0.5
+
+
+@dataclass(frozen=True)
+class MSE(Scheme):
+    """L = (1 - p)**2, w = 4p(1 - p)**2."""
+
+    loss_defined: ClassVar[bool] = True
+    kernel_id = KERNEL_IDS["MSE"]
+
+    @property
+    def kernel_params(self):
+        return (0.0, 0.0)
+
+    @property
+    def emphasis_mode(self):
+        return 1.0 / 3.0
+
+
+@dataclass(frozen=True)
+class GCE(Scheme):
+    """Generalised cross-entropy (Zhang & Sabuncu 2018): L = (1 - p**q) / q, w = 2 p**q (1 - p).
+
+    ``q`` in (0, 1]; q -> 0 approaches CCE, q = 1 is MAE.
+    """
+
+    loss_defined: ClassVar[bool] = True
+    q: float = 0.7
+
+    def __post_init__(self):
+        object.__setattr__(self, "q", _real("GCE", "q", self.q))
+        if not 0.0 < self.q <= 1.0:
+            raise ValueError(f"GCE: q must be in (0, 1], got {self.q!r}")
+
+    kernel_id = KERNEL_IDS["GCE"]
+
+    @property
+    def kernel_params(self):
+        return (self.q, 0.0)
+
+    @property
+    def emphasis_mode(self):
+        return self.q / (self.q + 1.0)
