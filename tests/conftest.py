@@ -1,0 +1,35 @@
+"""Test configuration shared by every test file.
+
+Environment that must be set before torch/Triton are imported lives here:
+- without a CUDA device, Triton kernels run under its interpreter on CPU
+  tensors (TRITON_INTERPRET=1), so the Triton parity tests run in CI;
+- on a 2-core CI machine one inductor compile thread avoids stalls.
+"""
+
+import os
+import shutil
+
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    """Each test draws fresh random inputs; the seed is printed on failure to reproduce it."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    request.node.user_properties.append(("seed", seed))
+    yield
+
+
+def pytest_runtest_makereport(item, call):
+    if call.when == "call" and call.excinfo is not None:
+        for key, value in item.user_properties:
+            if key == "seed":
+                print(f"\n[robustloss_fast] torch seed for {item.nodeid}: {value}")
