@@ -67,6 +67,18 @@ inline Vectorized<acc_t> vload(const scalar_t* p) {
   }
 }
 
+// Load the first `count` (< K) elements; lanes past them are unspecified.
+// Masked/partial loads never touch memory past the row.
+template <typename scalar_t, typename acc_t>
+inline Vectorized<acc_t> vload_partial(const scalar_t* p, int64_t count) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return Vectorized<acc_t>::loadu(p, count);
+  } else {
+    const auto v = Vectorized<scalar_t>::loadu(p, count);
+    return std::get<0>(at::vec::convert_to_float<scalar_t>(v));
+  }
+}
+
 // Store `count` lanes of v as scalar_t.
 template <typename scalar_t, typename acc_t>
 inline void vstore(scalar_t* p, const Vectorized<acc_t>& v, int64_t count) {
@@ -78,50 +90,32 @@ inline void vstore(scalar_t* p, const Vectorized<acc_t>& v, int64_t count) {
   }
 }
 
-// NaN-propagating max (as at::vec::maximum).
-template <typename acc_t>
-inline acc_t nanmax(acc_t a, acc_t b) {
-  return (a != a || a > b) ? a : b;
-}
-
 // Visit the row as vectors of K lanes, with the target's lane and the lanes
-// past the end set to -inf. Full vectors without the target are loaded
-// straight from memory; the rest go through a small stack buffer, which also
-// keeps every load inside the row.
+// past the end set to -inf (exp gives 0 there, max ignores them).
 template <typename scalar_t, typename acc_t, typename F>
 inline void for_each_masked_vector(const scalar_t* row, int64_t c, int64_t y, F&& f) {
-  constexpr int64_t K = Vectorized<acc_t>::size();
-  alignas(64) acc_t buf[K];
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t K = Vec::size();
+  const Vec ninf(kNegInf<acc_t>);
   for (int64_t j0 = 0; j0 < c; j0 += K) {
     const int64_t count = std::min<int64_t>(K, c - j0);
-    if (count == K && (y < j0 || y >= j0 + K)) {
-      f(vload<scalar_t, acc_t>(row + j0));
-    } else {
-      for (int64_t k = 0; k < K; ++k) buf[k] = k < count ? static_cast<acc_t>(row[j0 + k]) : kNegInf<acc_t>;
-      if (y >= j0 && y < j0 + K) buf[y - j0] = kNegInf<acc_t>;
-      f(Vectorized<acc_t>::loadu(buf));
-    }
+    Vec v = count == K ? vload<scalar_t, acc_t>(row + j0)
+                       : Vec::set(ninf, vload_partial<scalar_t, acc_t>(row + j0, count), count);
+    if (y >= j0 && y < j0 + K) v = Vec::blendv(v, ninf, Vec::arange(acc_t(0), acc_t(1)) == Vec(acc_t(y - j0)));
+    f(v);
   }
 }
 
 template <typename acc_t>
 inline acc_t reduce_max(const Vectorized<acc_t>& v) {
-  constexpr int64_t K = Vectorized<acc_t>::size();
-  alignas(64) acc_t buf[K];
-  v.store(buf);
-  acc_t m = buf[0];
-  for (int64_t k = 1; k < K; ++k) m = nanmax(m, buf[k]);
-  return m;
+  return at::vec::vec_reduce_all<acc_t>(
+      [](const Vectorized<acc_t>& x, const Vectorized<acc_t>& z) { return at::vec::maximum(x, z); }, v);
 }
 
 template <typename acc_t>
 inline acc_t reduce_sum(const Vectorized<acc_t>& v) {
-  constexpr int64_t K = Vectorized<acc_t>::size();
-  alignas(64) acc_t buf[K];
-  v.store(buf);
-  acc_t s = 0;
-  for (int64_t k = 0; k < K; ++k) s += buf[k];
-  return s;
+  return at::vec::vec_reduce_all<acc_t>(
+      [](const Vectorized<acc_t>& x, const Vectorized<acc_t>& z) { return x + z; }, v);
 }
 
 // logsumexp over the non-target classes (-inf when there is none, NaN when a
@@ -129,10 +123,21 @@ inline acc_t reduce_sum(const Vectorized<acc_t>& v) {
 template <typename scalar_t, typename acc_t>
 inline acc_t lse_non_target(const scalar_t* row, int64_t c, int64_t y) {
   using Vec = Vectorized<acc_t>;
+  constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
+  if (c <= Vec::size()) {
+    // Small C: the whole row is one vector, loaded once.
+    Vec v;
+    for_each_masked_vector<scalar_t, acc_t>(row, c, y, [&](const Vec& u) { v = u; });
+    const acc_t m = reduce_max(v);
+    if (m != m || m == kInf) return std::numeric_limits<acc_t>::quiet_NaN();
+    if (m == kNegInf<acc_t>) return m;
+    return m + std::log(reduce_sum(vexp(v - Vec(m))));
+  }
+  // Two passes (max, then sum of exp): the second reads the row from cache.
   Vec vmax(kNegInf<acc_t>);
   for_each_masked_vector<scalar_t, acc_t>(row, c, y, [&](const Vec& v) { vmax = at::vec::maximum(vmax, v); });
   const acc_t m = reduce_max(vmax);
-  if (m != m || m == std::numeric_limits<acc_t>::infinity()) return std::numeric_limits<acc_t>::quiet_NaN();
+  if (m != m || m == kInf) return std::numeric_limits<acc_t>::quiet_NaN();
   if (m == kNegInf<acc_t>) return m;
   const Vec vm(m);
   Vec vsum(acc_t(0));
@@ -181,7 +186,6 @@ void backward_typed(const BackwardArgs& args) {
   auto* out = static_cast<scalar_t*>(args.out);
   const int64_t c = args.c;
   at::parallel_for(0, args.n, grain(c), [&](int64_t begin, int64_t end) {
-    alignas(64) acc_t buf[K];
     for (int64_t i = begin; i < end; ++i) {
       scalar_t* o = out + i * c;
       const int64_t y = args.target[i];
@@ -202,8 +206,8 @@ void backward_typed(const BackwardArgs& args) {
       for (; j + K <= c; j += K) vstore<scalar_t, acc_t>(o + j, vg * vexp(vload<scalar_t, acc_t>(row + j) - vl), K);
       if (j < c) {
         const int64_t count = c - j;
-        for (int64_t k = 0; k < K; ++k) buf[k] = k < count ? static_cast<acc_t>(row[j + k]) : kNegInf<acc_t>;
-        vstore<scalar_t, acc_t>(o + j, vg * vexp(Vec::loadu(buf) - vl), count);
+        const Vec v = Vec::set(Vec(kNegInf<acc_t>), vload_partial<scalar_t, acc_t>(row + j, count), count);
+        vstore<scalar_t, acc_t>(o + j, vg * vexp(v - vl), count);
       }
       o[y] = static_cast<scalar_t>(-gc);
     }

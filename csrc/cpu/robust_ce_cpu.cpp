@@ -85,26 +85,28 @@ void finalize(const at::Tensor& rows_t, const at::Tensor& target_t, const c10::o
       else m = std::max(m, lw);
     }
     if (saw_nan) m = std::numeric_limits<double>::quiet_NaN();
+    // One exp per row: coef first holds s * exp(log w - m), then is scaled by 1 / (2 D).
     double denom = 0.0, num = 0.0;
     if (m != -inf) {
       for (int64_t i = 0; i < n; ++i) {
         if (target[i] == ignore_index) continue;
         const double s = s_of(i);
         if (s == 0.0) continue;
-        const double e = std::exp(static_cast<double>(rows[3 * i + 1]) - m);
-        denom += std::fabs(s) * e;
-        num += s * e * static_cast<double>(rows[3 * i + 2]);
+        const double se = s * std::exp(static_cast<double>(rows[3 * i + 1]) - m);
+        denom += std::fabs(se);
+        num += se * static_cast<double>(rows[3 * i + 2]);
+        stats[2 * i + 1] = static_cast<acc_t>(se);
       }
     }
     if (denom != 0.0) {  // NaN passes too: it must reach every row
+      const double scale = 1.0 / (2.0 * denom);
       for (int64_t i = 0; i < n; ++i) {
-        if (target[i] == ignore_index) continue;
-        const double s = s_of(i);
-        if (s == 0.0) continue;
-        stats[2 * i + 1] = static_cast<acc_t>(s * std::exp(static_cast<double>(rows[3 * i + 1]) - m) / (2.0 * denom));
+        if (target[i] == ignore_index || s_of(i) == 0.0) continue;  // rows that do not count keep coef 0
+        stats[2 * i + 1] = static_cast<acc_t>(stats[2 * i + 1] * scale);
       }
       value[0] = static_cast<acc_t>(num / denom);
     } else {
+      for (int64_t i = 0; i < n; ++i) stats[2 * i + 1] = 0;  // D = 0: no gradient at all (SPEC §5)
       value[0] = 0;
     }
     return;

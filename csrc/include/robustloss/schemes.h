@@ -42,6 +42,16 @@ RL_HD T softplus(T x) {
   return (x > T(0) ? x : T(0)) + log1p(exp(-fabs(x)));
 }
 
+// log(1 + t) for t in [0, 1] (NaN passes through), accurate to a few ulps via
+// the classic correction log(u) * t / (u - 1), u = fl(1 + t): it needs only
+// log, which is several times cheaper than libm's scalar log1pf on the CPU.
+template <typename T>
+RL_HD T log1p_unit(T t) {
+  using std::log;
+  const T u = T(1) + t;
+  return u == T(1) ? t : log(u) * (t / (u - T(1)));
+}
+
 // The probabilities of one row from its target logit and lse_nt (SPEC §2).
 // With d = z_y - lse_nt (the margin): log p = -softplus(-d), log q = -softplus(d).
 // q is never formed as 1 - p, so it stays exact for margins of 100+.
@@ -53,15 +63,25 @@ struct RowProb {
 template <typename T>
 RL_HD RowProb<T> row_prob(T z_y, T lse_nt) {
   using std::exp;
+  using std::fabs;
+  using std::log1p;
   T d = z_y - lse_nt;
   // A +inf target logit is not a valid input (SPEC §6: NaN for the row); the
   // margin alone would read it as p = 1.
   if (z_y == std::numeric_limits<T>::infinity()) d = std::numeric_limits<T>::quiet_NaN();
+  // softplus(d) and softplus(-d) share t = exp(-|d|) in (0, 1]: one exp and
+  // one log1p per row give all four numbers (this runs once per row, so on
+  // small-C batches it is a large share of the work).
+  const T t = exp(-fabs(d));
+  const T l = log1p_unit(t);
+  const T big = T(1) / (T(1) + t), small = t * big;  // sigmoid(|d|), sigmoid(-|d|)
+  const bool pos = d >= T(0);
   RowProb<T> r;
-  r.logp = -softplus(-d);
-  r.logq = -softplus(d);
-  r.p = exp(r.logp);
-  r.q = exp(r.logq);
+  r.logp = -((pos ? T(0) : -d) + l);
+  r.logq = -((pos ? d : T(0)) + l);
+  r.p = pos ? big : small;
+  r.q = pos ? small : big;
+  if (d != d) r.p = r.q = d;  // NaN margin: every output NaN (the selects above would pick a side)
   return r;
 }
 
@@ -82,7 +102,7 @@ RL_HD T log_weight(int64_t id, T a, T b, const RowProb<T>& r) {
       return ln2 + a * r.logp + r.logq;
     case kDM: {
       // p^0 = 1 even at p = 0 (0 * log 0 would be NaN).
-      const T plam = (a == T(0)) ? T(1) : exp(a * r.logp);
+      const T plam = (a == T(0)) ? T(1) : (a == T(1) ? r.p : exp(a * r.logp));
       return b * plam * r.q;
     }
     case kDMNormal:
