@@ -45,8 +45,20 @@ def finalize(
     ignore_index: int,
     reduction: int,
     normalize: bool,
+    *,
+    across=None,
 ):
-    """(value, stats) from per-row ``rows = (lse_nt, log w, x)``; see the module docstring."""
+    """(value, stats) from per-row ``rows = (lse_nt, log w, x)``; see the module docstring.
+
+    ``across`` (optional) extends the batch beyond these rows, for shards of
+    one batch held elsewhere (``robustloss_fast.distributed``). It provides
+    ``shift_sum(m, d) -> (M, D)``: from this call's shift ``m`` (the largest
+    active ``log w``, 0 when no row counts) and ``d = sum |s_i| exp(log w_i - m)``
+    (0 exactly when no row counts), the common shift and the whole batch's
+    ``D = sum |s_i| exp(log w_i - M)``; ``sum(d) -> D`` for the class-weight
+    count of ``normalize=False``; and ``scale``, a factor on value and coef.
+    Without it nothing changes.
+    """
     dtype = rows.dtype
     lse_nt, lw, x = rows[:, 0], rows[:, 1], rows[:, 2]
     valid, s, cw = sample_scale(target, weight, sample_weight, ignore_index, dtype)
@@ -60,10 +72,16 @@ def finalize(
         m = torch.where(m == float("-inf"), zero, m)
         e = torch.where(active, torch.exp(lw - m), zero)
         denom = (s.abs() * e).sum()
+        if across is not None:
+            # The softmax runs over the whole batch: re-shift to its common max.
+            m, denom = across.shift_sum(m, denom)
+            e = torch.where(active, torch.exp(lw - m), zero)
         ok = denom != 0
         safe = torch.where(ok, denom, torch.ones_like(denom))
         value = torch.where(ok, torch.where(active, s * e * x, zero).sum() / safe, zero)
         coef = torch.where(ok & active, s * e / (2 * safe), zero)
+        if across is not None:
+            value, coef = value * across.scale, coef * across.scale
         return value, torch.stack([lse_nt, coef], dim=1)
 
     sx = torch.where(valid, s * x, zero)
@@ -73,9 +91,11 @@ def finalize(
     elif reduction == SUM:
         value = sx.sum()
     else:
-        denom = cw.sum()
+        denom = cw.sum() if across is None else across.sum(cw.sum())
         ok = denom != 0
         safe = torch.where(ok, denom, torch.ones_like(denom))
         value = torch.where(ok, sx.sum() / safe, zero)
         coef = torch.where(ok, coef / safe, zero)
+    if across is not None:
+        value, coef = value * across.scale, coef * across.scale
     return value, torch.stack([lse_nt, coef], dim=1)

@@ -8,11 +8,12 @@ op (a data-dependent check here would break ``torch.compile(fullgraph=True)``).
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 
-from . import _backends
+from . import _backends, distributed
 from .schemes import DM, IMAE, Scheme
 
 __all__ = ["robust_cross_entropy", "dm_loss", "imae_loss", "available_backends"]
@@ -93,6 +94,9 @@ def robust_cross_entropy(
     reduction: str = "mean",
     normalize: Optional[bool] = None,
     backend: str = "auto",
+    process_group=None,
+    vocab_parallel: bool = False,
+    class_offset: Optional[int] = None,
 ) -> torch.Tensor:
     r"""Robust cross-entropy: the ``softmax - onehot`` direction with the emphasis of ``scheme``.
 
@@ -132,6 +136,22 @@ def robust_cross_entropy(
             ``None`` picks the scheme's default.
         backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"torch"``
             (the pure-PyTorch reference).
+        process_group: a ``torch.distributed`` group (e.g. ``dist.group.WORLD``)
+            for data-parallel training: ``D`` is taken over the batch of all
+            its ranks (one small collective for ``"mean"``; none for
+            ``"sum"``/``"none"``) and the result is ``W`` (the group size)
+            times this rank's share of the global loss, so that after DDP
+            averages gradients over the ``W`` ranks they equal those of one
+            process on the concatenated batch. The global loss is the mean of
+            the ranks' values. ``None`` (default): one process, no
+            communication (not the default group). See
+            :mod:`robustloss_fast.distributed`.
+        vocab_parallel: with ``process_group``, ``input`` holds only this
+            rank's slice of the classes (tensor-parallel output layer) and the
+            rows are the same on every rank; ``weight`` is then the full
+            ``(C,)`` vector and the value is the global loss (no ``W`` factor).
+        class_offset: first class of this rank's slice for ``vocab_parallel``
+            (default ``rank * C_local``).
 
     Returns:
         The loss: float32 for float16/bfloat16 input, else the input's dtype.
@@ -152,6 +172,15 @@ def robust_cross_entropy(
 
     logits, rows_target, rows_sw, out_shape = _canonical(input, target, sample_weight)
     c = logits.shape[1]
+    if vocab_parallel:
+        if process_group is None:
+            raise ValueError("vocab_parallel=True needs the process_group that holds the class slices")
+        a, b = scheme.kernel_params
+        value = distributed.vocab_parallel_cross_entropy_rows(
+            logits, rows_target, scheme.kernel_id, float(a), float(b), weight, rows_sw, ignore_index,
+            _REDUCTIONS[reduction], normalize, process_group, class_offset,
+        )  # fmt: skip
+        return value.reshape(out_shape) if reduction == "none" else value
     if weight is not None:
         if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point:
             raise TypeError("weight must be a floating tensor of shape (C,)")
@@ -162,9 +191,13 @@ def robust_cross_entropy(
         acc = torch.float64 if input.dtype == torch.float64 else torch.float32
         weight = weight.to(acc).contiguous()
 
-    _, apply = _backends.resolve(backend, input.device)
+    name, apply = _backends.resolve(backend, input.device)
     a, b = scheme.kernel_params
     red = _REDUCTIONS[reduction]
+    if class_offset is not None:
+        raise ValueError("class_offset is only used with vocab_parallel=True")
+    if process_group is not None:
+        apply = functools.partial(distributed.robust_cross_entropy_rows, name, process_group=process_group)
     value = apply(logits, rows_target, scheme.kernel_id, float(a), float(b), weight, rows_sw, ignore_index, red, normalize)
     if red == 0:
         value = value.reshape(out_shape)

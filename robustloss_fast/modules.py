@@ -19,6 +19,8 @@ class RobustCrossEntropyLoss(nn.Module):
     ``weight`` is a registered buffer (it follows ``.to()`` and ``state_dict``),
     as in ``nn.CrossEntropyLoss``. ``forward(input, target, sample_weight=None)``
     calls :func:`robustloss_fast.robust_cross_entropy`; see it for the math.
+    ``process_group``, ``vocab_parallel`` and ``class_offset`` are passed through
+    (distributed training: :mod:`robustloss_fast.distributed`).
     """
 
     def __init__(
@@ -29,6 +31,9 @@ class RobustCrossEntropyLoss(nn.Module):
         reduction: str = "mean",
         normalize: Optional[bool] = None,
         backend: str = "auto",
+        process_group=None,
+        vocab_parallel: bool = False,
+        class_offset: Optional[int] = None,
     ):
         super().__init__()
         if not isinstance(scheme, Scheme):
@@ -41,6 +46,9 @@ class RobustCrossEntropyLoss(nn.Module):
         self.reduction = reduction
         self.normalize = normalize
         self.backend = backend
+        self.process_group = process_group
+        self.vocab_parallel = vocab_parallel
+        self.class_offset = class_offset
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, sample_weight: Optional[torch.Tensor] = None):
         return robust_cross_entropy(
@@ -53,6 +61,9 @@ class RobustCrossEntropyLoss(nn.Module):
             reduction=self.reduction,
             normalize=self.normalize,
             backend=self.backend,
+            process_group=self.process_group,
+            vocab_parallel=self.vocab_parallel,
+            class_offset=self.class_offset,
         )
 
     def extra_repr(self) -> str:

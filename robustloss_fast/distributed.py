@@ -1,0 +1,340 @@
+r"""Robust cross-entropy over a batch split across processes (``torch.distributed``).
+
+Data parallel (``process_group=group``)
+---------------------------------------
+Each of the ``W`` ranks of ``group`` holds a shard of one global batch. The
+cross-row normaliser of SPEC §5 is taken over the *global* batch:
+
+* ``reduction="mean", normalize=True``: ``D = sum_{i in batch} |s_i| w_i``,
+  combined in the log domain (no overflow for any ``beta``);
+* ``reduction="mean", normalize=False``: ``D = sum_{i in batch} weight[y_i]``
+  (the global number of valid rows without class weights);
+* ``"sum"`` and ``"none"`` have no normaliser and communicate nothing.
+
+Every rank returns ``W`` times *its share* of the global loss:
+
+    loss_r = W * sum_{i in shard r} s_i value_i / D        ("mean")
+    loss_r = W * sum_{i in shard r} s_i value_i            ("sum")
+    loss_r = W * (s_i value_i for i in shard r)            ("none", per element)
+
+and the gradient w.r.t. its logits is ``W * g * s_i * G_i / D``. DDP averages
+parameter gradients over the ranks (divides their sum by ``W``), so after
+``backward`` every rank holds exactly the gradient of one process computing the
+same loss on the concatenated batch (for ``"none"``: of the sum of the
+elements the caller reduces with ``sum``). The global loss value is the mean
+of ``loss_r`` over the ranks (``dist.all_reduce(loss.detach(), op=AVG)`` to log
+it). The rule holds for uneven shards, empty shards and shards whose rows are
+all ignored. Every rank of ``group`` must call the loss with the same
+``reduction`` and ``normalize`` (the collective is issued or skipped by them).
+
+Communication: ``normalize=True`` issues one ``all_gather`` of two numbers per
+rank (the rank's largest log-weight ``m_r`` and ``d_r = sum |s| exp(log w - m_r)``);
+every rank then forms ``M = max_r m_r`` and ``D = sum_r d_r exp(m_r - M)``
+itself. A max and a sum cannot share one ``all_reduce``; gathering the
+``2 W`` numbers costs one latency instead of two. ``normalize=False`` issues one
+``all_reduce`` of one number. No host synchronisation: the collectives are
+enqueued like kernels (NCCL) and nothing is read back to Python. The backward
+pass communicates nothing (the weights are constants for differentiation, as in
+the paper); DDP's own gradient all-reduce does the rest.
+
+Vocabulary parallel (``process_group=group, vocab_parallel=True``)
+------------------------------------------------------------------
+Every rank holds the same rows but only the classes
+``[class_offset, class_offset + C_local)`` of them (a vocabulary-parallel
+output layer); ``target`` holds global class indices and ``weight`` is the full
+``(C,)`` vector. The row statistics are combined with two ``all_reduce`` calls
+(see docs/vocab_parallel.md); the value is then the global loss on every rank
+and each rank's gradient is its slice of the single-process gradient (no
+``W`` factor: tensor-parallel ranks do not average gradients).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from . import _finalize, _ops, reference
+
+try:
+    import torch.distributed as dist
+except ImportError:  # pragma: no cover - torch builds without distributed support
+    dist = None
+
+__all__ = ["finalize_distributed", "robust_cross_entropy_rows", "vocab_parallel_rows"]
+
+NONE, MEAN, SUM = 0, 1, 2
+
+
+def _check_group(process_group) -> None:
+    if dist is None or not dist.is_available():
+        raise RuntimeError("process_group was given but this torch build has no torch.distributed")
+    if not dist.is_initialized():
+        raise RuntimeError("process_group was given but torch.distributed is not initialised (init_process_group)")
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(f"process_group must be a torch.distributed.ProcessGroup, got {process_group!r}")
+
+
+def _all_gather(local: torch.Tensor, group) -> torch.Tensor:
+    """(W, *local.shape): every rank's ``local``, stacked in rank order."""
+    world = dist.get_world_size(group)
+    flat = local.reshape(-1).contiguous()
+    out = flat.new_empty(world * flat.numel())
+    # all_gather_single is the newer name of all_gather_into_tensor (a flat,
+    # rank-major output), which older releases only have under the old name.
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, flat, group=group)
+    return out.view(world, *local.shape)
+
+
+class _AcrossGroup:
+    """The ``across`` hook of ``_finalize.finalize``: the batch is the union of the group's shards."""
+
+    def __init__(self, group):
+        self.group = group
+        self.scale = dist.get_world_size(group)
+
+    def shift_sum(self, m: torch.Tensor, d: torch.Tensor):
+        # A rank whose rows all have zero weight (d == 0) must not pull the
+        # common shift up to its placeholder m = 0: send -inf instead.
+        m = torch.where(d != 0, m, torch.full_like(m, -math.inf))
+        both = _all_gather(torch.stack([m, d]), self.group)
+        ms, ds = both[:, 0], both[:, 1]
+        big = ms.max()
+        big = torch.where(big == -math.inf, torch.zeros_like(big), big)
+        # Ranks with d_r = 0 have m_r = -inf: exp(-inf) * 0 = 0, never NaN.
+        return big, (ds * torch.exp(ms - big)).sum()
+
+    def sum(self, d: torch.Tensor) -> torch.Tensor:
+        d = d.clone()
+        dist.all_reduce(d, op=dist.ReduceOp.SUM, group=self.group)
+        return d
+
+
+def finalize_distributed(
+    rows: torch.Tensor,
+    target: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    sample_weight: Optional[torch.Tensor],
+    ignore_index: int,
+    reduction: int,
+    normalize: bool,
+    process_group,
+):
+    """``_finalize.finalize`` with the normaliser of the whole group's batch (data parallel).
+
+    ``rows`` (N, 3) = (lse_nt, log w, x) are this rank's rows (from
+    ``robust_ce_rows`` with ``normalised = reduction == 1 and normalize``).
+    Returns ``(value, stats)`` like ``robust_ce_forward``, scaled by the world
+    size ``W`` (see the module docstring): ``value`` is ``W`` times this rank's
+    share of the global loss and ``stats[:, 1]`` (coef) carries the same
+    factor, so ``grad_logits = g * coef * (r - e_y)`` is ready for DDP's
+    averaging. ``reduction`` 0/2 communicate nothing; 1 issues one small
+    collective (all ranks must call it). Not differentiable itself: wrap it
+    (see ``robust_cross_entropy_rows``) and use ``robust_ce_backward``.
+    """
+    _check_group(process_group)
+    return _finalize.finalize(
+        rows, target, weight, sample_weight, ignore_index, reduction, normalize, across=_AcrossGroup(process_group)
+    )
+
+
+def reference_rows(logits, target, kernel_id, a, b, ignore_index, normalised):
+    """``robust_ce_rows`` in the reference's tensor ops: (N, 3) = (lse_nt, log w, x)."""
+    acc = reference.acc_dtype(logits.dtype)
+    if not torch.compiler.is_compiling():
+        reference.check_target(target, logits.shape[1], ignore_index)
+    valid = target != ignore_index
+    y = torch.where(valid, target, torch.zeros_like(target))
+    _, lse_nt, logp, logq, p, q = reference.row_probs(logits.to(acc), y)
+    return _rows_from_probs(kernel_id, a, b, valid, lse_nt, logp, logq, p, q, normalised)
+
+
+def _rows_from_probs(kernel_id, a, b, valid, lse_nt, logp, logq, p, q, normalised):
+    lw = reference.log_weight(kernel_id, a, b, logp, logq, p, q)
+    if normalised:
+        x = -logp
+    elif kernel_id in reference._LOSS_DEFINED:
+        x = reference.loss_value(kernel_id, a, logp, logq, p, q)
+    else:
+        x = lw.exp() * (-logp)
+    # Ignored rows as the compiled op writes them: no statistics, no weight.
+    ninf = torch.full_like(lw, -math.inf)
+    lse_nt = torch.where(valid, lse_nt, ninf)
+    lw = torch.where(valid, lw, ninf)
+    x = torch.where(valid, x, torch.zeros_like(x))
+    return torch.stack([lse_nt, lw, x], dim=1)
+
+
+class _DataParallelFunction(torch.autograd.Function):
+    """rows -> finalize_distributed in forward; the backend's backward op in backward."""
+
+    @staticmethod
+    def forward(ctx, logits, target, kid, a, b, weight, sw, ignore_index, reduction, normalize, group, compiled):
+        normalised = reduction == MEAN and normalize
+        if compiled:
+            rows = torch.ops.robustloss.robust_ce_rows(logits, target, kid, a, b, ignore_index, normalised)
+        else:
+            rows = reference_rows(logits, target, kid, a, b, ignore_index, normalised)
+        value, stats = finalize_distributed(rows, target, weight, sw, ignore_index, reduction, normalize, group)
+        ctx.save_for_backward(logits, target, stats)
+        ctx.ignore_index = ignore_index
+        ctx.compiled = compiled
+        return value
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, target, stats = ctx.saved_tensors
+        if ctx.compiled:
+            grad_logits = torch.ops.robustloss.robust_ce_backward(grad, logits, target, stats, ctx.ignore_index)
+        else:
+            grad_logits = reference.backward(grad, logits, target, stats, ctx.ignore_index)
+        return (grad_logits,) + (None,) * 11
+
+
+def _uses_compiled_ops(backend: str, device: torch.device) -> bool:
+    """Whether the compiled row/backward ops serve ``backend`` here (else the reference math does)."""
+    if _ops.EXT is None or backend == "torch":
+        return False
+    if device.type == "cpu":
+        return True
+    # The Triton backend has no separate row op: use the CUDA kernels where built.
+    return device.type == "cuda" and _ops.has_cuda_kernels()
+
+
+def robust_cross_entropy_rows(
+    backend, logits, target, kernel_id, a, b, weight, sample_weight, ignore_index, reduction, normalize, process_group
+):
+    """Differentiable data-parallel loss on canonical rows (the ``process_group`` path of the API)."""
+    _check_group(process_group)
+    compiled = _uses_compiled_ops(backend, logits.device)
+    return _DataParallelFunction.apply(
+        logits, target, kernel_id, a, b, weight, sample_weight, ignore_index, reduction, normalize,
+        process_group, compiled,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------
+# Vocabulary parallel: each rank holds a slice of the classes of every row.
+# ----------------------------------------------------------------------------
+
+
+def _local_target(logits, target, ignore_index, class_offset):
+    """(valid, owned, local column of the target): owned rows have their target in this slice."""
+    c_local = logits.shape[1]
+    valid = target != ignore_index
+    col = target - class_offset
+    owned = valid & (col >= 0) & (col < c_local)
+    col = torch.where(owned, col, torch.zeros_like(col))
+    return valid, owned, col
+
+
+def vocab_parallel_rows(logits, target, kernel_id, a, b, ignore_index, normalised, class_offset, process_group):
+    """Rows (N, 3) = (lse_nt, log w, x) of the full-vocabulary logits, from this rank's class slice.
+
+    Identical on every rank of ``process_group``. Two ``all_reduce`` calls:
+    MAX of (largest local non-target logit, bad-row flag), then SUM of
+    (local ``sum exp(z_j - M)`` over non-target classes, target logit where
+    owned, 1 where owned). A valid target owned by no rank or several (out of
+    range, or overlapping slices) is an error.
+    """
+    acc = reference.acc_dtype(logits.dtype)
+    z = logits.to(acc)
+    n, c_local = z.shape
+    valid, owned, col = _local_target(z, target, ignore_index, class_offset)
+    is_target = torch.zeros((n, c_local), dtype=torch.bool, device=z.device)
+    is_target.scatter_(1, col[:, None], owned[:, None])
+    # SPEC §6: NaN or +inf anywhere in the row makes the row NaN; carried as a flag
+    # because MAX all-reduces do not agree on NaN across backends.
+    bad = (torch.isnan(z) | torch.isposinf(z)).any(1)
+    z_nt = z.masked_fill(is_target | torch.isnan(z), -math.inf)
+    empty = z.new_full((n, 1), -math.inf)  # C_local = 0 shards have no max of their own
+    m_local = torch.cat([z_nt, empty], dim=1).max(1).values
+    packed = torch.stack([m_local, bad.to(acc)], dim=1)
+    dist.all_reduce(packed, op=dist.ReduceOp.MAX, group=process_group)
+    m, bad = packed[:, 0], packed[:, 1] != 0
+    m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    z_y = torch.where(owned, z.gather(1, col[:, None]).squeeze(1), torch.zeros_like(m))
+    sums = torch.stack([torch.exp(z_nt - m_safe[:, None]).sum(1), z_y, owned.to(acc)], dim=1)
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=process_group)
+    sum_nt, z_y, owners = sums[:, 0], sums[:, 1], sums[:, 2]
+    wrong = valid & (owners != 1)
+    if z.device.type == "cpu" and not torch.compiler.is_compiling():
+        if bool(wrong.any()):
+            raise IndexError(
+                f"target value {int(target[wrong][0])} is not in exactly one rank's class slice "
+                f"(this rank holds classes {class_offset}..{class_offset + c_local - 1})"
+            )
+    else:
+        # No host sync on accelerators: the check fails at a later synchronisation.
+        torch._assert_async(~wrong.any(), "robust_cross_entropy(vocab_parallel=True): a target is in no rank's slice")
+    lse_nt = torch.where(m == -math.inf, m, m_safe + torch.log(sum_nt))
+    lse_nt = torch.where(bad, torch.full_like(lse_nt, math.nan), lse_nt)
+    d = z_y - lse_nt
+    logp = -reference._softplus(-d)
+    logq = -reference._softplus(d)
+    return _rows_from_probs(kernel_id, a, b, valid, lse_nt, logp, logq, logp.exp(), logq.exp(), normalised)
+
+
+def _vocab_parallel_backward(grad, logits, target, stats, ignore_index, class_offset):
+    """This slice of ``g * coef * (r - e_y)``: r from the global lse_nt, -1 at an owned target."""
+    acc = stats.dtype
+    z = logits.to(acc)
+    valid, owned, col = _local_target(z, target, ignore_index, class_offset)
+    lse_nt, coef = stats[:, 0], stats[:, 1]
+    is_target = torch.zeros(z.shape, dtype=torch.bool, device=z.device)
+    is_target.scatter_(1, col[:, None], owned[:, None])
+    direction = torch.where(is_target, torch.full_like(z, -1.0), torch.exp(z - lse_nt[:, None]))
+    direction = torch.where((lse_nt == -math.inf)[:, None], torch.zeros_like(direction), direction)
+    g = grad.to(acc)
+    g = g[:, None] if g.dim() == 1 else g
+    out = torch.where(valid[:, None], g * coef[:, None] * direction, torch.zeros_like(direction))
+    return out.to(logits.dtype)
+
+
+class _VocabParallelFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, kid, a, b, weight, sw, ignore_index, reduction, normalize, group, offset):
+        normalised = reduction == MEAN and normalize
+        rows = vocab_parallel_rows(logits, target, kid, a, b, ignore_index, normalised, offset, group)
+        # Every rank holds the same rows: the normaliser is local, no W factor.
+        value, stats = _finalize.finalize(rows, target, weight, sw, ignore_index, reduction, normalize)
+        ctx.save_for_backward(logits, target, stats)
+        ctx.ignore_index, ctx.offset = ignore_index, offset
+        return value
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, target, stats = ctx.saved_tensors
+        grad_logits = _vocab_parallel_backward(grad, logits, target, stats, ctx.ignore_index, ctx.offset)
+        return (grad_logits,) + (None,) * 11
+
+
+def vocab_parallel_cross_entropy_rows(
+    logits, target, kernel_id, a, b, weight, sample_weight, ignore_index, reduction, normalize, process_group,
+    class_offset=None,
+):  # fmt: skip
+    """Differentiable vocabulary-parallel loss on canonical rows (the ``vocab_parallel=True`` path).
+
+    ``class_offset`` defaults to ``rank * C_local`` (equal slices in rank order).
+    ``weight`` is the full ``(C,)`` class-weight vector.
+    """
+    _check_group(process_group)
+    if class_offset is None:
+        class_offset = dist.get_rank(process_group) * logits.shape[1]
+    if isinstance(class_offset, bool) or not isinstance(class_offset, int) or class_offset < 0:
+        raise TypeError(f"class_offset must be a non-negative int, got {class_offset!r}")
+    if weight is not None:
+        if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point or weight.dim() != 1:
+            raise TypeError("weight must be a floating tensor of shape (C,) over the full vocabulary")
+        if weight.shape[0] < class_offset + logits.shape[1]:
+            raise ValueError(
+                f"weight has {weight.shape[0]} classes but this rank's slice ends at class "
+                f"{class_offset + logits.shape[1]}: pass the full-vocabulary weight"
+            )
+        weight = weight.to(reference.acc_dtype(logits.dtype)).contiguous()
+    return _VocabParallelFunction.apply(
+        logits, target, kernel_id, a, b, weight, sample_weight, ignore_index, reduction, normalize,
+        process_group, class_offset,
+    )  # fmt: skip
