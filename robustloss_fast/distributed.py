@@ -142,29 +142,7 @@ def finalize_distributed(
 
 def reference_rows(logits, target, kernel_id, a, b, ignore_index, normalised):
     """``robust_ce_rows`` in the reference's tensor ops: (N, 3) = (lse_nt, log w, x)."""
-    acc = reference.acc_dtype(logits.dtype)
-    if not torch.compiler.is_compiling():
-        reference.check_target(target, logits.shape[1], ignore_index)
-    valid = target != ignore_index
-    y = torch.where(valid, target, torch.zeros_like(target))
-    _, lse_nt, logp, logq, p, q = reference.row_probs(logits.to(acc), y)
-    return _rows_from_probs(kernel_id, a, b, valid, lse_nt, logp, logq, p, q, normalised)
-
-
-def _rows_from_probs(kernel_id, a, b, valid, lse_nt, logp, logq, p, q, normalised):
-    lw = reference.log_weight(kernel_id, a, b, logp, logq, p, q)
-    if normalised:
-        x = -logp
-    elif kernel_id in reference._LOSS_DEFINED:
-        x = reference.loss_value(kernel_id, a, logp, logq, p, q)
-    else:
-        x = lw.exp() * (-logp)
-    # Ignored rows as the compiled op writes them: no statistics, no weight.
-    ninf = torch.full_like(lw, -math.inf)
-    lse_nt = torch.where(valid, lse_nt, ninf)
-    lw = torch.where(valid, lw, ninf)
-    x = torch.where(valid, x, torch.zeros_like(x))
-    return torch.stack([lse_nt, lw, x], dim=1)
+    return reference.rows(logits, target, kernel_id, a, b, ignore_index, normalised)
 
 
 class _DataParallelFunction(torch.autograd.Function):
@@ -274,7 +252,7 @@ def vocab_parallel_rows(logits, target, kernel_id, a, b, ignore_index, normalise
     d = z_y - lse_nt
     logp = -reference._softplus(-d)
     logq = -reference._softplus(d)
-    return _rows_from_probs(kernel_id, a, b, valid, lse_nt, logp, logq, logp.exp(), logq.exp(), normalised)
+    return reference.rows_from_probs(kernel_id, a, b, valid, lse_nt, logp, logq, logp.exp(), logq.exp(), normalised)
 
 
 def _vocab_parallel_backward(grad, logits, target, stats, ignore_index, class_offset):

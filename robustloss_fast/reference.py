@@ -32,7 +32,8 @@ from .schemes import KERNEL_IDS
 
 _CCE, _MAE, _MSE, _GCE = (KERNEL_IDS[k] for k in ("CCE", "MAE", "MSE", "GCE"))
 _DM, _DMN, _DMB = (KERNEL_IDS[k] for k in ("DM", "DM_NORMAL", "DM_BETA"))
-_LOSS_DEFINED = (_CCE, _MAE, _MSE, _GCE)
+_POLY, _FOCAL, _TAYLOR = (KERNEL_IDS[k] for k in ("POLY", "FOCAL", "TAYLOR"))
+_LOSS_DEFINED = (_CCE, _MAE, _MSE, _GCE, _POLY, _FOCAL, _TAYLOR)
 
 NONE, MEAN, SUM = 0, 1, 2
 
@@ -67,10 +68,19 @@ def log_weight(kernel_id: int, a: float, b: float, logp, logq, p, q) -> torch.Te
         t1 = torch.zeros_like(logp) if a == 1 else (a - 1) * logp
         t2 = torch.zeros_like(logq) if b == 1 else (b - 1) * logq
         return t1 + t2
+    # Loss-defined peers: log of w = 2q (-p L'(p)).
+    if kernel_id == _POLY:
+        return ln2 + logq + torch.log(a + b * p)
+    if kernel_id == _FOCAL:
+        plogp = torch.where(p == 0, torch.zeros_like(p), p * logp)
+        mod = torch.zeros_like(logq) if a == 0 else a * logq
+        return ln2 + mod + torch.log(q - a * plogp)
+    if kernel_id == _TAYLOR:
+        return ln2 + logq + torch.log(-torch.expm1(a * logq))
     raise ValueError(f"unknown kernel id {kernel_id}")
 
 
-def loss_value(kernel_id: int, a: float, logp, logq, p, q) -> torch.Tensor:
+def loss_value(kernel_id: int, a: float, b: float, logp, logq, p, q) -> torch.Tensor:
     """L(p) of a loss-defined scheme, accurate as p -> 1."""
     if kernel_id == _CCE:
         return -logp
@@ -80,6 +90,12 @@ def loss_value(kernel_id: int, a: float, logp, logq, p, q) -> torch.Tensor:
         return q * q
     if kernel_id == _GCE:
         return -torch.expm1(a * logp) / a
+    if kernel_id == _POLY:
+        return (torch.zeros_like(logp) if a == 0 else -a * logp) + b * q
+    if kernel_id == _FOCAL:
+        return -logp if a == 0 else -torch.exp(a * logq) * logp
+    if kernel_id == _TAYLOR:
+        return sum(q**k / k for k in range(1, int(a) + 1))
     raise ValueError(f"kernel id {kernel_id} is not loss-defined")
 
 
@@ -111,35 +127,56 @@ def row_probs(z: torch.Tensor, y: torch.Tensor):
     return z_y, lse_nt, logp, logq, logp.exp(), logq.exp()
 
 
+def rows_from_probs(kernel_id, a, b, valid, lse_nt, logp, logq, p, q, normalised):
+    """The op ``robust_ce_rows`` from row probabilities: (N, 3) = (lse_nt, log w, x).
+
+    ``x`` is ``-log p`` under derivative normalisation, else the row's value
+    (``L(p)`` or ``w (-log p)``). Ignored rows are written as the compiled op
+    writes them: ``(-inf, -inf, 0)``.
+    """
+    lw = log_weight(kernel_id, a, b, logp, logq, p, q)
+    if normalised:
+        x = -logp
+    elif kernel_id in _LOSS_DEFINED:
+        x = loss_value(kernel_id, a, b, logp, logq, p, q)
+    else:
+        x = lw.exp() * (-logp)
+    ninf = torch.full_like(lw, -math.inf)
+    return torch.stack(
+        [torch.where(valid, lse_nt, ninf), torch.where(valid, lw, ninf), torch.where(valid, x, torch.zeros_like(x))],
+        dim=1,
+    )
+
+
+def rows(logits, target, kernel_id, a, b, ignore_index, normalised):
+    """The op ``robust_ce_rows`` in tensor ops (checks the targets outside ``torch.compile``)."""
+    if not torch.compiler.is_compiling():
+        check_target(target, logits.shape[1], ignore_index)
+    valid = target != ignore_index
+    y = torch.where(valid, target, torch.zeros_like(target))
+    _, lse_nt, logp, logq, p, q = row_probs(logits.to(acc_dtype(logits.dtype)), y)
+    return rows_from_probs(kernel_id, a, b, valid, lse_nt, logp, logq, p, q, normalised)
+
+
 def forward(logits, target, kernel_id, a, b, weight, sample_weight, ignore_index, reduction, normalize):
     n, c = logits.shape
     acc = acc_dtype(logits.dtype)
-    if not torch.compiler.is_compiling():
-        check_target(target, c, ignore_index)
-    z = logits.to(acc)
+    normalised = reduction == MEAN and normalize
+    r = rows(logits, target, kernel_id, a, b, ignore_index, normalised)
+    lse_nt, lw, x = r[:, 0], r[:, 1], r[:, 2]
     valid = target != ignore_index
     y = torch.where(valid, target, torch.zeros_like(target))
 
-    _, lse_nt, logp, logq, p, q = row_probs(z, y)
-    lw = log_weight(kernel_id, a, b, logp, logq, p, q)
-
-    s = torch.ones(n, dtype=acc, device=z.device)
-    cw = torch.ones(n, dtype=acc, device=z.device)
+    s = torch.ones(n, dtype=acc, device=logits.device)
+    cw = torch.ones(n, dtype=acc, device=logits.device)
     if weight is not None:
         cw = weight.to(acc)[y]
         s = s * cw
     if sample_weight is not None:
         s = s * sample_weight.to(acc)
-    zero = torch.zeros((), dtype=acc, device=z.device)
+    zero = torch.zeros((), dtype=acc, device=logits.device)
     s = torch.where(valid, s, zero)
 
-    normalised = reduction == MEAN and normalize
-    if normalised:
-        x = -logp
-    elif kernel_id in _LOSS_DEFINED:
-        x = loss_value(kernel_id, a, logp, logq, p, q)
-    else:
-        x = lw.exp() * (-logp)
     sx = torch.where(valid, s * x, zero)
 
     if normalised:
@@ -147,7 +184,7 @@ def forward(logits, target, kernel_id, a, b, weight, sample_weight, ignore_index
         # shift by the largest log-weight among rows that count.
         active = valid & (s != 0)
         lw_active = torch.where(active, lw, torch.full_like(lw, -math.inf))
-        m = torch.cat([lw_active, torch.full((1,), -math.inf, dtype=acc, device=z.device)]).max()
+        m = torch.cat([lw_active, torch.full((1,), -math.inf, dtype=acc, device=logits.device)]).max()
         m = torch.where(m == -math.inf, zero, m)
         e = torch.where(active, torch.exp(lw - m), zero)
         denom = (s.abs() * e).sum()

@@ -34,6 +34,11 @@ __all__ = [
     "MAE",
     "MSE",
     "GCE",
+    "Poly1",
+    "RCE",
+    "SCE",
+    "Focal",
+    "TaylorCE",
     "KERNEL_IDS",
 ]
 
@@ -46,6 +51,9 @@ KERNEL_IDS = {
     "DM": 4,
     "DM_NORMAL": 5,
     "DM_BETA": 6,
+    "POLY": 7,
+    "FOCAL": 8,
+    "TAYLOR": 9,
 }
 
 
@@ -56,6 +64,25 @@ def _real(cls: str, name: str, value) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{cls}: {name} must be finite, got {value!r}")
     return value
+
+
+def _numeric_mode(weight) -> Optional[float]:
+    """argmax of weight(p) on [0, 1] (a grid, then golden-section refinement)."""
+    n = 2000
+    grid = [i / n for i in range(n + 1)]
+    values = [weight(p) for p in grid]
+    best = max(range(n + 1), key=values.__getitem__)
+    if values[best] <= 0:
+        return None
+    lo, hi = grid[max(best - 1, 0)], grid[min(best + 1, n)]
+    ratio = (math.sqrt(5) - 1) / 2
+    for _ in range(60):
+        a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+        if weight(a) >= weight(b):
+            hi = b
+        else:
+            lo = a
+    return (lo + hi) / 2
 
 
 class Scheme:
@@ -282,3 +309,164 @@ class GCE(Scheme):
     @property
     def emphasis_mode(self):
         return self.q / (self.q + 1.0)
+
+
+# Peer losses that are functions of p alone (issue 7, first part). Each is
+# loss-defined: its exact gradient has emphasis w = 2q (-p L'(p)), so it runs
+# on the same fused pass as DM. Poly-1, RCE and SCE are one kernel formula,
+# L = -a log p + b q with w = 2q (a + b p).
+
+
+@dataclass(frozen=True)
+class Poly1(Scheme):
+    """Poly-1 (Leng et al. 2022): L = -log p + epsilon (1 - p), w = 2q (1 + epsilon p).
+
+    ``epsilon >= -1`` keeps the emphasis non-negative; the paper's default is 1.
+    """
+
+    loss_defined: ClassVar[bool] = True
+    epsilon: float = 1.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "epsilon", _real("Poly1", "epsilon", self.epsilon))
+        if self.epsilon < -1:
+            raise ValueError(f"Poly1: epsilon must be >= -1, got {self.epsilon!r}")
+
+    kernel_id = KERNEL_IDS["POLY"]
+
+    @property
+    def kernel_params(self):
+        return (1.0, self.epsilon)
+
+    @property
+    def emphasis_mode(self):
+        e = self.epsilon
+        return (e - 1) / (2 * e) if e > 1 else 0.0
+
+
+@dataclass(frozen=True)
+class RCE(Scheme):
+    """Reverse cross-entropy (Wang et al., ICCV 2019): L = -A (1 - p), w = -2A p q.
+
+    ``A`` is log 0, clipped: -4 in the paper, ln(1e-4) ~ -9.21 in the official
+    code (which clamps the one-hot label at 1e-4). ``A < 0``.
+    """
+
+    loss_defined: ClassVar[bool] = True
+    A: float = -4.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "A", _real("RCE", "A", self.A))
+        if self.A >= 0:
+            raise ValueError(f"RCE: A must be < 0 (it stands for log 0), got {self.A!r}")
+
+    kernel_id = KERNEL_IDS["POLY"]
+
+    @property
+    def kernel_params(self):
+        return (0.0, -self.A)
+
+    @property
+    def emphasis_mode(self):
+        return 0.5
+
+
+@dataclass(frozen=True)
+class SCE(Scheme):
+    """Symmetric cross-entropy (Wang et al., ICCV 2019): alpha CCE + beta RCE(A).
+
+    L = -alpha log p - beta A (1 - p), w = 2q (alpha - beta A p). Paper settings:
+    CIFAR-10 alpha=0.1, beta=1; CIFAR-100 alpha=6, beta=0.1; A = -4.
+    """
+
+    loss_defined: ClassVar[bool] = True
+    alpha: float = 0.1
+    beta: float = 1.0
+    A: float = -4.0
+
+    def __post_init__(self):
+        for name in ("alpha", "beta", "A"):
+            object.__setattr__(self, name, _real("SCE", name, getattr(self, name)))
+        if self.alpha < 0 or self.beta < 0:
+            raise ValueError(f"SCE: alpha and beta must be >= 0, got alpha={self.alpha!r}, beta={self.beta!r}")
+        if self.alpha == 0 and self.beta == 0:
+            raise ValueError("SCE: alpha and beta cannot both be 0")
+        if self.A >= 0:
+            raise ValueError(f"SCE: A must be < 0 (it stands for log 0), got {self.A!r}")
+
+    kernel_id = KERNEL_IDS["POLY"]
+
+    @property
+    def kernel_params(self):
+        return (self.alpha, -self.beta * self.A)
+
+    @property
+    def emphasis_mode(self):
+        a, b = self.kernel_params
+        return (b - a) / (2 * b) if b > a else 0.0
+
+
+@dataclass(frozen=True)
+class Focal(Scheme):
+    """Focal loss (Lin et al. 2017): L = -(1 - p)**gamma log p, with its true gradient.
+
+    w = 2 q**(gamma + 1) - 2 gamma p q**gamma log p (not the variant that
+    detaches the modulating factor). ``gamma = 0`` is CCE.
+    """
+
+    loss_defined: ClassVar[bool] = True
+    gamma: float = 2.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "gamma", _real("Focal", "gamma", self.gamma))
+        if self.gamma < 0:
+            raise ValueError(f"Focal: gamma must be >= 0, got {self.gamma!r}")
+
+    kernel_id = KERNEL_IDS["FOCAL"]
+
+    @property
+    def kernel_params(self):
+        return (self.gamma, 0.0)
+
+    @property
+    def emphasis_mode(self):
+        g = self.gamma
+        if g == 0:
+            return 0.0  # CCE
+
+        def w(p):
+            q = 1.0 - p
+            plogp = p * math.log(p) if p > 0 else 0.0
+            return 2 * q**g * (q - g * plogp)
+
+        return _numeric_mode(w)
+
+
+@dataclass(frozen=True)
+class TaylorCE(Scheme):
+    """Taylor cross-entropy (Feng et al. 2020): L = sum_{k=1..order} (1 - p)**k / k.
+
+    w = 2q (1 - q**order); order 1 is MAE, order -> infinity approaches CCE.
+    """
+
+    loss_defined: ClassVar[bool] = True
+    order: int = 2
+
+    def __post_init__(self):
+        if isinstance(self.order, bool) or not isinstance(self.order, int):
+            raise TypeError(f"TaylorCE: order must be an int, got {self.order!r}")
+        if not 1 <= self.order <= 64:
+            raise ValueError(f"TaylorCE: order must be in 1..64, got {self.order!r}")
+
+    kernel_id = KERNEL_IDS["TAYLOR"]
+
+    @property
+    def kernel_params(self):
+        return (float(self.order), 0.0)
+
+    @property
+    def emphasis_mode(self):
+        t = self.order
+        if t == 1:
+            return 0.5  # MAE
+        return _numeric_mode(lambda p: 2 * (1 - p) * (1 - (1 - p) ** t))

@@ -170,7 +170,7 @@ void rows_typed(const RowsArgs& args) {
       const acc_t lw = log_weight<acc_t>(args.scheme, a, b, pr);
       o[0] = lse_nt;
       o[1] = lw;
-      o[2] = row_x<acc_t>(args.scheme, a, lw, pr, args.normalised);
+      o[2] = row_x<acc_t>(args.scheme, a, b, lw, pr, args.normalised);
     }
   });
 }

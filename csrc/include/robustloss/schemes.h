@@ -26,12 +26,16 @@ enum SchemeId : int64_t {
   kDM = 4,        // w = exp(beta p^lam q)                      params (lam, beta)
   kDMNormal = 5,  // w = exp(-beta p (p - 2 psi))               params (psi, beta)
   kDMBeta = 6,    // w = p^(alpha-1) q^(eta-1)                  params (alpha, eta)
-  kNumSchemes = 7,
+  // Peer losses of p alone (loss-defined, so w = 2q (-p L'(p))):
+  kPoly = 7,    // L = -a log p + b q     w = 2q (a + b p)          Poly-1 (1, eps), RCE (0, -A), SCE (alpha, -beta A)
+  kFocal = 8,   // L = -q^g log p         w = 2 q^g (q - g p log p) params (g)
+  kTaylor = 9,  // L = sum_{k<=t} q^k/k   w = 2q (1 - q^t)          params (t, an integer >= 1)
+  kNumSchemes = 10,
 };
 
 enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
 
-RL_HD bool is_loss_defined(int64_t id) { return id <= kGCE; }
+RL_HD bool is_loss_defined(int64_t id) { return id <= kGCE || (id >= kPoly && id <= kTaylor); }
 
 // softplus(x) = log(1 + exp(x)) without overflow; +inf -> +inf, -inf -> 0.
 template <typename T>
@@ -90,6 +94,8 @@ RL_HD RowProb<T> row_prob(T z_y, T lse_nt) {
 template <typename T>
 RL_HD T log_weight(int64_t id, T a, T b, const RowProb<T>& r) {
   using std::exp;
+  using std::expm1;
+  using std::log;
   const T ln2 = T(0.69314718055994530942);
   switch (id) {
     case kCCE:
@@ -109,6 +115,15 @@ RL_HD T log_weight(int64_t id, T a, T b, const RowProb<T>& r) {
       return -b * r.p * (r.p - T(2) * a);
     case kDMBeta:
       return (a == T(1) ? T(0) : (a - T(1)) * r.logp) + (b == T(1) ? T(0) : (b - T(1)) * r.logq);
+    case kPoly:
+      return ln2 + r.logq + log(a + b * r.p);
+    case kFocal: {
+      // q - g p log p: both terms >= 0, no cancellation as p -> 1; p log p -> 0 at p = 0.
+      const T plogp = r.p == T(0) ? T(0) : r.p * r.logp;
+      return ln2 + (a == T(0) ? T(0) : a * r.logq) + log(r.q - a * plogp);
+    }
+    case kTaylor:
+      return ln2 + r.logq + log(-expm1(a * r.logq));
     default:
       return std::numeric_limits<T>::quiet_NaN();
   }
@@ -116,7 +131,8 @@ RL_HD T log_weight(int64_t id, T a, T b, const RowProb<T>& r) {
 
 // L(p) of a loss-defined scheme, written to stay accurate as p -> 1.
 template <typename T>
-RL_HD T loss_value(int64_t id, T a, const RowProb<T>& r) {
+RL_HD T loss_value(int64_t id, T a, T b, const RowProb<T>& r) {
+  using std::exp;
   using std::expm1;
   switch (id) {
     case kCCE:
@@ -127,6 +143,17 @@ RL_HD T loss_value(int64_t id, T a, const RowProb<T>& r) {
       return r.q * r.q;
     case kGCE:
       return -expm1(a * r.logp) / a;
+    case kPoly:
+      return (a == T(0) ? T(0) : -a * r.logp) + b * r.q;
+    case kFocal:
+      return a == T(0) ? -r.logp : -exp(a * r.logq) * r.logp;
+    case kTaylor: {
+      // Horner form of sum_{k=1..t} q^k / k.
+      const int64_t t = static_cast<int64_t>(a);
+      T acc = T(0);
+      for (int64_t k = t; k >= 1; --k) acc = r.q * (T(1) / T(k) + acc);
+      return acc;
+    }
     default:
       return std::numeric_limits<T>::quiet_NaN();
   }
@@ -140,10 +167,10 @@ RL_HD T loss_value(int64_t id, T a, const RowProb<T>& r) {
 // monitoring value w * (-log p) for a derivative-defined one (raw w: it can
 // overflow for large beta, as SPEC documents).
 template <typename T>
-RL_HD T row_x(int64_t id, T a, T logw, const RowProb<T>& r, bool derivative_normalised) {
+RL_HD T row_x(int64_t id, T a, T b, T logw, const RowProb<T>& r, bool derivative_normalised) {
   using std::exp;
   if (derivative_normalised) return -r.logp;
-  if (is_loss_defined(id)) return loss_value(id, a, r);
+  if (is_loss_defined(id)) return loss_value(id, a, b, r);
   return exp(logw) * (-r.logp);
 }
 
