@@ -80,7 +80,9 @@ def resolve(backend: str, device: torch.device) -> Tuple[str, Apply]:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a string, got {backend!r}")
     if backend == "auto":
-        order = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
+        # CUDA: the compiled extension first, Triton where it was built without
+        # CUDA (provisional, see robustloss_fast/triton/__init__.py).
+        order = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
         for name in order:
             if _unavailable_reason(name) is None:
                 return name, _apply_for(name)

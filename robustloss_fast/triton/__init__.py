@@ -1,0 +1,61 @@
+"""The fused Triton backend (``backend="triton"``).
+
+Two kernels (``kernels.py``) implement SPEC §2-§4 on canonical 2-D rows: the
+row pass ``(lse_nt, log w, x)`` per row and the backward pass
+``g_i coef_i (r_i - e_{y_i})``; the cross-row step of SPEC §5 is
+``robustloss_fast._finalize.finalize`` (tensor ops, fused by Inductor under
+``torch.compile``). ``ops.py`` registers them as ``robustloss::triton_rows``,
+``robustloss::triton_forward`` (differentiable) and
+``robustloss::triton_backward``.
+
+Where it runs: CUDA tensors with Triton on a GPU; CPU tensors under the Triton
+interpreter (``TRITON_INTERPRET=1`` set before Triton is imported), which is
+how CI checks it without a GPU (Triton 3.9, torch 2.13). The kernels compile
+for sm_90 with Triton 3.6 and 3.9 (checked ahead of time, without a GPU), but
+have not yet been launched on one. Accumulation is float32, or float64 for
+float64 logits, on both.
+
+``backend="auto"`` on CUDA tensors -- PROVISIONAL, to be decided by measuring
+both backends on a GPU: the compiled CUDA extension first (no JIT compilation
+on the first call of each scheme / dtype / tile, no dependence on the
+installed Triton version), this backend when the extension was built without
+CUDA. CPU tensors never pick Triton automatically (the interpreter is for
+testing, orders of magnitude slower than the C++ CPU kernel).
+
+Tile sizes and warp counts (``ops.py``: up to 32768 columns per chunk, 16384
+for float64, several rows per program when C is small, 4 to 32 warps by tile
+size) are UNTUNED starting points taken from GPU_NOTES.md.
+"""
+
+from typing import Optional
+
+import torch
+
+_IMPORT_ERROR: Optional[BaseException] = None
+try:
+    from . import kernels, ops  # noqa: F401  (importing registers the ops)
+except ImportError as exc:  # Triton (or a torch with triton_op / wrap_triton) is missing
+    _IMPORT_ERROR = exc
+
+__all__ = ["unavailable_reason", "apply"]
+
+
+def unavailable_reason() -> Optional[str]:
+    """None when this backend can run here, else why not."""
+    if _IMPORT_ERROR is not None:
+        return f"Triton is not importable ({_IMPORT_ERROR})"
+    if kernels.INTERPRETED:
+        return None
+    if not torch.cuda.is_available():
+        return (
+            "no CUDA device, and the Triton interpreter is off (set TRITON_INTERPRET=1 "
+            "before Triton is first imported to run the kernels on CPU tensors)"
+        )
+    return None
+
+
+def apply(logits, target, kernel_id, a, b, weight, sample_weight, ignore_index, reduction, normalize):
+    """Differentiable value of the robust cross-entropy on canonical rows (see ``_backends``)."""
+    if _IMPORT_ERROR is not None:
+        raise RuntimeError(f"backend 'triton' is not available: {unavailable_reason()}")
+    return ops.apply(logits, target, kernel_id, a, b, weight, sample_weight, ignore_index, reduction, normalize)

@@ -1,0 +1,272 @@
+"""Launch the Triton kernels and register them as ``robustloss::triton_*`` ops.
+
+Ops (same contract as the C++ ``robust_ce_*`` ops, see ``robustloss_fast/_ops.py``):
+
+``robustloss::triton_rows(logits, target, scheme, a, b, ignore_index, normalised) -> rows``
+    the row pass alone: ``(N, 3) = (lse_nt, log w, x)``.
+``robustloss::triton_forward(logits, target, scheme, a, b, weight?, sample_weight?,
+ignore_index, reduction, normalize) -> (value, stats)``
+    the row pass, then the cross-row step ``_finalize.finalize`` (plain tensor
+    ops: O(N) next to the O(N C) row pass, and under ``torch.compile`` Inductor
+    fuses them); differentiable, with the SPEC gradient.
+``robustloss::triton_backward(grad, logits, target, stats, ignore_index) -> grad_logits``
+    ``g_i coef_i (r_i - e_{y_i})``.
+
+Registration. On a GPU the ops are ``torch.library.triton_op``s launching through
+``wrap_triton``, so ``torch.compile`` sees the kernels themselves. Under the
+Triton interpreter (``TRITON_INTERPRET=1``, CPU tensors) that path cannot be
+traced: ``wrap_triton`` hands back the raw interpreted kernel, and tracing with
+fake tensors then runs it on them ("Cannot access data pointer of Tensor",
+torch 2.13 / Triton 3.9). There the same functions are registered as opaque
+``torch.library.custom_op``s with explicit fake kernels, which
+``torch.compile(fullgraph=True)`` handles as well. Both share one body and one
+autograd rule.
+"""
+
+import struct
+from typing import Optional, Tuple
+
+import torch
+import triton
+from torch.library import wrap_triton
+
+from .. import _finalize
+from . import kernels
+
+NS = "robustloss"
+_MEAN = 1
+
+# Tile shapes (untuned: starting points from GPU_NOTES.md, to be measured on a
+# GPU). A row pass program reads at most MAX_BLOCK_C columns per chunk and
+# loops over wider rows; narrow rows are packed several per program, up to
+# SMALL_TILE elements and MAX_BLOCK_N rows. The backward pass uses a 2-D grid
+# of (rows x BACKWARD_BLOCK_C column) tiles, so large C still spreads over
+# many programs. Tests lower MAX_BLOCK_C / BACKWARD_BLOCK_C to force the
+# chunked path on small C.
+MAX_BLOCK_C = 32768
+MAX_BLOCK_C_F64 = 16384  # float64 tiles take twice the registers
+BACKWARD_BLOCK_C = 4096
+SMALL_TILE = 4096
+MAX_BLOCK_N = 64
+
+
+def _num_warps(tile: int) -> int:
+    if tile >= 16384:
+        return 32
+    if tile >= 8192:
+        return 16
+    if tile >= 2048:
+        return 8
+    return 4
+
+
+def _tile(n: int, c: int, max_block_c: int) -> Tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_C, num_warps) for an n x c problem."""
+    block_c = min(triton.next_power_of_2(c), max_block_c)
+    block_n = max(1, min(SMALL_TILE // block_c, MAX_BLOCK_N, triton.next_power_of_2(max(n, 1))))
+    return block_n, block_c, _num_warps(block_n * block_c)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _split(v: float) -> Tuple[float, float]:
+    """v as hi + lo, both float32-representable (Triton passes float arguments as float32)."""
+    v = float(v)
+    try:
+        hi = struct.unpack("f", struct.pack("f", v))[0]
+    except OverflowError:  # beyond float32: the kernel sees +-inf, as a float32 computation would
+        return (float("inf") if v > 0 else float("-inf")), 0.0
+    lo = struct.unpack("f", struct.pack("f", v - hi))[0]
+    return hi, lo
+
+
+def _is_real(t: torch.Tensor) -> bool:
+    """False while the op is traced with fake tensors (torch.compile, make_fx)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return not is_fake(t)
+
+
+def check_target(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """Raise IndexError naming the first target outside [0, C) that is not ignore_index.
+
+    Data-dependent (one device sync), so it runs on real tensors only; where it is
+    traced away, the kernels turn bad targets into NaN rows and never index with them.
+    """
+    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if bool(bad.any()):
+        pos = int(bad.nonzero()[0, 0])
+        value = int(target[pos])
+        raise IndexError(
+            f"robust_cross_entropy: target value {value} (at flat position {pos}) is out of bounds for "
+            f"{num_classes} classes; expected 0..{num_classes - 1} or ignore_index={ignore_index}"
+        )
+
+
+def _check_scheme(scheme: int) -> None:
+    if not 0 <= scheme < kernels.NUM_SCHEMES:
+        raise ValueError(f"unknown scheme kernel id {scheme} (expected 0..{kernels.NUM_SCHEMES - 1})")
+
+
+def _rows_impl(logits, target, scheme, a, b, ignore_index, normalised):
+    n, c = logits.shape
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    target = target.contiguous()
+    rows = torch.empty((n, 3), dtype=_acc_dtype(logits.dtype), device=logits.device)
+    if n == 0:
+        return rows
+    max_c = MAX_BLOCK_C_F64 if logits.dtype == torch.float64 else MAX_BLOCK_C
+    block_n, block_c, warps = _tile(n, c, max_c)
+    a_hi, a_lo = _split(a)
+    b_hi, b_lo = _split(b)
+    wrap_triton(kernels.rows_kernel)[(triton.cdiv(n, block_n),)](
+        logits,
+        target,
+        rows,
+        n,
+        c,
+        logits.stride(0),
+        ignore_index,
+        a_hi,
+        a_lo,
+        b_hi,
+        b_lo,
+        SCHEME=scheme,
+        NORMALISED=normalised,
+        BLOCK_N=block_n,
+        BLOCK_C=block_c,
+        num_warps=warps,
+    )
+    return rows
+
+
+def triton_rows(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    scheme: int,
+    a: float,
+    b: float,
+    ignore_index: int,
+    normalised: bool,
+) -> torch.Tensor:
+    _check_scheme(scheme)
+    if _is_real(target):
+        check_target(target, logits.shape[1], ignore_index)
+    return _rows_impl(logits, target, scheme, a, b, ignore_index, normalised)
+
+
+def triton_forward(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    scheme: int,
+    a: float,
+    b: float,
+    weight: Optional[torch.Tensor],
+    sample_weight: Optional[torch.Tensor],
+    ignore_index: int,
+    reduction: int,
+    normalize: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    _check_scheme(scheme)
+    if reduction not in (0, 1, 2):
+        raise ValueError(f"reduction must be 0 (none), 1 (mean) or 2 (sum), got {reduction}")
+    if _is_real(target):
+        check_target(target, logits.shape[1], ignore_index)
+    normalised = reduction == _MEAN and normalize
+    rows = _rows_impl(logits, target, scheme, a, b, ignore_index, normalised)
+    return _finalize.finalize(rows, target, weight, sample_weight, ignore_index, reduction, normalize)
+
+
+def triton_backward(
+    grad: torch.Tensor,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    stats: torch.Tensor,
+    ignore_index: int,
+) -> torch.Tensor:
+    n, c = logits.shape
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    target = target.contiguous()
+    stats = stats.to(_acc_dtype(logits.dtype)).contiguous()
+    grad = grad.to(stats.dtype)
+    out = torch.empty((n, c), dtype=logits.dtype, device=logits.device)
+    if n == 0:
+        return out
+    block_n, block_c, warps = _tile(n, c, BACKWARD_BLOCK_C)
+    wrap_triton(kernels.backward_kernel)[(triton.cdiv(n, block_n), triton.cdiv(c, block_c))](
+        grad,
+        0 if grad.dim() == 0 else grad.stride(0),
+        logits,
+        target,
+        stats,
+        out,
+        n,
+        c,
+        logits.stride(0),
+        ignore_index,
+        BLOCK_N=block_n,
+        BLOCK_C=block_c,
+        num_warps=warps,
+    )
+    return out
+
+
+# ---- fake kernels (used only where the ops are opaque custom_ops) ----
+
+
+def _rows_fake(logits, target, scheme, a, b, ignore_index, normalised):
+    return logits.new_empty((logits.shape[0], 3), dtype=_acc_dtype(logits.dtype))
+
+
+def _forward_fake(logits, target, scheme, a, b, weight, sample_weight, ignore_index, reduction, normalize):
+    acc = _acc_dtype(logits.dtype)
+    n = logits.shape[0]
+    value = logits.new_empty((n,) if reduction == 0 else (), dtype=acc)
+    return value, logits.new_empty((n, 2), dtype=acc)
+
+
+def _backward_fake(grad, logits, target, stats, ignore_index):
+    return logits.new_empty(logits.shape)
+
+
+def _register(name, fn, fake):
+    qualname = f"{NS}::{name}"
+    if kernels.INTERPRETED:
+        op = torch.library.custom_op(qualname, fn, mutates_args=())
+        op.register_fake(fake)
+        return op
+    return torch.library.triton_op(qualname, fn, mutates_args=())  # pragma: no cover - needs a GPU
+
+
+rows_op = _register("triton_rows", triton_rows, _rows_fake)
+forward_op = _register("triton_forward", triton_forward, _forward_fake)
+backward_op = _register("triton_backward", triton_backward, _backward_fake)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, target = inputs[0], inputs[1]
+    ctx.save_for_backward(logits, target, output[1])
+    ctx.ignore_index = inputs[7]
+
+
+def _backward(ctx, grad_value, _grad_stats):
+    # The SPEC gradient (weights detached, SPEC §3), not autograd through the rows.
+    logits, target, stats = ctx.saved_tensors
+    grad_logits = backward_op(grad_value, logits, target, stats, ctx.ignore_index)
+    return grad_logits, None, None, None, None, None, None, None, None, None
+
+
+forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def apply(logits, target, kernel_id, a, b, weight, sample_weight, ignore_index, reduction, normalize):
+    """The backend entry point of ``robustloss_fast._backends``: a differentiable value."""
+    value, _ = forward_op(
+        logits, target, int(kernel_id), float(a), float(b), weight, sample_weight,
+        int(ignore_index), int(reduction), bool(normalize),
+    )
+    return value
