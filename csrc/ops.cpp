@@ -1,7 +1,9 @@
-// The robustloss op library: schemas here, kernels per dispatch key in
-// cpu/robust_ce_cpu.cpp and cuda/. Fake kernels and autograd are registered
+// The robustloss op library: schemas and the autograd rule here, kernels per
+// dispatch key in cpu/robust_ce_cpu.cpp and cuda/. Fake kernels are registered
 // from Python (robustloss_fast/_ops.py).
 #include <Python.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(robustloss, m) {
@@ -17,6 +19,67 @@ TORCH_LIBRARY(robustloss, m) {
       "robust_ce_rows(Tensor logits, Tensor target, int scheme, float a, float b, int ignore_index, "
       "bool normalised) -> Tensor");
 }
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Autograd of robust_ce_forward for every device: the SPEC gradient is written
+// by robust_ce_backward from the saved logits and per-row stats. Registered in
+// C++ (the Autograd key) rather than with torch.library.register_autograd: the
+// Python autograd wrapper cost 50-70 us per step, a large share of a small-C
+// step (benchmarks/README.md). torch.compile traces through it as through any
+// ATen op with a C++ derivative.
+class RobustCEFunction : public torch::autograd::Function<RobustCEFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& target,
+                               int64_t scheme, double a, double b, const std::optional<at::Tensor>& weight,
+                               const std::optional<at::Tensor>& sample_weight, int64_t ignore_index,
+                               int64_t reduction, bool normalize) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("robustloss::robust_ce_forward", "")
+                         .typed<std::tuple<at::Tensor, at::Tensor>(
+                             const at::Tensor&, const at::Tensor&, int64_t, double, double,
+                             const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, int64_t, int64_t,
+                             bool)>();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [value, stats] =
+        op.call(logits, target, scheme, a, b, weight, sample_weight, ignore_index, reduction, normalize);
+    ctx->save_for_backward({logits, target, stats});
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->mark_non_differentiable({stats});
+    return {value, stats};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("robustloss::robust_ce_backward", "")
+                         .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                           const at::Tensor&, int64_t)>();
+    const auto saved = ctx->get_saved_variables();
+    const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
+    at::Tensor grad_logits = op.call(grads[0], saved[0], saved[1], saved[2], ignore_index);
+    // One entry per forward argument; only the logits get a gradient (the
+    // emphasis is a constant for differentiation, SPEC §3).
+    return {grad_logits, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(),  at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> forward_autograd(const at::Tensor& logits, const at::Tensor& target,
+                                                    int64_t scheme, double a, double b,
+                                                    const std::optional<at::Tensor>& weight,
+                                                    const std::optional<at::Tensor>& sample_weight,
+                                                    int64_t ignore_index, int64_t reduction, bool normalize) {
+  auto out = RobustCEFunction::apply(logits, target, scheme, a, b, weight, sample_weight, ignore_index, reduction,
+                                     normalize);
+  return {out[0], out[1]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(robustloss, Autograd, m) { m.impl("robust_ce_forward", &forward_autograd); }
 
 namespace {
 PyObject* built_with_cuda(PyObject*, PyObject*) {

@@ -13,8 +13,8 @@ ignore_index, reduction, normalize) -> (value, stats)``
     that combine rows from several calls before normalising (chunked or
     distributed batches).
 
-Autograd is registered on ``robust_ce_forward`` here, so every dispatch key
-(CPU now, CUDA where built) shares one backward rule.
+Autograd is registered in C++ (csrc/ops.cpp, the Autograd key), so every
+device shares one backward rule; only the fake (meta) kernels live here.
 """
 
 from __future__ import annotations
@@ -53,15 +53,3 @@ if EXT is not None:
     def _rows_fake(logits, target, scheme, a, b, ignore_index, normalised):
         acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
         return logits.new_empty((logits.shape[0], 3), dtype=acc)
-
-    def _setup_context(ctx, inputs, output):
-        logits, target = inputs[0], inputs[1]
-        ctx.save_for_backward(logits, target, output[1])
-        ctx.ignore_index = inputs[7]
-
-    def _backward(ctx, grad_value, _grad_stats):
-        logits, target, stats = ctx.saved_tensors
-        grad_logits = torch.ops.robustloss.robust_ce_backward(grad_value, logits, target, stats, ctx.ignore_index)
-        return grad_logits, None, None, None, None, None, None, None, None, None
-
-    torch.library.register_autograd(f"{_lib}::robust_ce_forward", _backward, setup_context=_setup_context)
