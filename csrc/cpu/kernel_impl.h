@@ -90,20 +90,44 @@ inline void vstore(scalar_t* p, const Vectorized<acc_t>& v, int64_t count) {
   }
 }
 
-// Visit the row as vectors of K lanes, with the target's lane and the lanes
-// past the end set to -inf (exp gives 0 there, max ignores them).
-template <typename scalar_t, typename acc_t, typename F>
-inline void for_each_masked_vector(const scalar_t* row, int64_t c, int64_t y, F&& f) {
+// The vector of row[j0, j0 + K) with the target's lane and the lanes past
+// the end set to -inf (exp gives 0 there, max ignores them).
+template <typename scalar_t, typename acc_t>
+inline Vectorized<acc_t> masked_vector(const scalar_t* row, int64_t c, int64_t y, int64_t j0) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t K = Vec::size();
   const Vec ninf(kNegInf<acc_t>);
-  for (int64_t j0 = 0; j0 < c; j0 += K) {
-    const int64_t count = std::min<int64_t>(K, c - j0);
-    Vec v = count == K ? vload<scalar_t, acc_t>(row + j0)
-                       : Vec::set(ninf, vload_partial<scalar_t, acc_t>(row + j0, count), count);
-    if (y >= j0 && y < j0 + K) v = Vec::blendv(v, ninf, Vec::arange(acc_t(0), acc_t(1)) == Vec(acc_t(y - j0)));
-    f(v);
-  }
+  const int64_t count = std::min<int64_t>(K, c - j0);
+  Vec v = count == K ? vload<scalar_t, acc_t>(row + j0)
+                     : Vec::set(ninf, vload_partial<scalar_t, acc_t>(row + j0, count), count);
+  if (y >= j0 && y < j0 + K) v = Vec::blendv(v, ninf, Vec::arange(acc_t(0), acc_t(1)) == Vec(acc_t(y - j0)));
+  return v;
+}
+
+// Fold step(acc, v) over the row's non-target lanes (masked lanes are -inf),
+// with four independent accumulators over the unmasked full vectors so the
+// loop is not bound by the latency of one dependency chain; join merges them.
+template <typename scalar_t, typename acc_t, typename Step, typename Join>
+inline Vectorized<acc_t> fold_non_target(const scalar_t* row, int64_t c, int64_t y, const Vectorized<acc_t>& init,
+                                         Step step, Join join) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t K = Vec::size();
+  Vec a0 = init, a1 = init, a2 = init, a3 = init;
+  auto span = [&](int64_t lo, int64_t hi) {  // [lo, hi) holds no target; lo is a multiple of K
+    int64_t j = lo;
+    for (; j + 4 * K <= hi; j += 4 * K) {
+      a0 = step(a0, vload<scalar_t, acc_t>(row + j));
+      a1 = step(a1, vload<scalar_t, acc_t>(row + j + K));
+      a2 = step(a2, vload<scalar_t, acc_t>(row + j + 2 * K));
+      a3 = step(a3, vload<scalar_t, acc_t>(row + j + 3 * K));
+    }
+    for (; j < hi; j += K) a0 = step(a0, masked_vector<scalar_t, acc_t>(row, hi, -1, j));
+  };
+  const int64_t yc = y - y % K;  // the chunk holding the target
+  span(0, yc);
+  a1 = step(a1, masked_vector<scalar_t, acc_t>(row, c, y, yc));
+  if (yc + K < c) span(yc + K, c);
+  return join(join(a0, a1), join(a2, a3));
 }
 
 template <typename acc_t>
@@ -126,22 +150,21 @@ inline acc_t lse_non_target(const scalar_t* row, int64_t c, int64_t y) {
   constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
   if (c <= Vec::size()) {
     // Small C: the whole row is one vector, loaded once.
-    Vec v;
-    for_each_masked_vector<scalar_t, acc_t>(row, c, y, [&](const Vec& u) { v = u; });
+    const Vec v = masked_vector<scalar_t, acc_t>(row, c, y, 0);
     const acc_t m = reduce_max(v);
     if (m != m || m == kInf) return std::numeric_limits<acc_t>::quiet_NaN();
     if (m == kNegInf<acc_t>) return m;
     return m + std::log(reduce_sum(vexp(v - Vec(m))));
   }
   // Two passes (max, then sum of exp): the second reads the row from cache.
-  Vec vmax(kNegInf<acc_t>);
-  for_each_masked_vector<scalar_t, acc_t>(row, c, y, [&](const Vec& v) { vmax = at::vec::maximum(vmax, v); });
-  const acc_t m = reduce_max(vmax);
+  auto vmax_of = [](const Vec& x, const Vec& v) { return at::vec::maximum(x, v); };
+  const acc_t m = reduce_max(fold_non_target<scalar_t, acc_t>(row, c, y, Vec(kNegInf<acc_t>), vmax_of, vmax_of));
   if (m != m || m == kInf) return std::numeric_limits<acc_t>::quiet_NaN();
   if (m == kNegInf<acc_t>) return m;
   const Vec vm(m);
-  Vec vsum(acc_t(0));
-  for_each_masked_vector<scalar_t, acc_t>(row, c, y, [&](const Vec& v) { vsum = vsum + vexp(v - vm); });
+  const Vec vsum = fold_non_target<scalar_t, acc_t>(
+      row, c, y, Vec(acc_t(0)), [&](const Vec& x, const Vec& v) { return x + vexp(v - vm); },
+      [](const Vec& x, const Vec& v) { return x + v; });
   return m + std::log(reduce_sum(vsum));
 }
 
