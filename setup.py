@@ -65,6 +65,19 @@ def _cuda_setup():
     return bool(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
 
 
+def _nvidia_wheel_includes():
+    """Header folders of the nvidia-* wheels that pip's CUDA torch depends on.
+
+    cuSPARSE, cuBLAS, ... headers (included by ATen's CUDA headers) live there,
+    not in a bare toolkit (our CI's nvcc has none). They are searched after the
+    toolkit's own include folder, so they only fill gaps."""
+    import torch
+
+    base = os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia")
+    found = sorted(glob.glob(os.path.join(base, "cu*", "include"))) + sorted(glob.glob(os.path.join(base, "*", "include")))
+    return list(dict.fromkeys(found))
+
+
 WITH_CUDA = _cuda_setup()
 
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
@@ -108,26 +121,32 @@ def extensions():
     sources.sort(key=lambda s: (not s.endswith("_default.cpp"), s))
     cxx = ["-O3", "-fopenmp", "-DNDEBUG"]
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
+    # Headers are listed so that editing one rebuilds the sources (setuptools
+    # otherwise compares only the .cpp/.cu timestamps).
+    depends = sorted(glob.glob("csrc/**/*.h", recursive=True)) + sorted(glob.glob("csrc/**/*.cuh", recursive=True))
     if WITH_CUDA:
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
         nvcc = ["-O3", "-DNDEBUG", "--use_fast_math" if os.environ.get("ROBUSTLOSS_FAST_MATH") else "-Xptxas=-O3"]
         if "TORCH_CUDA_ARCH_LIST" not in os.environ:
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
-        return [
-            CUDAExtension(
-                "robustloss_fast._C",
-                sources,
-                include_dirs=include_dirs,
-                define_macros=macros + [("ROBUSTLOSS_WITH_CUDA", "1")],
-                extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-                extra_link_args=["-fopenmp"],
-            )
-        ]
+        ext = CUDAExtension(
+            "robustloss_fast._C",
+            sources,
+            include_dirs=include_dirs,
+            depends=depends,
+            define_macros=macros + [("ROBUSTLOSS_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=["-fopenmp"],
+        )
+        # Appended after the toolkit's include folder (CUDAExtension put it in).
+        ext.include_dirs += [d for d in _nvidia_wheel_includes() if d not in ext.include_dirs]
+        return [ext]
     return [
         CppExtension(
             "robustloss_fast._C",
             sources,
             include_dirs=include_dirs,
+            depends=depends,
             define_macros=macros,
             extra_compile_args={"cxx": cxx},
             extra_link_args=["-fopenmp"],

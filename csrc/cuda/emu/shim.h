@@ -1,0 +1,132 @@
+// A CPU emulation of the parts of the CUDA execution model that
+// csrc/cuda/robust_ce_cuda.cu uses, so that the kernels' own code runs (and is
+// checked against the reference) on machines without a GPU. Not part of the
+// extension: setup.py compiles only csrc/cuda/*.cu and csrc/cuda/*.cpp.
+//
+// - one std::thread per CUDA thread of a block; the blocks of a grid run one
+//   after another, so __shared__ can be a function-local static;
+// - __syncthreads is a barrier of the block's threads;
+// - __shfl_xor_sync is a per-warp exchange between two barriers, so a warp
+//   whose lanes do not all reach the same shuffle deadlocks here (on a GPU it
+//   would be undefined behaviour);
+// - 16-byte loads and stores abort unless 16-byte aligned, as they would fault
+//   on a GPU;
+// - EMU_MAX_GRID caps the grid of the grid-stride kernels, to exercise their
+//   loops with few rows.
+#pragma once
+
+#include <c10/util/Exception.h>
+#include <cuda_runtime_api.h>  // cudaStream_t, uint4
+
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+#define C10_CUDA_KERNEL_LAUNCH_CHECK() \
+  do {                                 \
+  } while (0)
+
+namespace emu {
+
+struct Dim {
+  unsigned x = 0, y = 0, z = 0;
+};
+inline thread_local Dim thread_idx, block_idx;
+inline Dim grid_dim, block_dim;
+
+struct Warp {
+  std::unique_ptr<std::barrier<>> bar;
+  alignas(8) unsigned char slot[32][8];
+};
+inline std::vector<std::unique_ptr<Warp>> warps;
+inline std::unique_ptr<std::barrier<>> block_barrier;
+
+inline int max_grid() {
+  const char* e = std::getenv("EMU_MAX_GRID");
+  return e ? std::atoi(e) : (1 << 30);
+}
+
+[[noreturn]] inline void fault(const char* what) {
+  std::fprintf(stderr, "emulated CUDA fault: %s\n", what);
+  std::abort();
+}
+
+// kernel<<<grid, block>>>(p); `exact` kernels index blocks directly (no grid-stride loop).
+template <typename P>
+void launch(void (*kernel)(P), int grid, int block, P p, bool exact) {
+  if (!exact && grid > max_grid()) grid = max_grid();
+  grid_dim = Dim{static_cast<unsigned>(grid), 1, 1};
+  block_dim = Dim{static_cast<unsigned>(block), 1, 1};
+  block_barrier = std::make_unique<std::barrier<>>(block);
+  warps.clear();
+  for (int w = 0; w < (block + 31) / 32; ++w) {
+    auto warp = std::make_unique<Warp>();
+    warp->bar = std::make_unique<std::barrier<>>(block - 32 * w < 32 ? block - 32 * w : 32);
+    warps.push_back(std::move(warp));
+  }
+  std::vector<std::thread> threads;
+  for (int t = 0; t < block; ++t) {
+    threads.emplace_back([=] {
+      thread_idx = Dim{static_cast<unsigned>(t), 0, 0};
+      for (int b = 0; b < grid; ++b) {
+        block_idx = Dim{static_cast<unsigned>(b), 0, 0};
+        kernel(p);
+        block_barrier->arrive_and_wait();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+}
+
+}  // namespace emu
+
+#define threadIdx emu::thread_idx
+#define blockIdx emu::block_idx
+#define gridDim emu::grid_dim
+#define blockDim emu::block_dim
+
+inline void __syncthreads() { emu::block_barrier->arrive_and_wait(); }
+
+template <typename T>
+T __shfl_xor_sync(unsigned, T v, int lane_mask, int width = 32) {
+  static_assert(sizeof(T) <= 8, "one register");
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  auto& warp = *emu::warps[threadIdx.x / 32];
+  std::memcpy(warp.slot[lane], &v, sizeof(T));
+  warp.bar->arrive_and_wait();
+  const int seg = lane / width * width;
+  T out;
+  std::memcpy(&out, warp.slot[seg + ((lane - seg) ^ lane_mask)], sizeof(T));
+  warp.bar->arrive_and_wait();
+  return out;
+}
+
+template <typename T>
+T __ldg(const T* p) {
+  if (sizeof(T) == 16 && reinterpret_cast<uintptr_t>(p) % 16 != 0) emu::fault("misaligned 16-byte load");
+  return *p;
+}
+
+inline void emu_check_store(const void* p) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) emu::fault("misaligned 16-byte store");
+}
+
+inline long long atomicMin(long long* p, long long v) {
+  std::atomic_ref<long long> a(*p);
+  long long cur = a.load();
+  while (v < cur && !a.compare_exchange_weak(cur, v)) {
+  }
+  return cur;
+}

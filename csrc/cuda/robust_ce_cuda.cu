@@ -1,0 +1,803 @@
+// The fused CUDA kernels of robustloss (SPEC §2-§6) for float32, float16,
+// bfloat16 (float32 accumulation) and float64 logits.
+//
+// Three kernels carry an op; none holds anything of size N x C:
+//
+// 1. rows_kernel -- one pass over each row. A group of TPR threads owns a row
+//    (4 or 32 lanes of a warp for small C, so a block holds several rows; a
+//    whole block of 128 or 512 threads for large C). Each thread keeps an
+//    online (max, sum-of-exp) over its share of the NON-target classes (the
+//    target lane is read as -inf), so lse_nt comes out directly and q =
+//    exp(lse_nt - lse) never needs 1 - p. Loads are 16 bytes wide from the
+//    first 16-byte boundary of the row on (a few scalar loads peel the head
+//    and tail), several in flight per thread. The group's partial states are
+//    merged by a fixed shuffle tree (and, for a block, a fixed tree through
+//    shared memory); lane 0 then evaluates the scheme math of
+//    robustloss/schemes.h -- row_prob, log_weight, row_x: the same functions
+//    the CPU kernel calls -- and writes rows (N, 3) = (lse_nt, log w, x).
+//
+// 2. finalize (partials_kernel + apply_kernel) -- the cross-row step of
+//    robustloss_fast/_finalize.py on the device, in double. For "mean"/"sum",
+//    partials_kernel cuts the N rows into at most 256 chunks (the cut depends
+//    only on N) and reduces each with a fixed tree: (max log w, sum |s| e,
+//    sum s e x) with e = exp(log w - max) for derivative normalisation -- the
+//    log-domain softmax, so |beta| = 1000 cannot overflow -- else (sum s x,
+//    sum weight[y]). apply_kernel merges the partials in one fixed tree (every
+//    block repeats the same tree, so every block sees bitwise the same D),
+//    writes stats (N, 2) = (lse_nt, coef) and the value.
+//
+// 3. backward_kernel -- one pass writing g * coef * (r - e_y), r_j =
+//    exp(z_j - lse_nt), with the same row-to-threads layout, 16-byte stores
+//    aligned on the output row.
+//
+// Determinism: no atomics take part in any value. The order of every sum is
+// fixed by (N, C, the row's address modulo 16 bytes): the same tensors give
+// bitwise the same outputs, run after run. The one atomic (atomicMin on the
+// bad-target slot) computes a minimum, whose result does not depend on order.
+//
+// Bad targets: the kernels check every target themselves; a row whose target
+// is neither ignore_index nor in [0, C) is skipped (never read or written out
+// of bounds): the row kernel writes NaN statistics and atomicMin's the row
+// index into a one-int64 device slot preset to N; finalize counts such a row
+// nowhere; backward writes a NaN row. The forward and rows ops then read the
+// slot back -- one 8-byte device-to-host copy and one stream synchronisation
+// per call, which also means the host cannot queue the next kernels before
+// the forward finishes (a few microseconds of launch latency exposed per
+// step). If the slot is below N they read the bad value (a second copy, on
+// the error path only) and raise IndexError through TORCH_CHECK_INDEX with
+// ROBUSTLOSS_BAD_TARGET_MSG. Under CUDA-graph capture the read-back is
+// skipped (a sync is illegal there): bad rows then give NaN silently. The
+// backward op never synchronises.
+//
+// Offsets: every row offset and column index is int64, so N * C past 2^31
+// elements is fine.
+//
+// Without a GPU, csrc/cuda/emu/check_emu.py runs this file's code on a CPU
+// emulation of blocks, warps and shuffles and compares every op with the
+// reference (.ci/cuda_build_check.sh runs it after the nvcc build);
+// tests/test_cuda.py is the on-device half.
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "robust_ce_cuda.h"
+#include "robustloss/schemes.h"
+
+namespace robustloss {
+namespace cuda {
+namespace {
+
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
+template <typename T>
+__device__ __forceinline__ T inf() {
+  return std::numeric_limits<T>::infinity();
+}
+template <typename T>
+__device__ __forceinline__ T nan() {
+  return std::numeric_limits<T>::quiet_NaN();
+}
+
+// Full-precision exp/log (not the approximate intrinsics): the gradient entries
+// r_j far below 1 keep their relative accuracy.
+__device__ __forceinline__ float dexp(float x) { return expf(x); }
+__device__ __forceinline__ double dexp(double x) { return exp(x); }
+__device__ __forceinline__ float dlog(float x) { return logf(x); }
+__device__ __forceinline__ double dlog(double x) { return log(x); }
+
+// ---------------------------------------------------------------------------
+// 16-byte packs and row alignment
+
+constexpr int kPackBytes = 16;
+
+template <typename T>
+struct Pack {
+  static constexpr int kVec = kPackBytes / static_cast<int>(sizeof(T));
+  T v[kVec];
+};
+
+template <typename T>
+__device__ __forceinline__ Pack<T> load_pack(const T* p) {  // p is 16-byte aligned
+  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+  Pack<T> out;
+  memcpy(&out, &raw, kPackBytes);
+  return out;
+}
+
+template <typename T>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T>& pk) {  // p is 16-byte aligned
+  uint4 raw;
+  memcpy(&raw, &pk, kPackBytes);
+  *reinterpret_cast<uint4*>(p) = raw;
+}
+
+// Elements before the first 16-byte boundary of a row (all of them when the
+// pointer is not even element-aligned, so nothing is ever loaded misaligned).
+template <typename T>
+__device__ __forceinline__ int64_t head_count(const T* p, int64_t c) {
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(p);
+  if (addr % sizeof(T) != 0) return c;
+  const int64_t h = static_cast<int64_t>(((kPackBytes - (addr % kPackBytes)) % kPackBytes) / sizeof(T));
+  return h < c ? h : c;
+}
+
+// ---------------------------------------------------------------------------
+// Online logsumexp over the non-target classes
+
+template <typename acc_t>
+struct Lse {
+  acc_t m;  // running max of the finite values (-inf: none yet)
+  acc_t s;  // sum of exp(value - m)
+  int bad;  // saw NaN or +inf: the row's lse_nt is NaN (SPEC §6)
+};
+
+template <typename acc_t>
+__device__ __forceinline__ Lse<acc_t> lse_identity() {
+  return Lse<acc_t>{-inf<acc_t>(), acc_t(0), 0};
+}
+
+template <typename acc_t>
+__device__ __forceinline__ void lse_add(Lse<acc_t>& st, acc_t x) {
+  if (x != x || x == inf<acc_t>()) {
+    st.bad = 1;
+  } else if (x > st.m) {  // also the first finite value: s * exp(-inf) = 0
+    st.s = st.s * dexp(st.m - x) + acc_t(1);
+    st.m = x;
+  } else if (x != -inf<acc_t>()) {
+    st.s += dexp(x - st.m);
+  }
+}
+
+// A pack at once: one rescale per pack instead of one per element.
+template <typename acc_t, int K>
+__device__ __forceinline__ void lse_add_pack(Lse<acc_t>& st, acc_t (&x)[K]) {
+  acc_t vmax = -inf<acc_t>();
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    if (x[k] != x[k] || x[k] == inf<acc_t>()) {
+      st.bad = 1;
+      x[k] = -inf<acc_t>();
+    }
+    vmax = x[k] > vmax ? x[k] : vmax;
+  }
+  if (vmax == -inf<acc_t>()) return;  // every lane masked: nothing to add (and -inf - -inf is NaN)
+  if (vmax > st.m) {
+    st.s *= dexp(st.m - vmax);
+    st.m = vmax;
+  }
+#pragma unroll
+  for (int k = 0; k < K; ++k) st.s += dexp(x[k] - st.m);  // exp(-inf) = 0 for masked lanes
+}
+
+template <typename acc_t>
+__device__ __forceinline__ void lse_merge(Lse<acc_t>& a, const Lse<acc_t>& b) {
+  a.bad |= b.bad;
+  if (b.m == -inf<acc_t>()) return;
+  if (a.m == -inf<acc_t>()) {
+    a.m = b.m;
+    a.s = b.s;
+  } else if (b.m > a.m) {
+    a.s = a.s * dexp(a.m - b.m) + b.s;
+    a.m = b.m;
+  } else {
+    a.s += b.s * dexp(b.m - a.m);
+  }
+}
+
+// Butterfly over WIDTH lanes; every lane of the warp must call it. Lane 0 of
+// each WIDTH-group ends with a result whose merge order is fixed.
+template <int WIDTH, typename acc_t>
+__device__ __forceinline__ Lse<acc_t> lse_warp_reduce(Lse<acc_t> v) {
+#pragma unroll
+  for (int off = WIDTH / 2; off > 0; off >>= 1) {
+    Lse<acc_t> o;
+    o.m = __shfl_xor_sync(0xffffffffu, v.m, off, WIDTH);
+    o.s = __shfl_xor_sync(0xffffffffu, v.s, off, WIDTH);
+    o.bad = __shfl_xor_sync(0xffffffffu, v.bad, off, WIDTH);
+    lse_merge(v, o);
+  }
+  return v;
+}
+
+// Whole-block reduction (TPR == BLOCK > 32); every thread must call it. The
+// result is valid in thread 0.
+template <int BLOCK, typename acc_t>
+__device__ __forceinline__ Lse<acc_t> lse_block_reduce(Lse<acc_t> v, Lse<acc_t>* smem) {
+  constexpr int kWarps = BLOCK / 32;
+  v = lse_warp_reduce<32>(v);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kWarps ? smem[lane] : lse_identity<acc_t>();
+    v = lse_warp_reduce<32>(v);
+  }
+  __syncthreads();  // smem is reused by the block's next row
+  return v;
+}
+
+// Number of packs each thread loads before it uses any: bytes in flight.
+constexpr int kUnroll = 4;
+
+// This thread's share of one row: lanes take elements (head, tail) and packs
+// (body) TPR apart; the target's position reads as -inf.
+template <typename T, int TPR, typename acc_t>
+__device__ __forceinline__ void lse_row_share(Lse<acc_t>& st, const T* row, int64_t c, int64_t y, int lane) {
+  constexpr int K = Pack<T>::kVec;
+  const int64_t head = head_count(row, c);
+  for (int64_t j = lane; j < head; j += TPR) lse_add(st, j == y ? -inf<acc_t>() : static_cast<acc_t>(row[j]));
+
+  const int64_t npack = (c - head) / K;
+  const T* body = row + head;
+  auto use = [&](const Pack<T>& pk, int64_t p) {
+    const int64_t j0 = head + p * K;
+    acc_t x[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) x[k] = (j0 + k == y) ? -inf<acc_t>() : static_cast<acc_t>(pk.v[k]);
+    lse_add_pack(st, x);
+  };
+  int64_t p = lane;
+  for (; p + (kUnroll - 1) * TPR < npack; p += kUnroll * TPR) {
+    Pack<T> pk[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) pk[u] = load_pack(body + (p + u * TPR) * K);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) use(pk[u], p + u * TPR);
+  }
+  for (; p < npack; p += TPR) use(load_pack(body + p * K), p);
+
+  for (int64_t j = head + npack * K + lane; j < c; j += TPR)
+    lse_add(st, j == y ? -inf<acc_t>() : static_cast<acc_t>(row[j]));
+}
+
+// ---------------------------------------------------------------------------
+// Kernel 1: the row pass
+
+template <typename T>
+struct RowsParams {
+  using acc_t = typename AccOf<T>::type;
+  const T* logits;
+  int64_t n, c, row_stride;
+  const int64_t* target;
+  int64_t ignore_index;
+  int64_t scheme;
+  acc_t a, b;
+  bool normalised;
+  acc_t* rows;
+  long long* first_bad;
+};
+
+template <typename T, int TPR, int BLOCK>
+__global__ void __launch_bounds__(BLOCK) rows_kernel(const RowsParams<T> p) {
+  using acc_t = typename AccOf<T>::type;
+  static_assert(BLOCK % TPR == 0 && (TPR <= 32 || TPR == BLOCK), "a row is a sub-warp, a warp or the block");
+  constexpr int kGroups = BLOCK / TPR;
+  constexpr int kSmem = TPR > 32 ? BLOCK / 32 : 1;
+  __shared__ Lse<acc_t> smem[kSmem];
+  const int lane = static_cast<int>(threadIdx.x) % TPR;
+  const int group = static_cast<int>(threadIdx.x) / TPR;
+
+  // The loop bound is uniform over the block, so every thread reaches every
+  // shuffle and __syncthreads; groups past the last row just carry no data.
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * kGroups; base < p.n;
+       base += static_cast<int64_t>(gridDim.x) * kGroups) {
+    const int64_t i = base + group;
+    const bool live = i < p.n;
+    const int64_t y = live ? p.target[i] : 0;
+    const bool ignored = live && y == p.ignore_index;
+    const bool in_range = y >= 0 && y < p.c;
+    const bool work = live && !ignored && in_range;
+    const T* row = p.logits + (live ? i : 0) * p.row_stride;
+
+    Lse<acc_t> st = lse_identity<acc_t>();
+    if (work) lse_row_share<T, TPR>(st, row, p.c, y, lane);
+    if constexpr (TPR <= 32) {
+      st = lse_warp_reduce<TPR>(st);
+    } else {
+      st = lse_block_reduce<BLOCK>(st, smem);
+    }
+
+    if (lane == 0 && live) {
+      acc_t* out = p.rows + 3 * i;
+      if (ignored) {
+        out[0] = -inf<acc_t>();
+        out[1] = -inf<acc_t>();
+        out[2] = acc_t(0);
+      } else if (!in_range) {
+        atomicMin(p.first_bad, static_cast<long long>(i));
+        out[0] = nan<acc_t>();
+        out[1] = nan<acc_t>();
+        out[2] = nan<acc_t>();
+      } else {
+        const acc_t lse_nt = st.bad ? nan<acc_t>() : (st.m == -inf<acc_t>() ? st.m : st.m + dlog(st.s));
+        const RowProb<acc_t> pr = row_prob<acc_t>(static_cast<acc_t>(row[y]), lse_nt);
+        const acc_t lw = log_weight<acc_t>(p.scheme, p.a, p.b, pr);
+        out[0] = lse_nt;
+        out[1] = lw;
+        out[2] = row_x<acc_t>(p.scheme, p.a, p.b, lw, pr, p.normalised);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Kernel 3: the gradient pass
+
+template <typename T>
+struct BackwardParams {
+  using acc_t = typename AccOf<T>::type;
+  const T* logits;
+  int64_t n, c, row_stride;
+  const int64_t* target;
+  int64_t ignore_index;
+  const acc_t* stats;
+  const acc_t* grad;
+  bool grad_per_row;
+  T* out;
+};
+
+// Every element of an output row set to v.
+template <typename T, int TPR>
+__device__ __forceinline__ void fill_row(T* out, int64_t c, T v, int lane) {
+  constexpr int K = Pack<T>::kVec;
+  const int64_t head = head_count(out, c);
+  for (int64_t j = lane; j < head; j += TPR) out[j] = v;
+  const int64_t npack = (c - head) / K;
+  Pack<T> pk;
+#pragma unroll
+  for (int k = 0; k < K; ++k) pk.v[k] = v;
+  for (int64_t q = lane; q < npack; q += TPR) store_pack(out + head + q * K, pk);
+  for (int64_t j = head + npack * K + lane; j < c; j += TPR) out[j] = v;
+}
+
+template <typename T, int TPR, int BLOCK>
+__global__ void __launch_bounds__(BLOCK) backward_kernel(const BackwardParams<T> p) {
+  using acc_t = typename AccOf<T>::type;
+  constexpr int K = Pack<T>::kVec;
+  constexpr int kGroups = BLOCK / TPR;
+  const int lane = static_cast<int>(threadIdx.x) % TPR;
+  const int group = static_cast<int>(threadIdx.x) / TPR;
+
+  // Rows are independent here (no shuffles, no barriers): a group may skip.
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * kGroups; base < p.n;
+       base += static_cast<int64_t>(gridDim.x) * kGroups) {
+    const int64_t i = base + group;
+    if (i >= p.n) continue;
+    T* out = p.out + i * p.c;
+    const int64_t y = p.target[i];
+    if (y == p.ignore_index) {
+      fill_row<T, TPR>(out, p.c, static_cast<T>(acc_t(0)), lane);
+      continue;
+    }
+    if (y < 0 || y >= p.c) {  // only reachable by calling the op directly with a bad target
+      fill_row<T, TPR>(out, p.c, static_cast<T>(nan<acc_t>()), lane);
+      continue;
+    }
+    const acc_t lse_nt = p.stats[2 * i];
+    const acc_t gc = (p.grad_per_row ? p.grad[i] : p.grad[0]) * p.stats[2 * i + 1];
+    if (lse_nt == -inf<acc_t>()) {
+      // SPEC §3: no finite non-target logit, G = 0 (a NaN factor stays NaN).
+      fill_row<T, TPR>(out, p.c, static_cast<T>(gc * acc_t(0)), lane);
+      continue;
+    }
+    const T* in = p.logits + i * p.row_stride;
+    auto grad_of = [&](int64_t j, acc_t z) -> T {
+      return static_cast<T>(j == y ? -gc : gc * dexp(z - lse_nt));
+    };
+
+    // Packs are aligned on the output row; the input shares that alignment
+    // when its row starts at the same offset modulo 16 bytes (always for
+    // contiguous logits), else its elements are loaded one by one.
+    const int64_t head = head_count(out, p.c);
+    const bool in_packed = head_count(in, p.c) == head &&
+                           (reinterpret_cast<uintptr_t>(in) % kPackBytes) == (reinterpret_cast<uintptr_t>(out) % kPackBytes);
+    for (int64_t j = lane; j < head; j += TPR) out[j] = grad_of(j, static_cast<acc_t>(in[j]));
+    const int64_t npack = (p.c - head) / K;
+    auto emit = [&](const Pack<T>& x, int64_t q) {
+      const int64_t j0 = head + q * K;
+      Pack<T> g;
+#pragma unroll
+      for (int k = 0; k < K; ++k) g.v[k] = grad_of(j0 + k, static_cast<acc_t>(x.v[k]));
+      store_pack(out + j0, g);
+    };
+    if (in_packed) {
+      int64_t q = lane;
+      for (; q + (kUnroll - 1) * TPR < npack; q += kUnroll * TPR) {
+        Pack<T> x[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) x[u] = load_pack(in + head + (q + u * TPR) * K);
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) emit(x[u], q + u * TPR);
+      }
+      for (; q < npack; q += TPR) emit(load_pack(in + head + q * K), q);
+    } else {
+      for (int64_t q = lane; q < npack; q += TPR) {
+        Pack<T> x;
+#pragma unroll
+        for (int k = 0; k < K; ++k) x.v[k] = in[head + q * K + k];
+        emit(x, q);
+      }
+    }
+    for (int64_t j = head + npack * K + lane; j < p.c; j += TPR) out[j] = grad_of(j, static_cast<acc_t>(in[j]));
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Kernel 2: the cross-row step (double precision, fixed reduction trees)
+
+constexpr int kFinBlock = 256;     // threads of both finalize kernels
+constexpr int kMaxPartials = 256;  // == kFinBlock: apply_kernel merges one partial per thread
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// How the rows are cut into chunks: a function of n alone, so the order of
+// every sum is the same on any GPU.
+int64_t num_partials(int64_t n) {
+  const int64_t by_rows = ceil_div(n, kFinBlock);
+  return by_rows < kMaxPartials ? by_rows : kMaxPartials;
+}
+
+template <typename acc_t>
+struct FinParams {
+  const acc_t* rows;
+  const int64_t* target;
+  int64_t n, c, ignore_index;
+  const acc_t* weight;
+  const acc_t* sw;
+  int64_t reduction;
+  bool normalised;
+  double* partials;  // (num_partials, 3)
+  int64_t num_partials, chunk;
+  acc_t* value;
+  acc_t* stats;
+};
+
+// s_i = sample_weight_i * weight[y_i] and the class weight of row i; a row
+// with an ignored or out-of-range target counts nowhere.
+struct RowScale {
+  bool valid;
+  double s, cw;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ RowScale row_scale(const FinParams<acc_t>& p, int64_t i) {
+  const int64_t y = p.target[i];
+  RowScale r{y != p.ignore_index && y >= 0 && y < p.c, 0.0, 0.0};
+  if (r.valid) {
+    r.cw = p.weight ? static_cast<double>(p.weight[y]) : 1.0;
+    r.s = p.sw ? r.cw * static_cast<double>(p.sw[i]) : r.cw;
+  }
+  return r;
+}
+
+// Fixed-tree block sum (every thread calls it; the result is in every thread).
+__device__ __forceinline__ double block_sum(double v, double* buf) {
+  buf[threadIdx.x] = v;
+  __syncthreads();
+#pragma unroll
+  for (int stride = kFinBlock / 2; stride > 0; stride >>= 1) {
+    if (static_cast<int>(threadIdx.x) < stride) buf[threadIdx.x] += buf[threadIdx.x + stride];
+    __syncthreads();
+  }
+  const double out = buf[0];
+  __syncthreads();
+  return out;
+}
+
+__device__ __forceinline__ double block_max(double v, double* buf) {  // NaN-free inputs
+  buf[threadIdx.x] = v;
+  __syncthreads();
+#pragma unroll
+  for (int stride = kFinBlock / 2; stride > 0; stride >>= 1) {
+    if (static_cast<int>(threadIdx.x) < stride) buf[threadIdx.x] = fmax(buf[threadIdx.x], buf[threadIdx.x + stride]);
+    __syncthreads();
+  }
+  const double out = buf[0];
+  __syncthreads();
+  return out;
+}
+
+// One chunk of rows per block -> (max log w, sum |s| e, sum s e x) with
+// derivative normalisation, else (sum s x, sum weight[y], 0).
+template <typename acc_t>
+__global__ void __launch_bounds__(kFinBlock) partials_kernel(const FinParams<acc_t> p) {
+  __shared__ double buf[kFinBlock];
+  const int64_t lo = static_cast<int64_t>(blockIdx.x) * p.chunk;
+  const int64_t hi = lo + p.chunk < p.n ? lo + p.chunk : p.n;
+  double* out = p.partials + 3 * static_cast<int64_t>(blockIdx.x);
+  const double neg_inf = -inf<double>();
+
+  if (p.normalised) {
+    // Softmax of log w over the rows that count (s != 0), shifted by the
+    // chunk's largest log w; a NaN log w poisons the chunk (and so D).
+    double m = neg_inf, saw_nan = 0.0;
+    for (int64_t i = lo + threadIdx.x; i < hi; i += kFinBlock) {
+      const RowScale r = row_scale(p, i);
+      if (!r.valid || r.s == 0.0) continue;
+      const double lw = static_cast<double>(p.rows[3 * i + 1]);
+      if (lw != lw) saw_nan = 1.0;
+      else m = fmax(m, lw);
+    }
+    m = block_max(m, buf);
+    if (block_max(saw_nan, buf) != 0.0) m = nan<double>();
+    double d = 0.0, num = 0.0;
+    if (m != neg_inf) {
+      for (int64_t i = lo + threadIdx.x; i < hi; i += kFinBlock) {
+        const RowScale r = row_scale(p, i);
+        if (!r.valid || r.s == 0.0) continue;
+        const double e = exp(static_cast<double>(p.rows[3 * i + 1]) - m);
+        d += fabs(r.s) * e;
+        num += r.s * e * static_cast<double>(p.rows[3 * i + 2]);
+      }
+    }
+    d = block_sum(d, buf);
+    num = block_sum(num, buf);
+    if (threadIdx.x == 0) {
+      out[0] = m;
+      out[1] = d;
+      out[2] = num;
+    }
+  } else {
+    double total = 0.0, den = 0.0;
+    for (int64_t i = lo + threadIdx.x; i < hi; i += kFinBlock) {
+      const RowScale r = row_scale(p, i);
+      if (!r.valid) continue;
+      total += r.s * static_cast<double>(p.rows[3 * i + 2]);
+      den += r.cw;
+    }
+    total = block_sum(total, buf);
+    den = block_sum(den, buf);
+    if (threadIdx.x == 0) {
+      out[0] = total;
+      out[1] = den;
+      out[2] = 0.0;
+    }
+  }
+}
+
+// (m, d, num) of two sets of rows -> the same of their union, in the log domain.
+__device__ __forceinline__ void merge_normalised(double& m, double& d, double& num, double m2, double d2, double num2) {
+  if (m != m || m2 != m2) {
+    m = d = num = nan<double>();
+    return;
+  }
+  const double mm = fmax(m, m2);
+  if (mm == -inf<double>()) return;  // both empty: (-inf, 0, 0)
+  const double e1 = m == -inf<double>() ? 0.0 : exp(m - mm);
+  const double e2 = m2 == -inf<double>() ? 0.0 : exp(m2 - mm);
+  d = d * e1 + d2 * e2;
+  num = num * e1 + num2 * e2;
+  m = mm;
+}
+
+// Merge the partials (same fixed tree in every block), then per row: stats =
+// (lse_nt, coef) and, for "none", the value.
+template <typename acc_t>
+__global__ void __launch_bounds__(kFinBlock) apply_kernel(const FinParams<acc_t> p) {
+  __shared__ double sm[3][kFinBlock];
+  const int t = static_cast<int>(threadIdx.x);
+  double g0 = 0.0, g1 = 0.0, g2 = 0.0;  // merged partials
+  if (p.reduction != kNone) {
+    const bool have = t < p.num_partials;
+    if (p.normalised) {
+      sm[0][t] = have ? p.partials[3 * t] : -inf<double>();
+      sm[1][t] = have ? p.partials[3 * t + 1] : 0.0;
+      sm[2][t] = have ? p.partials[3 * t + 2] : 0.0;
+    } else {
+      sm[0][t] = have ? p.partials[3 * t] : 0.0;
+      sm[1][t] = have ? p.partials[3 * t + 1] : 0.0;
+      sm[2][t] = 0.0;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int stride = kFinBlock / 2; stride > 0; stride >>= 1) {
+      if (t < stride) {
+        if (p.normalised) {
+          merge_normalised(sm[0][t], sm[1][t], sm[2][t], sm[0][t + stride], sm[1][t + stride], sm[2][t + stride]);
+        } else {
+          sm[0][t] += sm[0][t + stride];
+          sm[1][t] += sm[1][t + stride];
+        }
+      }
+      __syncthreads();
+    }
+    g0 = sm[0][0];
+    g1 = sm[1][0];
+    g2 = sm[2][0];
+  }
+
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kFinBlock + t; i < p.n;
+       i += static_cast<int64_t>(gridDim.x) * kFinBlock) {
+    const RowScale r = row_scale(p, i);
+    const double lw = static_cast<double>(p.rows[3 * i + 1]);
+    double coef = 0.0;
+    if (p.normalised) {
+      // D = g1 (NaN passes the test: it must reach every row that counts).
+      if (r.valid && r.s != 0.0 && g1 != 0.0) coef = r.s * exp(lw - g0) / (2.0 * g1);
+    } else if (r.valid) {
+      coef = r.s * exp(lw) / 2.0;
+      if (p.reduction == kMean) coef = g1 != 0.0 ? coef / g1 : 0.0;  // PyTorch's rule: D = sum weight[y]
+    }
+    p.stats[2 * i] = p.rows[3 * i];
+    p.stats[2 * i + 1] = static_cast<acc_t>(coef);
+    if (p.reduction == kNone) p.value[i] = r.valid ? static_cast<acc_t>(r.s * static_cast<double>(p.rows[3 * i + 2])) : acc_t(0);
+  }
+
+  if (blockIdx.x == 0 && t == 0 && p.reduction != kNone) {
+    double v;
+    if (p.normalised) v = g1 != 0.0 ? g2 / g1 : 0.0;
+    else if (p.reduction == kSum) v = g0;
+    else v = g1 != 0.0 ? g0 / g1 : 0.0;
+    p.value[0] = static_cast<acc_t>(v);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Launch configuration
+
+int grid_for(int64_t blocks) {
+  constexpr int64_t kMaxGrid = 2147483647;  // gridDim.x limit; the kernels loop past it
+  return static_cast<int>(blocks < kMaxGrid ? blocks : kMaxGrid);
+}
+
+// Threads per row from the row's length in 16-byte packs: about 2 to 32 packs
+// per thread, so small C puts many rows in a block and large C a whole block
+// on a row.
+enum class Layout { kQuad, kWarp, kBlock128, kBlock512 };
+
+template <typename T>
+Layout layout_for(int64_t c) {
+  const int64_t packs = ceil_div(c, Pack<T>::kVec);
+  if (packs <= 8) return Layout::kQuad;
+  if (packs <= 128) return Layout::kWarp;
+  if (packs <= 2048) return Layout::kBlock128;
+  return Layout::kBlock512;
+}
+
+template <typename T, int TPR, int BLOCK>
+void rows_launch(const RowsParams<T>& p, cudaStream_t stream) {
+  rows_kernel<T, TPR, BLOCK><<<grid_for(ceil_div(p.n, BLOCK / TPR)), BLOCK, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void rows_typed(const RowsArgs& a, cudaStream_t stream) {
+  using acc_t = typename AccOf<T>::type;
+  RowsParams<T> p;
+  p.logits = static_cast<const T*>(a.logits);
+  p.n = a.n;
+  p.c = a.c;
+  p.row_stride = a.row_stride;
+  p.target = a.target;
+  p.ignore_index = a.ignore_index;
+  p.scheme = a.scheme;
+  p.a = static_cast<acc_t>(a.a);
+  p.b = static_cast<acc_t>(a.b);
+  p.normalised = a.normalised;
+  p.rows = static_cast<acc_t*>(a.rows);
+  p.first_bad = reinterpret_cast<long long*>(a.first_bad);
+  switch (layout_for<T>(a.c)) {
+    case Layout::kQuad:
+      return rows_launch<T, 4, 128>(p, stream);
+    case Layout::kWarp:
+      return rows_launch<T, 32, 128>(p, stream);
+    case Layout::kBlock128:
+      return rows_launch<T, 128, 128>(p, stream);
+    case Layout::kBlock512:
+      return rows_launch<T, 512, 512>(p, stream);
+  }
+}
+
+template <typename T, int TPR, int BLOCK>
+void backward_launch(const BackwardParams<T>& p, cudaStream_t stream) {
+  backward_kernel<T, TPR, BLOCK><<<grid_for(ceil_div(p.n, BLOCK / TPR)), BLOCK, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void backward_typed(const BackwardArgs& a, cudaStream_t stream) {
+  using acc_t = typename AccOf<T>::type;
+  BackwardParams<T> p;
+  p.logits = static_cast<const T*>(a.logits);
+  p.n = a.n;
+  p.c = a.c;
+  p.row_stride = a.row_stride;
+  p.target = a.target;
+  p.ignore_index = a.ignore_index;
+  p.stats = static_cast<const acc_t*>(a.stats);
+  p.grad = static_cast<const acc_t*>(a.grad);
+  p.grad_per_row = a.grad_per_row;
+  p.out = static_cast<T*>(a.out);
+  switch (layout_for<T>(a.c)) {
+    case Layout::kQuad:
+      return backward_launch<T, 4, 128>(p, stream);
+    case Layout::kWarp:
+      return backward_launch<T, 32, 128>(p, stream);
+    case Layout::kBlock128:
+      return backward_launch<T, 128, 128>(p, stream);
+    case Layout::kBlock512:
+      return backward_launch<T, 512, 512>(p, stream);
+  }
+}
+
+template <typename acc_t>
+void finalize_typed(const FinalizeArgs& a, cudaStream_t stream) {
+  FinParams<acc_t> p;
+  p.rows = static_cast<const acc_t*>(a.rows);
+  p.target = a.target;
+  p.n = a.n;
+  p.c = a.c;
+  p.ignore_index = a.ignore_index;
+  p.weight = static_cast<const acc_t*>(a.weight);
+  p.sw = static_cast<const acc_t*>(a.sample_weight);
+  p.reduction = a.reduction;
+  p.normalised = a.reduction == kMean && a.normalize;
+  p.partials = a.workspace;
+  p.num_partials = num_partials(a.n);
+  p.chunk = ceil_div(a.n, p.num_partials);
+  p.value = static_cast<acc_t*>(a.value);
+  p.stats = static_cast<acc_t*>(a.stats);
+  if (p.reduction != kNone) {
+    partials_kernel<acc_t><<<static_cast<int>(p.num_partials), kFinBlock, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  apply_kernel<acc_t><<<grid_for(ceil_div(a.n, kFinBlock)), kFinBlock, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+int64_t finalize_workspace_size(int64_t n) { return n > 0 ? 3 * num_partials(n) : 0; }
+
+void launch_rows(const RowsArgs& args, cudaStream_t stream) {
+  switch (args.dtype) {
+    case c10::ScalarType::Float:
+      return rows_typed<float>(args, stream);
+    case c10::ScalarType::Double:
+      return rows_typed<double>(args, stream);
+    case c10::ScalarType::Half:
+      return rows_typed<c10::Half>(args, stream);
+    case c10::ScalarType::BFloat16:
+      return rows_typed<c10::BFloat16>(args, stream);
+    default:
+      TORCH_CHECK(false, "robustloss: unsupported logits dtype ", args.dtype);
+  }
+}
+
+void launch_backward(const BackwardArgs& args, cudaStream_t stream) {
+  switch (args.dtype) {
+    case c10::ScalarType::Float:
+      return backward_typed<float>(args, stream);
+    case c10::ScalarType::Double:
+      return backward_typed<double>(args, stream);
+    case c10::ScalarType::Half:
+      return backward_typed<c10::Half>(args, stream);
+    case c10::ScalarType::BFloat16:
+      return backward_typed<c10::BFloat16>(args, stream);
+    default:
+      TORCH_CHECK(false, "robustloss: unsupported logits dtype ", args.dtype);
+  }
+}
+
+void launch_finalize(const FinalizeArgs& args, cudaStream_t stream) {
+  if (args.is_double) {
+    finalize_typed<double>(args, stream);
+  } else {
+    finalize_typed<float>(args, stream);
+  }
+}
+
+}  // namespace cuda
+}  // namespace robustloss

@@ -1,0 +1,489 @@
+"""The fused CUDA backend ("cuda", csrc/cuda/) against the reference, on a GPU.
+
+Skipped without a CUDA device or without an extension built with CUDA (the
+reason says which). On a machine without a GPU, .ci/cuda_build_check.sh proves
+the kernels compile and runs their code on a CPU emulator; these tests are the
+real-device half.
+
+What is compared: ``backend="cuda"`` end to end (value and gradient through
+autograd) with the pure-PyTorch reference evaluated in float64 on the same,
+already rounded, logits -- every scheme x reduction x normalize x dtype; row
+lengths that hit every launch layout (C = 1, 2, 3, odd, 50257), misaligned and
+strided rows, extreme margins, |beta| = 1000, bad targets, NaN/inf rows,
+bitwise determinism, CUDA graphs, side streams, torch.compile, opcheck, and
+a case with N * C past 2^31 elements (when the device has the memory).
+
+Tolerances: float64 1e-10 relative; float32 accumulation ~2e-5 relative;
+float16/bfloat16 gradients 2 ulps of the output dtype, plus an absolute floor
+of 1e-5 of the row's largest entry for tiny entries.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import robustloss_fast as rf
+from robustloss_fast import _backends, _finalize, _ops, reference
+from robustloss_fast.schemes import CCE, DM, GCE, IMAE, MAE, MSE, DMBeta, DMExponential, DMNormal
+
+from conftest import requires_cuda
+
+_REASON = _backends._unavailable_reason("cuda")
+pytestmark = [
+    pytest.mark.cuda,
+    requires_cuda,
+    pytest.mark.skipif(_REASON is not None, reason=f"the CUDA backend is unavailable: {_REASON}"),
+]
+
+SCHEMES = [
+    CCE(),
+    MAE(),
+    MSE(),
+    GCE(),
+    DM(),
+    DM(lam=0.5, beta=12.0),
+    DM(lam=0.0, beta=-3.0),
+    IMAE(),
+    DMNormal(psi=0.3, beta=4.0),
+    DMExponential(),
+    DMBeta(alpha=2.0, eta=3.0),
+]
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+MODES = [("none", None), ("mean", None), ("mean", True), ("mean", False), ("sum", None)]
+IGNORE = -100
+DEV = "cuda"
+
+
+def _id(x):
+    return str(x).replace("torch.", "") if isinstance(x, torch.dtype) else repr(x)
+
+
+def acc_of(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def make_inputs(n, c, dtype, *, weighted=True, ignore_frac=0.15, scale=3.0, offset=0, pad=0):
+    """Logits N(0, scale^2) with half the targets boosted by 6; rows start `offset`
+    elements into a wider buffer whose rows are c + offset + pad long."""
+    base = torch.randn(n, c + offset + pad, dtype=torch.float64, device=DEV) * scale
+    target = torch.randint(0, c, (n,), device=DEV)
+    easy = torch.rand(n, device=DEV) < 0.5
+    base[torch.arange(n, device=DEV), target + offset] += 6.0 * easy
+    if n > 2 and ignore_frac > 0:
+        target[torch.rand(n, device=DEV) < ignore_frac] = IGNORE
+    logits = base.to(dtype)[:, offset : offset + c]
+    acc = acc_of(dtype)
+    weight = torch.rand(c, dtype=acc, device=DEV) + 0.5 if weighted else None
+    sw = torch.randn(n, dtype=acc, device=DEV) if weighted else None
+    return logits, target, weight, sw
+
+
+def run(backend, logits, target, scheme, weight, sw, reduction, normalize, upstream=None):
+    """(value, grad_logits) through autograd."""
+    x = logits.detach().clone().requires_grad_(True)
+    v = rf.robust_cross_entropy(
+        x, target, scheme, weight=weight, sample_weight=sw, reduction=reduction, normalize=normalize, backend=backend
+    )
+    g = upstream if upstream is not None else torch.ones_like(v)
+    v.backward(g)
+    return v.detach(), x.grad
+
+
+def reference64(logits, target, scheme, weight, sw, reduction, normalize, upstream=None):
+    """The reference in float64 on the same rounded logits."""
+    w = weight.double() if weight is not None else None
+    s = sw.double() if sw is not None else None
+    up = upstream.double() if upstream is not None else None
+    return run("torch", logits.double(), target, scheme, w, s, reduction, normalize, up)
+
+
+def assert_value(actual, expected, dtype, what="", scale=None, rtol=None):
+    """Relative to `scale` (the same reduction with |sample_weight|: signed sample
+    weights can cancel in the sum, leaving a result much smaller than its terms)."""
+    rtol = rtol or (1e-10 if dtype == torch.float64 else 2e-5)
+    scale = expected.abs().nan_to_num(0, 0, 0).max() if scale is None else scale.abs().nan_to_num(0, 0, 0).max()
+    atol = rtol * float(scale) + 1e-30
+    torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=atol, equal_nan=True, msg=what)
+
+
+def assert_grad(actual, expected, dtype, what="", rtol=None):
+    assert actual.dtype == dtype, what
+    eps = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2 * 2**-10, torch.bfloat16: 2 * 2**-7}[dtype]
+    eps = max(eps, rtol or 0.0)
+    mag = expected.abs().nan_to_num(0, 0, 0)
+    # Entries far below their row's (or the whole gradient's) largest lose relative precision in
+    # float32 (e.g. rows weighted e^-1000 times less than others): they count absolutely.
+    floor = 1e-5 * mag.amax(dim=-1, keepdim=True) + 1e-7 * (mag.max() if mag.numel() else 0.0) + 1e-30
+    if dtype == torch.float16:
+        floor = floor + 6e-8  # float16 subnormal spacing
+    err = (actual.double() - expected).abs()
+    bound = eps * expected.abs() + floor
+    bad = ~((err <= bound) | (actual.double().isnan() & expected.isnan()) | (actual.double() == expected))
+    assert not bad.any(), f"{what}: {int(bad.sum())} entries off; worst err {err[bad].max().item():.3g}"
+
+
+def check(logits, target, scheme, weight, sw, reduction, normalize, what="", rtol=None):
+    upstream = None
+    if reduction == "none":
+        upstream = torch.randn(target.shape, dtype=acc_of(logits.dtype), device=DEV)
+    v, g = run("cuda", logits, target, scheme, weight, sw, reduction, normalize, upstream)
+    v_ref, g_ref = reference64(logits, target, scheme, weight, sw, reduction, normalize, upstream)
+    scale = None
+    if sw is not None and reduction != "none":
+        scale, _ = reference64(logits, target, scheme, weight, sw.abs(), reduction, normalize)
+    assert v.dtype == acc_of(logits.dtype), what
+    assert_value(v, v_ref, logits.dtype, what + " value", scale=scale, rtol=rtol)
+    assert_grad(g, g_ref, logits.dtype, what + " grad", rtol=rtol)
+
+
+# ---------------------------------------------------------------------------
+# parity
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("reduction,normalize", MODES, ids=str)
+@pytest.mark.parametrize("scheme", SCHEMES, ids=_id)
+def test_end_to_end(scheme, reduction, normalize, dtype):
+    for weighted in (False, True):
+        logits, target, w, sw = make_inputs(37, 11, dtype, weighted=weighted)
+        check(logits, target, scheme, w, sw, reduction, normalize, f"{scheme} weighted={weighted}")
+
+
+# Row lengths that land in each launch layout for each dtype (4 lanes, a warp,
+# a 128- and a 512-thread block per row), plus C = 1, 2, 3 and a GPT-2 vocabulary.
+SHAPES = [(64, 1), (64, 2), (64, 3), (300, 10), (33, 37), (17, 600), (9, 2001), (8, 9000), (5, 20001), (4, 50257)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("n,c", SHAPES, ids=str)
+def test_shapes_and_layouts(n, c, dtype):
+    for scheme, reduction, normalize in ((DM(), "mean", None), (CCE(), "none", None), (GCE(), "sum", None)):
+        logits, target, w, sw = make_inputs(n, c, dtype)
+        check(logits, target, scheme, w, sw, reduction, normalize, f"{scheme} {reduction}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=_id)
+@pytest.mark.parametrize("offset,pad", [(1, 0), (3, 5), (0, 7)], ids=str)
+@pytest.mark.parametrize("c", [10, 601, 20001], ids=str)
+def test_misaligned_and_strided_rows(c, offset, pad, dtype):
+    """Rows that start off a 16-byte boundary, and rows further apart than C (the
+    input and output rows are then aligned differently)."""
+    logits, target, w, sw = make_inputs(12, c, dtype, offset=offset, pad=pad)
+    assert logits.stride(0) == c + offset + pad
+    check(logits, target, DM(), w, sw, "mean", None, "strided")
+    check(logits, target, CCE(), None, None, "none", None, "strided")
+
+
+def test_matches_cross_entropy():
+    """CCE, normalize=False is F.cross_entropy (value and gradient)."""
+    for dtype in (torch.float32, torch.float64):
+        logits, target, w, _ = make_inputs(64, 13, dtype)
+        for reduction in ("none", "mean", "sum"):
+            x = logits.detach().clone().requires_grad_(True)
+            x2 = logits.detach().clone().requires_grad_(True)
+            v = rf.robust_cross_entropy(x, target, CCE(), weight=w, reduction=reduction, normalize=False, backend="cuda")
+            ref = torch.nn.functional.cross_entropy(x2, target, weight=w.to(dtype), reduction=reduction)
+            v.sum().backward()
+            ref.sum().backward()
+            torch.testing.assert_close(v, ref.to(v.dtype))
+            torch.testing.assert_close(x.grad, x2.grad)
+
+
+def test_spatial_and_unbatched_inputs():
+    x = torch.randn(3, 7, 4, 5, device=DEV)
+    t = torch.randint(0, 7, (3, 4, 5), device=DEV)
+    check(x, t, DM(), None, None, "none", None, "spatial")
+    x1 = torch.randn(9, device=DEV)
+    t1 = torch.tensor(4, device=DEV)
+    check(x1, t1, IMAE(), None, None, "mean", None, "unbatched")
+
+
+# ---------------------------------------------------------------------------
+# the ops one by one (CUDA vs the CPU kernel and vs the reference)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("scheme", [CCE(), GCE(), DM(), DMNormal(psi=0.3, beta=4.0), DMBeta(alpha=2.0, eta=3.0)], ids=_id)
+def test_ops_against_cpu_kernel_and_reference(scheme, dtype):
+    ops = torch.ops.robustloss
+    kid, (a, b) = scheme.kernel_id, scheme.kernel_params
+    logits, target, w, sw = make_inputs(41, 300, dtype)
+    sw = sw.abs() + 0.1  # positive: no cancellation in the reduced value, so relative tolerances hold
+    valid = target != IGNORE
+    for reduction, normalize in ((0, False), (1, True), (1, False), (2, False)):
+        v, st = ops.robust_ce_forward(logits, target, kid, a, b, w, sw, IGNORE, reduction, normalize)
+        v_cpu, st_cpu = ops.robust_ce_forward(logits.cpu(), target.cpu(), kid, a, b, w.cpu(), sw.cpu(), IGNORE,
+                                              reduction, normalize)  # fmt: skip
+        v_ref, st_ref = reference.forward(logits, target, kid, a, b, w, sw, IGNORE, reduction, normalize)
+        tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=3e-5, atol=1e-7)
+        torch.testing.assert_close(v.cpu(), v_cpu, **tol)
+        torch.testing.assert_close(v, v_ref, **tol)
+        # lse_nt of an ignored row is unused (-inf in the kernels); coef is 0 there.
+        torch.testing.assert_close(st[valid], st_ref[valid], **tol)
+        torch.testing.assert_close(st.cpu(), st_cpu, **tol)
+        rows = ops.robust_ce_rows(logits, target, kid, a, b, IGNORE, reduction == 1 and normalize)
+        v2, st2 = _finalize.finalize(rows, target, w, sw, IGNORE, reduction, normalize)
+        torch.testing.assert_close(v2, v, **tol)
+        torch.testing.assert_close(st2, st, **tol)
+        grad = torch.randn(41, dtype=st.dtype, device=DEV) if reduction == 0 else torch.tensor(0.7, device=DEV).to(st.dtype)
+        gl = ops.robust_ce_backward(grad, logits, target, st, IGNORE)
+        gl_cpu = ops.robust_ce_backward(grad.cpu(), logits.cpu(), target.cpu(), st.cpu(), IGNORE)
+        assert gl.dtype == dtype and gl.is_contiguous()
+        assert_grad(gl.cpu(), gl_cpu.double(), dtype, "backward vs CPU kernel")
+
+
+# ---------------------------------------------------------------------------
+# numerics
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+def test_extreme_margins(dtype):
+    """p -> 1 (margins 100+) and p -> 0: q and the gradient stay exact, nothing is NaN."""
+    n, c = 16, 50
+    logits = torch.randn(n, c, device=DEV, dtype=torch.float64)
+    target = torch.randint(0, c, (n,), device=DEV)
+    margin = torch.tensor([200.0, -200.0, 120.0, 60.0] * 4, device=DEV, dtype=torch.float64)
+    logits[torch.arange(n), target] += margin
+    logits = logits.to(dtype)
+    if dtype == torch.float16:
+        logits = logits.clamp(-60000, 60000)
+    for scheme in (CCE(), MAE(), DM(), DM(lam=0.0, beta=-3.0), DMBeta(alpha=2.0, eta=3.0)):
+        for reduction, normalize in (("none", None), ("mean", True), ("sum", None)):
+            v, g = run("cuda", logits, target, scheme, None, None, reduction, normalize)
+            assert torch.isfinite(v).all() and torch.isfinite(g.float()).all(), scheme
+            # |z| ~ 200: one float32 ulp of the margin is ~1e-5 relative in p or q.
+            check(logits, target, scheme, None, None, reduction, normalize, f"extreme {scheme}", rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("beta", [1000.0, -1000.0])
+def test_beta_1000_normalised_mean_is_finite(beta, dtype):
+    logits, target, _, _ = make_inputs(256, 100, dtype, weighted=False, scale=5.0)
+    v, g = run("cuda", logits, target, DM(lam=1.0, beta=beta), None, None, "mean", True)
+    assert torch.isfinite(v) and torch.isfinite(g.float()).all()
+    # The normalised emphasis sums to one unit: the L1 norm of the whole gradient is 1.
+    assert abs(g.double().abs().sum().item() - 1.0) < (1e-6 if dtype in (torch.float32, torch.float64) else 2e-2)
+    v_ref, g_ref = reference64(logits, target, DM(lam=1.0, beta=beta), None, None, "mean", True)
+    assert_value(v, v_ref, dtype)
+    assert_grad(g, g_ref, dtype, "beta 1000")
+
+
+def test_masked_classes_and_nan_rows():
+    """-inf logits are masks; a row masked but for its target has zero gradient; NaN or
+    +inf in a row makes that row NaN and leaves the others alone."""
+    for c in (6, 300, 3000, 50257):
+        x = torch.randn(6, c, device=DEV)
+        t = torch.randint(0, c, (6,), device=DEV)
+        x[0, : c // 2] = -math.inf
+        x[0, t[0]] = 1.0
+        x[1] = -math.inf
+        x[1, t[1]] = 0.5
+        x[2, (t[2] + 1) % c] = math.nan
+        x[3, (t[3] + 1) % c] = math.inf
+        x[4, t[4]] = math.inf
+        v, g = run("cuda", x, t, CCE(), None, None, "none", False)
+        assert torch.isnan(v[2:5]).all() and torch.isfinite(v[[0, 1, 5]]).all()
+        assert torch.isnan(g[2:5]).any(dim=1).all() and torch.isfinite(g[[0, 1, 5]]).all()
+        assert (g[1] == 0).all()
+        v_ref, g_ref = reference64(x, t, CCE(), None, None, "none", False)
+        assert_value(v, v_ref, torch.float32)
+        assert_grad(g, g_ref, torch.float32, "masked")
+
+
+def test_c1_all_ignored_and_empty():
+    for dtype in DTYPES:
+        x = torch.randn(5, 1, device=DEV).to(dtype)
+        t = torch.zeros(5, dtype=torch.long, device=DEV)
+        for reduction, normalize in MODES:
+            v, g = run("cuda", x, t, DM(), None, None, reduction, normalize)
+            assert (g == 0).all()
+            check(x, t, DM(), None, None, reduction, normalize, "C=1")
+        x = torch.randn(4, 7, device=DEV).to(dtype)
+        t = torch.full((4,), IGNORE, device=DEV)
+        for reduction, normalize in MODES:
+            v, g = run("cuda", x, t, DM(), None, None, reduction, normalize)
+            assert (v == 0).all() and (g == 0).all()
+        x = torch.randn(0, 7, device=DEV).to(dtype)
+        t = torch.zeros(0, dtype=torch.long, device=DEV)
+        for reduction, normalize in MODES:
+            v, g = run("cuda", x, t, DM(), None, None, reduction, normalize)
+            assert g.shape == (0, 7) and (reduction == "none" or v.item() == 0)
+
+
+def test_ignore_index_inside_the_class_range():
+    logits, target, w, _ = make_inputs(40, 9, torch.float32, ignore_frac=0)
+    target[:10] = 3
+    x = logits.detach().clone().requires_grad_(True)
+    v = rf.robust_cross_entropy(x, target, CCE(), weight=w, ignore_index=3, normalize=False, backend="cuda")
+    v.backward()
+    x2 = logits.detach().clone().requires_grad_(True)
+    ref = torch.nn.functional.cross_entropy(x2, target, weight=w, ignore_index=3)
+    ref.backward()
+    torch.testing.assert_close(v, ref)
+    torch.testing.assert_close(x.grad, x2.grad)
+
+
+# ---------------------------------------------------------------------------
+# bad targets
+
+
+@pytest.mark.parametrize("c", [3, 100, 3000, 50257], ids=str)
+def test_bad_target_raises_index_error_naming_it(c):
+    logits, target, _, _ = make_inputs(10, c, torch.float32, weighted=False, ignore_frac=0)
+    for bad in (c, -1, -7, 10**12):
+        t = target.clone()
+        t[6] = bad
+        t[8] = c + 5
+        with pytest.raises(IndexError, match=rf"target value {bad} \(at flat position 6\)"):
+            rf.robust_cross_entropy(logits, t, DM(), backend="cuda")
+        with pytest.raises(IndexError, match=str(bad)):
+            torch.ops.robustloss.robust_ce_rows(logits, t, 4, 1.0, 8.0, IGNORE, True)
+        # The backward op never syncs: it leaves the bad rows NaN and touches nothing out of bounds.
+        g = torch.ops.robustloss.robust_ce_backward(
+            torch.ones((), device=DEV), logits, t, torch.zeros(10, 2, device=DEV), IGNORE
+        )
+        assert torch.isnan(g[[6, 8]]).all() and torch.isfinite(g[:6]).all()
+    # The context is still healthy (no device-side assert fired).
+    torch.cuda.synchronize()
+    check(logits, target, DM(), None, None, "mean", None, "after bad targets")
+
+
+# ---------------------------------------------------------------------------
+# determinism, streams, graphs, compile
+
+
+@pytest.mark.parametrize(
+    "n,c,dtype", [(4096, 32000, torch.bfloat16), (65536, 10, torch.float32), (3000, 2001, torch.float16)], ids=str
+)
+def test_bitwise_deterministic(n, c, dtype):
+    logits, target, w, sw = make_inputs(n, c, dtype)
+    first = run("cuda", logits, target, DM(), w, sw, "mean", None)
+    for _ in range(3):
+        again = run("cuda", logits, target, DM(), w, sw, "mean", None)
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+def test_side_stream_and_second_device():
+    logits, target, w, sw = make_inputs(64, 1000, torch.float32)
+    v0, g0 = run("cuda", logits, target, DM(), w, sw, "mean", None)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        v1, g1 = run("cuda", logits, target, DM(), w, sw, "mean", None)
+    torch.cuda.current_stream().wait_stream(s)
+    assert torch.equal(v0, v1) and torch.equal(g0, g1)
+    if torch.cuda.device_count() > 1:  # the device guard: inputs on cuda:1, current device cuda:0
+        moved = [t.to("cuda:1") for t in (logits, target, w, sw)]
+        v2, g2 = run("cuda", *moved[:2], DM(), moved[2], moved[3], "mean", None)
+        assert v2.device.index == 1 and torch.equal(v2.cpu(), v0.cpu()) and torch.equal(g2.cpu(), g0.cpu())
+
+
+def test_cuda_graph_capture_and_replay():
+    """The forward's bad-target read-back is skipped under capture (a sync is illegal there)."""
+    logits, target, w, sw = make_inputs(128, 500, torch.float32)
+    x = logits.detach().clone().requires_grad_(True)
+
+    def step():
+        v = rf.robust_cross_entropy(x, target, DM(), weight=w, sample_weight=sw, backend="cuda")
+        (g,) = torch.autograd.grad(v, x)
+        return v, g
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            eager = step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    with torch.no_grad():
+        x.copy_(logits * 1.5)
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = run("cuda", logits * 1.5, target, DM(), w, sw, "mean", None)
+    assert torch.equal(captured[0], expected[0]) and torch.equal(captured[1], expected[1])
+    assert not torch.equal(captured[0], eager[0])
+
+
+def test_opcheck():
+    ops = torch.ops.robustloss
+    for n, c, dtype, kid, a, b, red, norm in (
+        (8, 5, torch.float32, 4, 1.0, 8.0, 1, True),
+        (8, 700, torch.bfloat16, 0, 0.0, 0.0, 0, False),
+        (6, 7, torch.float64, 3, 0.7, 0.0, 2, False),
+        (0, 4, torch.float32, 4, 0.5, 12.0, 1, True),
+    ):
+        logits, target, w, sw = make_inputs(n, c, dtype)
+        x = logits.detach().clone().requires_grad_(dtype != torch.bfloat16)
+        torch.library.opcheck(ops.robust_ce_forward.default, (x, target, kid, a, b, w, sw, IGNORE, red, norm))
+        _, st = ops.robust_ce_forward(logits, target, kid, a, b, w, sw, IGNORE, red, norm)
+        grad = torch.ones((), dtype=st.dtype, device=DEV)
+        torch.library.opcheck(ops.robust_ce_backward.default, (grad, logits, target, st, IGNORE))
+        torch.library.opcheck(ops.robust_ce_rows.default, (logits, target, kid, a, b, IGNORE, red == 1 and norm))
+
+
+def _losses(x, t, w, sw):
+    a = rf.robust_cross_entropy(x, t, DM(lam=0.5, beta=12.0), weight=w, sample_weight=sw, backend="cuda")
+    b = rf.robust_cross_entropy(x, t, GCE(), reduction="none", backend="cuda")
+    c = rf.robust_cross_entropy(x, t, CCE(), reduction="sum", backend="cuda")
+    return a + (b * torch.arange(b.shape[0], dtype=b.dtype, device=b.device)).sum() / 10 + c
+
+
+def test_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    compiled = torch.compile(_losses, fullgraph=True)
+    for dtype in (torch.float32, torch.bfloat16):
+        logits, target, w, sw = make_inputs(256, 1000, dtype)
+        x = logits.detach().clone().requires_grad_(True)
+        value = compiled(x, target, w, sw)
+        (grad,) = torch.autograd.grad(value, x)
+        x_eager = logits.detach().clone().requires_grad_(True)
+        expected = _losses(x_eager, target, w, sw)
+        (expected_grad,) = torch.autograd.grad(expected, x_eager)
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-5)
+        # Inductor may add the three losses' bfloat16 gradients in another order: a bfloat16 ulp of the largest.
+        atol = 1e-6 if dtype == torch.float32 else 2**-7 * float(expected_grad.abs().max())
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-5 if dtype == torch.float32 else 1.6e-2, atol=atol)
+        ignored = target == IGNORE
+        assert (grad[ignored] == 0).all()
+    # Target values are still checked at run time inside the compiled graph (the error type
+    # may be rewrapped on the way out, the message names the value).
+    bad = target.clone()
+    bad[3] = 1000
+    with pytest.raises(Exception, match=r"\b1000\b"):
+        compiled(x, bad, w, sw)
+
+
+# ---------------------------------------------------------------------------
+# 64-bit offsets
+
+
+def test_offsets_past_2_31_elements():
+    """N * C > 2^31: the last rows (whose offsets overflow int32) match the reference."""
+    c = 50257
+    n = (2**31) // c + 64
+    need = n * c * 2 * 2 + (1 << 30)  # bf16 logits + bf16 gradient + slack
+    free, _ = torch.cuda.mem_get_info()
+    if free < need:
+        pytest.skip(f"needs {need / 2**30:.1f} GiB of free device memory, {free / 2**30:.1f} GiB free")
+    assert n * c > 2**31
+    logits = torch.empty(n, c, dtype=torch.bfloat16, device=DEV).normal_(0.0, 3.0)
+    target = torch.randint(0, c, (n,), device=DEV)
+    tail = slice(n - 8, n)
+    v, st = torch.ops.robustloss.robust_ce_forward(logits, target, 4, 1.0, 8.0, None, None, IGNORE, 0, False)
+    gl = torch.ops.robustloss.robust_ce_backward(torch.ones(n, device=DEV), logits, target, st, IGNORE)
+    v_ref, st_ref = reference.forward(logits[tail].double(), target[tail], 4, 1.0, 8.0, None, None, IGNORE, 0, False)
+    g_ref = reference.backward(torch.ones(8, device=DEV, dtype=torch.float64), logits[tail].double(), target[tail],
+                               st_ref, IGNORE)  # fmt: skip
+    assert_value(v[tail], v_ref, torch.bfloat16, "tail value")
+    assert_grad(gl[tail], g_ref, torch.bfloat16, "tail grad")
+
+
+def test_built_with_cuda():
+    assert _ops.has_cuda_kernels()
+    for op in ("robust_ce_forward", "robust_ce_backward", "robust_ce_rows"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"robustloss::{op}", "CUDA")
