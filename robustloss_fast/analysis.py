@@ -11,7 +11,7 @@ from . import reference
 from .functional import _canonical
 from .schemes import Scheme
 
-__all__ = ["ExampleWeights", "example_weights"]
+__all__ = ["ExampleWeights", "example_weights", "EmphasisStats", "emphasis_stats"]
 
 
 class ExampleWeights(NamedTuple):
@@ -56,3 +56,40 @@ def example_weights(
         w = lw.exp()
     p = torch.where(valid, p, torch.full_like(p, math.nan))
     return ExampleWeights(p.reshape(shape), w.reshape(shape))
+
+
+class EmphasisStats(NamedTuple):
+    """DM Definitions 1-2 for one batch.
+
+    ``psi``: the emphasis mode of the scheme, ``argmax_p w(p)`` (None where
+    ``w`` has no unique maximum, e.g. ``DM(beta=0)``); it depends on the scheme
+    only. ``sigma``: the variance of the normalised weights over the batch's
+    valid examples (0-dim tensor; nan for a batch with no valid example).
+    ``w``: those normalised weights, shaped like target (0 where ignored).
+    """
+
+    psi: Optional[float]
+    sigma: torch.Tensor
+    w: torch.Tensor
+
+
+@torch.no_grad()
+def emphasis_stats(
+    input: torch.Tensor,
+    target: torch.Tensor,
+    scheme: Scheme,
+    ignore_index: int = -100,
+) -> EmphasisStats:
+    r"""Emphasis mode ``psi`` and emphasis variance ``sigma`` of ``scheme`` on a batch (DM Defs. 1-2).
+
+    With the normalised weights ``\hat w_i = w(p_i) / \sum_j w(p_j)`` of the
+    ``n`` valid examples (they sum to 1, mean ``1/n``),
+    ``sigma = (1/n) \sum_i (\hat w_i - 1/n)^2`` (population variance). It is 0
+    when every example is weighted equally and grows as the emphasis
+    concentrates on fewer examples; it scales as ``1/n^2``, so compare it
+    between batches of the same size (``n^2 sigma`` is size-free).
+    """
+    ew = example_weights(input, target, scheme, normalize=True, ignore_index=ignore_index)
+    w = ew.w[target != ignore_index]
+    sigma = w.var(correction=0) if w.numel() > 0 else torch.full((), math.nan, dtype=ew.w.dtype, device=ew.w.device)
+    return EmphasisStats(scheme.emphasis_mode, sigma, ew.w)
