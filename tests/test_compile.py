@@ -1,0 +1,98 @@
+"""The ops under torch.library.opcheck, and the API under torch.compile(fullgraph=True).
+
+opcheck verifies the schemas, the fake (meta) kernels against the real ones,
+the autograd registration and AOT dispatch. The compile tests trace a whole
+training step through the API with no graph break and compare with eager.
+Compiles are slow on a 2-core machine (inductor): one compiled function per
+backend, doing several calls at once.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import robustloss_fast as rf
+from robustloss_fast import _backends
+from robustloss_fast.schemes import CCE, DM, GCE
+
+HAS_CPU = _backends._unavailable_reason("cpu") is None
+needs_cpu = pytest.mark.skipif(not HAS_CPU, reason="the compiled extension is not importable")
+
+
+def _inputs(n, c, dtype, requires_grad=False):
+    x = (torch.randn(n, c, dtype=torch.float64) * 3).to(dtype).requires_grad_(requires_grad)
+    t = torch.randint(0, c, (n,))
+    if n > 2:
+        t[1] = -100
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    w = torch.rand(c, dtype=acc) + 0.5
+    sw = torch.randn(n, dtype=acc)
+    return x, t, w, sw
+
+
+def _forward_samples():
+    samples = []
+    # (n, c, dtype, scheme id, a, b, weighted, reduction, normalize, requires_grad)
+    for n, c, dtype, kid, a, b, weighted, red, norm, rg in (
+        (8, 5, torch.float32, 4, 1.0, 8.0, True, 1, True, True),
+        (8, 5, torch.float32, 0, 0.0, 0.0, False, 0, False, True),
+        (6, 7, torch.float64, 3, 0.7, 0.0, True, 2, False, True),
+        (5, 3, torch.bfloat16, 6, 2.0, 3.0, True, 1, False, False),
+        (4, 1, torch.float16, 5, 0.3, 4.0, False, 0, True, False),
+        (0, 4, torch.float32, 4, 0.5, 12.0, True, 1, True, False),
+    ):
+        x, t, w, sw = _inputs(n, c, dtype, rg)
+        samples.append((x, t, kid, a, b, w if weighted else None, sw if weighted else None, -100, red, norm))
+    return samples
+
+
+@needs_cpu
+def test_opcheck_forward():
+    for args in _forward_samples():
+        torch.library.opcheck(torch.ops.robustloss.robust_ce_forward.default, args)
+
+
+@needs_cpu
+def test_opcheck_backward_and_rows():
+    ops = torch.ops.robustloss
+    cases = ((8, 5, torch.float32, False), (7, 3, torch.float64, True), (6, 9, torch.bfloat16, True))
+    for n, c, dtype, per_row in cases:
+        x, t, w, sw = _inputs(n, c, dtype)
+        _, stats = ops.robust_ce_forward(x, t, 4, 1.0, 8.0, w, sw, -100, 0 if per_row else 1, True)
+        acc = stats.dtype
+        grad = torch.randn(n, dtype=acc) if per_row else torch.tensor(0.5, dtype=acc)
+        torch.library.opcheck(ops.robust_ce_backward.default, (grad, x, t, stats, -100))
+        for kid, a, b, normalised in ((4, 0.5, 12.0, True), (3, 0.7, 0.0, False), (6, 2.0, 3.0, False)):
+            torch.library.opcheck(ops.robust_ce_rows.default, (x, t, kid, a, b, -100, normalised))
+
+
+def _step(x, t, w, sw, backend):
+    """Two losses of a training step: a weighted normalised DM mean and a per-element GCE."""
+    a = rf.robust_cross_entropy(x, t, DM(lam=0.5, beta=12.0), weight=w, sample_weight=sw, backend=backend)
+    b = rf.robust_cross_entropy(x, t, GCE(), reduction="none", backend=backend)
+    c = rf.robust_cross_entropy(x, t, CCE(), reduction="sum", backend=backend)
+    return a + (b * torch.arange(b.shape[0], dtype=b.dtype)).sum() / 10 + c
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpu", marks=needs_cpu), "torch"])
+def test_compile_fullgraph_matches_eager(backend):
+    torch._dynamo.reset()
+    compiled = torch.compile(_step, fullgraph=True)
+    for n in (16, 16):  # the second call reuses the compiled graph
+        x, t, w, sw = _inputs(n, 10, torch.float32, requires_grad=True)
+        t[5] = -100
+        value = compiled(x, t, w, sw, backend)
+        (grad,) = torch.autograd.grad(value, x)
+        x_eager = x.detach().clone().requires_grad_()
+        expected = _step(x_eager, t, w, sw, backend)
+        (expected_grad,) = torch.autograd.grad(expected, x_eager)
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-7)
+        assert bool((grad[1] == 0).all()) and bool((grad[5] == 0).all())  # ignored rows
+    if backend == "cpu":
+        # The op validates targets at run time, inside the compiled graph too.
+        t_bad = t.clone()
+        t_bad[3] = 10
+        with pytest.raises(Exception, match=r"\b10\b"):
+            compiled(x, t_bad, w, sw, backend)
