@@ -4,10 +4,11 @@ DM / IMAE example weighting (Wang et al.) and the losses they generalise,
 with fused C++ (CPU), CUDA and Triton kernels behind one API.
 """
 
-from . import schemes
+from . import distributed, schemes
 from ._backends import available_backends
-from .analysis import ExampleWeights, example_weights
+from .analysis import EmphasisStats, ExampleWeights, emphasis_stats, example_weights
 from .functional import dm_loss, imae_loss, robust_cross_entropy
+from .linear import LinearRobustCrossEntropyLoss, linear_robust_cross_entropy
 from .modules import DMLoss, IMAELoss, RobustCrossEntropyLoss
 from .schemes import CCE, DM, GCE, IMAE, MAE, MSE, DMBeta, DMExponential, DMNormal, Scheme
 
@@ -15,7 +16,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "schemes",
+    "distributed",
     "robust_cross_entropy",
+    "linear_robust_cross_entropy",
+    "LinearRobustCrossEntropyLoss",
     "dm_loss",
     "imae_loss",
     "RobustCrossEntropyLoss",
@@ -24,6 +28,8 @@ __all__ = [
     "available_backends",
     "example_weights",
     "ExampleWeights",
+    "emphasis_stats",
+    "EmphasisStats",
     "Scheme",
     "DM",
     "IMAE",

@@ -1,0 +1,207 @@
+"""Fused linear + robust loss vs materialised logits: time and peak memory (CPU).
+
+Not a test. For each (N, H, V) and dtype, every method runs in a fresh
+process so its RSS high-water mark is its own:
+
+* ``eager``: ``logits = hidden @ W.T`` then the pure-PyTorch DM
+  (``robust_cross_entropy(..., backend="torch")``), then ``backward``;
+* ``fused_logits``: the same logits, the library's fused CPU kernel;
+* ``linear``: ``linear_robust_cross_entropy`` (default: gradient in forward,
+  3 matmuls);
+* ``linear_recompute``: the same with ``grad_in_forward=False`` (4 matmuls).
+
+Peak extra memory = VmHWM during the first forward + backward minus the RSS
+just before it (inputs allocated), from /proc/self/status (the high-water mark
+is reset through /proc/self/clear_refs). ``transient`` subtracts the gradients
+that remain allocated afterwards (hidden.grad, weight.grad), which every method
+must produce. Time = median wall time of the following forward + backward runs; the
+process CPU time (all threads) is recorded too, a steadier measure when other
+jobs share the machine.
+
+Every child runs with ``MALLOC_MMAP_THRESHOLD_=4194304`` (all methods alike):
+glibc's dynamic mmap threshold otherwise keeps freed blocks just under 32 MiB
+(a chunk of logits) on the heap, and the RSS high-water mark then counts
+allocator retention instead of live tensors (measured: about 6 extra chunks
+for the chunked methods; eager's blocks are larger and unaffected).
+``--malloc-default`` turns it off.
+
+    python benchmarks/bench_linear.py [--quick] [--out benchmarks/results/linear_cpu.json]
+    python benchmarks/bench_linear.py --plot benchmarks/results/linear_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+SHAPES = [(2048, 512, 32000), (4096, 1024, 50257)]
+DTYPES = ["float32", "bfloat16"]
+METHODS = ["eager", "fused_logits", "linear", "linear_recompute"]
+
+
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def run_one(method: str, n: int, hdim: int, v: int, dtype: str, repeats: int) -> dict:
+    import torch
+
+    import robustloss_fast as rf
+    from robustloss_fast.linear import linear_robust_cross_entropy
+
+    dt = getattr(torch, dtype)
+    torch.manual_seed(0)
+    hidden = (torch.randn(n, hdim) / hdim**0.5).to(dt).requires_grad_()
+    weight = torch.randn(v, hdim).to(dt).requires_grad_()
+    target = torch.randint(0, v, (n,))
+    target[::17] = -100
+    scheme = rf.DM()
+
+    def step():
+        hidden.grad = None
+        weight.grad = None
+        if method in ("eager", "fused_logits"):
+            logits = hidden @ weight.t()
+            be = "torch" if method == "eager" else "cpu"
+            loss = rf.robust_cross_entropy(logits, target, scheme, backend=be)
+        else:
+            gif = None if method == "linear" else False
+            loss = linear_robust_cross_entropy(hidden, weight, target, scheme, grad_in_forward=gif)
+        loss.backward()
+        return loss
+
+    import gc
+
+    gc.collect()
+    reset_ok = _reset_hwm()
+    rss0 = _status_kib("VmRSS")
+    t0 = time.perf_counter()
+    loss = step()
+    first = time.perf_counter() - t0
+    hwm = _status_kib("VmHWM")
+    grads_bytes = sum(x.grad.numel() * x.grad.element_size() for x in (hidden, weight))
+    times, cpu = [], []
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        step()
+        times.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    extra = (hwm - rss0) * 1024
+    return {
+        "method": method,
+        "N": n,
+        "H": hdim,
+        "V": v,
+        "dtype": dtype,
+        "loss": float(loss.detach()),
+        "first_s": first,
+        "times_s": times,
+        "median_s": statistics.median(times) if times else first,
+        "cpu_times_s": cpu,
+        "median_cpu_s": statistics.median(cpu) if cpu else None,
+        "peak_extra_bytes": extra,
+        "transient_bytes": extra - grads_bytes,
+        "grads_bytes": grads_bytes,
+        "hwm_reset": reset_ok,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="only the small shape")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "linear_cpu.json"))
+    ap.add_argument("--malloc-default", action="store_true", help="do not fix glibc's mmap threshold")
+    ap.add_argument("--plot", metavar="JSON", help="only draw the PNG next to an existing JSON")
+    ap.add_argument("--child", nargs=6, metavar=("METHOD", "N", "H", "V", "DTYPE", "REPEATS"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        m, n, h, v, dt, r = args.child
+        print(json.dumps(run_one(m, int(n), int(h), int(v), dt, int(r))))
+        return
+    if args.plot:
+        plot(args.plot)
+        return
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    env = dict(os.environ)
+    if not args.malloc_default:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(4 << 20)
+    results = []
+    for n, h, v in shapes:
+        repeats = 3 if n * h * v < 1e11 else 1
+        for dt in DTYPES:
+            for m in METHODS:
+                cmd = [sys.executable, __file__, "--child", m, str(n), str(h), str(v), dt, str(repeats)]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+                res = json.loads(out.stdout.strip().splitlines()[-1])
+                results.append(res)
+                print(
+                    f"{dt:9s} N={n} H={h} V={v} {m:17s} time {res['median_s']:7.2f} s "
+                    f"(cpu {res['median_cpu_s']:7.2f} s)  "
+                    f"peak extra {res['peak_extra_bytes'] / 2**20:8.1f} MiB  "
+                    f"transient {res['transient_bytes'] / 2**20:8.1f} MiB",
+                    flush=True,
+                )
+    meta = {
+        "machine": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "malloc_mmap_threshold": env.get("MALLOC_MMAP_THRESHOLD_"),
+        "load_average_at_end": os.getloadavg(),
+    }
+    with open(args.out, "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=1)
+    print("wrote", args.out)
+    plot(args.out)
+
+
+def plot(path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(path) as f:
+        results = json.load(f)["results"]
+    configs = sorted({(r["N"], r["H"], r["V"], r["dtype"]) for r in results})
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+    width = 0.8 / len(METHODS)
+    for k, m in enumerate(METHODS):
+        rows = {(r["N"], r["H"], r["V"], r["dtype"]): r for r in results if r["method"] == m}
+        xs = [i + k * width for i in range(len(configs))]
+        axes[0].bar(xs, [rows[c]["median_s"] if c in rows else 0 for c in configs], width, label=m)
+        axes[1].bar(xs, [rows[c]["transient_bytes"] / 2**20 if c in rows else 0 for c in configs], width, label=m)
+    labels = [f"N={n} H={h}\nV={v}\n{dt}" for n, h, v, dt in configs]
+    for ax, title in zip(axes, ("forward + backward time (s)", "peak transient memory (MiB)")):
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(configs))], labels, fontsize=8)
+        ax.set_title(title)
+    axes[1].set_yscale("log")
+    axes[0].legend()
+    fig.suptitle("DM loss after a linear layer, CPU (N x H x V)")
+    fig.tight_layout()
+    png = os.path.splitext(path)[0] + ".png"
+    fig.savefig(png, dpi=110)
+    print("wrote", png)
+
+
+if __name__ == "__main__":
+    main()

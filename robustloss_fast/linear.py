@@ -1,0 +1,527 @@
+r"""Fused linear layer + robust cross-entropy that never materialises the logits.
+
+``linear_robust_cross_entropy(hidden, weight, target, scheme, ...)`` equals
+``robust_cross_entropy(hidden @ weight.T + bias, target, scheme, ...)`` (value
+and gradients for ``hidden``, ``weight`` and ``bias``), but holds at most one
+chunk of ``chunk_size`` rows of logits (and one of their gradient) at a time.
+For a language model with ``N`` tokens and a vocabulary of ``V`` this removes
+the two ``N x V`` tensors (logits and their gradient) that dominate memory.
+
+The cross-row normaliser
+------------------------
+SPEC §5's ``"mean"`` with ``normalize=True`` divides every row's gradient by
+``D = sum_i |s_i| w_i``, which needs every row's weight. Two exact ways are
+implemented; both see each logit chunk only through the row op
+(``robust_ce_rows``: ``(lse_nt, log w, x)`` per row) and the gradient op
+(``robust_ce_backward``: ``g * coef * (r - e_y)``), so the scheme math is the
+backend's, not repeated here.
+
+* **Gradient in forward** (``grad_in_forward=True``; the default for
+  ``"mean"``/``"sum"`` when a gradient is needed). One pass over the row
+  chunks: ``z_k = h_k W^T + b`` (matmul 1), its rows, and its gradient with
+  *provisional* coefficients that are exact up to one factor per chunk.
+  For the normalised mean the provisional coefficient of row ``i`` is
+  ``s_i exp(log w_i - L_{<=k}) / 2`` where ``L_{<=k}`` is the log-sum-exp of
+  ``log w_j + log |s_j|`` over the active rows of chunks ``1..k`` (so
+  ``exp(L) = D`` at the end). Then ``grad_h_k = G_k W`` (matmul 2) and
+  ``grad_W += G_k^T h_k`` (matmul 3), accumulated in float32 with the
+  online rescale ``grad_W <- grad_W * exp(L_{<=k-1} - L_{<=k})`` (as in a
+  streaming softmax); ``grad_h_k`` gets its factor ``exp(L_{<=k} - L)`` at
+  the end. Nothing ever overflows, for any ``beta``. Unnormalised reductions
+  need no rescale (``"mean"`` divides by ``sum_i weight[y_i]``, known from
+  the targets). Backward only multiplies the stored gradients by the
+  (scalar) upstream gradient, in place. **Cost: 3 matmuls** of ``N x H x V``
+  in all, the same as an eager ``linear`` + loss; the gradients (float32
+  ``grad_weight``, ``grad_hidden``) are held from forward to backward, and
+  they are computed even if ``backward`` is never called.
+* **Recompute** (``grad_in_forward=False``; always for ``reduction="none"``,
+  whose upstream gradient is per element and unknown in forward, and with a
+  ``process_group``). Forward: per chunk ``z_k`` (matmul 1) and its rows;
+  then the cross-row step over all rows gives exact ``(lse_nt, coef)`` per
+  row; only ``hidden``, ``weight``, ``target`` and these ``(N, 2)`` stats
+  are saved. Backward: per chunk recompute ``z_k`` (matmul 2), write
+  ``G_k = g_k * coef * (r - e_y)`` with the per-row upstream gradient
+  ``g_k``, then ``grad_h_k = G_k W`` (matmul 3) and ``grad_W += G_k^T h_k``
+  (matmul 4). **Cost: 4 matmuls**, one more than eager, and nothing but the
+  stats held between forward and backward.
+
+Precision: logits and their gradient chunks have the input's dtype (as eager
+logits would); row statistics are float32 (float64 for float64 input);
+``grad_weight`` and ``grad_bias`` are accumulated across chunks in float32
+(float64) even for bfloat16/float16 inputs and rounded once at the end. On
+CPU the ``grad_weight`` product of a 16-bit chunk runs in float32 on float32
+copies of the chunk (ATen has no CPU matmul with a float32 output, and the
+float32 GEMM is as fast there); on GPUs it runs in the input dtype per
+vocabulary block and is added in float32, so no second ``V x H`` tensor is
+allocated.
+
+Memory beyond the inputs and the returned gradients: two chunks of
+``chunk_size x V`` logits (on CPU, for 16-bit inputs, a float32 copy of
+the gradient chunk too), the ``(N, 3)`` row statistics, and -- for
+16-bit weights -- the float32 ``V x H`` accumulator of ``grad_weight``
+(which fp32 accumulation requires); with ``grad_in_forward`` also a float32
+``N x H`` ``grad_hidden``.
+
+``torch.compile(fullgraph=True)`` traces both paths without a graph break
+(tested with ``backend="aot_eager"``); the chunk loop is unrolled, so the
+graph grows with ``N / chunk_size``. No host synchronisation on GPUs (on CPU
+two scalars are read back, which costs nothing there).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple, Optional
+
+import torch
+from torch import nn
+
+from . import _backends, _finalize, reference
+from .schemes import Scheme
+
+__all__ = ["linear_robust_cross_entropy", "LinearRobustCrossEntropyLoss"]
+
+NONE, MEAN, SUM = 0, 1, 2
+_REDUCTIONS = {"none": NONE, "mean": MEAN, "sum": SUM}
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Default chunk: about 2^23 logits (32 MiB in float32), at least 256 rows: on
+# a 2-core CPU at (N, H, V) = (4096, 1024, 50257) fp32, forward + backward
+# took 11.0 s of CPU with 166-row chunks, 10.7 s with 256, 9.7 s with 512
+# (the row-chunked GEMMs lose efficiency as M shrinks).
+_CHUNK_ELEMENTS = 1 << 23
+_MIN_CHUNK_ROWS = 256
+# Vocabulary block of the bfloat16/float16 grad_weight product before it is
+# added to the float32 accumulator.
+_VOCAB_BLOCK = 4096
+
+
+class _ChunkOps(NamedTuple):
+    rows: Callable  # (logits, target, kid, a, b, ignore_index, normalised) -> (n, 3)
+    grad: Callable  # (grad, logits, target, stats, ignore_index) -> grad_logits
+
+
+def _compiled_rows(logits, target, kernel_id, a, b, ignore_index, normalised):
+    return torch.ops.robustloss.robust_ce_rows(logits, target, kernel_id, a, b, ignore_index, normalised)
+
+
+def _compiled_grad(grad, logits, target, stats, ignore_index):
+    return torch.ops.robustloss.robust_ce_backward(grad, logits, target, stats, ignore_index)
+
+
+_OPS = {
+    "torch": _ChunkOps(reference.rows, reference.backward),
+    "cpu": _ChunkOps(_compiled_rows, _compiled_grad),
+    "cuda": _ChunkOps(_compiled_rows, _compiled_grad),
+}
+
+
+def _triton_rows(logits, target, kernel_id, a, b, ignore_index, normalised):
+    return torch.ops.robustloss.triton_rows(logits, target, kernel_id, a, b, ignore_index, normalised)
+
+
+def _triton_grad(grad, logits, target, stats, ignore_index):
+    return torch.ops.robustloss.triton_backward(grad, logits, target, stats, ignore_index)
+
+
+_OPS["triton"] = _ChunkOps(_triton_rows, _triton_grad)
+
+
+def _resolve(backend: str, device: torch.device) -> str:
+    """The backend whose row ops run the chunks (validated like robust_cross_entropy's)."""
+    name, _ = _backends.resolve(backend, device)
+    if name == "triton":
+        _backends._triton_module()  # importing it registers robustloss::triton_*
+    return name
+
+
+def _logits(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    if bias is None:
+        return torch.mm(h, weight.t())
+    return torch.addmm(bias, h, weight.t())
+
+
+def _add_grad_weight(
+    acc: torch.Tensor, gl: torch.Tensor, h: torch.Tensor, decay: Optional[torch.Tensor] = None, upcast=None
+) -> None:
+    """acc <- decay * acc + gl^T h, acc in the accumulation dtype (float32 for 16-bit inputs).
+
+    16-bit chunks: with ``upcast`` (default on CPU) the product runs in float32
+    on float32 copies of the chunk -- a float32 GEMM is as fast as a bfloat16
+    one on CPUs without AMX, and every partial sum is then float32. Otherwise
+    (GPUs, where the 16-bit GEMM is the fast one) it runs in the input dtype
+    per vocabulary block and each block is added to ``acc`` in float32.
+    """
+    on_cpu = acc.device.type == "cpu"
+    if decay is not None and on_cpu and not torch.compiler.is_compiling():
+        # On CPU reading the scalar costs nothing and lets the GEMM apply it
+        # (its beta) instead of a separate pass over the V x H accumulator.
+        beta = float(decay)
+    else:
+        beta = 1.0
+        if decay is not None:
+            acc.mul_(decay)
+    if gl.dtype != acc.dtype and (on_cpu if upcast is None else upcast):
+        gl, h = gl.to(acc.dtype), h.to(acc.dtype)
+    if gl.dtype == acc.dtype:
+        acc.addmm_(gl.t(), h, beta=beta)
+        return
+    if beta != 1.0:
+        acc.mul_(beta)
+    v = gl.shape[1]
+    for v0 in range(0, v, _VOCAB_BLOCK):
+        v1 = min(v0 + _VOCAB_BLOCK, v)
+        acc[v0:v1].add_(torch.mm(gl[:, v0:v1].t(), h))
+
+
+def _chunks(n: int, chunk: int):
+    return [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+
+
+def _finalize_all(rows, target, cw, sw, ignore_index, red, normalize, group):
+    if group is None:
+        return _finalize.finalize(rows, target, cw, sw, ignore_index, red, normalize)
+    from .distributed import finalize_distributed  # lazily: torch.distributed is optional
+
+    return finalize_distributed(rows, target, cw, sw, ignore_index, red, normalize, group)
+
+
+class _LinearRobustCE(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx, hidden, weight, bias, target, cw, sw, kid, a, b, ignore_index, red, normalize, chunk, name, group, gif
+    ):
+        ops = _OPS[name]
+        n = hidden.shape[0]
+        v, hdim = weight.shape
+        acc = reference.acc_dtype(hidden.dtype)
+        normalised = red == MEAN and normalize
+        needs_h, needs_w, needs_b = ctx.needs_input_grad[:3]
+        rows = torch.empty((n, 3), dtype=acc, device=hidden.device)
+
+        if gif:
+            gh = torch.empty((n, hdim), dtype=acc, device=hidden.device) if needs_h else None
+            gw = torch.zeros((v, hdim), dtype=acc, device=hidden.device) if needs_w else None
+            gb = torch.zeros((v,), dtype=acc, device=hidden.device) if needs_b else None
+            one = torch.ones((), dtype=acc, device=hidden.device)
+            ninf = torch.full((), -math.inf, dtype=acc, device=hidden.device)
+            l_run = ninf
+            l_after = []  # L_{<=k}: the reference of chunk k's provisional coefficients
+
+        for s, e in _chunks(n, chunk):
+            z = _logits(hidden[s:e], weight, bias)
+            t = target[s:e]
+            rows_k = ops.rows(z, t, kid, a, b, ignore_index, normalised)
+            rows[s:e] = rows_k
+            if not gif:
+                continue
+            sw_k = None if sw is None else sw[s:e]
+            if normalised:
+                # Provisional coef = s exp(log w - L_k) / 2 from the chunk's own
+                # normaliser, moved to the running reference L_{<=k}.
+                _, st = _finalize.finalize(rows_k, t, cw, sw_k, ignore_index, MEAN, True)
+                valid, s_k, _ = _finalize.sample_scale(t, cw, sw_k, ignore_index, acc)
+                active = valid & (s_k != 0)
+                lw_s = torch.where(active, rows_k[:, 1] + s_k.abs().log(), ninf)
+                l_k = torch.logsumexp(torch.cat([lw_s, ninf.reshape(1)]), 0)
+                l_new = torch.logaddexp(l_run, l_k)
+                dead = l_new == -math.inf
+                f_k = torch.where(dead | (l_k == -math.inf), torch.zeros_like(l_k), torch.exp(l_k - l_new))
+                f_old = torch.where(dead | (l_run == -math.inf), torch.zeros_like(l_k), torch.exp(l_run - l_new))
+                st = torch.stack([st[:, 0], st[:, 1] * f_k], dim=1)
+                decay = f_old
+                if gb is not None:
+                    gb.mul_(f_old)
+                l_run = l_new
+                l_after.append(l_new)
+            else:
+                # Unnormalised: coef = s w / 2 exactly; "mean" divides at the end.
+                _, st = _finalize.finalize(rows_k, t, cw, sw_k, ignore_index, SUM, False)
+                decay = None
+            gl = ops.grad(one, z, t, st, ignore_index)
+            del z
+            if gh is not None:
+                gh[s:e] = torch.mm(gl, weight)
+            if gw is not None:
+                _add_grad_weight(gw, gl, hidden[s:e], decay)
+            if gb is not None:
+                gb.add_(gl.sum(0, dtype=acc))
+            del gl
+
+        value, stats = _finalize_all(rows, target, cw, sw, ignore_index, red, normalize, group)
+        ctx.gif = gif
+        ctx.dtypes = (hidden.dtype, weight.dtype, weight.dtype)
+        ctx.ignore_index = ignore_index
+        ctx.chunk = chunk
+        ctx.name = name
+        if gif:
+            if normalised:
+                if gh is not None:
+                    for (s, e), l_k in zip(_chunks(n, chunk), l_after):
+                        f = torch.where(l_k == -math.inf, torch.zeros_like(l_k), torch.exp(l_k - l_run))
+                        gh[s:e].mul_(f)
+            elif red == MEAN:
+                _, _, cw_rows = _finalize.sample_scale(target, cw, None, ignore_index, acc)
+                denom = cw_rows.sum()
+                inv = torch.where(denom != 0, 1 / torch.where(denom != 0, denom, one), torch.zeros_like(denom))
+                for g in (gh, gw, gb):
+                    if g is not None:
+                        g.mul_(inv)
+            ctx.save_for_backward(gh, gw, gb)
+        else:
+            ctx.save_for_backward(hidden, weight, bias, target, stats)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.gif:
+            return _LinearRobustCE._backward_stored(ctx, grad)
+        hidden, weight, bias, target, stats = ctx.saved_tensors
+        needs_h, needs_w, needs_b = ctx.needs_input_grad[:3]
+        ops = _OPS[ctx.name]
+        acc = stats.dtype
+        grad = grad.to(acc)
+        gh = torch.empty_like(hidden) if needs_h else None
+        gw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs_w else None
+        gb = torch.zeros(weight.shape[:1], dtype=acc, device=weight.device) if needs_b else None
+        for s, e in _chunks(hidden.shape[0], ctx.chunk):
+            z = _logits(hidden[s:e], weight, bias)
+            g = grad[s:e] if grad.dim() == 1 else grad
+            gl = ops.grad(g, z, target[s:e], stats[s:e], ctx.ignore_index)
+            del z
+            if gh is not None:
+                torch.mm(gl, weight, out=gh[s:e])
+            if gw is not None:
+                _add_grad_weight(gw, gl, hidden[s:e])
+            if gb is not None:
+                gb.add_(gl.sum(0, dtype=acc))
+            del gl
+        gw = None if gw is None else gw.to(weight.dtype)
+        gb = None if gb is None else gb.to(weight.dtype)
+        return (gh, gw, gb) + (None,) * 13
+
+    @staticmethod
+    def _backward_stored(ctx, grad):
+        gh, gw, gb = ctx.saved_tensors
+        compiling = torch.compiler.is_compiling()
+        # On CPU the scalar is free to read: skip the pass over V x H when it is 1.
+        unit = not compiling and grad.device.type == "cpu" and float(grad) == 1.0
+        out = []
+        for g, dt in zip((gh, gw, gb), ctx.dtypes):
+            if g is None:
+                out.append(None)
+            elif compiling:
+                out.append((g * grad.to(g.dtype)).to(dt))
+            else:
+                # In place: a second backward through this graph then fails
+                # autograd's saved-tensor version check instead of going wrong
+                # (with a unit upstream gradient nothing changes and none is needed).
+                if not unit:
+                    g.mul_(grad.to(g.dtype))
+                out.append(g.to(dt))
+        return tuple(out) + (None,) * 13
+
+
+def _check(hidden, weight, bias, target, class_weight, sample_weight):
+    if not all(isinstance(x, torch.Tensor) for x in (hidden, weight, target)):
+        raise TypeError("hidden, weight and target must be tensors")
+    if hidden.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"hidden must be float16, bfloat16, float32 or float64, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype or (bias is not None and bias.dtype != hidden.dtype):
+        raise TypeError(
+            f"hidden, weight and bias must share one dtype, got {hidden.dtype}, {weight.dtype}"
+            + ("" if bias is None else f", {bias.dtype}")
+        )
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have shape (N, H), (B, T, H) or (..., H)")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must have shape (V, H) with H = hidden.shape[-1] = {hidden.shape[-1]}, got {tuple(weight.shape)}"
+        )
+    if weight.shape[0] < 1:
+        raise ValueError("weight must have at least one row (V >= 1 classes)")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],)):
+        raise ValueError(f"bias must have shape ({weight.shape[0]},)")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(f"target must hold integer class indices (int64 or int32), got {target.dtype}")
+    if tuple(target.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"target shape {tuple(target.shape)} must equal hidden.shape[:-1] = {tuple(hidden.shape[:-1])}"
+        )
+    for name, x in (("weight", weight), ("bias", bias), ("target", target), ("class_weight", class_weight),
+                    ("sample_weight", sample_weight)):
+        if x is not None and x.device != hidden.device:
+            raise ValueError(f"{name} is on {x.device} but hidden is on {hidden.device}")
+    if class_weight is not None:
+        if not class_weight.dtype.is_floating_point or tuple(class_weight.shape) != (weight.shape[0],):
+            raise ValueError(f"class_weight must be a floating tensor of shape ({weight.shape[0]},)")
+    if sample_weight is not None:
+        if not sample_weight.dtype.is_floating_point or tuple(sample_weight.shape) != tuple(target.shape):
+            raise ValueError(f"sample_weight must be a floating tensor shaped like target {tuple(target.shape)}")
+
+
+def linear_robust_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    scheme: Scheme,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    class_weight: Optional[torch.Tensor] = None,
+    sample_weight: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    normalize: Optional[bool] = None,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+    process_group=None,
+    grad_in_forward: Optional[bool] = None,
+) -> torch.Tensor:
+    r"""``robust_cross_entropy(hidden @ weight.T + bias, target, scheme, ...)`` without the logits.
+
+    The rows are processed ``chunk_size`` at a time; at most one chunk of
+    logits and one of their gradient exist at once. See the module docstring
+    for the two exact treatments of the cross-row normaliser ``D`` and their
+    cost: **3 matmuls** (``grad_in_forward=True``) or **4 matmuls**
+    (recompute in backward) of size ``N x H x V`` per forward + backward.
+
+    Args:
+        hidden: ``(N, H)``, ``(B, T, H)`` or ``(..., H)``; float32, float64,
+            bfloat16 or float16.
+        weight: ``(V, H)`` output projection (same dtype as ``hidden``).
+        target: class indices shaped ``hidden.shape[:-1]``, each in ``[0, V)``
+            or ``ignore_index``.
+        scheme: a scheme of :mod:`robustloss_fast.schemes`.
+        bias: optional ``(V,)``.
+        class_weight: optional per-class weights ``(V,)`` (the ``weight`` of
+            :func:`robust_cross_entropy`).
+        sample_weight: optional per-element weights shaped like ``target``.
+        ignore_index, reduction, normalize: as in :func:`robust_cross_entropy`.
+        chunk_size: rows per chunk; default ``2**23 // V``, at least 256.
+        backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"torch"``
+            (chosen as in :func:`robust_cross_entropy`); the chunk matmuls are
+            ATen's, the row and gradient passes the backend's ops.
+        process_group: with a ``torch.distributed`` group, ``D`` is taken over
+            the whole group's batch (see :mod:`robustloss_fast.distributed`);
+            uses the recompute path.
+        grad_in_forward: ``None`` (default) picks the 3-matmul path for
+            ``"mean"``/``"sum"`` when a gradient is needed and no
+            ``process_group`` is given; ``False`` forces the recompute path.
+            ``True`` is refused for ``"none"`` (its upstream gradient is per
+            element). After a ``grad_in_forward`` forward, only one backward
+            may run through the graph (the stored gradients are scaled in
+            place; a second backward raises autograd's in-place error).
+
+    Returns:
+        The loss as :func:`robust_cross_entropy` returns it (float32 for 16-bit
+        inputs; shaped like ``target`` for ``reduction="none"``).
+    """
+    if not isinstance(scheme, Scheme):
+        raise TypeError(f"scheme must be a robustloss_fast.schemes.Scheme (e.g. DM()), got {scheme!r}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
+    if normalize is None:
+        normalize = scheme.default_normalize
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool or None, got {normalize!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    _check(hidden, weight, bias, target, class_weight, sample_weight)
+    red = _REDUCTIONS[reduction]
+    if grad_in_forward and (red == NONE or process_group is not None):
+        raise ValueError("grad_in_forward=True needs reduction 'mean' or 'sum' and no process_group")
+    name = _resolve(backend, hidden.device)
+
+    v, hdim = weight.shape
+    h2 = hidden.reshape(-1, hdim)
+    if not h2.is_contiguous():
+        h2 = h2.contiguous()
+    if weight.stride(-1) != 1:
+        weight = weight.contiguous()
+    n = h2.shape[0]
+    t = target.reshape(-1).long()
+    if chunk_size is None:
+        chunk = max(_MIN_CHUNK_ROWS, _CHUNK_ELEMENTS // v)
+    else:
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        chunk = chunk_size
+    chunk = max(1, min(chunk, n))
+    acc = reference.acc_dtype(hidden.dtype)
+    cw = None if class_weight is None else class_weight.to(acc).contiguous()
+    sw = None if sample_weight is None else sample_weight.reshape(-1).to(acc).contiguous()
+    if name == "torch" and not torch.compiler.is_compiling():
+        reference.check_target(t, v, ignore_index)
+
+    needs_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (hidden, weight, bias)
+    )
+    gif = grad_in_forward if grad_in_forward is not None else (red != NONE and process_group is None)
+    gif = bool(gif) and needs_grad
+
+    a, b = scheme.kernel_params
+    fn = _LinearRobustCE
+    value = fn.apply(
+        h2, weight, bias, t, cw, sw, scheme.kernel_id, float(a), float(b), ignore_index, red, normalize, chunk, name,
+        process_group, gif,
+    )
+    if red == NONE:
+        value = value.reshape(target.shape)
+    return value
+
+
+class LinearRobustCrossEntropyLoss(nn.Module):
+    """Module form of :func:`linear_robust_cross_entropy`.
+
+    ``forward(hidden, weight, target, bias=None, sample_weight=None)``; the
+    output layer's ``weight``/``bias`` are passed in (as with Liger's fused
+    linear cross-entropy) so the module can sit after any ``nn.Linear``.
+    ``class_weight`` is a registered buffer.
+    """
+
+    def __init__(
+        self,
+        scheme: Scheme,
+        class_weight: Optional[torch.Tensor] = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        normalize: Optional[bool] = None,
+        chunk_size: Optional[int] = None,
+        backend: str = "auto",
+        process_group=None,
+        grad_in_forward: Optional[bool] = None,
+    ):
+        super().__init__()
+        if not isinstance(scheme, Scheme):
+            raise TypeError(f"scheme must be a robustloss_fast.schemes.Scheme, got {scheme!r}")
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
+        self.scheme = scheme
+        self.register_buffer("class_weight", class_weight)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.normalize = normalize
+        self.chunk_size = chunk_size
+        self.backend = backend
+        self.process_group = process_group
+        self.grad_in_forward = grad_in_forward
+
+    def forward(self, hidden, weight, target, bias=None, sample_weight=None):
+        return linear_robust_cross_entropy(
+            hidden,
+            weight,
+            target,
+            self.scheme,
+            bias=bias,
+            class_weight=self.class_weight,
+            sample_weight=sample_weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            normalize=self.normalize,
+            chunk_size=self.chunk_size,
+            backend=self.backend,
+            process_group=self.process_group,
+            grad_in_forward=self.grad_in_forward,
+        )
+
+    def extra_repr(self) -> str:
+        return f"scheme={self.scheme!r}, ignore_index={self.ignore_index}, reduction={self.reduction!r}"

@@ -1,0 +1,339 @@
+"""linear_robust_cross_entropy: parity with materialised logits, gradients, memory, compile."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import robustloss_fast as rf
+from robustloss_fast import schemes
+from robustloss_fast.linear import LinearRobustCrossEntropyLoss, linear_robust_cross_entropy
+
+ALL_SCHEMES = [
+    schemes.CCE(),
+    schemes.MAE(),
+    schemes.MSE(),
+    schemes.GCE(q=0.6),
+    schemes.DM(lam=0.5, beta=6.0),
+    schemes.IMAE(T=4.0),
+    schemes.DMNormal(psi=0.3, beta=5.0),
+    schemes.DMExponential(beta=-3.0),
+    schemes.DMBeta(alpha=2.0, eta=1.5),
+]
+BACKENDS = ["torch"] + (["cpu"] if "cpu" in rf.available_backends() else [])
+
+
+def _inputs(n, h, v, dtype, *, bias=True, extras=True):
+    hidden = torch.randn(n, h, dtype=torch.float64).to(dtype).requires_grad_()
+    weight = (torch.randn(v, h, dtype=torch.float64) / h**0.5).to(dtype).requires_grad_()
+    b = torch.randn(v, dtype=torch.float64).to(dtype).requires_grad_() if bias else None
+    target = torch.randint(0, v, (n,))
+    target[torch.rand(n) < 0.2] = -100
+    cw = torch.rand(v, dtype=torch.float64) + 0.5 if extras else None
+    sw = torch.randn(n, dtype=torch.float64) if extras else None
+    return hidden, weight, b, target, cw, sw
+
+
+def _materialised(hidden, weight, bias, target, scheme, cw, sw, **kw):
+    logits = hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
+    return rf.robust_cross_entropy(logits, target, scheme, weight=cw, sample_weight=sw, backend="torch", **kw)
+
+
+def _both(hidden, weight, bias, target, scheme, cw, sw, upstream, **kw):
+    """(value, grads) of the fused op and of the materialised reference, same upstream gradient."""
+    params = [x for x in (hidden, weight, bias) if x is not None]
+    fw = {k: kw.pop(k) for k in ("chunk_size", "grad_in_forward", "backend", "process_group") if k in kw}
+    out = linear_robust_cross_entropy(hidden, weight, target, scheme, bias=bias, class_weight=cw, sample_weight=sw,
+                                      **kw, **fw)
+    ref = _materialised(hidden, weight, bias, target, scheme, cw, sw, **kw)
+    g = upstream(ref)
+    return (out, torch.autograd.grad(out, params, g)), (ref, torch.autograd.grad(ref, params, g))
+
+
+def _close(got, want, rtol, atol):
+    (v1, g1), (v2, g2) = got, want
+    assert v1.dtype == v2.dtype and v1.shape == v2.shape
+    torch.testing.assert_close(v1, v2, rtol=rtol, atol=atol)
+    for a, b in zip(g1, g2):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grad_in_forward", [None, False])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("scheme", ALL_SCHEMES, ids=repr)
+def test_parity_every_scheme_float64(scheme, reduction, grad_in_forward, backend):
+    # N = 23 rows in chunks of 5 (the last chunk is short), ignored rows,
+    # class and (signed) sample weights, bias, random upstream gradient.
+    hidden, weight, bias, target, cw, sw = _inputs(23, 7, 11, torch.float64)
+    got, want = _both(hidden, weight, bias, target, scheme, cw, sw, lambda r: torch.randn_like(r),
+                      reduction=reduction, chunk_size=5, grad_in_forward=grad_in_forward, backend=backend)
+    _close(got, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("chunk_size", [1, 4, 64])
+def test_parity_normalize_flag_and_chunks(normalize, chunk_size):
+    hidden, weight, bias, target, cw, sw = _inputs(19, 5, 13, torch.float64, bias=False)
+    got, want = _both(hidden, weight, None, target, schemes.DM(), cw, sw, lambda r: torch.randn_like(r),
+                      normalize=normalize, chunk_size=chunk_size)
+    _close(got, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_parity_low_precision(dtype, tol, reduction):
+    # The reference sees the same dtype of logits; the chunked matmuls may
+    # round differently from the full one, hence a tolerance of the dtype's order.
+    hidden, weight, bias, target, cw, sw = _inputs(45, 16, 37, dtype)
+    got, want = _both(hidden, weight, bias, target, schemes.DM(), cw, sw, lambda r: torch.randn_like(r),
+                      reduction=reduction, chunk_size=7)
+    _close(got, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("grad_in_forward", [None, False])
+def test_batched_hidden_and_module(grad_in_forward):
+    b, t, h, v = 3, 5, 6, 9
+    hidden = torch.randn(b, t, h, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(v, h, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, v, (b, t))
+    target[0, 1] = -100
+    sw = torch.rand(b, t, dtype=torch.float64)
+    loss = LinearRobustCrossEntropyLoss(schemes.IMAE(), reduction="none", chunk_size=4,
+                                        grad_in_forward=grad_in_forward)
+    out = loss(hidden, weight, target, sample_weight=sw)
+    assert out.shape == (b, t)
+    up = torch.randn(b, t, dtype=torch.float64)
+    g = torch.autograd.grad(out, (hidden, weight), up)
+    ref = rf.robust_cross_entropy((hidden @ weight.t()).movedim(-1, 1), target, schemes.IMAE(), sample_weight=sw,
+                                  reduction="none", backend="torch")
+    gr = torch.autograd.grad(ref, (hidden, weight), up)
+    torch.testing.assert_close(out, ref)
+    for a, r in zip(g, gr):
+        torch.testing.assert_close(a, r)
+    assert g[0].shape == hidden.shape
+
+
+def test_gradcheck_loss_defined_float64():
+    # GCE is loss-defined: with normalize=False its gradient is the exact
+    # derivative of its value, so finite differences must agree.
+    hidden, weight, bias, target, cw, sw = _inputs(6, 3, 5, torch.float64)
+    for reduction in ("mean", "sum", "none"):
+
+        def f(h, w, b):
+            return linear_robust_cross_entropy(h, w, target, schemes.GCE(), bias=b, class_weight=cw, sample_weight=sw,
+                                               reduction=reduction, chunk_size=4, grad_in_forward=False)
+
+        assert torch.autograd.gradcheck(f, (hidden, weight, bias))
+
+
+def test_grad_in_forward_matches_recompute_and_refuses_a_second_backward():
+    # The 3-matmul path stores gradients; its result must equal the recompute
+    # path's, and a second backward through it must fail loudly, not go wrong.
+    hidden, weight, bias, target, cw, sw = _inputs(17, 4, 9, torch.float64)
+    kw = dict(bias=bias, class_weight=cw, sample_weight=sw, chunk_size=3)
+    params = (hidden, weight, bias)
+    out = linear_robust_cross_entropy(hidden, weight, target, schemes.DM(), grad_in_forward=True, **kw)
+    g1 = torch.autograd.grad(3.0 * out, params, retain_graph=True)
+    ref = linear_robust_cross_entropy(hidden, weight, target, schemes.DM(), grad_in_forward=False, **kw)
+    g2 = torch.autograd.grad(3.0 * ref, params)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(out, params)
+
+
+def test_bfloat16_grad_weight_accumulates_in_float32():
+    # 512 chunks of one row: summing their grad_weight contributions in bfloat16
+    # gives ~2% error here; float32 accumulation stays at bfloat16 rounding.
+    n, h, v = 512, 32, 64
+    hidden = torch.randn(n, h).bfloat16()
+    weight = (0.3 * torch.randn(v, h)).bfloat16()
+    target = torch.randint(0, v, (n,))
+    w64 = weight.double().requires_grad_()
+    truth = torch.autograd.grad(
+        rf.robust_cross_entropy(hidden.double() @ w64.t(), target, schemes.CCE(), reduction="sum", backend="torch"),
+        w64,
+    )[0]
+    for gif in (None, False):
+        w = weight.clone().requires_grad_()
+        out = linear_robust_cross_entropy(hidden, w, target, schemes.CCE(), reduction="sum", chunk_size=1,
+                                          grad_in_forward=gif)
+        (gw,) = torch.autograd.grad(out, w)
+        assert gw.dtype == torch.bfloat16
+        err = ((gw.double() - truth).norm() / truth.norm()).item()
+        assert err < 8e-3, err
+
+
+def test_large_beta_normalised_no_overflow():
+    # |beta| = 1000: raw weights overflow float32 by hundreds of orders of
+    # magnitude; chunks with very different log-weights are merged in the log domain.
+    hidden, weight, _, target, _, sw = _inputs(40, 6, 10, torch.float32, bias=False)
+    hidden = (hidden.detach() * 3).requires_grad_()
+    for beta in (1000.0, -1000.0):
+        scheme = schemes.DM(lam=1.0, beta=beta)
+        for gif in (None, False):
+            got, want = _both(hidden, weight, None, target, scheme, None, sw, lambda r: torch.ones_like(r),
+                              chunk_size=6, grad_in_forward=gif)
+            for x in (got[0],) + got[1]:
+                assert torch.isfinite(x).all()
+            _close(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("grad_in_forward", [None, False])
+def test_all_ignored_is_zero_not_nan(grad_in_forward):
+    hidden, weight, bias, target, _, _ = _inputs(9, 4, 5, torch.float32)
+    target = torch.full_like(target, -100)
+    for reduction in ("mean", "sum"):
+        out = linear_robust_cross_entropy(hidden, weight, target, schemes.DM(), bias=bias, reduction=reduction,
+                                          chunk_size=4, grad_in_forward=grad_in_forward)
+        grads = torch.autograd.grad(out, (hidden, weight, bias))
+        assert out.item() == 0.0
+        for g in grads:
+            assert torch.equal(g, torch.zeros_like(g))
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any op creates."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for x in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(x, torch.Tensor):
+                self.largest = max(self.largest, x.numel())
+        return out
+
+
+@pytest.mark.parametrize("grad_in_forward", [None, False])
+def test_never_materialises_the_logits(grad_in_forward):
+    # N x V = 40000 logits; no tensor of forward or backward may exceed the
+    # largest of one chunk of logits (8 x 1000), the weight (V x H) and hidden.
+    n, h, v, chunk = 40, 4, 1000, 8
+    hidden, weight, bias, target, cw, sw = _inputs(n, h, v, torch.float32)
+    with _LargestTensor() as mode:
+        out = linear_robust_cross_entropy(hidden, weight, target, schemes.DM(), bias=bias, class_weight=cw,
+                                          sample_weight=sw, chunk_size=chunk, grad_in_forward=grad_in_forward)
+        out.backward()
+    assert mode.largest <= max(chunk * v, v * h, n * h)
+    assert mode.largest < n * v
+
+
+def test_bad_inputs_raise():
+    hidden, weight, _, target, _, _ = _inputs(5, 3, 4, torch.float32)
+    bad = target.clone()
+    bad[2] = 4
+    for backend in BACKENDS:
+        with pytest.raises(IndexError, match="4"):
+            linear_robust_cross_entropy(hidden, weight, bad, schemes.DM(), backend=backend)
+    with pytest.raises(ValueError, match="target shape"):
+        linear_robust_cross_entropy(hidden, weight, target[:4], schemes.DM())
+    with pytest.raises(ValueError, match="weight must have shape"):
+        linear_robust_cross_entropy(hidden, weight.t(), target, schemes.DM())
+    with pytest.raises(TypeError, match="dtype"):
+        linear_robust_cross_entropy(hidden, weight.double(), target, schemes.DM())
+    with pytest.raises(ValueError, match="grad_in_forward"):
+        linear_robust_cross_entropy(hidden, weight, target, schemes.DM(), reduction="none", grad_in_forward=True)
+    with pytest.raises(ValueError, match="chunk_size"):
+        linear_robust_cross_entropy(hidden, weight, target, schemes.DM(), chunk_size=0)
+
+
+def test_no_grad_forward_matches():
+    hidden, weight, bias, target, cw, sw = _inputs(12, 5, 7, torch.float64)
+    with torch.no_grad():
+        out = linear_robust_cross_entropy(hidden, weight, target, schemes.DM(), bias=bias, class_weight=cw,
+                                          sample_weight=sw, chunk_size=5)
+        ref = _materialised(hidden, weight, bias, target, schemes.DM(), cw, sw)
+    torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("grad_in_forward", [None, False])
+def test_compile_fullgraph_with_ignored_targets(grad_in_forward):
+    # fullgraph=True fails on any graph break; aot_eager traces forward and
+    # backward through AOTAutograd without spending CI time in inductor codegen.
+    hidden, weight, _, target, _, sw = _inputs(20, 6, 9, torch.float32, bias=False)
+    target[:3] = -100
+
+    def f(h, w, t, s):
+        return linear_robust_cross_entropy(h, w, t, schemes.DM(), sample_weight=s, chunk_size=8,
+                                           grad_in_forward=grad_in_forward)
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(hidden, weight, target, sw)
+    g = torch.autograd.grad(out, (hidden, weight))
+    ref = f(hidden, weight, target, sw)
+    gr = torch.autograd.grad(ref, (hidden, weight))
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(g, gr):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.skipif("triton" not in rf.available_backends(), reason="Triton is not importable here")
+@pytest.mark.parametrize("grad_in_forward", [None, False])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_parity_triton_backend(reduction, grad_in_forward):
+    # On CPU this runs the Triton kernels under the interpreter (conftest sets
+    # TRITON_INTERPRET=1 without a GPU): tiny sizes, the same contract.
+    hidden, weight, bias, target, cw, sw = _inputs(11, 4, 9, torch.float32)
+    got, want = _both(hidden, weight, bias, target, schemes.DM(), cw, sw, lambda r: torch.randn_like(r),
+                      reduction=reduction, chunk_size=4, grad_in_forward=grad_in_forward, backend="triton")
+    _close(got, want, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("upcast", [True, False])
+def test_grad_weight_accumulator_both_16bit_paths(upcast):
+    # The CPU path (float32 GEMM on upcast chunks) and the GPU path (16-bit GEMM
+    # per vocabulary block, added in float32), each with a decay factor.
+    from robustloss_fast.linear import _add_grad_weight
+
+    v, h, c = 9000, 8, 16  # two vocabulary blocks and a short one
+    acc = torch.randn(v, h, dtype=torch.float64).float()
+    gl = torch.randn(c, v).bfloat16()
+    x = torch.randn(c, h).bfloat16()
+    decay = torch.tensor(0.375)
+    want = 0.375 * acc.double() + gl.double().t() @ x.double()
+    _add_grad_weight(acc, gl, x, decay, upcast=upcast)
+    assert acc.dtype == torch.float32
+    tol = 1e-5 if upcast else 2e-2  # the 16-bit GEMM rounds each block product once
+    torch.testing.assert_close(acc.double(), want, rtol=tol, atol=tol)
+
+
+def test_process_group_uses_distributed_finalize(monkeypatch):
+    # The wiring only (multi-process runs are tests/test_distributed.py's job):
+    # with a process_group the cross-row step goes through
+    # distributed.finalize_distributed, and the recompute path is used.
+    from robustloss_fast import _finalize, distributed
+
+    calls = []
+
+    def spy(rows, target, weight, sample_weight, ignore_index, reduction, normalize, group):
+        calls.append((rows.shape, reduction, normalize, group))
+        return _finalize.finalize(rows, target, weight, sample_weight, ignore_index, reduction, normalize)
+
+    monkeypatch.setattr(distributed, "finalize_distributed", spy)
+    hidden, weight, bias, target, cw, sw = _inputs(10, 3, 6, torch.float64)
+    group = object()
+    got, want = _both(hidden, weight, bias, target, schemes.DM(), cw, sw, lambda r: torch.randn_like(r),
+                      chunk_size=4, process_group=group)
+    _close(got, want, rtol=1e-10, atol=1e-13)
+    assert calls == [((10, 3), 1, True, group)]
+    with pytest.raises(ValueError, match="process_group"):
+        linear_robust_cross_entropy(hidden, weight, target, schemes.DM(), process_group=group, grad_in_forward=True)
+
+
+@pytest.mark.parametrize("grad_in_forward", [None, False])
+def test_nan_stays_in_its_row_without_normaliser(grad_in_forward):
+    # SPEC §6: a NaN hidden state makes its own row NaN; with "sum" no other
+    # row's grad_hidden is touched (with the normalised mean, D spreads it).
+    hidden, weight, _, target, _, _ = _inputs(10, 3, 5, torch.float64, bias=False)
+    hidden = hidden.detach().clone()
+    hidden[3, 1] = float("nan")
+    hidden.requires_grad_()
+    out = linear_robust_cross_entropy(hidden, weight, target.clamp(min=0), schemes.DM(), reduction="sum",
+                                      chunk_size=4, grad_in_forward=grad_in_forward)
+    (gh,) = torch.autograd.grad(out, hidden)
+    assert torch.isnan(out)
+    assert torch.isnan(gh).any(1).tolist() == [i == 3 for i in range(10)]
