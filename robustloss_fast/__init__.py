@@ -10,7 +10,23 @@ from .analysis import EmphasisStats, ExampleWeights, emphasis_stats, example_wei
 from .functional import dm_loss, imae_loss, robust_cross_entropy
 from .linear import LinearRobustCrossEntropyLoss, linear_robust_cross_entropy
 from .modules import DMLoss, IMAELoss, RobustCrossEntropyLoss
-from .schemes import CCE, DM, GCE, IMAE, MAE, MSE, DMBeta, DMExponential, DMNormal, Scheme
+from .schemes import (
+    CCE,
+    DM,
+    GCE,
+    IMAE,
+    MAE,
+    MSE,
+    RCE,
+    SCE,
+    DMBeta,
+    DMExponential,
+    DMNormal,
+    Focal,
+    Poly1,
+    Scheme,
+    TaylorCE,
+)
 
 __version__ = "0.1.0"
 
@@ -40,4 +56,9 @@ __all__ = [
     "MAE",
     "MSE",
     "GCE",
+    "Poly1",
+    "RCE",
+    "SCE",
+    "Focal",
+    "TaylorCE",
 ]
