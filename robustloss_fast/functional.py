@@ -83,6 +83,21 @@ def _canonical(input: torch.Tensor, target: torch.Tensor, sample_weight: Optiona
     return logits, rows_target, rows_sw, tuple(target.shape)
 
 
+def check_flags(scheme, reduction: str, normalize: Optional[bool], ignore_index: int):
+    """Validate the non-tensor arguments; (reduction code, normalize with the scheme's default)."""
+    if not isinstance(scheme, Scheme):
+        raise TypeError(f"scheme must be a robustloss_fast.schemes.Scheme (e.g. DM()), got {scheme!r}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
+    if normalize is None:
+        normalize = scheme.default_normalize
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool or None, got {normalize!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    return _REDUCTIONS[reduction], normalize
+
+
 def robust_cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -159,17 +174,7 @@ def robust_cross_entropy(
         ``|beta|`` with ``"none"``, ``"sum"`` or ``normalize=False``; the
         normalised ``"mean"`` never does.
     """
-    if not isinstance(scheme, Scheme):
-        raise TypeError(f"scheme must be a robustloss_fast.schemes.Scheme (e.g. DM()), got {scheme!r}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
-    if normalize is None:
-        normalize = scheme.default_normalize
-    if not isinstance(normalize, bool):
-        raise TypeError(f"normalize must be a bool or None, got {normalize!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-
+    red, normalize = check_flags(scheme, reduction, normalize, ignore_index)
     logits, rows_target, rows_sw, out_shape = _canonical(input, target, sample_weight)
     c = logits.shape[1]
     if vocab_parallel:
@@ -178,7 +183,7 @@ def robust_cross_entropy(
         a, b = scheme.kernel_params
         value = distributed.vocab_parallel_cross_entropy_rows(
             logits, rows_target, scheme.kernel_id, float(a), float(b), weight, rows_sw, ignore_index,
-            _REDUCTIONS[reduction], normalize, process_group, class_offset,
+            red, normalize, process_group, class_offset,
         )  # fmt: skip
         return value.reshape(out_shape) if reduction == "none" else value
     if weight is not None:
@@ -193,7 +198,6 @@ def robust_cross_entropy(
 
     name, apply = _backends.resolve(backend, input.device)
     a, b = scheme.kernel_params
-    red = _REDUCTIONS[reduction]
     if class_offset is not None:
         raise ValueError("class_offset is only used with vocab_parallel=True")
     if process_group is not None:

@@ -77,6 +77,7 @@ import torch
 from torch import nn
 
 from . import _backends, _finalize, reference
+from .functional import check_flags
 from .schemes import Scheme
 
 __all__ = ["linear_robust_cross_entropy", "LinearRobustCrossEntropyLoss"]
@@ -415,18 +416,8 @@ def linear_robust_cross_entropy(
         The loss as :func:`robust_cross_entropy` returns it (float32 for 16-bit
         inputs; shaped like ``target`` for ``reduction="none"``).
     """
-    if not isinstance(scheme, Scheme):
-        raise TypeError(f"scheme must be a robustloss_fast.schemes.Scheme (e.g. DM()), got {scheme!r}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
-    if normalize is None:
-        normalize = scheme.default_normalize
-    if not isinstance(normalize, bool):
-        raise TypeError(f"normalize must be a bool or None, got {normalize!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    red, normalize = check_flags(scheme, reduction, normalize, ignore_index)
     _check(hidden, weight, bias, target, class_weight, sample_weight)
-    red = _REDUCTIONS[reduction]
     if grad_in_forward and (red == NONE or process_group is not None):
         raise ValueError("grad_in_forward=True needs reduction 'mean' or 'sum' and no process_group")
     name = _resolve(backend, hidden.device)
