@@ -33,24 +33,6 @@ at::Tensor check_target(const at::Tensor& target_in, const at::Tensor& logits, i
   return target;
 }
 
-cpu::RowsArgs rows_args(const at::Tensor& logits, const at::Tensor& target, int64_t scheme, double a, double b,
-                        int64_t ignore_index, bool normalised, at::Tensor& rows) {
-  cpu::RowsArgs args;
-  args.dtype = logits.scalar_type();
-  args.logits = logits.const_data_ptr();
-  args.n = logits.size(0);
-  args.c = logits.size(1);
-  args.row_stride = logits.stride(0);
-  args.target = target.const_data_ptr<int64_t>();
-  args.ignore_index = ignore_index;
-  args.scheme = scheme;
-  args.a = a;
-  args.b = b;
-  args.normalised = normalised;
-  args.rows = rows.data_ptr();
-  return args;
-}
-
 // The cross-row step of SPEC §5, in double, sequentially (deterministic and
 // O(N): small next to the O(N C) row pass). rows = (lse_nt, log w, x).
 template <typename acc_t>
@@ -166,7 +148,7 @@ at::Tensor rows_cpu(const at::Tensor& logits_in, const at::Tensor& target_in, in
   const at::Tensor target = check_target(target_in, logits, ignore_index);
   check_scheme(scheme);
   at::Tensor rows = at::empty({logits.size(0), 3}, logits.options().dtype(acc_dtype(logits)));
-  cpu::kernels().rows(rows_args(logits, target, scheme, a, b, ignore_index, normalised, rows));
+  cpu::kernels().rows(make_rows_args(logits, target, scheme, a, b, ignore_index, normalised, rows));
   return rows;
 }
 
@@ -186,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& logits_in, cons
   const int64_t n = logits.size(0);
 
   at::Tensor rows = at::empty({n, 3}, logits.options().dtype(acc));
-  cpu::kernels().rows(rows_args(logits, target, scheme, a, b, ignore_index, normalised, rows));
+  cpu::kernels().rows(make_rows_args(logits, target, scheme, a, b, ignore_index, normalised, rows));
 
   at::Tensor value = reduction == kNone ? at::empty({n}, logits.options().dtype(acc))
                                         : at::empty({}, logits.options().dtype(acc));
@@ -207,19 +189,7 @@ at::Tensor backward_cpu(const at::Tensor& grad_in, const at::Tensor& logits_in, 
   const at::Tensor grad = check_grad(grad_in, logits);
   at::Tensor out = at::empty({logits.size(0), logits.size(1)}, logits.options());
   advise_huge_pages(out);
-  cpu::BackwardArgs args;
-  args.dtype = logits.scalar_type();
-  args.logits = logits.const_data_ptr();
-  args.n = logits.size(0);
-  args.c = logits.size(1);
-  args.row_stride = logits.stride(0);
-  args.target = target.const_data_ptr<int64_t>();
-  args.ignore_index = ignore_index;
-  args.stats = stats.const_data_ptr();
-  args.grad = grad.const_data_ptr();
-  args.grad_per_row = grad.dim() == 1;
-  args.out = out.data_ptr();
-  cpu::kernels().backward(args);
+  cpu::kernels().backward(make_backward_args(grad, logits, target, stats, ignore_index, out));
   return out;
 }
 

@@ -42,19 +42,7 @@ void raise_if_bad_target(const at::Tensor& slot, const at::Tensor& target, int64
 
 void launch_rows_for(const at::Tensor& logits, const at::Tensor& target, int64_t scheme, double a, double b,
                      int64_t ignore_index, bool normalised, at::Tensor& rows, at::Tensor& slot) {
-  cuda::RowsArgs args;
-  args.dtype = logits.scalar_type();
-  args.logits = logits.const_data_ptr();
-  args.n = logits.size(0);
-  args.c = logits.size(1);
-  args.row_stride = logits.stride(0);
-  args.target = target.const_data_ptr<int64_t>();
-  args.ignore_index = ignore_index;
-  args.scheme = scheme;
-  args.a = a;
-  args.b = b;
-  args.normalised = normalised;
-  args.rows = rows.data_ptr();
+  RowsArgs args = make_rows_args(logits, target, scheme, a, b, ignore_index, normalised, rows);
   args.first_bad = slot.data_ptr<int64_t>();
   cuda::launch_rows(args, c10::cuda::getCurrentCUDAStream());
 }
@@ -135,19 +123,8 @@ at::Tensor backward_cuda(const at::Tensor& grad_in, const at::Tensor& logits_in,
   const at::Tensor grad = check_grad(grad_in, logits);
   at::Tensor out = at::empty({logits.size(0), logits.size(1)}, logits.options());
   if (logits.size(0) == 0) return out;
-  cuda::BackwardArgs args;
-  args.dtype = logits.scalar_type();
-  args.logits = logits.const_data_ptr();
-  args.n = logits.size(0);
-  args.c = logits.size(1);
-  args.row_stride = logits.stride(0);
-  args.target = target.const_data_ptr<int64_t>();
-  args.ignore_index = ignore_index;
-  args.stats = stats.const_data_ptr();
-  args.grad = grad.const_data_ptr();
-  args.grad_per_row = grad.dim() == 1;
-  args.out = out.data_ptr();
-  cuda::launch_backward(args, c10::cuda::getCurrentCUDAStream());
+  cuda::launch_backward(make_backward_args(grad, logits, target, stats, ignore_index, out),
+                       c10::cuda::getCurrentCUDAStream());
   return out;
 }
 

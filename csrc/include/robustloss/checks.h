@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include "robustloss/kernel_args.h"
 #include "robustloss/schemes.h"
 
 namespace robustloss {
@@ -74,6 +75,41 @@ inline at::Tensor check_grad(const at::Tensor& grad, const at::Tensor& logits) {
   TORCH_CHECK(grad.dim() == 0 || (grad.dim() == 1 && grad.size(0) == logits.size(0)),
               "robustloss: grad must be a scalar or have shape (", logits.size(0), ",), got ", grad.sizes());
   return grad.to(logits.device(), acc_dtype(logits)).contiguous();
+}
+
+inline RowsArgs make_rows_args(const at::Tensor& logits, const at::Tensor& target, int64_t scheme, double a, double b,
+                               int64_t ignore_index, bool normalised, at::Tensor& rows) {
+  RowsArgs args;
+  args.dtype = logits.scalar_type();
+  args.logits = logits.const_data_ptr();
+  args.n = logits.size(0);
+  args.c = logits.size(1);
+  args.row_stride = logits.stride(0);
+  args.target = target.const_data_ptr<int64_t>();
+  args.ignore_index = ignore_index;
+  args.scheme = scheme;
+  args.a = a;
+  args.b = b;
+  args.normalised = normalised;
+  args.rows = rows.data_ptr();
+  return args;
+}
+
+inline BackwardArgs make_backward_args(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
+                                       const at::Tensor& stats, int64_t ignore_index, at::Tensor& out) {
+  BackwardArgs args;
+  args.dtype = logits.scalar_type();
+  args.logits = logits.const_data_ptr();
+  args.n = logits.size(0);
+  args.c = logits.size(1);
+  args.row_stride = logits.stride(0);
+  args.target = target.const_data_ptr<int64_t>();
+  args.ignore_index = ignore_index;
+  args.stats = stats.const_data_ptr();
+  args.grad = grad.const_data_ptr();
+  args.grad_per_row = grad.dim() == 1;
+  args.out = out.data_ptr();
+  return args;
 }
 
 // The message of a bad target, shared by every backend.
