@@ -51,12 +51,14 @@ result.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import math
 import os
 import platform
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional
@@ -381,13 +383,30 @@ def _sample(fn, z, y, inner: int, device) -> float:
     return (_CLOCK() - t0) / inner
 
 
+@contextlib.contextmanager
+def _quiet_fd2():
+    """Send file descriptor 2 to /dev/null for the duration (Python's own sys.stderr is flushed first)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def _peak_extra_cpu(fn, z, y) -> Optional[int]:
     """Peak of the running sum of CPU allocations during one step (None if unmeasurable)."""
     from torch.profiler import ProfilerActivity, profile
 
     z.grad = None
     try:
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        # Kineto prints "USDT: ... profiler_start/stop" on the process's stderr
+        # (file descriptor 2, below Python) at every session: hide it there.
+        with _quiet_fd2(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             _step(fn, z, y)
         roots = prof.profiler.kineto_results.experimental_event_tree()
     except (AttributeError, RuntimeError):  # a torch without the (private) event tree
