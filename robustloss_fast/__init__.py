@@ -6,6 +6,7 @@ with fused C++ (CPU), CUDA and Triton kernels behind one API.
 
 from . import distributed, schemes
 from ._backends import available_backends
+from .elr import ELRLoss
 from .analysis import EmphasisStats, ExampleWeights, emphasis_stats, example_weights
 from .functional import dm_loss, imae_loss, robust_cross_entropy
 from .linear import LinearRobustCrossEntropyLoss, linear_robust_cross_entropy
@@ -41,6 +42,7 @@ __all__ = [
     "RobustCrossEntropyLoss",
     "DMLoss",
     "IMAELoss",
+    "ELRLoss",
     "available_backends",
     "example_weights",
     "ExampleWeights",
