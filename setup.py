@@ -116,9 +116,10 @@ def extensions():
         macros.append(("ROBUSTLOSS_X86_VARIANTS", "1"))
     else:  # the AVX variants only build for x86
         sources = [s for s in sources if not s.endswith(("_avx2.cpp", "_avx512.cpp"))]
-    # The DEFAULT variant links first, so where inline functions from shared
-    # headers exist in several variants the linker keeps the portable copy.
-    sources.sort(key=lambda s: (not s.endswith("_default.cpp"), s))
+    # Every object built without ISA flags links before the AVX2/AVX512 ones:
+    # where an inline function of a shared header is emitted in several objects
+    # the linker keeps the first copy, which must be the portable one.
+    sources.sort(key=lambda s: (s.endswith(("_avx2.cpp", "_avx512.cpp")), s))
     cxx = ["-O3", "-fopenmp", "-DNDEBUG"]
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     # Headers are listed so that editing one rebuilds the sources (setuptools

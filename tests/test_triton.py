@@ -349,3 +349,23 @@ def test_torch_compile_fullgraph_with_ignored_targets():
     rv, rg = _value_and_grad("torch", x, t, DM(), None, weight=w)
     _close(v.detach(), rv, 2e-5, "compiled value")
     _close(xc.grad, rg, 2e-5, "compiled grad")
+
+
+@pytest.mark.parametrize("z", [math.nan, math.inf])
+def test_nan_target_logit_makes_the_row_nan_for_every_scheme(z):
+    """SPEC §6 even for DMBeta(1, 1), whose weight formula ignores p, and for the peer losses."""
+    for scheme in (DMBeta(alpha=1.0, eta=1.0), rf.Focal(), rf.SCE(), rf.TaylorCE(3), DM()):
+        x = torch.tensor([[0.5, z, -0.3, 2.0], [0.1, 0.2, 0.3, 0.4]], requires_grad=True)
+        rf.robust_cross_entropy(x, torch.tensor([1, 0]), scheme, reduction="sum", backend="triton").backward()
+        assert torch.isnan(x.grad[0]).all(), scheme
+        assert torch.isfinite(x.grad[1]).all(), scheme
+
+
+@pytest.mark.parametrize("dtype,margin", [(torch.float32, 120.0), (torch.float64, 800.0)])
+def test_focal_confident_batch_keeps_its_unit_of_gradient(dtype, margin):
+    x = torch.zeros(3, 4, dtype=dtype)
+    x[:, 0] = margin
+    x.requires_grad_()
+    t = torch.zeros(3, dtype=torch.long)
+    rf.robust_cross_entropy(x, t, rf.Focal(2.0), reduction="mean", normalize=True, backend="triton").backward()
+    torch.testing.assert_close(x.grad.abs().sum().item(), 1.0, rtol=1e-5, atol=0)

@@ -17,7 +17,8 @@ Kernels choose() {
 #if defined(ROBUSTLOSS_X86_VARIANTS) && defined(__GNUC__)
   __builtin_cpu_init();
   if (allow512 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c")) {
     return kernels_AVX512();
   }
   if (allow2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&

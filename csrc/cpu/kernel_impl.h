@@ -188,8 +188,9 @@ void rows_typed(const RowsArgs& args) {
         continue;
       }
       const scalar_t* row = logits + i * args.row_stride;
-      const acc_t lse_nt = lse_non_target<scalar_t, acc_t>(row, args.c, y);
-      const RowProb<acc_t> pr = row_prob<acc_t>(static_cast<acc_t>(row[y]), lse_nt);
+      const acc_t z_y = static_cast<acc_t>(row[y]);
+      const acc_t lse_nt = row_lse_nt(z_y, lse_non_target<scalar_t, acc_t>(row, args.c, y));
+      const RowProb<acc_t> pr = row_prob<acc_t>(z_y, lse_nt);
       const acc_t lw = log_weight<acc_t>(args.scheme, a, b, pr);
       o[0] = lse_nt;
       o[1] = lw;
@@ -221,6 +222,12 @@ void backward_typed(const BackwardArgs& args) {
       if (lse_nt == kNegInf<acc_t>) {
         // SPEC §3: no finite non-target logit, G = 0 (NaN stays NaN).
         std::fill(o, o + c, static_cast<scalar_t>(gc * acc_t(0)));
+        continue;
+      }
+      if (lse_nt != lse_nt) {
+        // A NaN row (SPEC §6). Written directly: the fast vector exp clamps
+        // its input and would turn NaN into a finite or infinite number.
+        std::fill(o, o + c, static_cast<scalar_t>(lse_nt));
         continue;
       }
       const scalar_t* row = logits + i * args.row_stride;

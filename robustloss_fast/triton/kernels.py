@@ -145,12 +145,17 @@ def _log_weight(logp, logq, p, q, a, b, SCHEME: tl.constexpr):
         lw = t1 + t2
     elif SCHEME == 7:  # Poly (Poly-1, RCE, SCE): L = -a log p + b q, w = 2q (a + b p)
         lw = _LN2 + logq + tl.log(a + b * p)
-    elif SCHEME == 8:  # Focal(gamma = a): w = 2 q^g (q - g p log p); p log p -> 0 at p = 0
+    elif SCHEME == 8:  # Focal(gamma = a)
+        # p >= q: w = 2 q^(g+1) (1 + g p (-log p) / q) in logs (q may underflow, log q does not);
+        # p < q: w = 2 q^g (q - g p log p), p log p -> 0 at p = 0.
+        ratio = tl.where(q > 0.0, -logp / q, 1.0)
+        confident = _LN2 + (a + 1.0) * logq + _log1p(a * p * ratio)
         plogp = tl.where(p == 0.0, 0.0, p * logp)
-        lw = _LN2 + tl.where(a == 0.0, 0.0, a * logq) + tl.log(q - a * plogp)
+        lw = tl.where(p >= q, confident, _LN2 + tl.where(a == 0.0, 0.0, a * logq) + tl.log(q - a * plogp))
     else:  # TaylorCE(order t = a): w = 2q (1 - q^t)
         lw = _LN2 + logq + tl.log(-_expm1(a * logq))
-    return lw
+    # A NaN row stays NaN even where a formula would not look at p (DMBeta(1, 1)).
+    return tl.where(p != p, p, lw)
 
 
 @triton.jit
@@ -251,6 +256,8 @@ def rows_kernel(
     lse_nt = tl.where(bad != 0, float("nan"), lse_nt)
 
     z_y = tl.load(row_base + y_safe, mask=live, other=0.0).to(acc)
+    # SPEC §6: a NaN or +inf target logit makes the whole row NaN.
+    lse_nt = tl.where((z_y != z_y) | (z_y == _POS_INF), float("nan"), lse_nt)
     logp, logq, p, q = _row_prob(z_y, lse_nt)
     lw = _log_weight(logp, logq, p, q, a, b, SCHEME)
     x = _row_x(lw, logp, logq, q, a, b, SCHEME, NORMALISED)

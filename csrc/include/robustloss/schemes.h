@@ -56,6 +56,13 @@ RL_HD T log1p_unit(T t) {
   return u == T(1) ? t : log(u) * (t / (u - T(1)));
 }
 
+// SPEC §6: a NaN or +inf target logit makes its whole row NaN. The kernels
+// reduce the non-target classes only, so they pass their lse_nt through here.
+template <typename T>
+RL_HD T row_lse_nt(T z_y, T lse_nt) {
+  return (z_y != z_y || z_y == std::numeric_limits<T>::infinity()) ? std::numeric_limits<T>::quiet_NaN() : lse_nt;
+}
+
 // The probabilities of one row from its target logit and lse_nt (SPEC §2).
 // With d = z_y - lse_nt (the margin): log p = -softplus(-d), log q = -softplus(d).
 // q is never formed as 1 - p, so it stays exact for margins of 100+.
@@ -96,7 +103,10 @@ RL_HD T log_weight(int64_t id, T a, T b, const RowProb<T>& r) {
   using std::exp;
   using std::expm1;
   using std::log;
+  using std::log1p;
   const T ln2 = T(0.69314718055994530942);
+  // A NaN row stays NaN even where a formula would not look at p (DMBeta(1, 1)).
+  if (r.p != r.p) return r.p;
   switch (id) {
     case kCCE:
       return ln2 + r.logq;
@@ -118,7 +128,13 @@ RL_HD T log_weight(int64_t id, T a, T b, const RowProb<T>& r) {
     case kPoly:
       return ln2 + r.logq + log(a + b * r.p);
     case kFocal: {
-      // q - g p log p: both terms >= 0, no cancellation as p -> 1; p log p -> 0 at p = 0.
+      if (r.p >= r.q) {
+        // w = 2 q^(g+1) (1 + g p (-log p) / q), all in logs: q underflows at
+        // margins past ~104 (float32) while log q does not; (-log p) / q -> 1.
+        const T ratio = r.q > T(0) ? -r.logp / r.q : T(1);
+        return ln2 + (a + T(1)) * r.logq + log1p(a * r.p * ratio);
+      }
+      // w = 2 q^g (q - g p log p): both terms >= 0; p log p -> 0 at p = 0.
       const T plogp = r.p == T(0) ? T(0) : r.p * r.logp;
       return ln2 + (a == T(0) ? T(0) : a * r.logq) + log(r.q - a * plogp);
     }
