@@ -57,6 +57,9 @@ class RobustCEFunction : public torch::autograd::Function<RobustCEFunction> {
                          .findSchemaOrThrow("robustloss::robust_ce_backward", "")
                          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                            const at::Tensor&, int64_t)>();
+    // The backward op has no derivative of its own: refuse create_graph=True
+    // rather than return a silently missing second-order gradient.
+    TORCH_CHECK(!at::GradMode::is_enabled(), "robustloss: double backward (create_graph=True) is not supported");
     const auto saved = ctx->get_saved_variables();
     const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
     at::Tensor grad_logits = op.call(grads[0], saved[0], saved[1], saved[2], ignore_index);

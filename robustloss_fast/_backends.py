@@ -64,7 +64,7 @@ def available_backends() -> List[str]:
     return [name for name in BACKENDS if _unavailable_reason(name) is None]
 
 
-def _devices(name: str) -> Tuple[str, ...]:
+def _devices(name: str) -> Optional[Tuple[str, ...]]:
     if name == "cpu":
         return ("cpu",)
     if name == "cuda":
@@ -72,7 +72,7 @@ def _devices(name: str) -> Tuple[str, ...]:
     if name == "triton":
         # Under the Triton interpreter, kernels run on CPU tensors too.
         return ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
-    return ("cpu", "cuda", "meta", "mps", "xpu")
+    return None  # the reference runs wherever torch does
 
 
 def resolve(backend: str, device: torch.device) -> Tuple[str, Apply]:
@@ -81,18 +81,22 @@ def resolve(backend: str, device: torch.device) -> Tuple[str, Apply]:
         raise TypeError(f"backend must be a string, got {backend!r}")
     if backend == "auto":
         # CUDA: the compiled extension first, Triton where it was built without
-        # CUDA (provisional, see robustloss_fast/triton/__init__.py).
-        order = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
+        # CUDA (provisional, see robustloss_fast/triton/__init__.py). Devices
+        # without fused kernels (mps, xpu, ...) get the reference.
+        order = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}.get(device.type, ())
         for name in order:
             if _unavailable_reason(name) is None:
                 return name, _apply_for(name)
         return "torch", _apply_torch
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {('auto',) + BACKENDS}")
     reason = _unavailable_reason(backend)
     if reason is not None:
         raise RuntimeError(f"backend {backend!r} is not available: {reason}")
-    if device.type not in _devices(backend):
+    devices = _devices(backend)
+    if devices is not None and device.type not in devices:
         raise ValueError(
-            f"backend {backend!r} runs on {'/'.join(_devices(backend))} tensors, but the input is on {device}"
+            f"backend {backend!r} runs on {'/'.join(devices)} tensors, but the input is on {device}"
         )
     return backend, _apply_for(backend)
 

@@ -140,7 +140,8 @@ def available_variants(device: str = "cpu", include_reference: bool = False) -> 
     for backend in _working_backends():
         if backend == "torch" and not include_reference:
             continue
-        if dev.type not in _backends._devices(backend):
+        devices = _backends._devices(backend)
+        if devices is not None and dev.type not in devices:
             continue
         if backend == "triton" and dev.type != "cuda":
             continue  # the Triton interpreter on CPU is a test tool, not a contender

@@ -84,8 +84,10 @@ def finalize(
             value, coef = value * across.scale, coef * across.scale
         return value, torch.stack([lse_nt, coef], dim=1)
 
-    sx = torch.where(valid, s * x, zero)
-    coef = torch.where(valid, s * torch.exp(lw) / 2, zero)
+    # Rows with s = 0 contribute 0, even where their raw weight overflowed (0 * inf).
+    counts = valid & (s != 0)
+    sx = torch.where(counts, s * x, zero)
+    coef = torch.where(counts, s * torch.exp(lw) / 2, zero)
     if reduction == NONE:
         value = sx
     elif reduction == SUM:

@@ -32,8 +32,10 @@ rank (the rank's largest log-weight ``m_r`` and ``d_r = sum |s| exp(log w - m_r)
 every rank then forms ``M = max_r m_r`` and ``D = sum_r d_r exp(m_r - M)``
 itself. A max and a sum cannot share one ``all_reduce``; gathering the
 ``2 W`` numbers costs one latency instead of two. ``normalize=False`` issues one
-``all_reduce`` of one number. No host synchronisation: the collectives are
-enqueued like kernels (NCCL) and nothing is read back to Python. The backward
+``all_reduce`` of one number. The collectives are enqueued like kernels
+(NCCL) and nothing of them is read back to Python; the only host
+synchronisation is the backends' bad-target check of the forward pass (one
+8-byte copy on CUDA). The backward
 pass communicates nothing (the weights are constants for differentiation, as in
 the paper); DDP's own gradient all-reduce does the rest.
 
@@ -163,6 +165,8 @@ class _DataParallelFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if torch.is_grad_enabled():  # create_graph=True: refuse rather than drop the second-order term
+            raise RuntimeError("robustloss: double backward (create_graph=True) is not supported")
         logits, target, stats = ctx.saved_tensors
         if ctx.compiled:
             grad_logits = torch.ops.robustloss.robust_ce_backward(grad, logits, target, stats, ctx.ignore_index)
@@ -284,6 +288,8 @@ class _VocabParallelFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if torch.is_grad_enabled():  # create_graph=True: refuse rather than drop the second-order term
+            raise RuntimeError("robustloss: double backward (create_graph=True) is not supported")
         logits, target, stats = ctx.saved_tensors
         grad_logits = _vocab_parallel_backward(grad, logits, target, stats, ctx.ignore_index, ctx.offset)
         return (grad_logits,) + (None,) * 11

@@ -98,6 +98,21 @@ def check_flags(scheme, reduction: str, normalize: Optional[bool], ignore_index:
     return _REDUCTIONS[reduction], normalize
 
 
+def check_not_differentiable(**tensors) -> None:
+    """Weights are constants of the loss (as in F.cross_entropy): refuse ones that require grad.
+
+    A silently missing gradient would break learned re-weighting code; the
+    caller should pass ``w.detach()`` if the weights are not to be learned.
+    """
+    if not torch.is_grad_enabled():
+        return
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            raise RuntimeError(
+                f"robustloss_fast is not differentiable with respect to {name}; pass {name}.detach()"
+            )
+
+
 def robust_cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -175,6 +190,7 @@ def robust_cross_entropy(
         normalised ``"mean"`` never does.
     """
     red, normalize = check_flags(scheme, reduction, normalize, ignore_index)
+    check_not_differentiable(weight=weight, sample_weight=sample_weight)
     logits, rows_target, rows_sw, out_shape = _canonical(input, target, sample_weight)
     c = logits.shape[1]
     if vocab_parallel:

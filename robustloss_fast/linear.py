@@ -64,8 +64,9 @@ the gradient chunk too), the ``(N, 3)`` row statistics, and -- for
 
 ``torch.compile(fullgraph=True)`` traces both paths without a graph break
 (tested with ``backend="aot_eager"``); the chunk loop is unrolled, so the
-graph grows with ``N / chunk_size``. No host synchronisation on GPUs (on CPU
-two scalars are read back, which costs nothing there).
+graph grows with ``N / chunk_size``. Host synchronisation on GPUs: the
+backends' bad-target check reads one value back per chunk (CUDA: an 8-byte
+copy; Triton: ``any()``); nothing else is read back.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ import torch
 from torch import nn
 
 from . import _backends, _finalize, reference
-from .functional import check_flags
+from .functional import check_flags, check_not_differentiable
 from .schemes import Scheme
 
 __all__ = ["linear_robust_cross_entropy", "LinearRobustCrossEntropyLoss"]
@@ -274,6 +275,8 @@ class _LinearRobustCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if torch.is_grad_enabled():  # create_graph=True: refuse rather than drop the second-order term
+            raise RuntimeError("robustloss: double backward (create_graph=True) is not supported")
         if ctx.gif:
             return _LinearRobustCE._backward_stored(ctx, grad)
         hidden, weight, bias, target, stats = ctx.saved_tensors
@@ -417,6 +420,7 @@ def linear_robust_cross_entropy(
         inputs; shaped like ``target`` for ``reduction="none"``).
     """
     red, normalize = check_flags(scheme, reduction, normalize, ignore_index)
+    check_not_differentiable(class_weight=class_weight, sample_weight=sample_weight)
     _check(hidden, weight, bias, target, class_weight, sample_weight)
     if grad_in_forward and (red == NONE or process_group is not None):
         raise ValueError("grad_in_forward=True needs reduction 'mean' or 'sum' and no process_group")

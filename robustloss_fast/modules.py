@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .functional import robust_cross_entropy
+from .functional import check_flags, robust_cross_entropy
 from .schemes import DM, IMAE, Scheme
 
 __all__ = ["RobustCrossEntropyLoss", "DMLoss", "IMAELoss"]
@@ -36,10 +36,7 @@ class RobustCrossEntropyLoss(nn.Module):
         class_offset: Optional[int] = None,
     ):
         super().__init__()
-        if not isinstance(scheme, Scheme):
-            raise TypeError(f"scheme must be a robustloss_fast.schemes.Scheme, got {scheme!r}")
-        if reduction not in ("none", "mean", "sum"):
-            raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
+        check_flags(scheme, reduction, normalize, ignore_index)  # fail at construction, not at the first step
         self.scheme = scheme
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index

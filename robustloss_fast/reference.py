@@ -49,7 +49,12 @@ def _softplus(x: torch.Tensor) -> torch.Tensor:
 
 
 def log_weight(kernel_id: int, a: float, b: float, logp, logq, p, q) -> torch.Tensor:
-    """log w(p) of SPEC §4 for one kernel formula."""
+    """log w(p) of SPEC §4 for one kernel formula (NaN for a NaN row, whatever the formula)."""
+    lw = _log_weight(kernel_id, a, b, logp, logq, p, q)
+    return torch.where(torch.isnan(p), p, lw)
+
+
+def _log_weight(kernel_id: int, a: float, b: float, logp, logq, p, q) -> torch.Tensor:
     ln2 = math.log(2.0)
     if kernel_id == _CCE:
         return ln2 + logq
@@ -72,9 +77,13 @@ def log_weight(kernel_id: int, a: float, b: float, logp, logq, p, q) -> torch.Te
     if kernel_id == _POLY:
         return ln2 + logq + torch.log(a + b * p)
     if kernel_id == _FOCAL:
+        # p >= q: w = 2 q^(g+1) (1 + g p (-log p) / q) in logs (q may underflow, log q does not);
+        # p < q: w = 2 q^g (q - g p log p).
+        ratio = torch.where(q > 0, -logp / q, torch.ones_like(q))
+        confident = ln2 + (a + 1) * logq + torch.log1p(a * p * ratio)
         plogp = torch.where(p == 0, torch.zeros_like(p), p * logp)
         mod = torch.zeros_like(logq) if a == 0 else a * logq
-        return ln2 + mod + torch.log(q - a * plogp)
+        return torch.where(p >= q, confident, ln2 + mod + torch.log(q - a * plogp))
     if kernel_id == _TAYLOR:
         return ln2 + logq + torch.log(-torch.expm1(a * logq))
     raise ValueError(f"unknown kernel id {kernel_id}")
@@ -177,7 +186,8 @@ def forward(logits, target, kernel_id, a, b, weight, sample_weight, ignore_index
     zero = torch.zeros((), dtype=acc, device=logits.device)
     s = torch.where(valid, s, zero)
 
-    sx = torch.where(valid, s * x, zero)
+    # Rows with s = 0 contribute 0, even where their raw value overflowed (0 * inf).
+    sx = torch.where(valid & (s != 0), s * x, zero)
 
     if normalised:
         # Normalised weights are a softmax of log w over the batch (SPEC §5):
@@ -193,7 +203,7 @@ def forward(logits, target, kernel_id, a, b, weight, sample_weight, ignore_index
         value = torch.where(ok, (torch.where(active, s * e * x, zero)).sum() / safe, zero)
         coef = torch.where(ok, s * e / (2 * safe), zero)
     else:
-        w = torch.where(valid, lw.exp(), zero)
+        w = torch.where(valid & (s != 0), lw.exp(), zero)
         coef = s * w / 2
         if reduction == NONE:
             value = sx
@@ -245,6 +255,8 @@ class ReferenceFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        if torch.is_grad_enabled():  # create_graph=True: refuse rather than drop the second-order term
+            raise RuntimeError("robustloss: double backward (create_graph=True) is not supported")
         logits, target, stats = ctx.saved_tensors
         grad_logits = backward(grad, logits, target, stats, ctx.ignore_index)
         return grad_logits, None, None, None, None, None, None, None, None, None

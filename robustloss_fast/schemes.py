@@ -137,6 +137,8 @@ class DM(Scheme):
 
     @property
     def emphasis_mode(self):
+        if self.lam == 0 and self.beta < 0:
+            return 1.0  # exp(beta q) with beta < 0 rises monotonically to p = 1
         return self.lam / (self.lam + 1.0) if self.beta > 0 else None
 
 

@@ -15,7 +15,7 @@ import torch
 
 import robustloss_fast as rf
 from robustloss_fast import _backends
-from robustloss_fast.schemes import CCE, DM, GCE, IMAE, MAE, MSE, DMBeta, DMExponential, DMNormal, Scheme
+from robustloss_fast.schemes import CCE, DM, GCE, IMAE, MAE, MSE, DMBeta, DMExponential, DMNormal, Focal, Scheme
 
 SCHEMES = [
     CCE(),
@@ -164,7 +164,9 @@ def _nan_batch(dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("scheme", [CCE(), MSE(), DM(), DMBeta(alpha=2.0, eta=3.0)], ids=_id)
+@pytest.mark.parametrize(
+    "scheme", [CCE(), MSE(), DM(), DMBeta(alpha=2.0, eta=3.0), DMBeta(alpha=1.0, eta=1.0), Focal()], ids=_id
+)
 def test_nan_isolation(scheme, dtype, backend):
     """SPEC §6: NaN or +inf in a row makes that row NaN and touches no other row, except through D."""
     logits, target, bad_rows = _nan_batch(dtype)
@@ -190,6 +192,19 @@ def test_nan_isolation(scheme, dtype, backend):
             torch.testing.assert_close(v[good], cv[good], rtol=0, atol=0, msg=tag)
         else:
             assert torch.isnan(v), tag
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,margin", [(torch.float32, 120.0), (torch.float64, 800.0)], ids=_id)
+@pytest.mark.parametrize("scheme", [CCE(), Focal(gamma=0.0), Focal(gamma=2.0)], ids=_id)
+def test_confident_batch_keeps_its_unit_of_gradient(scheme, dtype, margin, backend):
+    """Normalised mean over rows whose q underflows: log w must stay finite (no D = 0, no vanished gradient)."""
+    logits = torch.zeros(3, 4, dtype=dtype)
+    logits[:, 0] = margin
+    logits.requires_grad_()
+    target = torch.zeros(3, dtype=torch.long)
+    rf.robust_cross_entropy(logits, target, scheme, reduction="mean", normalize=True, backend=backend).backward()
+    torch.testing.assert_close(logits.grad.abs().sum().item(), 1.0, rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -566,3 +581,41 @@ def test_special_cases_share_the_kernel(backend):
         vb, gb = loss(x.double(), t, MAE(), backend, reduction)
         torch.testing.assert_close(va, vb, rtol=1e-12, atol=1e-15)
         torch.testing.assert_close(ga, gb, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_is_refused(backend):
+    """The SPEC gradient has no derivative of its own: create_graph=True must raise, not return a wrong grad."""
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 3, (4,))
+    with pytest.raises(RuntimeError, match="double backward|differentiate twice|once_differentiable"):
+        # Refused either when the graph of the gradient is built or when it is differentiated.
+        (g,) = torch.autograd.grad(rf.robust_cross_entropy(x, t, CCE(), backend=backend), x, create_graph=True)
+        torch.autograd.grad(g.pow(2).sum(), x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction,normalize", [("none", None), ("sum", None), ("mean", False)])
+def test_zero_weight_row_with_overflowing_raw_weight(backend, reduction, normalize):
+    """A row with s = 0 adds nothing, even where its raw weight exp(1000 ...) overflows (no 0 * inf = NaN)."""
+    x = torch.tensor([[0.0, 0.0, 0.0], [2.0, 0.0, -1.0]], requires_grad=True)
+    t = torch.tensor([0, 1])
+    for kwargs in ({"sample_weight": torch.tensor([0.0, 1.0])}, {"weight": torch.tensor([0.0, 1.0, 1.0])}):
+        v = rf.robust_cross_entropy(x, t, DM(lam=1.0, beta=1000.0), reduction=reduction, normalize=normalize,
+                                    backend=backend, **kwargs)  # fmt: skip
+        x.grad = None
+        v.sum().backward()
+        assert not torch.isnan(v).any(), kwargs
+        assert torch.equal(x.grad[0], torch.zeros(3)), kwargs
+
+
+def test_auto_on_devices_without_fused_kernels_uses_the_reference():
+    assert _backends.resolve("auto", torch.device("meta"))[0] == "torch"
+    assert _backends.resolve("torch", torch.device("meta"))[0] == "torch"
+    with pytest.raises(ValueError, match="unknown backend"):
+        _backends.resolve("fastest", torch.device("cpu"))
+
+
+def test_emphasis_mode_of_a_rising_dm():
+    assert DM(lam=0.0, beta=-1.0).emphasis_mode == 1.0 == DMExponential(beta=-1.0).emphasis_mode
+    assert DM(lam=1.0, beta=-1.0).emphasis_mode is None  # largest at both ends

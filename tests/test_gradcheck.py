@@ -79,12 +79,17 @@ def test_derivative_defined_value_is_not_differentiated(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_weights_are_detached(backend):
-    """SPEC §3: weights are constants for differentiation -- no gradient flows into them."""
+def test_weights_are_constants(backend):
+    """SPEC §3: weights are constants for differentiation. Weights that require grad are refused
+    (as F.cross_entropy refuses a differentiable class weight) rather than silently left without one."""
     x, t, weight, sw = _problem((5, 4), True)
-    weight.requires_grad_()
-    sw.requires_grad_()
+    for name in ("weight", "sample_weight"):
+        kwargs = {"weight": weight, "sample_weight": sw}
+        kwargs[name] = kwargs[name].clone().requires_grad_()
+        with pytest.raises(RuntimeError, match=f"not differentiable with respect to {name}"):
+            rf.robust_cross_entropy(x, t, DM(), backend=backend, **kwargs)
+        with torch.no_grad():  # no autograd, no objection
+            rf.robust_cross_entropy(x, t, DM(), backend=backend, **kwargs)
     v = rf.robust_cross_entropy(x, t, DM(), weight=weight, sample_weight=sw, backend=backend)
     v.backward()
-    assert x.grad is not None
-    assert weight.grad is None and sw.grad is None
+    assert x.grad is not None and torch.isfinite(x.grad).all()

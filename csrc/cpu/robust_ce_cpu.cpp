@@ -106,12 +106,13 @@ void finalize(const at::Tensor& rows_t, const at::Tensor& target_t, const c10::o
       if (reduction == kNone) value[i] = 0;
       continue;
     }
+    denom += weight ? static_cast<double>(weight[target[i]]) : 1.0;
     const double s = s_of(i);
-    const double sx = s * static_cast<double>(rows[3 * i + 2]);
-    stats[2 * i + 1] = static_cast<acc_t>(s * static_cast<double>(std::exp(rows[3 * i + 1])) / 2.0);
+    // A row with s = 0 contributes 0, even where its raw weight overflowed (0 * inf).
+    const double sx = s == 0.0 ? 0.0 : s * static_cast<double>(rows[3 * i + 2]);
+    stats[2 * i + 1] = s == 0.0 ? acc_t(0) : static_cast<acc_t>(s * static_cast<double>(std::exp(rows[3 * i + 1])) / 2.0);
     if (reduction == kNone) value[i] = static_cast<acc_t>(sx);
     total += sx;
-    denom += weight ? static_cast<double>(weight[target[i]]) : 1.0;
   }
   if (reduction == kSum) {
     value[0] = static_cast<acc_t>(total);

@@ -321,8 +321,10 @@ __global__ void __launch_bounds__(BLOCK) rows_kernel(const RowsParams<T> p) {
         out[1] = nan<acc_t>();
         out[2] = nan<acc_t>();
       } else {
-        const acc_t lse_nt = st.bad ? nan<acc_t>() : (st.m == -inf<acc_t>() ? st.m : st.m + dlog(st.s));
-        const RowProb<acc_t> pr = row_prob<acc_t>(static_cast<acc_t>(row[y]), lse_nt);
+        const acc_t z_y = static_cast<acc_t>(row[y]);
+        const acc_t lse_nt =
+            row_lse_nt(z_y, st.bad ? nan<acc_t>() : (st.m == -inf<acc_t>() ? st.m : st.m + dlog(st.s)));
+        const RowProb<acc_t> pr = row_prob<acc_t>(z_y, lse_nt);
         const acc_t lw = log_weight<acc_t>(p.scheme, p.a, p.b, pr);
         out[0] = lse_nt;
         out[1] = lw;
@@ -554,7 +556,8 @@ __global__ void __launch_bounds__(kFinBlock) partials_kernel(const FinParams<acc
     for (int64_t i = lo + threadIdx.x; i < hi; i += kFinBlock) {
       const RowScale r = row_scale(p, i);
       if (!r.valid) continue;
-      total += r.s * static_cast<double>(p.rows[3 * i + 2]);
+      // A row with s = 0 adds 0 even where its raw value overflowed (0 * inf).
+      if (r.s != 0.0) total += r.s * static_cast<double>(p.rows[3 * i + 2]);
       den += r.cw;
     }
     total = block_sum(total, buf);
@@ -626,13 +629,14 @@ __global__ void __launch_bounds__(kFinBlock) apply_kernel(const FinParams<acc_t>
     if (p.normalised) {
       // D = g1 (NaN passes the test: it must reach every row that counts).
       if (r.valid && r.s != 0.0 && g1 != 0.0) coef = r.s * exp(lw - g0) / (2.0 * g1);
-    } else if (r.valid) {
+    } else if (r.valid && r.s != 0.0) {
       coef = r.s * exp(lw) / 2.0;
       if (p.reduction == kMean) coef = g1 != 0.0 ? coef / g1 : 0.0;  // PyTorch's rule: D = sum weight[y]
     }
     p.stats[2 * i] = p.rows[3 * i];
     p.stats[2 * i + 1] = static_cast<acc_t>(coef);
-    if (p.reduction == kNone) p.value[i] = r.valid ? static_cast<acc_t>(r.s * static_cast<double>(p.rows[3 * i + 2])) : acc_t(0);
+    if (p.reduction == kNone)
+      p.value[i] = (r.valid && r.s != 0.0) ? static_cast<acc_t>(r.s * static_cast<double>(p.rows[3 * i + 2])) : acc_t(0);
   }
 
   if (blockIdx.x == 0 && t == 0 && p.reduction != kNone) {

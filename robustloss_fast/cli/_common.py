@@ -47,13 +47,14 @@ def require(modules: List[str], extra: str, what: str) -> None:
         )
 
 
-def _number(node: ast.AST, where: str) -> float:
+def _number(node: ast.AST, where: str):
     # Only literal numbers (optionally signed): a spec is data, never code.
+    # Integer literals stay int (TaylorCE's order must be one).
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
         value = _number(node.operand, where)
         return -value if isinstance(node.op, ast.USub) else value
     if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-        return float(node.value)
+        return node.value
     raise CLIError(f"{where}: expected a number, got {ast.unparse(node)!r}")
 
 

@@ -251,6 +251,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
+    if not value >= 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text}")
+    return value
+
+
 def add_parser(sub) -> None:
     ap = sub.add_parser(
         "demo",
@@ -278,7 +288,7 @@ def add_parser(sub) -> None:
     )
     ap.add_argument("--hidden", type=_positive_int, default=256, help="hidden width of the MLP (default: %(default)s)")
     ap.add_argument("--lr", type=_positive_float, default=DEFAULT_LR, help="Adam learning rate (default: %(default)s)")
-    ap.add_argument("--weight-decay", type=float, default=DEFAULT_WD, help="Adam weight decay (default: %(default)s)")
+    ap.add_argument("--weight-decay", type=_non_negative_float, default=DEFAULT_WD, help="Adam weight decay (default: %(default)s)")
     ap.add_argument("--batch-size", type=_positive_int, default=64, help="batch size (default: %(default)s)")
     ap.add_argument(
         "--backend", default="auto", choices=("auto", "cpu", "torch"), help="robust_cross_entropy backend"

@@ -106,6 +106,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'scheme'.ljust(width)}  emphasis mode psi")
     for s in schemes:
         psi = s.emphasis_mode
-        print(f"{scheme_name(s).ljust(width)}  {'none (flat)' if psi is None else f'{psi:.3f}'}")
+        print(f"{scheme_name(s).ljust(width)}  {'no unique maximum' if psi is None else f'{psi:.3f}'}")
     print(f"wrote {args.out}")
     return 0

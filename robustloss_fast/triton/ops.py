@@ -254,6 +254,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_value, _grad_stats):
+    if torch.is_grad_enabled():
+        raise RuntimeError("robustloss: double backward (create_graph=True) is not supported")
     # The SPEC gradient (weights detached, SPEC §3), not autograd through the rows.
     logits, target, stats = ctx.saved_tensors
     grad_logits = backward_op(grad_value, logits, target, stats, ctx.ignore_index)
