@@ -38,19 +38,7 @@ pytestmark = [
     pytest.mark.skipif(_REASON is not None, reason=f"the CUDA backend is unavailable: {_REASON}"),
 ]
 
-SCHEMES = [
-    CCE(),
-    MAE(),
-    MSE(),
-    GCE(),
-    DM(),
-    DM(lam=0.5, beta=12.0),
-    DM(lam=0.0, beta=-3.0),
-    IMAE(),
-    DMNormal(psi=0.3, beta=4.0),
-    DMExponential(),
-    DMBeta(alpha=2.0, eta=3.0),
-]
+from _cases import SCHEMES  # noqa: E402
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 MODES = [("none", None), ("mean", None), ("mean", True), ("mean", False), ("sum", None)]
 IGNORE = -100

@@ -17,19 +17,7 @@ import robustloss_fast as rf
 from robustloss_fast import _backends
 from robustloss_fast.schemes import CCE, DM, GCE, IMAE, MAE, MSE, DMBeta, DMExponential, DMNormal, Focal, Scheme
 
-SCHEMES = [
-    CCE(),
-    MAE(),
-    MSE(),
-    GCE(),
-    DM(),
-    DM(lam=0.5, beta=12.0),
-    DM(lam=0.0, beta=-3.0),
-    IMAE(),
-    DMNormal(psi=0.3, beta=4.0),
-    DMExponential(),
-    DMBeta(alpha=2.0, eta=3.0),
-]
+from _cases import SCHEMES  # noqa: E402
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 BACKENDS = [b for b in ("torch", "cpu") if _backends._unavailable_reason(b) is None]
 REDUCTIONS = ["none", "mean", "sum"]

@@ -29,20 +29,7 @@ from robustloss_fast import _backends
 from robustloss_fast import _finalize, reference
 from robustloss_fast.schemes import CCE, DM, GCE, IMAE, MAE, MSE, DMBeta, DMExponential, DMNormal
 
-SCHEMES = [
-    CCE(),
-    MAE(),
-    MSE(),
-    GCE(),
-    DM(),
-    DM(lam=0.5, beta=12.0),
-    DM(lam=0.0, beta=-3.0),
-    IMAE(),
-    DMNormal(psi=0.3, beta=4.0),
-    DMExponential(),
-    # alpha != eta, so swapping the two kernel parameters cannot go unnoticed.
-    DMBeta(alpha=2.0, eta=3.0),
-]
+from _cases import SCHEMES  # noqa: E402
 # The loss-defined peers of issue 7 (functions of p alone), on the same fused pass.
 PEER_NAMES = ("Poly1", "RCE", "SCE", "Focal", "TaylorCE")
 PEERS = [getattr(rf.schemes, name)() for name in PEER_NAMES if hasattr(rf.schemes, name)]

@@ -8,7 +8,7 @@ from typing import List
 
 import torch
 
-from ._common import CLIError, Progress, require
+from ._common import CLIError, Progress, positive_int, require
 
 _DTYPES = ("float32", "float16", "bfloat16", "float64")
 
@@ -32,16 +32,6 @@ def parse_shapes(text: str):
             raise argparse.ArgumentTypeError(f"bad dtype {dtype!r} in {item!r}; choose one of {', '.join(_DTYPES)}")
         cases.append(Case(n, c, dtype))
     return cases
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
 
 
 def default_device() -> str:
@@ -76,8 +66,8 @@ def add_parser(sub) -> None:
         help="comma-separated subset of the variants (default: all that run here; see --list)",
     )
     ap.add_argument("--list", action="store_true", help="list the variants available on the device and exit")
-    ap.add_argument("--repeats", type=_positive_int, default=15, help="timed samples per variant (default: 15)")
-    ap.add_argument("--warmup", type=_positive_int, default=3, help="warm-up steps per variant (default: 3)")
+    ap.add_argument("--repeats", type=positive_int, default=15, help="timed samples per variant (default: 15)")
+    ap.add_argument("--warmup", type=positive_int, default=3, help="warm-up steps per variant (default: 3)")
     ap.add_argument("--json", metavar="PATH", help="write the full result as JSON")
     ap.add_argument("--png", metavar="PATH", help="write a speedup / memory chart (needs matplotlib)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement (faster)")

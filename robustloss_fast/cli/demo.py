@@ -25,7 +25,7 @@ import torch
 from .._backends import available_backends
 from ..functional import robust_cross_entropy
 from ..schemes import Scheme
-from ._common import CLIError, parse_scheme, require, scheme_arg, scheme_name
+from ._common import CLIError, parse_scheme, positive_int, require, scheme_arg, scheme_name
 
 DEFAULT_SCHEMES = ("CCE", "MAE", "GCE(q=0.7)", "IMAE(T=8)", "DM(lam=1,beta=16)")
 N_TRAIN = 1200  # of 1797; the remaining 597 are the clean test set
@@ -231,16 +231,6 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -282,14 +272,14 @@ def add_parser(sub) -> None:
         help=f"losses to compare, as NAME or NAME(key=value,...) (default: {' '.join(DEFAULT_SCHEMES)})",
     )
     ap.add_argument("--noise", type=_fraction, default=0.4, help="symmetric label-noise rate r (default: %(default)s)")
-    ap.add_argument("--epochs", type=_positive_int, default=DEFAULT_EPOCHS, help="epochs (default: %(default)s)")
+    ap.add_argument("--epochs", type=positive_int, default=DEFAULT_EPOCHS, help="epochs (default: %(default)s)")
     ap.add_argument(
         "--seed", type=int, default=0, help="seed of the split, the noise, the init and the batch order (default: 0)"
     )
-    ap.add_argument("--hidden", type=_positive_int, default=256, help="hidden width of the MLP (default: %(default)s)")
+    ap.add_argument("--hidden", type=positive_int, default=256, help="hidden width of the MLP (default: %(default)s)")
     ap.add_argument("--lr", type=_positive_float, default=DEFAULT_LR, help="Adam learning rate (default: %(default)s)")
     ap.add_argument("--weight-decay", type=_non_negative_float, default=DEFAULT_WD, help="Adam weight decay (default: %(default)s)")
-    ap.add_argument("--batch-size", type=_positive_int, default=64, help="batch size (default: %(default)s)")
+    ap.add_argument("--batch-size", type=positive_int, default=64, help="batch size (default: %(default)s)")
     ap.add_argument(
         "--backend", default="auto", choices=("auto", "cpu", "torch"), help="robust_cross_entropy backend"
     )
@@ -298,7 +288,7 @@ def add_parser(sub) -> None:
     ap.add_argument("--json", metavar="PATH", help="also write the per-epoch curves and the summary as JSON")
     ap.add_argument(
         "--threads",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         help="torch threads (default 1, so that the results do not depend on the core count)",
     )
