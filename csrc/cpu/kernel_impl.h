@@ -245,33 +245,11 @@ void backward_typed(const BackwardArgs& args) {
 }
 
 inline void rows_impl(const RowsArgs& args) {
-  switch (args.dtype) {
-    case c10::ScalarType::Float:
-      return rows_typed<float>(args);
-    case c10::ScalarType::Double:
-      return rows_typed<double>(args);
-    case c10::ScalarType::Half:
-      return rows_typed<c10::Half>(args);
-    case c10::ScalarType::BFloat16:
-      return rows_typed<c10::BFloat16>(args);
-    default:
-      return;  // dtypes are checked by the op layer
-  }
+  dispatch_logits_dtype(args.dtype, [&](auto tag) { rows_typed<typename decltype(tag)::type>(args); });
 }
 
 inline void backward_impl(const BackwardArgs& args) {
-  switch (args.dtype) {
-    case c10::ScalarType::Float:
-      return backward_typed<float>(args);
-    case c10::ScalarType::Double:
-      return backward_typed<double>(args);
-    case c10::ScalarType::Half:
-      return backward_typed<c10::Half>(args);
-    case c10::ScalarType::BFloat16:
-      return backward_typed<c10::BFloat16>(args);
-    default:
-      return;
-  }
+  dispatch_logits_dtype(args.dtype, [&](auto tag) { backward_typed<typename decltype(tag)::type>(args); });
 }
 
 }  // namespace CPU_CAPABILITY

@@ -766,33 +766,11 @@ void finalize_typed(const FinalizeArgs& a, cudaStream_t stream) {
 int64_t finalize_workspace_size(int64_t n) { return n > 0 ? 3 * num_partials(n) : 0; }
 
 void launch_rows(const RowsArgs& args, cudaStream_t stream) {
-  switch (args.dtype) {
-    case c10::ScalarType::Float:
-      return rows_typed<float>(args, stream);
-    case c10::ScalarType::Double:
-      return rows_typed<double>(args, stream);
-    case c10::ScalarType::Half:
-      return rows_typed<c10::Half>(args, stream);
-    case c10::ScalarType::BFloat16:
-      return rows_typed<c10::BFloat16>(args, stream);
-    default:
-      TORCH_CHECK(false, "robustloss: unsupported logits dtype ", args.dtype);
-  }
+  dispatch_logits_dtype(args.dtype, [&](auto tag) { rows_typed<typename decltype(tag)::type>(args, stream); });
 }
 
 void launch_backward(const BackwardArgs& args, cudaStream_t stream) {
-  switch (args.dtype) {
-    case c10::ScalarType::Float:
-      return backward_typed<float>(args, stream);
-    case c10::ScalarType::Double:
-      return backward_typed<double>(args, stream);
-    case c10::ScalarType::Half:
-      return backward_typed<c10::Half>(args, stream);
-    case c10::ScalarType::BFloat16:
-      return backward_typed<c10::BFloat16>(args, stream);
-    default:
-      TORCH_CHECK(false, "robustloss: unsupported logits dtype ", args.dtype);
-  }
+  dispatch_logits_dtype(args.dtype, [&](auto tag) { backward_typed<typename decltype(tag)::type>(args, stream); });
 }
 
 void launch_finalize(const FinalizeArgs& args, cudaStream_t stream) {

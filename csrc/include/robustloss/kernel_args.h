@@ -5,6 +5,9 @@
 #pragma once
 
 #include <c10/core/ScalarType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 
 #include <cstdint>
 
@@ -37,5 +40,28 @@ struct BackwardArgs {
   bool grad_per_row;
   void* out;  // (n, c) contiguous, dtype of the logits
 };
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Call f(TypeTag<scalar_t>{}) for the logits dtype: the one switch over the
+// four supported dtypes, shared by the CPU and CUDA launchers.
+template <typename F>
+void dispatch_logits_dtype(c10::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case c10::ScalarType::Float:
+      return f(TypeTag<float>{});
+    case c10::ScalarType::Double:
+      return f(TypeTag<double>{});
+    case c10::ScalarType::Half:
+      return f(TypeTag<c10::Half>{});
+    case c10::ScalarType::BFloat16:
+      return f(TypeTag<c10::BFloat16>{});
+    default:
+      TORCH_CHECK(false, "robustloss: unsupported logits dtype ", dtype);
+  }
+}
 
 }  // namespace robustloss
