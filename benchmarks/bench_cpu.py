@@ -28,8 +28,8 @@ from robustloss_fast import _bench
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# O(N) buffers the fused op may keep besides the gradient: rows (N, 3),
-# stats (N, 2), value, in float32 -- 20 bytes a row; allow some slack.
+# O(N) buffers the fused op may keep besides the gradient: rows (N, 6),
+# stats (N, 4), value, in float32 -- 44 bytes a row; allow some slack.
 ROW_BYTES_ALLOWED = 64
 
 

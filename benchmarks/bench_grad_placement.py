@@ -52,7 +52,7 @@ class _GradInForward(torch.autograd.Function):
     def forward(ctx, logits, target, skip_unit):
         value, stats = torch.ops.robustloss.robust_ce_forward(logits, target, _KID, _A, _B, None, None, _IGNORE, _MEAN, True)
         one = torch.ones((), dtype=stats.dtype)
-        grad = torch.ops.robustloss.robust_ce_backward(one, logits, target, stats, _IGNORE)
+        grad = torch.ops.robustloss.robust_ce_backward(one, logits, target, stats, None, _IGNORE, _KID, _A)
         ctx.save_for_backward(grad)
         ctx.skip_unit = skip_unit
         return value
@@ -84,7 +84,7 @@ class _GradInBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         logits, target, stats = ctx.saved_tensors
-        return torch.ops.robustloss.robust_ce_backward(g, logits, target, stats, _IGNORE), None
+        return torch.ops.robustloss.robust_ce_backward(g, logits, target, stats, None, _IGNORE, _KID, _A), None
 
 
 def grad_in_backward_plain(z, y):

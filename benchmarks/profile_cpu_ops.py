@@ -72,9 +72,9 @@ def profile_case(case, repeats):
         F.cross_entropy(z, y).backward()
 
     ops = {
-        "rows": lambda: torch.ops.robustloss.robust_ce_rows(zd, y, KID, A, B, -100, True),
+        "rows": lambda: torch.ops.robustloss.robust_ce_rows(zd, y, KID, A, B, None, -100, True),
         "forward": lambda: torch.ops.robustloss.robust_ce_forward(zd, y, KID, A, B, None, None, -100, 1, True),
-        "backward": lambda: torch.ops.robustloss.robust_ce_backward(one, zd, y, stats, -100),
+        "backward": lambda: torch.ops.robustloss.robust_ce_backward(one, zd, y, stats, None, -100, KID, A),
         "alloc+fill": lambda: torch.empty_like(zd).fill_(0),
         "copy": lambda: dst.copy_(src),
         "fill": lambda: dst.fill_(0),

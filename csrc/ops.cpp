@@ -6,18 +6,27 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include "robustloss/schemes.h"
+
 TORCH_LIBRARY(robustloss, m) {
-  // Fused forward: (value, stats); stats (N, 2) = (lse_nt, coef) per row, where
-  // grad_logits = g * coef * (r - e_y). value is (N,) for reduction 0 (none),
-  // a scalar for 1 (mean) and 2 (sum).
+  // Fused forward: (value, stats); stats (N, 4) = (lse_nt, alpha, beta, gamma)
+  // per row. value is (N,) for reduction 0 (none), a scalar for 1 (mean) and 2
+  // (sum). For label smoothing (scheme 10) `weight` also weighs the classes of
+  // the smoothing sum, as in F.cross_entropy.
   m.def(
       "robust_ce_forward(Tensor logits, Tensor target, int scheme, float a, float b, Tensor? weight, "
       "Tensor? sample_weight, int ignore_index, int reduction, bool normalize) -> (Tensor, Tensor)");
-  m.def("robust_ce_backward(Tensor grad, Tensor logits, Tensor target, Tensor stats, int ignore_index) -> Tensor");
-  // The row pass alone: (N, 3) = (lse_nt, log w, x) per row.
+  // grad_logits[i, j] = g (alpha r_j + beta u_j) for j != y, g gamma at y;
+  // u = smooth_weight (all 1 when None). scheme and a: the forward's; NFL (12)
+  // reads its stats in P-form, g (alpha P_j + beta h_a(P_j)) (schemes.h).
   m.def(
-      "robust_ce_rows(Tensor logits, Tensor target, int scheme, float a, float b, int ignore_index, "
-      "bool normalised) -> Tensor");
+      "robust_ce_backward(Tensor grad, Tensor logits, Tensor target, Tensor stats, Tensor? smooth_weight, "
+      "int ignore_index, int scheme, float a) -> Tensor");
+  // The row pass alone: (N, 6) = (lse_nt, log w, x, alpha, beta, gamma) per row
+  // (schemes.h: RowGrad); smooth_weight is u of label smoothing (scheme 10).
+  m.def(
+      "robust_ce_rows(Tensor logits, Tensor target, int scheme, float a, float b, Tensor? smooth_weight, "
+      "int ignore_index, bool normalised) -> Tensor");
 }
 
 namespace {
@@ -46,8 +55,12 @@ class RobustCEFunction : public torch::autograd::Function<RobustCEFunction> {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [value, stats] =
         op.call(logits, target, scheme, a, b, weight, sample_weight, ignore_index, reduction, normalize);
-    ctx->save_for_backward({logits, target, stats});
+    // Label smoothing's second term points along the class weights.
+    const bool smooth = scheme == robustloss::kCCELS && weight.has_value();
+    ctx->save_for_backward({logits, target, stats, smooth ? *weight : at::Tensor()});
     ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["scheme"] = scheme;
+    ctx->saved_data["a"] = a;
     ctx->mark_non_differentiable({stats});
     return {value, stats};
   }
@@ -56,13 +69,17 @@ class RobustCEFunction : public torch::autograd::Function<RobustCEFunction> {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("robustloss::robust_ce_backward", "")
                          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                           const at::Tensor&, int64_t)>();
+                                           const at::Tensor&, const std::optional<at::Tensor>&, int64_t, int64_t,
+                                           double)>();
     // The backward op has no derivative of its own: refuse create_graph=True
     // rather than return a silently missing second-order gradient.
     TORCH_CHECK(!at::GradMode::is_enabled(), "robustloss: double backward (create_graph=True) is not supported");
     const auto saved = ctx->get_saved_variables();
     const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
-    at::Tensor grad_logits = op.call(grads[0], saved[0], saved[1], saved[2], ignore_index);
+    std::optional<at::Tensor> smooth_weight;
+    if (saved[3].defined()) smooth_weight = saved[3];
+    at::Tensor grad_logits = op.call(grads[0], saved[0], saved[1], saved[2], smooth_weight, ignore_index,
+                                     ctx->saved_data["scheme"].toInt(), ctx->saved_data["a"].toDouble());
     // One entry per forward argument; only the logits get a gradient (the
     // emphasis is a constant for differentiation, SPEC §3).
     return {grad_logits, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),

@@ -2,13 +2,14 @@
 
 The fused ops do this step inside the kernel call. Callers that produce the
 row statistics in several calls -- chunks of a fused linear layer, shards of a
-distributed batch, the Triton backend -- concatenate the ``rows`` ``(N, 3) =
-(lse_nt, log w, x)`` from ``robust_ce_rows`` and finish here. It is written
-without data-dependent Python branches, so it traces under
+distributed batch, the Triton backend -- concatenate the ``rows`` ``(N, 6) =
+(lse_nt, log w, x, alpha, beta, gamma)`` from ``robust_ce_rows`` and finish
+here. It is written without data-dependent Python branches, so it traces under
 ``torch.compile(fullgraph=True)``.
 
 Returns ``(value, stats)`` exactly as ``robust_ce_forward`` does:
-``stats (N, 2) = (lse_nt, coef)`` with ``grad_logits = g * coef * (r - e_y)``.
+``stats (N, 4) = (lse_nt, alpha, beta, gamma)``, the row's gradient
+``g (alpha r_j + beta u_j)`` off the target and ``g gamma`` at it.
 """
 
 from __future__ import annotations
@@ -26,14 +27,22 @@ def sample_scale(
     sample_weight: Optional[torch.Tensor],
     ignore_index: int,
     dtype: torch.dtype,
+    weight_in_rows: bool = False,
 ):
-    """(valid, s, class weight of each row): s_i = sample_weight_i * weight[y_i], 0 when ignored."""
+    """(valid, s, class weight of each row): s_i = sample_weight_i * weight[y_i], 0 when ignored.
+
+    ``weight_in_rows`` (label smoothing): the rows already carry the class
+    weights (PyTorch weighs every class of the smoothing sum), so ``s_i`` is
+    the sample weight alone; the class weights still make the mean's ``D``.
+    """
     valid = target != ignore_index
     y = torch.where(valid, target, torch.zeros_like(target))
     zero = torch.zeros((), dtype=dtype, device=target.device)
-    cw = weight.to(dtype)[y] if weight is not None else torch.ones(target.shape, dtype=dtype, device=target.device)
+    ones = torch.ones(target.shape, dtype=dtype, device=target.device)
+    cw = weight.to(dtype)[y] if weight is not None else ones
     cw = torch.where(valid, cw, zero)
-    s = cw if sample_weight is None else cw * sample_weight.to(dtype)
+    s = torch.where(valid, ones, zero) if weight_in_rows else cw
+    s = s if sample_weight is None else s * sample_weight.to(dtype)
     return valid, s, cw
 
 
@@ -47,8 +56,9 @@ def finalize(
     normalize: bool,
     *,
     across=None,
+    weight_in_rows: bool = False,
 ):
-    """(value, stats) from per-row ``rows = (lse_nt, log w, x)``; see the module docstring.
+    """(value, stats) from per-row ``rows = (lse_nt, log w, x, alpha, beta, gamma)``; see the module docstring.
 
     ``across`` (optional) extends the batch beyond these rows, for shards of
     one batch held elsewhere (``robustloss_fast.distributed``). It provides
@@ -61,7 +71,7 @@ def finalize(
     """
     dtype = rows.dtype
     lse_nt, lw, x = rows[:, 0], rows[:, 1], rows[:, 2]
-    valid, s, cw = sample_scale(target, weight, sample_weight, ignore_index, dtype)
+    valid, s, cw = sample_scale(target, weight, sample_weight, ignore_index, dtype, weight_in_rows)
     zero = torch.zeros((), dtype=dtype, device=rows.device)
 
     if reduction == MEAN and normalize:
@@ -79,15 +89,16 @@ def finalize(
         ok = denom != 0
         safe = torch.where(ok, denom, torch.ones_like(denom))
         value = torch.where(ok, torch.where(active, s * e * x, zero).sum() / safe, zero)
-        coef = torch.where(ok & active, s * e / (2 * safe), zero)
+        # G = 0 for a row with no finite non-target logit (SPEC §3); it still counts in D.
+        coef = torch.where(ok & active & (lse_nt != float("-inf")), s * e / (2 * safe), zero)
         if across is not None:
             value, coef = value * across.scale, coef * across.scale
-        return value, torch.stack([lse_nt, coef], dim=1)
+        return value, torch.stack([lse_nt, coef, torch.zeros_like(coef), -coef], dim=1)
 
     # Rows with s = 0 contribute 0, even where their raw weight overflowed (0 * inf).
     counts = valid & (s != 0)
     sx = torch.where(counts, s * x, zero)
-    coef = torch.where(counts, s * torch.exp(lw) / 2, zero)
+    scale = s
     if reduction == NONE:
         value = sx
     elif reduction == SUM:
@@ -97,7 +108,8 @@ def finalize(
         ok = denom != 0
         safe = torch.where(ok, denom, torch.ones_like(denom))
         value = torch.where(ok, sx.sum() / safe, zero)
-        coef = torch.where(ok, coef / safe, zero)
+        scale = torch.where(ok, s / safe, zero)
     if across is not None:
-        value, coef = value * across.scale, coef * across.scale
-    return value, torch.stack([lse_nt, coef], dim=1)
+        value, scale = value * across.scale, scale * across.scale
+    coefs = torch.where(counts[:, None], scale[:, None] * rows[:, 3:6], zero)
+    return value, torch.cat([lse_nt[:, None], coefs], dim=1)

@@ -39,6 +39,10 @@ def example_weights(
     """
     if not isinstance(scheme, Scheme):
         raise TypeError(f"scheme must be a robustloss_fast.schemes.Scheme, got {scheme!r}")
+    if scheme.two_term:
+        raise ValueError(
+            f"{type(scheme).__name__} depends on the whole distribution, not on p alone: it has no emphasis w(p)"
+        )
     if normalize is None:
         normalize = scheme.default_normalize
     logits, tgt, _, shape = _canonical(input, target, None)

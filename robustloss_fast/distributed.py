@@ -123,28 +123,32 @@ def finalize_distributed(
     reduction: int,
     normalize: bool,
     process_group,
+    *,
+    weight_in_rows: bool = False,
 ):
     """``_finalize.finalize`` with the normaliser of the whole group's batch (data parallel).
 
-    ``rows`` (N, 3) = (lse_nt, log w, x) are this rank's rows (from
-    ``robust_ce_rows`` with ``normalised = reduction == 1 and normalize``).
+    ``rows`` (N, 6) are this rank's rows (from ``robust_ce_rows`` with
+    ``normalised = reduction == 1 and normalize``; ``weight_in_rows`` for label
+    smoothing, as in ``_finalize.finalize``).
     Returns ``(value, stats)`` like ``robust_ce_forward``, scaled by the world
     size ``W`` (see the module docstring): ``value`` is ``W`` times this rank's
-    share of the global loss and ``stats[:, 1]`` (coef) carries the same
-    factor, so ``grad_logits = g * coef * (r - e_y)`` is ready for DDP's
+    share of the global loss and ``stats[:, 1:]`` (the gradient's
+    coefficients) carry the same factor, so the backward op's gradient is ready for DDP's
     averaging. ``reduction`` 0/2 communicate nothing; 1 issues one small
     collective (all ranks must call it). Not differentiable itself: wrap it
     (see ``robust_cross_entropy_rows``) and use ``robust_ce_backward``.
     """
     _check_group(process_group)
     return _finalize.finalize(
-        rows, target, weight, sample_weight, ignore_index, reduction, normalize, across=_AcrossGroup(process_group)
-    )
+        rows, target, weight, sample_weight, ignore_index, reduction, normalize,
+        across=_AcrossGroup(process_group), weight_in_rows=weight_in_rows,
+    )  # fmt: skip
 
 
-def reference_rows(logits, target, kernel_id, a, b, ignore_index, normalised):
-    """``robust_ce_rows`` in the reference's tensor ops: (N, 3) = (lse_nt, log w, x)."""
-    return reference.rows(logits, target, kernel_id, a, b, ignore_index, normalised)
+def reference_rows(logits, target, kernel_id, a, b, ignore_index, normalised, smooth_weight=None):
+    """``robust_ce_rows`` in the reference's tensor ops: (N, 6) = (lse_nt, log w, x, alpha, beta, gamma)."""
+    return reference.rows(logits, target, kernel_id, a, b, ignore_index, normalised, smooth_weight)
 
 
 class _DataParallelFunction(torch.autograd.Function):
@@ -153,12 +157,18 @@ class _DataParallelFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, kid, a, b, weight, sw, ignore_index, reduction, normalize, group, compiled):
         normalised = reduction == MEAN and normalize
+        # Label smoothing weighs the classes of its smoothing sum (PyTorch's convention).
+        smooth = kid == reference.KERNEL_IDS["CCE_LS"]
+        u = weight if smooth else None
         if compiled:
-            rows = torch.ops.robustloss.robust_ce_rows(logits, target, kid, a, b, ignore_index, normalised)
+            rows = torch.ops.robustloss.robust_ce_rows(logits, target, kid, a, b, u, ignore_index, normalised)
         else:
-            rows = reference_rows(logits, target, kid, a, b, ignore_index, normalised)
-        value, stats = finalize_distributed(rows, target, weight, sw, ignore_index, reduction, normalize, group)
-        ctx.save_for_backward(logits, target, stats)
+            rows = reference_rows(logits, target, kid, a, b, ignore_index, normalised, u)
+        value, stats = finalize_distributed(
+            rows, target, weight, sw, ignore_index, reduction, normalize, group, weight_in_rows=smooth
+        )
+        ctx.save_for_backward(logits, target, stats, u)
+        ctx.kid, ctx.a = kid, a
         ctx.ignore_index = ignore_index
         ctx.compiled = compiled
         return value
@@ -167,11 +177,13 @@ class _DataParallelFunction(torch.autograd.Function):
     def backward(ctx, grad):
         if torch.is_grad_enabled():  # create_graph=True: refuse rather than drop the second-order term
             raise RuntimeError("robustloss: double backward (create_graph=True) is not supported")
-        logits, target, stats = ctx.saved_tensors
+        logits, target, stats, u = ctx.saved_tensors
         if ctx.compiled:
-            grad_logits = torch.ops.robustloss.robust_ce_backward(grad, logits, target, stats, ctx.ignore_index)
+            grad_logits = torch.ops.robustloss.robust_ce_backward(
+                grad, logits, target, stats, u, ctx.ignore_index, ctx.kid, ctx.a
+            )
         else:
-            grad_logits = reference.backward(grad, logits, target, stats, ctx.ignore_index)
+            grad_logits = reference.backward(grad, logits, target, stats, ctx.ignore_index, u, ctx.kid, ctx.a)
         return (grad_logits,) + (None,) * 11
 
 
@@ -213,7 +225,7 @@ def _local_target(logits, target, ignore_index, class_offset):
 
 
 def vocab_parallel_rows(logits, target, kernel_id, a, b, ignore_index, normalised, class_offset, process_group):
-    """Rows (N, 3) = (lse_nt, log w, x) of the full-vocabulary logits, from this rank's class slice.
+    """Rows (N, 6) of the full-vocabulary logits (one-term schemes), from this rank's class slice.
 
     Identical on every rank of ``process_group``. Two ``all_reduce`` calls:
     MAX of (largest local non-target logit, bad-row flag), then SUM of
@@ -260,18 +272,22 @@ def vocab_parallel_rows(logits, target, kernel_id, a, b, ignore_index, normalise
 
 
 def _vocab_parallel_backward(grad, logits, target, stats, ignore_index, class_offset):
-    """This slice of ``g * coef * (r - e_y)``: r from the global lse_nt, -1 at an owned target."""
+    """This slice of ``g (alpha r - ...)``: ``alpha r`` from the global lse_nt, ``gamma`` at an owned target.
+
+    One-term schemes only (``beta = 0``).
+    """
     acc = stats.dtype
     z = logits.to(acc)
     valid, owned, col = _local_target(z, target, ignore_index, class_offset)
-    lse_nt, coef = stats[:, 0], stats[:, 1]
+    lse_nt, alpha, gamma = stats[:, 0], stats[:, 1], stats[:, 3]
     is_target = torch.zeros(z.shape, dtype=torch.bool, device=z.device)
     is_target.scatter_(1, col[:, None], owned[:, None])
-    direction = torch.where(is_target, torch.full_like(z, -1.0), torch.exp(z - lse_nt[:, None]))
-    direction = torch.where((lse_nt == -math.inf)[:, None], torch.zeros_like(direction), direction)
+    r = torch.exp(z - lse_nt[:, None])
+    r = torch.where((lse_nt == -math.inf)[:, None], torch.zeros_like(r), r)
+    direction = torch.where(is_target, gamma[:, None].expand_as(z), alpha[:, None] * r)
     g = grad.to(acc)
     g = g[:, None] if g.dim() == 1 else g
-    out = torch.where(valid[:, None], g * coef[:, None] * direction, torch.zeros_like(direction))
+    out = torch.where(valid[:, None], g * direction, torch.zeros_like(direction))
     return out.to(logits.dtype)
 
 
@@ -305,6 +321,11 @@ def vocab_parallel_cross_entropy_rows(
     ``weight`` is the full ``(C,)`` class-weight vector.
     """
     _check_group(process_group)
+    if kernel_id in reference.TWO_TERM:
+        raise NotImplementedError(
+            "vocab_parallel=True supports the schemes of p alone; label smoothing and NCE/APL need one more "
+            "all_reduce of the row's logit sum, not implemented"
+        )
     if class_offset is None:
         class_offset = dist.get_rank(process_group) * logits.shape[1]
     if isinstance(class_offset, bool) or not isinstance(class_offset, int) or class_offset < 0:

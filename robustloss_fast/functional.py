@@ -14,7 +14,8 @@ from typing import Optional
 import torch
 
 from . import _backends, distributed
-from .schemes import DM, IMAE, Scheme
+from .reference import NORMALIZE_TWO_TERM_MSG
+from .schemes import CCE, DM, IMAE, KERNEL_IDS, Scheme
 
 __all__ = ["robust_cross_entropy", "dm_loss", "imae_loss", "available_backends"]
 
@@ -83,7 +84,7 @@ def _canonical(input: torch.Tensor, target: torch.Tensor, sample_weight: Optiona
     return logits, rows_target, rows_sw, tuple(target.shape)
 
 
-def check_flags(scheme, reduction: str, normalize: Optional[bool], ignore_index: int):
+def check_flags(scheme, reduction: str, normalize: Optional[bool], ignore_index: int, label_smoothing: float = 0.0):
     """Validate the non-tensor arguments; (reduction code, normalize with the scheme's default)."""
     if not isinstance(scheme, Scheme):
         raise TypeError(f"scheme must be a robustloss_fast.schemes.Scheme (e.g. DM()), got {scheme!r}")
@@ -95,7 +96,27 @@ def check_flags(scheme, reduction: str, normalize: Optional[bool], ignore_index:
         raise TypeError(f"normalize must be a bool or None, got {normalize!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        raise TypeError(f"label_smoothing must be a float, got {label_smoothing!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0.0, 1.0], got {label_smoothing!r}")
+    if label_smoothing > 0 and type(scheme) is not CCE:
+        raise ValueError(
+            f"label_smoothing is defined for CCE() only (as in F.cross_entropy), got scheme {scheme!r}; "
+            "for robust training with soft labels combine a scheme with ELRLoss or SCE instead"
+        )
+    two_term = scheme.two_term or label_smoothing > 0
+    if two_term and normalize and _REDUCTIONS[reduction] == 1:
+        raise ValueError(NORMALIZE_TWO_TERM_MSG)
     return _REDUCTIONS[reduction], normalize
+
+
+def kernel_args(scheme: Scheme, label_smoothing: float = 0.0):
+    """(kernel id, a, b) of a scheme; CCE with label smoothing is its own kernel formula."""
+    if label_smoothing > 0:
+        return KERNEL_IDS["CCE_LS"], float(label_smoothing), 0.0
+    a, b = scheme.kernel_params
+    return scheme.kernel_id, float(a), float(b)
 
 
 def check_not_differentiable(**tensors) -> None:
@@ -123,6 +144,7 @@ def robust_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     normalize: Optional[bool] = None,
+    label_smoothing: float = 0.0,
     backend: str = "auto",
     process_group=None,
     vocab_parallel: bool = False,
@@ -147,9 +169,16 @@ def robust_cross_entropy(
       rule.
 
     ``value_i`` is ``L(p_i)`` for loss-defined schemes (``CCE``, ``MAE``,
-    ``MSE``, ``GCE``) and ``w_i (-log p_i)`` for derivative-defined ones
-    (``DM``, ``IMAE``, ``DMNormal``, ``DMExponential``, ``DMBeta``). With
-    ``CCE()`` and ``normalize=False`` this equals ``F.cross_entropy``.
+    ``MSE``, ``GCE`` and the peers) and ``w_i (-log p_i)`` for
+    derivative-defined ones (``DM``, ``IMAE``, ``DMNormal``, ``DMExponential``,
+    ``DMBeta``). With ``CCE()`` and ``normalize=False`` this equals
+    ``F.cross_entropy``, with ``label_smoothing`` too.
+
+    ``NCE``/``APL`` and label smoothing depend on the whole distribution, not
+    on ``p`` alone: their gradient is ``alpha_i r + beta_i u`` off the target
+    (``u`` = 1, or the class weights for label smoothing), computed in the same
+    fused pass; they have no emphasis ``w(p)``, so ``normalize=True`` is
+    refused for them (docs/math.md).
 
     Args:
         input: logits ``(N, C)``, ``(C,)`` or ``(N, C, d1, ..., dk)``; float16,
@@ -164,6 +193,11 @@ def robust_cross_entropy(
         reduction: ``"none"``, ``"mean"`` or ``"sum"``.
         normalize: derivative normalisation for ``"mean"`` (ignored otherwise);
             ``None`` picks the scheme's default.
+        label_smoothing: in ``[0, 1]``; ``CCE()`` only: the loss is
+            ``(1 - eps) CE + eps/C sum_k weight_k (-log P_k)``, exactly
+            ``F.cross_entropy(label_smoothing=eps)`` including its ``weight``
+            and ``ignore_index`` conventions (class weights weigh every class
+            of the smoothing sum; ``"mean"`` divides by ``sum_i weight[y_i]``).
         backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"torch"``
             (the pure-PyTorch reference).
         process_group: a ``torch.distributed`` group (e.g. ``dist.group.WORLD``)
@@ -189,17 +223,16 @@ def robust_cross_entropy(
         ``|beta|`` with ``"none"``, ``"sum"`` or ``normalize=False``; the
         normalised ``"mean"`` never does.
     """
-    red, normalize = check_flags(scheme, reduction, normalize, ignore_index)
+    red, normalize = check_flags(scheme, reduction, normalize, ignore_index, label_smoothing)
     check_not_differentiable(weight=weight, sample_weight=sample_weight)
     logits, rows_target, rows_sw, out_shape = _canonical(input, target, sample_weight)
     c = logits.shape[1]
+    kid, a, b = kernel_args(scheme, label_smoothing)
     if vocab_parallel:
         if process_group is None:
             raise ValueError("vocab_parallel=True needs the process_group that holds the class slices")
-        a, b = scheme.kernel_params
         value = distributed.vocab_parallel_cross_entropy_rows(
-            logits, rows_target, scheme.kernel_id, float(a), float(b), weight, rows_sw, ignore_index,
-            red, normalize, process_group, class_offset,
+            logits, rows_target, kid, a, b, weight, rows_sw, ignore_index, red, normalize, process_group, class_offset,
         )  # fmt: skip
         return value.reshape(out_shape) if reduction == "none" else value
     if weight is not None:
@@ -213,12 +246,13 @@ def robust_cross_entropy(
         weight = weight.to(acc).contiguous()
 
     name, apply = _backends.resolve(backend, input.device)
-    a, b = scheme.kernel_params
     if class_offset is not None:
         raise ValueError("class_offset is only used with vocab_parallel=True")
     if process_group is not None:
         apply = functools.partial(distributed.robust_cross_entropy_rows, name, process_group=process_group)
-    value = apply(logits, rows_target, scheme.kernel_id, float(a), float(b), weight, rows_sw, ignore_index, red, normalize)
+    value = apply(logits, rows_target, kid, a, b, weight, rows_sw, ignore_index, red, normalize)
+    if scheme.loss_scale != 1.0:  # APL's alpha with NFL (the kernels take two parameters)
+        value = value * scheme.loss_scale
     if red == 0:
         value = value.reshape(out_shape)
     return value

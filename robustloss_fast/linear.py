@@ -98,31 +98,35 @@ _VOCAB_BLOCK = 4096
 
 
 class _ChunkOps(NamedTuple):
-    rows: Callable  # (logits, target, kid, a, b, ignore_index, normalised) -> (n, 3)
-    grad: Callable  # (grad, logits, target, stats, ignore_index) -> grad_logits
+    rows: Callable  # (logits, target, kid, a, b, ignore_index, normalised) -> (n, 6)
+    grad: Callable  # (grad, logits, target, stats, ignore_index, kid, a) -> grad_logits
 
 
 def _compiled_rows(logits, target, kernel_id, a, b, ignore_index, normalised):
-    return torch.ops.robustloss.robust_ce_rows(logits, target, kernel_id, a, b, ignore_index, normalised)
+    return torch.ops.robustloss.robust_ce_rows(logits, target, kernel_id, a, b, None, ignore_index, normalised)
 
 
-def _compiled_grad(grad, logits, target, stats, ignore_index):
-    return torch.ops.robustloss.robust_ce_backward(grad, logits, target, stats, ignore_index)
+def _compiled_grad(grad, logits, target, stats, ignore_index, kernel_id, a):
+    return torch.ops.robustloss.robust_ce_backward(grad, logits, target, stats, None, ignore_index, kernel_id, a)
+
+
+def _reference_grad(grad, logits, target, stats, ignore_index, kernel_id, a):
+    return reference.backward(grad, logits, target, stats, ignore_index, None, kernel_id, a)
 
 
 _OPS = {
-    "torch": _ChunkOps(reference.rows, reference.backward),
+    "torch": _ChunkOps(reference.rows, _reference_grad),
     "cpu": _ChunkOps(_compiled_rows, _compiled_grad),
     "cuda": _ChunkOps(_compiled_rows, _compiled_grad),
 }
 
 
 def _triton_rows(logits, target, kernel_id, a, b, ignore_index, normalised):
-    return torch.ops.robustloss.triton_rows(logits, target, kernel_id, a, b, ignore_index, normalised)
+    return torch.ops.robustloss.triton_rows(logits, target, kernel_id, a, b, None, ignore_index, normalised)
 
 
-def _triton_grad(grad, logits, target, stats, ignore_index):
-    return torch.ops.robustloss.triton_backward(grad, logits, target, stats, ignore_index)
+def _triton_grad(grad, logits, target, stats, ignore_index, kernel_id, a):
+    return torch.ops.robustloss.triton_backward(grad, logits, target, stats, None, ignore_index, kernel_id, a)
 
 
 _OPS["triton"] = _ChunkOps(_triton_rows, _triton_grad)
@@ -198,7 +202,7 @@ class _LinearRobustCE(torch.autograd.Function):
         acc = reference.acc_dtype(hidden.dtype)
         normalised = red == MEAN and normalize
         needs_h, needs_w, needs_b = ctx.needs_input_grad[:3]
-        rows = torch.empty((n, 3), dtype=acc, device=hidden.device)
+        rows = torch.empty((n, 6), dtype=acc, device=hidden.device)
 
         if gif:
             gh = torch.empty((n, hdim), dtype=acc, device=hidden.device) if needs_h else None
@@ -229,17 +233,17 @@ class _LinearRobustCE(torch.autograd.Function):
                 dead = l_new == -math.inf
                 f_k = torch.where(dead | (l_k == -math.inf), torch.zeros_like(l_k), torch.exp(l_k - l_new))
                 f_old = torch.where(dead | (l_run == -math.inf), torch.zeros_like(l_k), torch.exp(l_run - l_new))
-                st = torch.stack([st[:, 0], st[:, 1] * f_k], dim=1)
+                st = torch.cat([st[:, :1], st[:, 1:] * f_k], dim=1)
                 decay = f_old
                 if gb is not None:
                     gb.mul_(f_old)
                 l_run = l_new
                 l_after.append(l_new)
             else:
-                # Unnormalised: coef = s w / 2 exactly; "mean" divides at the end.
+                # Unnormalised: the coefficients are s times the row's own; "mean" divides at the end.
                 _, st = _finalize.finalize(rows_k, t, cw, sw_k, ignore_index, SUM, False)
                 decay = None
-            gl = ops.grad(one, z, t, st, ignore_index)
+            gl = ops.grad(one, z, t, st, ignore_index, kid, a)
             del z
             if gh is not None:
                 gh[s:e] = torch.mm(gl, weight)
@@ -253,6 +257,7 @@ class _LinearRobustCE(torch.autograd.Function):
         ctx.gif = gif
         ctx.dtypes = (hidden.dtype, weight.dtype, weight.dtype)
         ctx.ignore_index = ignore_index
+        ctx.kid, ctx.a = kid, a
         ctx.chunk = chunk
         ctx.name = name
         if gif:
@@ -290,7 +295,7 @@ class _LinearRobustCE(torch.autograd.Function):
         for s, e in _chunks(hidden.shape[0], ctx.chunk):
             z = _logits(hidden[s:e], weight, bias)
             g = grad[s:e] if grad.dim() == 1 else grad
-            gl = ops.grad(g, z, target[s:e], stats[s:e], ctx.ignore_index)
+            gl = ops.grad(g, z, target[s:e], stats[s:e], ctx.ignore_index, ctx.kid, ctx.a)
             del z
             if gh is not None:
                 torch.mm(gl, weight, out=gh[s:e])
@@ -459,6 +464,8 @@ def linear_robust_cross_entropy(
         h2, weight, bias, t, cw, sw, scheme.kernel_id, float(a), float(b), ignore_index, red, normalize, chunk, name,
         process_group, gif,
     )
+    if scheme.loss_scale != 1.0:  # APL's alpha with NFL (the kernels take two parameters)
+        value = value * scheme.loss_scale
     if red == NONE:
         value = value.reshape(target.shape)
     return value

@@ -30,18 +30,20 @@ class RobustCrossEntropyLoss(nn.Module):
         ignore_index: int = -100,
         reduction: str = "mean",
         normalize: Optional[bool] = None,
+        label_smoothing: float = 0.0,
         backend: str = "auto",
         process_group=None,
         vocab_parallel: bool = False,
         class_offset: Optional[int] = None,
     ):
         super().__init__()
-        check_flags(scheme, reduction, normalize, ignore_index)  # fail at construction, not at the first step
+        check_flags(scheme, reduction, normalize, ignore_index, label_smoothing)  # fail at construction
         self.scheme = scheme
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.normalize = normalize
+        self.label_smoothing = label_smoothing
         self.backend = backend
         self.process_group = process_group
         self.vocab_parallel = vocab_parallel
@@ -57,6 +59,7 @@ class RobustCrossEntropyLoss(nn.Module):
             ignore_index=self.ignore_index,
             reduction=self.reduction,
             normalize=self.normalize,
+            label_smoothing=self.label_smoothing,
             backend=self.backend,
             process_group=self.process_group,
             vocab_parallel=self.vocab_parallel,
@@ -64,7 +67,8 @@ class RobustCrossEntropyLoss(nn.Module):
         )
 
     def extra_repr(self) -> str:
-        return f"scheme={self.scheme!r}, ignore_index={self.ignore_index}, reduction={self.reduction!r}"
+        extra = f", label_smoothing={self.label_smoothing}" if self.label_smoothing else ""
+        return f"scheme={self.scheme!r}, ignore_index={self.ignore_index}, reduction={self.reduction!r}{extra}"
 
 
 class DMLoss(RobustCrossEntropyLoss):

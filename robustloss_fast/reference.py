@@ -1,25 +1,29 @@
 """The pure-PyTorch reference backend: SPEC written out in tensor ops.
 
 This is the oracle of every parity test, so it favours clarity over speed and
-shares no code with the kernels. It implements the same two ops as every
-backend, on canonical 2-D rows:
+shares no code with the kernels. It implements the same ops as every backend,
+on canonical 2-D rows:
 
 ``forward(logits (N, C), target (N,), kernel_id, a, b, weight, sample_weight,
 ignore_index, reduction, normalize) -> (value, stats)``
     ``value`` is the reduced loss (``(N,)`` for ``reduction="none"``);
-    ``stats`` is ``(N, 2)``: per row ``lse_nt`` (logsumexp over the non-target
-    classes) and ``coef``, the factor of ``(r - e_y)`` in the final gradient
-    (``s_i w_i / 2``, divided by ``D`` for ``"mean"``).
+    ``stats`` is ``(N, 4)``: per row ``lse_nt`` (logsumexp over the non-target
+    classes) and ``(alpha, beta, gamma)``, the final gradient's coefficients.
 
-``backward(grad, logits, target, stats, ignore_index) -> grad_logits``
-    ``grad_logits[i] = g_i * coef_i * (r_i - e_{y_i})`` with
-    ``r_ij = exp(z_ij - lse_nt_i)`` for ``j != y_i`` (SPEC §3), zero for ignored
-    rows and for rows with no finite non-target logit.
+``backward(grad, logits, target, stats, ignore_index, smooth_weight) -> grad_logits``
+    ``grad_logits[i, j] = g_i (alpha_i r_ij + beta_i u_j)`` for ``j != y_i`` and
+    ``g_i gamma_i`` at ``y_i``, with ``r_ij = exp(z_ij - lse_nt_i)`` (SPEC §3;
+    0 for a row with no finite non-target logit) and ``u = smooth_weight`` (1
+    when None); zero for ignored rows. For the schemes of SPEC §4 (one-term)
+    ``alpha = -gamma = coef = s_i w_i / 2 (/ D)`` and ``beta = 0``: the
+    gradient ``coef (r - e_y)``.
 
 Math (SPEC §2-§5), per row with margin ``d = z_y - lse_nt``:
 ``log p = -softplus(-d)``, ``log q = -softplus(d)`` (q never formed as 1 - p);
 the emphasis is handled as ``log w`` so that the derivative normaliser
 ``D = sum |s_i| w_i`` is a log-sum-exp over the batch and cannot overflow.
+Two-term schemes (label-smoothed CCE, NCE/APL) are functions of ``p`` and
+``Lambda = sum_k u_k (-log P_k)``; their rows are derived in docs/math.md.
 """
 
 from __future__ import annotations
@@ -33,7 +37,11 @@ from .schemes import KERNEL_IDS
 _CCE, _MAE, _MSE, _GCE = (KERNEL_IDS[k] for k in ("CCE", "MAE", "MSE", "GCE"))
 _DM, _DMN, _DMB = (KERNEL_IDS[k] for k in ("DM", "DM_NORMAL", "DM_BETA"))
 _POLY, _FOCAL, _TAYLOR = (KERNEL_IDS[k] for k in ("POLY", "FOCAL", "TAYLOR"))
+_CCE_LS, _NCE, _NFL = KERNEL_IDS["CCE_LS"], KERNEL_IDS["NCE"], KERNEL_IDS["NFL"]
 _LOSS_DEFINED = (_CCE, _MAE, _MSE, _GCE, _POLY, _FOCAL, _TAYLOR)
+TWO_TERM = (_CCE_LS, _NCE, _NFL)
+#: The scheme whose gradient has a per-class term: its stats are in P-form (see backward).
+PER_CLASS = _NFL
 
 NONE, MEAN, SUM = 0, 1, 2
 
@@ -137,11 +145,15 @@ def row_probs(z: torch.Tensor, y: torch.Tensor):
 
 
 def rows_from_probs(kernel_id, a, b, valid, lse_nt, logp, logq, p, q, normalised):
-    """The op ``robust_ce_rows`` from row probabilities: (N, 3) = (lse_nt, log w, x).
+    """The op ``robust_ce_rows`` of a one-term scheme from row probabilities: (N, 6).
 
-    ``x`` is ``-log p`` under derivative normalisation, else the row's value
-    (``L(p)`` or ``w (-log p)``). Ignored rows are written as the compiled op
-    writes them: ``(-inf, -inf, 0)``.
+    Columns ``(lse_nt, log w, x, alpha, beta, gamma)``: ``x`` is ``-log p``
+    under derivative normalisation, else the row's value (``L(p)`` or
+    ``w (-log p)``); the row's gradient is ``(w/2)(r - e_y)``, so
+    ``alpha = w/2, beta = 0, gamma = -w/2`` (all 0 where no non-target logit
+    is finite, SPEC §3, and under derivative normalisation, where the
+    cross-row step works from ``log w``). Ignored rows are written as the
+    compiled op writes them: ``(-inf, -inf, 0, 0, 0, 0)``.
     """
     lw = log_weight(kernel_id, a, b, logp, logq, p, q)
     if normalised:
@@ -150,28 +162,132 @@ def rows_from_probs(kernel_id, a, b, valid, lse_nt, logp, logq, p, q, normalised
         x = loss_value(kernel_id, a, b, logp, logq, p, q)
     else:
         x = lw.exp() * (-logp)
+    # SPEC §3: no finite non-target logit (C = 1, all masked) -> G = 0. Derivative-normalised
+    # rows leave (alpha, beta, gamma) at 0: the cross-row step derives the gradient from log w.
+    dead = (lse_nt == -math.inf) | normalised
+    half = torch.where(dead, torch.zeros_like(lw), lw.exp() / 2)
+    return _pack_rows(valid, lse_nt, lw, x, half, torch.zeros_like(half), -half)
+
+
+def _pack_rows(valid, lse_nt, lw, x, alpha, beta, gamma):
     ninf = torch.full_like(lw, -math.inf)
-    return torch.stack(
-        [torch.where(valid, lse_nt, ninf), torch.where(valid, lw, ninf), torch.where(valid, x, torch.zeros_like(x))],
-        dim=1,
-    )
+    zero = torch.zeros_like(lw)
+    cols = [torch.where(valid, lse_nt, ninf), torch.where(valid, lw, ninf)]
+    cols += [torch.where(valid, t, zero) for t in (x, alpha, beta, gamma)]
+    return torch.stack(cols, dim=1)
 
 
-def rows(logits, target, kernel_id, a, b, ignore_index, normalised):
+def two_term_rows(kernel_id, a, b, z, y, valid, lse_nt, logp, logq, p, q, smooth_weight):
+    """The rows (N, 6) of a two-term scheme, from its definition.
+
+    ``Lambda = sum_k u_k (-log P_k)`` (``u = smooth_weight`` for label
+    smoothing, else 1; a class with ``u_k = 0`` adds nothing even when
+    masked). For ``L(p, Lambda)`` with ``A = p dL/dp`` and ``l = dL/dLambda``:
+    ``alpha = q (U l - A)``, ``beta = -l``, ``gamma = q A + l (U p - u_y)``.
+    """
+    n, c = z.shape
+    u = torch.ones(c, dtype=z.dtype, device=z.device) if smooth_weight is None else smooth_weight.to(z.dtype)
+    U = u.sum()
+    u_y = u[y]
+    neglogp_all = -torch.log_softmax(z, dim=1)
+    lam = torch.where(u == 0, torch.zeros_like(neglogp_all), u * neglogp_all).sum(1)
+    bad = torch.isnan(lse_nt)
+    lam = torch.where(bad, lse_nt, lam)
+    nlp = -logp
+    if kernel_id == _CCE_LS:
+        eps, sm = a, a / c
+        hard = (1 - eps) * u_y
+        x = hard * nlp + (sm * lam if eps != 0 else 0.0)
+        A, lgrad = -hard, torch.full_like(nlp, sm)
+    elif kernel_id == _NCE:
+        # a * NCE + b * MAE-like q; NCE = 0 where Lambda = 0 (C = 1) or inf (a masked class).
+        safe = torch.where(lam == 0, torch.ones_like(lam), lam)
+        nce = torch.where(lam == 0, torch.zeros_like(lam), nlp / safe)
+        inv = torch.where(lam == 0, torch.zeros_like(lam), 1 / safe)
+        x = a * nce + b * q
+        A = -a * inv - b * p
+        lgrad = -a * nce * inv
+    else:
+        raise ValueError(f"kernel id {kernel_id} is not a two-term scheme")
+    alpha = q * (U * lgrad - A)
+    beta = -lgrad
+    gamma = q * A + lgrad * (U * p - u_y)
+    lw = torch.log(2 * gamma.abs())
+    return _pack_rows(valid, lse_nt, lw, x, alpha, beta, gamma)
+
+
+def focal_terms(g, logP, P, Q):
+    """NFL's per-class ``F = -Q^g log P`` and ``h = P dF/dP = Q^g (g P log P / Q - 1)``, with their limits.
+
+    ``P = 0`` (a masked class): ``F = inf``, ``h = -1``; ``Q = 0``: ``P log P / Q -> -1``.
+    """
+    qg = torch.ones_like(Q) if g == 0 else torch.exp(g * torch.log(Q))
+    plogp = torch.where(P == 0, torch.zeros_like(P), P * logP)
+    ratio = torch.where(Q > 0, plogp / torch.where(Q > 0, Q, torch.ones_like(Q)), -P)
+    return -qg * logP, qg * (g * ratio - 1)
+
+
+def nfl_rows(a, b, z, y, valid, lse_nt, logp, logq, p, q):
+    """The rows (N, 6) of NFL(gamma = a) + b q, in P-form (column 0 holds lse, not lse_nt).
+
+    ``L = F_y / S + b q`` with ``S = sum_k F_k``, ``H = sum_k h_k``:
+    ``dL/dz_j = alpha P_j + beta h_j`` (``j != y``) with
+    ``alpha = -h_y / S + F_y H / S^2 + b p`` and ``beta = -F_y / S^2``; the
+    target's ``gamma = h_y q / S - F_y (h_y - p H) / S^2 - b p q``. ``S = 0``
+    (C = 1) or ``inf`` (a masked class): NFL 0, no NFL gradient.
+    """
+    n, c = z.shape
+    # lse = lse_nt - log q (z_y where no non-target logit is finite, log q = -inf there).
+    lse = torch.where(lse_nt == -math.inf, z.gather(1, y[:, None]).squeeze(1), lse_nt - logq)
+    logP = z - lse[:, None]
+    F_all, h_all = focal_terms(a, logP, logP.exp(), -torch.expm1(logP))
+    onehot = torch.zeros((n, c), dtype=torch.bool, device=z.device)
+    onehot.scatter_(1, y[:, None], True)
+    zero = torch.zeros_like(F_all)
+    F_y, h_y = focal_terms(a, logp, p, q)
+    S = torch.where(onehot, zero, F_all).sum(1) + F_y
+    H = torch.where(onehot, zero, h_all).sum(1) + h_y
+    S = torch.where(torch.isnan(lse_nt), lse_nt, S)
+    inv = torch.where(S == 0, torch.zeros_like(S), 1 / torch.where(S == 0, torch.ones_like(S), S))
+    nfl = F_y * inv
+    x = nfl + b * q
+    alpha = -h_y * inv + nfl * inv * H + b * p
+    beta = -nfl * inv
+    gamma = h_y * q * inv - nfl * inv * (h_y - p * H) - b * p * q
+    return _pack_rows(valid, lse, torch.log(2 * gamma.abs()), x, alpha, beta, gamma)
+
+
+def rows(logits, target, kernel_id, a, b, ignore_index, normalised, smooth_weight=None):
     """The op ``robust_ce_rows`` in tensor ops (checks the targets outside ``torch.compile``)."""
     if not torch.compiler.is_compiling():
         check_target(target, logits.shape[1], ignore_index)
+    if kernel_id in TWO_TERM and normalised:
+        raise ValueError(NORMALIZE_TWO_TERM_MSG)
     valid = target != ignore_index
     y = torch.where(valid, target, torch.zeros_like(target))
-    _, lse_nt, logp, logq, p, q = row_probs(logits.to(acc_dtype(logits.dtype)), y)
+    z = logits.to(acc_dtype(logits.dtype))
+    _, lse_nt, logp, logq, p, q = row_probs(z, y)
+    if kernel_id == _NFL:
+        return nfl_rows(a, b, z, y, valid, lse_nt, logp, logq, p, q)
+    if kernel_id in TWO_TERM:
+        return two_term_rows(kernel_id, a, b, z, y, valid, lse_nt, logp, logq, p, q, smooth_weight)
     return rows_from_probs(kernel_id, a, b, valid, lse_nt, logp, logq, p, q, normalised)
+
+
+NORMALIZE_TWO_TERM_MSG = (
+    "derivative normalisation (normalize=True) is defined for schemes whose gradient is w(p) (softmax - onehot) / 2; "
+    "label smoothing and NCE/APL have a second gradient term: use normalize=False"
+)
 
 
 def forward(logits, target, kernel_id, a, b, weight, sample_weight, ignore_index, reduction, normalize):
     n, c = logits.shape
     acc = acc_dtype(logits.dtype)
     normalised = reduction == MEAN and normalize
-    r = rows(logits, target, kernel_id, a, b, ignore_index, normalised)
+    # Label smoothing keeps PyTorch's convention: class weights weigh every
+    # class of the smoothing sum, so they live inside the row, not in s_i.
+    inside = kernel_id == _CCE_LS
+    r = rows(logits, target, kernel_id, a, b, ignore_index, normalised, weight.to(acc) if inside and weight is not None else None)
     lse_nt, lw, x = r[:, 0], r[:, 1], r[:, 2]
     valid = target != ignore_index
     y = torch.where(valid, target, torch.zeros_like(target))
@@ -180,31 +296,33 @@ def forward(logits, target, kernel_id, a, b, weight, sample_weight, ignore_index
     cw = torch.ones(n, dtype=acc, device=logits.device)
     if weight is not None:
         cw = weight.to(acc)[y]
-        s = s * cw
+        if not inside:
+            s = s * cw
     if sample_weight is not None:
         s = s * sample_weight.to(acc)
     zero = torch.zeros((), dtype=acc, device=logits.device)
     s = torch.where(valid, s, zero)
 
     # Rows with s = 0 contribute 0, even where their raw value overflowed (0 * inf).
-    sx = torch.where(valid & (s != 0), s * x, zero)
+    counts = valid & (s != 0)
+    sx = torch.where(counts, s * x, zero)
 
     if normalised:
         # Normalised weights are a softmax of log w over the batch (SPEC §5):
         # shift by the largest log-weight among rows that count.
-        active = valid & (s != 0)
-        lw_active = torch.where(active, lw, torch.full_like(lw, -math.inf))
+        lw_active = torch.where(counts, lw, torch.full_like(lw, -math.inf))
         m = torch.cat([lw_active, torch.full((1,), -math.inf, dtype=acc, device=logits.device)]).max()
         m = torch.where(m == -math.inf, zero, m)
-        e = torch.where(active, torch.exp(lw - m), zero)
+        e = torch.where(counts, torch.exp(lw - m), zero)
         denom = (s.abs() * e).sum()
         ok = denom != 0
         safe = torch.where(ok, denom, torch.ones_like(denom))
-        value = torch.where(ok, (torch.where(active, s * e * x, zero)).sum() / safe, zero)
-        coef = torch.where(ok, s * e / (2 * safe), zero)
+        value = torch.where(ok, (torch.where(counts, s * e * x, zero)).sum() / safe, zero)
+        # G = 0 for a row with no finite non-target logit (SPEC §3); it still counts in D.
+        coef = torch.where(ok & counts & (lse_nt != -math.inf), s * e / (2 * safe), zero)
+        coefs = torch.stack([coef, torch.zeros_like(coef), -coef], dim=1)
     else:
-        w = torch.where(valid & (s != 0), lw.exp(), zero)
-        coef = s * w / 2
+        scale = s
         if reduction == NONE:
             value = sx
         elif reduction == SUM:
@@ -214,29 +332,45 @@ def forward(logits, target, kernel_id, a, b, weight, sample_weight, ignore_index
             ok = denom != 0
             safe = torch.where(ok, denom, torch.ones_like(denom))
             value = torch.where(ok, sx.sum() / safe, zero)
-            coef = torch.where(ok, coef / safe, zero)
-    coef = torch.where(valid, coef, zero)
-    stats = torch.stack([lse_nt, coef], dim=1)
+            scale = torch.where(ok, s / safe, zero)
+        coefs = torch.where(counts[:, None], scale[:, None] * r[:, 3:6], zero)
+    stats = torch.cat([lse_nt[:, None], coefs], dim=1)
     return value, stats
 
 
-def backward(grad, logits, target, stats, ignore_index):
+def backward(grad, logits, target, stats, ignore_index, smooth_weight=None, kernel_id=-1, a=0.0):
+    """The gradient from ``stats``; ``kernel_id = NFL`` (and its ``gamma = a``) reads them in P-form:
+    ``alpha P_j + beta h(P_j)`` off the target, ``P_j = exp(z_j - lse)``, ``lse`` in column 0."""
     n, c = logits.shape
     acc = stats.dtype
     z = logits.to(acc)
     valid = target != ignore_index
     y = torch.where(valid, target, torch.zeros_like(target))
-    lse_nt, coef = stats[:, 0], stats[:, 1]
+    lse_nt, alpha, beta, gamma = stats[:, 0], stats[:, 1], stats[:, 2], stats[:, 3]
     onehot = torch.zeros((n, c), dtype=torch.bool, device=z.device)
     onehot.scatter_(1, y[:, None], True)
+    if kernel_id == PER_CLASS:
+        logP = z - lse_nt[:, None]
+        P = logP.exp()
+        _, h = focal_terms(a, logP, P, -torch.expm1(logP))
+        off = alpha[:, None] * P + beta[:, None] * h
+        out = grad.to(acc)[:, None] if grad.dim() == 1 else grad.to(acc)
+        direction = torch.where(onehot, gamma[:, None].expand(n, c), off)
+        out = out * torch.where(torch.isnan(lse_nt)[:, None], lse_nt[:, None].expand(n, c), direction)
+        return torch.where(valid[:, None], out, torch.zeros_like(out)).to(logits.dtype)
     # r_y is excluded by selection, not by multiplying with 0: exp(z_y - lse_nt) may be inf.
-    direction = torch.where(onehot, torch.full_like(z, -1.0), torch.exp(z - lse_nt[:, None]))
-    # G = 0 when no non-target class has a finite logit (C = 1, all masked).
-    no_nt = (lse_nt == -math.inf)[:, None]
-    direction = torch.where(no_nt, torch.zeros_like(direction), direction)
+    r = torch.exp(z - lse_nt[:, None])
+    # r = 0 when no non-target class has a finite logit (C = 1, all masked).
+    r = torch.where((lse_nt == -math.inf)[:, None], torch.zeros_like(r), r)
+    u = torch.ones(c, dtype=acc, device=z.device) if smooth_weight is None else smooth_weight.to(acc)
+    off = alpha[:, None] * r
+    off = torch.where((beta != 0)[:, None], off + beta[:, None] * u, off)
+    direction = torch.where(onehot, gamma[:, None].expand(n, c), off)
+    # A NaN row is NaN everywhere, its target too (as the kernels write it).
+    direction = torch.where(torch.isnan(lse_nt)[:, None], lse_nt[:, None].expand(n, c), direction)
     g = grad.to(acc)
     g = g[:, None] if g.dim() == 1 else g
-    out = g * coef[:, None] * direction
+    out = g * direction
     out = torch.where(valid[:, None], out, torch.zeros_like(out))
     return out.to(logits.dtype)
 
@@ -249,14 +383,14 @@ class ReferenceFunction(torch.autograd.Function):
         value, stats = forward(
             logits, target, kernel_id, a, b, weight, sample_weight, ignore_index, reduction, normalize
         )
-        ctx.save_for_backward(logits, target, stats)
-        ctx.ignore_index = ignore_index
+        ctx.save_for_backward(logits, target, stats, weight if kernel_id == _CCE_LS else None)
+        ctx.ignore_index, ctx.kernel_id, ctx.a = ignore_index, kernel_id, a
         return value
 
     @staticmethod
     def backward(ctx, grad):
         if torch.is_grad_enabled():  # create_graph=True: refuse rather than drop the second-order term
             raise RuntimeError("robustloss: double backward (create_graph=True) is not supported")
-        logits, target, stats = ctx.saved_tensors
-        grad_logits = backward(grad, logits, target, stats, ctx.ignore_index)
+        logits, target, stats, smooth_weight = ctx.saved_tensors
+        grad_logits = backward(grad, logits, target, stats, ctx.ignore_index, smooth_weight, ctx.kernel_id, ctx.a)
         return grad_logits, None, None, None, None, None, None, None, None, None

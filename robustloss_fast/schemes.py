@@ -39,6 +39,9 @@ __all__ = [
     "SCE",
     "Focal",
     "TaylorCE",
+    "NCE",
+    "NFL",
+    "APL",
     "KERNEL_IDS",
 ]
 
@@ -54,6 +57,9 @@ KERNEL_IDS = {
     "POLY": 7,
     "FOCAL": 8,
     "TAYLOR": 9,
+    "CCE_LS": 10,  # CCE with label smoothing: the label_smoothing= keyword, not a scheme class
+    "NCE": 11,
+    "NFL": 12,
 }
 
 
@@ -90,6 +96,9 @@ class Scheme:
 
     #: True when the scheme is an ordinary loss L(p) whose gradient is exact.
     loss_defined: ClassVar[bool] = False
+    #: True when the loss depends on the whole distribution, not p alone: its
+    #: gradient has a second term and it has no emphasis w(p) to normalise.
+    two_term: ClassVar[bool] = False
 
     @property
     def kernel_id(self) -> int:  # pragma: no cover - overridden
@@ -104,6 +113,11 @@ class Scheme:
     def emphasis_mode(self) -> Optional[float]:
         """psi = argmax_p w(p) on [0, 1], or None where w has no unique maximum."""
         raise NotImplementedError  # pragma: no cover
+
+    @property
+    def loss_scale(self) -> float:
+        """A constant factor on the loss, applied outside the kernels (APL's alpha with NFL)."""
+        return 1.0
 
     @property
     def default_normalize(self) -> bool:
@@ -472,3 +486,129 @@ class TaylorCE(Scheme):
         if t == 1:
             return 0.5  # MAE
         return _numeric_mode(lambda p: 2 * (1 - p) * (1 - (1 - p) ** t))
+
+
+# Peer losses of the whole distribution (issue 7, second part). With
+# Lambda = sum_k -log P_k, NCE = -log p / Lambda; their gradient is
+# alpha (softmax over non-targets) + beta (constant) off the target, so they
+# share the fused pass with one more row reduction (docs/math.md).
+
+
+@dataclass(frozen=True)
+class NCE(Scheme):
+    """Normalized cross-entropy (Ma et al., ICML 2020): L = log p / sum_k log P_k.
+
+    ``L`` is in ``[0, 1]``; it is robust to symmetric noise but underfits on
+    its own (the paper pairs it with a passive loss: :class:`APL`). Over
+    ``C`` classes with a masked (``-inf``) class the denominator is infinite
+    and the row contributes 0. Not a function of ``p`` alone, so it has no
+    emphasis ``w(p)``: ``normalize=True`` is refused.
+    """
+
+    loss_defined: ClassVar[bool] = True
+    two_term: ClassVar[bool] = True
+    kernel_id = KERNEL_IDS["NCE"]
+
+    @property
+    def kernel_params(self):
+        return (1.0, 0.0)
+
+    @property
+    def emphasis_mode(self):
+        return None
+
+
+@dataclass(frozen=True)
+class NFL(Scheme):
+    """Normalized focal loss (Ma et al., ICML 2020): L = FL(p) / sum_k FL(P_k), FL(P) = -(1-P)^gamma log P.
+
+    ``gamma = 0`` is :class:`NCE`; the paper uses ``gamma = 0.5`` with APL.
+    Its gradient has a per-class term ``h(P_j)``, recomputed by the backward
+    kernel from the logits (three transcendental functions per logit instead
+    of one, so it costs more than the other schemes). ``normalize=True`` is
+    refused, as for NCE.
+    """
+
+    loss_defined: ClassVar[bool] = True
+    two_term: ClassVar[bool] = True
+    gamma: float = 0.5
+
+    def __post_init__(self):
+        object.__setattr__(self, "gamma", _real("NFL", "gamma", self.gamma))
+        if self.gamma < 0:
+            raise ValueError(f"NFL: gamma must be >= 0, got {self.gamma!r}")
+
+    kernel_id = KERNEL_IDS["NFL"]
+
+    @property
+    def kernel_params(self):
+        return (self.gamma, 0.0)
+
+    @property
+    def emphasis_mode(self):
+        return None
+
+
+@dataclass(frozen=True)
+class APL(Scheme):
+    """Active-passive loss (Ma et al., ICML 2020): alpha * active + beta * passive.
+
+    ``active="nce"`` (:class:`NCE`) or ``"nfl"`` (:class:`NFL` with
+    ``gamma``); ``passive="rce"`` (reverse cross-entropy ``-A (1 - p)``,
+    ``A = -4`` as in :class:`RCE`) or ``"mae"`` (``1 - p``, this library's
+    MAE; the paper writes MAE as ``sum_k |e_y - P|_k = 2 (1 - p)``, so its
+    ``beta`` is half of ours). Paper settings: CIFAR-10 ``alpha = beta = 1``;
+    CIFAR-100 ``alpha = 10`` and ``beta = 0.1`` (RCE) or ``1`` (MAE);
+    ``gamma = 0.5`` for NFL.
+    """
+
+    loss_defined: ClassVar[bool] = True
+    two_term: ClassVar[bool] = True
+    active: str = "nce"
+    passive: str = "rce"
+    alpha: float = 1.0
+    beta: float = 1.0
+    A: float = -4.0
+    gamma: float = 0.5
+
+    def __post_init__(self):
+        if self.active not in ("nce", "nfl"):
+            raise ValueError(f"APL: active must be 'nce' or 'nfl', got {self.active!r}")
+        if self.passive not in ("rce", "mae"):
+            raise ValueError(f"APL: passive must be 'rce' or 'mae', got {self.passive!r}")
+        for name in ("alpha", "beta", "A", "gamma"):
+            object.__setattr__(self, name, _real("APL", name, getattr(self, name)))
+        if self.alpha < 0 or self.beta < 0:
+            raise ValueError(f"APL: alpha and beta must be >= 0, got alpha={self.alpha!r}, beta={self.beta!r}")
+        if self.alpha == 0 and self.beta == 0:
+            raise ValueError("APL: alpha and beta cannot both be 0")
+        if self.A >= 0:
+            raise ValueError(f"APL: A must be < 0 (it stands for log 0), got {self.A!r}")
+        if self.gamma < 0:
+            raise ValueError(f"APL: gamma must be >= 0, got {self.gamma!r}")
+
+    def _passive_coef(self) -> float:
+        return self.beta * (-self.A if self.passive == "rce" else 1.0)
+
+    @property
+    def kernel_id(self):
+        if self.active == "nfl" and self.alpha > 0:
+            return KERNEL_IDS["NFL"]
+        return KERNEL_IDS["NCE"]
+
+    @property
+    def kernel_params(self):
+        if self.active == "nfl" and self.alpha > 0:
+            # The NFL kernel takes (gamma, b): alpha NFL + b' q = alpha (NFL + (b'/alpha) q).
+            return (self.gamma, self._passive_coef() / self.alpha)
+        if self.active == "nfl":
+            return (0.0, self._passive_coef())  # alpha = 0: the passive term alone (the NCE kernel with a = 0)
+        return (self.alpha, self._passive_coef())
+
+    @property
+    def loss_scale(self):
+        return self.alpha if self.active == "nfl" and self.alpha > 0 else 1.0
+
+    @property
+    def emphasis_mode(self):
+        return None

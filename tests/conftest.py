@@ -3,13 +3,19 @@
 Environment that must be set before torch/Triton are imported lives here:
 - without a CUDA device, Triton kernels run under its interpreter on CPU
   tensors (TRITON_INTERPRET=1), so the Triton parity tests run in CI;
-- on a 2-core CI machine one inductor compile thread avoids stalls.
+- on a 2-core CI machine one inductor compile thread avoids stalls;
+- torch.compile's on-disk caches go to a fresh directory per run: their keys
+  do not cover the Python source of our custom ops' fake kernels and autograd
+  rules, so a cache written before an op's signature changed would serve the
+  old graph ("missing value for argument 'scheme'").
 """
 
 import os
 import shutil
+import tempfile
 
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="robustloss-inductor-"))
 if shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -62,9 +62,14 @@ def test_opcheck_backward_and_rows():
         _, stats = ops.robust_ce_forward(x, t, 4, 1.0, 8.0, w, sw, -100, 0 if per_row else 1, True)
         acc = stats.dtype
         grad = torch.randn(n, dtype=acc) if per_row else torch.tensor(0.5, dtype=acc)
-        torch.library.opcheck(ops.robust_ce_backward.default, (grad, x, t, stats, -100))
-        for kid, a, b, normalised in ((4, 0.5, 12.0, True), (3, 0.7, 0.0, False), (6, 2.0, 3.0, False)):
-            torch.library.opcheck(ops.robust_ce_rows.default, (x, t, kid, a, b, -100, normalised))
+        torch.library.opcheck(ops.robust_ce_backward.default, (grad, x, t, stats, None, -100, 4, 1.0))
+        # Label smoothing with class weights: stats with a beta term, u = the class weights.
+        _, stats = ops.robust_ce_forward(x, t, 10, 0.1, 0.0, w, sw, -100, 0 if per_row else 1, False)
+        torch.library.opcheck(ops.robust_ce_backward.default, (grad, x, t, stats, w, -100, 10, 0.1))
+        cases = ((4, 0.5, 12.0, None, True), (3, 0.7, 0.0, None, False), (6, 2.0, 3.0, None, False))
+        cases += ((10, 0.2, 0.0, w, False), (11, 1.0, 4.0, None, False))
+        for kid, a, b, u, normalised in cases:
+            torch.library.opcheck(ops.robust_ce_rows.default, (x, t, kid, a, b, u, -100, normalised))
 
 
 def _step(x, t, w, sw, backend):

@@ -7,7 +7,9 @@ real-device half.
 
 What is compared: ``backend="cuda"`` end to end (value and gradient through
 autograd) with the pure-PyTorch reference evaluated in float64 on the same,
-already rounded, logits -- every scheme x reduction x normalize x dtype; row
+already rounded, logits -- every scheme x reduction x normalize x dtype, the
+two-term schemes (label smoothing, also against F.cross_entropy; NCE/APL; NFL
+and APL with NFL, also against autograd of NFL's formula); row
 lengths that hit every launch layout (C = 1, 2, 3, odd, 50257), misaligned and
 strided rows, extreme margins, |beta| = 1000, bad targets, NaN/inf rows,
 bitwise determinism, CUDA graphs, side streams, torch.compile, opcheck, and
@@ -24,10 +26,11 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import robustloss_fast as rf
 from robustloss_fast import _backends, _finalize, _ops, reference
-from robustloss_fast.schemes import CCE, DM, GCE, IMAE, MAE, MSE, DMBeta, DMExponential, DMNormal
+from robustloss_fast.schemes import APL, CCE, DM, GCE, IMAE, MAE, MSE, NCE, NFL, DMBeta, DMExponential, DMNormal
 
 from conftest import requires_cuda
 
@@ -69,23 +72,24 @@ def make_inputs(n, c, dtype, *, weighted=True, ignore_frac=0.15, scale=3.0, offs
     return logits, target, weight, sw
 
 
-def run(backend, logits, target, scheme, weight, sw, reduction, normalize, upstream=None):
-    """(value, grad_logits) through autograd."""
+def run(backend, logits, target, scheme, weight, sw, reduction, normalize, upstream=None, **kw):
+    """(value, grad_logits) through autograd; kw: label_smoothing."""
     x = logits.detach().clone().requires_grad_(True)
     v = rf.robust_cross_entropy(
-        x, target, scheme, weight=weight, sample_weight=sw, reduction=reduction, normalize=normalize, backend=backend
+        x, target, scheme, weight=weight, sample_weight=sw, reduction=reduction, normalize=normalize, backend=backend,
+        **kw,
     )
     g = upstream if upstream is not None else torch.ones_like(v)
     v.backward(g)
     return v.detach(), x.grad
 
 
-def reference64(logits, target, scheme, weight, sw, reduction, normalize, upstream=None):
+def reference64(logits, target, scheme, weight, sw, reduction, normalize, upstream=None, **kw):
     """The reference in float64 on the same rounded logits."""
     w = weight.double() if weight is not None else None
     s = sw.double() if sw is not None else None
     up = upstream.double() if upstream is not None else None
-    return run("torch", logits.double(), target, scheme, w, s, reduction, normalize, up)
+    return run("torch", logits.double(), target, scheme, w, s, reduction, normalize, up, **kw)
 
 
 def assert_value(actual, expected, dtype, what="", scale=None, rtol=None):
@@ -97,14 +101,14 @@ def assert_value(actual, expected, dtype, what="", scale=None, rtol=None):
     torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=atol, equal_nan=True, msg=what)
 
 
-def assert_grad(actual, expected, dtype, what="", rtol=None):
+def assert_grad(actual, expected, dtype, what="", rtol=None, global_floor=1e-7):
     assert actual.dtype == dtype, what
     eps = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2 * 2**-10, torch.bfloat16: 2 * 2**-7}[dtype]
     eps = max(eps, rtol or 0.0)
     mag = expected.abs().nan_to_num(0, 0, 0)
     # Entries far below their row's (or the whole gradient's) largest lose relative precision in
     # float32 (e.g. rows weighted e^-1000 times less than others): they count absolutely.
-    floor = 1e-5 * mag.amax(dim=-1, keepdim=True) + 1e-7 * (mag.max() if mag.numel() else 0.0) + 1e-30
+    floor = 1e-5 * mag.amax(dim=-1, keepdim=True) + global_floor * (mag.max() if mag.numel() else 0.0) + 1e-30
     if dtype == torch.float16:
         floor = floor + 6e-8  # float16 subnormal spacing
     err = (actual.double() - expected).abs()
@@ -113,18 +117,21 @@ def assert_grad(actual, expected, dtype, what="", rtol=None):
     assert not bad.any(), f"{what}: {int(bad.sum())} entries off; worst err {err[bad].max().item():.3g}"
 
 
-def check(logits, target, scheme, weight, sw, reduction, normalize, what="", rtol=None):
+def check(logits, target, scheme, weight, sw, reduction, normalize, what="", rtol=None, **kw):
     upstream = None
     if reduction == "none":
         upstream = torch.randn(target.shape, dtype=acc_of(logits.dtype), device=DEV)
-    v, g = run("cuda", logits, target, scheme, weight, sw, reduction, normalize, upstream)
-    v_ref, g_ref = reference64(logits, target, scheme, weight, sw, reduction, normalize, upstream)
+    v, g = run("cuda", logits, target, scheme, weight, sw, reduction, normalize, upstream, **kw)
+    v_ref, g_ref = reference64(logits, target, scheme, weight, sw, reduction, normalize, upstream, **kw)
     scale = None
     if sw is not None and reduction != "none":
-        scale, _ = reference64(logits, target, scheme, weight, sw.abs(), reduction, normalize)
+        scale, _ = reference64(logits, target, scheme, weight, sw.abs(), reduction, normalize, **kw)
     assert v.dtype == acc_of(logits.dtype), what
     assert_value(v, v_ref, logits.dtype, what + " value", scale=scale, rtol=rtol)
-    assert_grad(g, g_ref, logits.dtype, what + " grad", rtol=rtol)
+    # NFL's gradient alpha P_j + beta h_j can cancel to 1e-6 of its terms (C = 2, gamma = 2): in
+    # float32 such a row is only good to ~1e-7 of the largest entries (as the float32 reference is).
+    nfl = getattr(scheme, "kernel_id", None) == 12
+    assert_grad(g, g_ref, logits.dtype, what + " grad", rtol=rtol, global_floor=1e-6 if nfl else 1e-7)
 
 
 # ---------------------------------------------------------------------------
@@ -180,6 +187,130 @@ def test_matches_cross_entropy():
             torch.testing.assert_close(x.grad, x2.grad)
 
 
+# The two-term schemes: (scheme, label_smoothing). Label smoothing is CCE with eps > 0.
+TWO_TERM = [(NCE(), 0.0), (APL(), 0.0), (APL(passive="mae", alpha=10.0, beta=1.0), 0.0), (CCE(), 0.1), (CCE(), 0.3)]
+# NFL (its own row pass and P-form backward): gamma 0.5, 2 and 0 (NCE through the NFL kernels),
+# with the passive term of APL (the NFL kernel's b, alpha as a loss scale).
+NFLS = [NFL(), NFL(gamma=2.0), NFL(gamma=0.0), APL(active="nfl", alpha=10.0, beta=1.0),
+        APL(active="nfl", passive="mae", alpha=1.0, beta=0.4, gamma=2.0)]  # fmt: skip
+TWO_TERM += [(scheme, 0.0) for scheme in NFLS]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("scheme,eps", TWO_TERM, ids=_id)
+def test_two_term_end_to_end(scheme, eps, reduction, dtype):
+    for weighted in (False, True):
+        logits, target, w, sw = make_inputs(37, 11, dtype, weighted=weighted)
+        check(logits, target, scheme, w, sw, reduction, False, f"{scheme} eps={eps} weighted={weighted}",
+              label_smoothing=eps)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("n,c", SHAPES, ids=str)
+def test_two_term_shapes_and_layouts(n, c, dtype):
+    for (scheme, eps), reduction in zip(TWO_TERM[:4], ("mean", "none", "sum", "mean")):
+        logits, target, w, sw = make_inputs(n, c, dtype)
+        check(logits, target, scheme, w, sw, reduction, False, f"{scheme} eps={eps} {reduction}", label_smoothing=eps)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("n,c", SHAPES, ids=str)
+def test_nfl_shapes_and_layouts(n, c, dtype):
+    for scheme, reduction in zip(NFLS, ("mean", "none", "sum", "mean", "none")):
+        logits, target, w, sw = make_inputs(n, c, dtype)
+        check(logits, target, scheme, w, sw, reduction, False, f"{scheme} {reduction}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
+@pytest.mark.parametrize("offset,pad", [(1, 0), (3, 5)], ids=str)
+@pytest.mark.parametrize("c", [10, 601, 20001], ids=str)
+def test_two_term_misaligned_and_strided_rows(c, offset, pad, dtype):
+    logits, target, w, sw = make_inputs(12, c, dtype, offset=offset, pad=pad)
+    check(logits, target, CCE(), w, sw, "mean", False, "strided label smoothing", label_smoothing=0.1)
+    check(logits, target, APL(), w, sw, "none", False, "strided APL")
+    check(logits, target, NFL(), w, sw, "sum", False, "strided NFL")
+
+
+def test_label_smoothing_matches_cross_entropy():
+    """CCE with label_smoothing is F.cross_entropy(label_smoothing=...), class weights included."""
+    for dtype in (torch.float32, torch.float64):
+        for c in (13, 3000):
+            logits, target, w, _ = make_inputs(64, c, dtype)
+            for weight in (None, w):
+                for reduction in ("none", "mean", "sum"):
+                    x = logits.detach().clone().requires_grad_(True)
+                    x2 = logits.detach().clone().requires_grad_(True)
+                    v = rf.robust_cross_entropy(x, target, CCE(), weight=weight, reduction=reduction,
+                                                label_smoothing=0.1, backend="cuda")  # fmt: skip
+                    ref = F.cross_entropy(x2, target, weight=None if weight is None else weight.to(dtype),
+                                          reduction=reduction, label_smoothing=0.1)  # fmt: skip
+                    v.sum().backward()
+                    ref.sum().backward()
+                    what = f"{dtype} c={c} weight={weight is not None} {reduction}"
+                    torch.testing.assert_close(v, ref.to(v.dtype), msg=what)
+                    torch.testing.assert_close(x.grad, x2.grad, msg=what)
+
+
+def _nfl_by_definition(x, t, gamma, b, sw):
+    """Per-row NFL(gamma) + b q from its formula in tensor ops (autograd gives the gradient)."""
+    P = torch.softmax(x, 1)
+    fl = -(1 - P).pow(gamma) * P.log()
+    valid = t != IGNORE
+    ty = torch.where(valid, t, 0)
+    p = P.gather(1, ty[:, None]).squeeze(1)
+    per_row = fl.gather(1, ty[:, None]).squeeze(1) / fl.sum(1) + b * (1 - p)
+    return torch.where(valid, per_row * sw, torch.zeros_like(per_row)), valid
+
+
+def test_nfl_matches_its_definition():
+    """NFL = FL(p) / sum_k FL(P_k) + b q, FL(P) = -(1 - P)^gamma log P: the value and the
+    autograd gradient of that formula, in float64, for each layout."""
+    for c in (9, 600, 9000):
+        logits, target, _, sw = make_inputs(48, c, torch.float64)
+        sw = sw.abs() + 0.1
+        for gamma, b in ((0.5, 0.4), (2.0, 0.0), (0.0, 0.4)):
+            for reduction in ("none", "mean", "sum"):
+                x = logits.detach().clone().requires_grad_(True)
+                x2 = logits.detach().clone().requires_grad_(True)
+                v = torch.ops.robustloss.robust_ce_forward(x, target, 12, gamma, b, None, sw, IGNORE,
+                                                           {"none": 0, "mean": 1, "sum": 2}[reduction], False)[0]  # fmt: skip
+                per_row, valid = _nfl_by_definition(x2, target, gamma, b, sw)
+                ref = {"none": per_row, "mean": per_row.sum() / valid.sum(), "sum": per_row.sum()}[reduction]
+                up = torch.linspace(0.5, 1.5, 48, dtype=torch.float64, device=DEV) if reduction == "none" else None
+                v.backward(up)
+                ref.backward(up)
+                what = f"c={c} gamma={gamma} b={b} {reduction}"
+                torch.testing.assert_close(v, ref, rtol=1e-10, atol=1e-12, msg=what)
+                torch.testing.assert_close(x.grad, x2.grad, rtol=1e-9, atol=1e-12, msg=what)
+
+
+def test_two_term_masked_classes_and_nan_rows():
+    """A masked class makes Lambda infinite (smoothed value +inf, NCE 0) unless its smoothing weight is 0;
+    a row masked but for its target keeps its beta u term; NaN rows stay NaN, the others finite."""
+    for c in (6, 300, 3000, 50257):
+        x = torch.randn(6, c, device=DEV)
+        t = torch.randint(0, c, (6,), device=DEV)
+        x[0, : c // 2] = -math.inf
+        x[0, t[0]] = 1.0
+        x[1] = -math.inf
+        x[1, t[1]] = 0.5
+        x[2, (t[2] + 1) % c] = math.nan
+        x[3, (t[3] + 1) % c] = math.inf
+        x[4, t[4]] = math.inf
+        w = torch.rand(c, device=DEV) + 0.5
+        w[: c // 2] = 0.0
+        w[t[2:5]] = 1.0
+        for scheme, eps in TWO_TERM[:4] + [(NFL(), 0.0), (NFLS[-1], 0.0)]:
+            for weight in (None, w):
+                v, g = run("cuda", x, t, scheme, weight, None, "none", False, label_smoothing=eps)
+                assert torch.isnan(v[2:5]).all() and torch.isnan(g[2:5]).any(dim=1).all()
+                assert torch.isfinite(g[[0, 1, 5]]).all()
+                v_ref, g_ref = reference64(x, t, scheme, weight, None, "none", False, label_smoothing=eps)
+                assert_value(v, v_ref, torch.float32, f"masked {scheme} eps={eps}")
+                assert_grad(g, g_ref, torch.float32, f"masked {scheme} eps={eps}")
+
+
 def test_spatial_and_unbatched_inputs():
     x = torch.randn(3, 7, 4, 5, device=DEV)
     t = torch.randint(0, 7, (3, 4, 5), device=DEV)
@@ -212,15 +343,70 @@ def test_ops_against_cpu_kernel_and_reference(scheme, dtype):
         # lse_nt of an ignored row is unused (-inf in the kernels); coef is 0 there.
         torch.testing.assert_close(st[valid], st_ref[valid], **tol)
         torch.testing.assert_close(st.cpu(), st_cpu, **tol)
-        rows = ops.robust_ce_rows(logits, target, kid, a, b, IGNORE, reduction == 1 and normalize)
+        rows = ops.robust_ce_rows(logits, target, kid, a, b, None, IGNORE, reduction == 1 and normalize)
         v2, st2 = _finalize.finalize(rows, target, w, sw, IGNORE, reduction, normalize)
         torch.testing.assert_close(v2, v, **tol)
         torch.testing.assert_close(st2, st, **tol)
         grad = torch.randn(41, dtype=st.dtype, device=DEV) if reduction == 0 else torch.tensor(0.7, device=DEV).to(st.dtype)
-        gl = ops.robust_ce_backward(grad, logits, target, st, IGNORE)
-        gl_cpu = ops.robust_ce_backward(grad.cpu(), logits.cpu(), target.cpu(), st.cpu(), IGNORE)
+        gl = ops.robust_ce_backward(grad, logits, target, st, None, IGNORE, kid, a)
+        gl_cpu = ops.robust_ce_backward(grad.cpu(), logits.cpu(), target.cpu(), st.cpu(), None, IGNORE, kid, a)
         assert gl.dtype == dtype and gl.is_contiguous()
         assert_grad(gl.cpu(), gl_cpu.double(), dtype, "backward vs CPU kernel")
+
+
+# Two-term kernel formulas (kernel id, a, b): label smoothing eps = 0.1 (the class
+# weights are its smoothing weights u), NCE (1, 0), APL NCE+RCE (alpha = 1, beta A = 4),
+# NFL (gamma, b) with gamma 0.5, 2 and 0 (its rows and stats hold lse: P-form).
+TWO_TERM_KERNELS = [(10, 0.1, 0.0), (11, 1.0, 0.0), (11, 1.0, 4.0), (12, 0.5, 0.0), (12, 2.0, 0.4), (12, 0.0, 0.4)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
+@pytest.mark.parametrize("c", [11, 300, 9000], ids=str)
+@pytest.mark.parametrize("kernel", TWO_TERM_KERNELS, ids=str)
+def test_two_term_ops_against_cpu_kernel_and_reference(kernel, c, dtype):
+    ops = torch.ops.robustloss
+    kid, a, b = kernel
+    logits, target, w, sw = make_inputs(41, c, dtype)
+    sw = sw.abs() + 0.1
+    valid = target != IGNORE
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=3e-5, atol=1e-7)
+    for ww in (None, w):
+        u = ww if kid == 10 else None  # label smoothing weighs its smoothing sum by the class weights
+        for reduction in (0, 1, 2):
+            what = f"{kernel} c={c} weight={ww is not None} reduction={reduction}"
+            v, st = ops.robust_ce_forward(logits, target, kid, a, b, ww, sw, IGNORE, reduction, False)
+            v_cpu, st_cpu = ops.robust_ce_forward(logits.cpu(), target.cpu(), kid, a, b,
+                                                  None if ww is None else ww.cpu(), sw.cpu(), IGNORE, reduction, False)  # fmt: skip
+            v_ref, st_ref = reference.forward(logits, target, kid, a, b, ww, sw, IGNORE, reduction, False)
+            torch.testing.assert_close(v.cpu(), v_cpu, **tol, msg=what)
+            torch.testing.assert_close(v, v_ref, **tol, msg=what)
+            torch.testing.assert_close(st[valid], st_ref[valid], **tol, msg=what)
+            torch.testing.assert_close(st.cpu(), st_cpu, **tol, msg=what)
+            rows = ops.robust_ce_rows(logits, target, kid, a, b, u, IGNORE, False)
+            rows_ref = reference.rows(logits, target, kid, a, b, IGNORE, False, u)
+            torch.testing.assert_close(rows[valid], rows_ref[valid], **tol, msg=what)
+            v2, st2 = _finalize.finalize(rows, target, ww, sw, IGNORE, reduction, False, weight_in_rows=kid == 10)
+            torch.testing.assert_close(v2, v, **tol, msg=what)
+            torch.testing.assert_close(st2, st, **tol, msg=what)
+            grad = torch.randn(41, dtype=st.dtype, device=DEV) if reduction == 0 else torch.tensor(0.7, device=DEV).to(st.dtype)
+            gl = ops.robust_ce_backward(grad, logits, target, st, u, IGNORE, kid, a)
+            gl_cpu = ops.robust_ce_backward(grad.cpu(), logits.cpu(), target.cpu(), st.cpu(),
+                                            None if u is None else u.cpu(), IGNORE, kid, a)  # fmt: skip
+            assert gl.dtype == dtype and gl.is_contiguous()
+            assert_grad(gl.cpu(), gl_cpu.double(), dtype, "backward vs CPU kernel " + what)
+            gl_ref = reference.backward(grad.double(), logits.double(), target, st_ref.double(), IGNORE,
+                                        None if u is None else u.double(), kernel_id=kid, a=a)  # fmt: skip
+            assert_grad(gl, gl_ref, dtype, "backward vs reference " + what)
+
+
+def test_two_term_refuse_normalize():
+    ops = torch.ops.robustloss
+    logits, target, w, _ = make_inputs(8, 5, torch.float32)
+    for kid, a, b in TWO_TERM_KERNELS:
+        with pytest.raises(ValueError, match="normalize"):
+            ops.robust_ce_forward(logits, target, kid, a, b, w, None, IGNORE, 1, True)
+        with pytest.raises(ValueError, match="normalize"):
+            ops.robust_ce_rows(logits, target, kid, a, b, None, IGNORE, True)
 
 
 # ---------------------------------------------------------------------------
@@ -328,12 +514,17 @@ def test_bad_target_raises_index_error_naming_it(c):
         with pytest.raises(IndexError, match=rf"target value {bad} \(at flat position 6\)"):
             rf.robust_cross_entropy(logits, t, DM(), backend="cuda")
         with pytest.raises(IndexError, match=str(bad)):
-            torch.ops.robustloss.robust_ce_rows(logits, t, 4, 1.0, 8.0, IGNORE, True)
+            torch.ops.robustloss.robust_ce_rows(logits, t, 4, 1.0, 8.0, None, IGNORE, True)
+        with pytest.raises(IndexError, match=str(bad)):  # the two-term pass skips bad rows too
+            rf.robust_cross_entropy(logits, t, CCE(), label_smoothing=0.1, backend="cuda")
+        with pytest.raises(IndexError, match=str(bad)):  # and NFL's focal pass
+            rf.robust_cross_entropy(logits, t, NFL(), backend="cuda")
         # The backward op never syncs: it leaves the bad rows NaN and touches nothing out of bounds.
-        g = torch.ops.robustloss.robust_ce_backward(
-            torch.ones((), device=DEV), logits, t, torch.zeros(10, 2, device=DEV), IGNORE
-        )
-        assert torch.isnan(g[[6, 8]]).all() and torch.isfinite(g[:6]).all()
+        st = torch.zeros(10, 4, device=DEV)
+        st[:, 0] = torch.logsumexp(logits, 1)  # NFL's P_j = exp(z_j - lse) of a good row are at most 1
+        for u, kid, a in ((None, 0, 0.0), (torch.ones(c, device=DEV), 10, 0.1), (None, 12, 0.5)):
+            g = torch.ops.robustloss.robust_ce_backward(torch.ones((), device=DEV), logits, t, st, u, IGNORE, kid, a)
+            assert torch.isnan(g[[6, 8]]).all() and torch.isfinite(g[:6]).all()
     # The context is still healthy (no device-side assert fired).
     torch.cuda.synchronize()
     check(logits, target, DM(), None, None, "mean", None, "after bad targets")
@@ -348,10 +539,12 @@ def test_bad_target_raises_index_error_naming_it(c):
 )
 def test_bitwise_deterministic(n, c, dtype):
     logits, target, w, sw = make_inputs(n, c, dtype)
-    first = run("cuda", logits, target, DM(), w, sw, "mean", None)
-    for _ in range(3):
-        again = run("cuda", logits, target, DM(), w, sw, "mean", None)
-        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+    for scheme, eps in ((DM(), 0.0), (CCE(), 0.1), (APL(), 0.0), (NFL(), 0.0)):
+        normalize = None if eps == 0.0 and not scheme.two_term else False
+        first = run("cuda", logits, target, scheme, w, sw, "mean", normalize, label_smoothing=eps)
+        for _ in range(3):
+            again = run("cuda", logits, target, scheme, w, sw, "mean", normalize, label_smoothing=eps)
+            assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
 
 
 def test_side_stream_and_second_device():
@@ -404,14 +597,19 @@ def test_opcheck():
         (8, 700, torch.bfloat16, 0, 0.0, 0.0, 0, False),
         (6, 7, torch.float64, 3, 0.7, 0.0, 2, False),
         (0, 4, torch.float32, 4, 0.5, 12.0, 1, True),
+        (8, 700, torch.float32, 10, 0.1, 0.0, 1, False),
+        (6, 9, torch.float64, 11, 1.0, 4.0, 0, False),
+        (8, 700, torch.float32, 12, 0.5, 0.4, 1, False),
+        (6, 9, torch.float64, 12, 2.0, 0.0, 0, False),
     ):
         logits, target, w, sw = make_inputs(n, c, dtype)
         x = logits.detach().clone().requires_grad_(dtype != torch.bfloat16)
         torch.library.opcheck(ops.robust_ce_forward.default, (x, target, kid, a, b, w, sw, IGNORE, red, norm))
         _, st = ops.robust_ce_forward(logits, target, kid, a, b, w, sw, IGNORE, red, norm)
         grad = torch.ones((), dtype=st.dtype, device=DEV)
-        torch.library.opcheck(ops.robust_ce_backward.default, (grad, logits, target, st, IGNORE))
-        torch.library.opcheck(ops.robust_ce_rows.default, (logits, target, kid, a, b, IGNORE, red == 1 and norm))
+        u = w if kid == 10 else None
+        torch.library.opcheck(ops.robust_ce_backward.default, (grad, logits, target, st, u, IGNORE, kid, a))
+        torch.library.opcheck(ops.robust_ce_rows.default, (logits, target, kid, a, b, u, IGNORE, red == 1 and norm))
 
 
 def _losses(x, t, w, sw):
@@ -463,7 +661,7 @@ def test_offsets_past_2_31_elements():
     target = torch.randint(0, c, (n,), device=DEV)
     tail = slice(n - 8, n)
     v, st = torch.ops.robustloss.robust_ce_forward(logits, target, 4, 1.0, 8.0, None, None, IGNORE, 0, False)
-    gl = torch.ops.robustloss.robust_ce_backward(torch.ones(n, device=DEV), logits, target, st, IGNORE)
+    gl = torch.ops.robustloss.robust_ce_backward(torch.ones(n, device=DEV), logits, target, st, None, IGNORE, 4, 1.0)
     v_ref, st_ref = reference.forward(logits[tail].double(), target[tail], 4, 1.0, 8.0, None, None, IGNORE, 0, False)
     g_ref = reference.backward(torch.ones(8, device=DEV, dtype=torch.float64), logits[tail].double(), target[tail],
                                st_ref, IGNORE)  # fmt: skip

@@ -376,14 +376,14 @@ def test_bad_target_value_in_the_ops():
     """The ops themselves validate targets: a direct call can never read out of bounds."""
     logits = torch.randn(3, 4)
     target = torch.tensor([0, 4, 1])
-    stats = torch.zeros(3, 2)
+    stats = torch.zeros(3, 4)
     ops = torch.ops.robustloss
     with pytest.raises(IndexError, match=r"\b4\b"):
         ops.robust_ce_forward(logits, target, 4, 1.0, 8.0, None, None, -100, 1, True)
     with pytest.raises(IndexError, match=r"\b4\b"):
-        ops.robust_ce_rows(logits, target, 4, 1.0, 8.0, -100, True)
+        ops.robust_ce_rows(logits, target, 4, 1.0, 8.0, None, -100, True)
     with pytest.raises(IndexError, match=r"\b4\b"):
-        ops.robust_ce_backward(torch.tensor(1.0), logits, target, stats, -100)
+        ops.robust_ce_backward(torch.tensor(1.0), logits, target, stats, None, -100, 4, 1.0)
 
 
 def _errors():

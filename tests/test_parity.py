@@ -313,32 +313,53 @@ def _stat_tol(dtype):
     return 1e-12 if dtype == torch.float64 else 2e-5
 
 
+# Op-level cases: (kernel id, a, b, smoothing) for every SPEC scheme and the
+# two-term ones (label smoothing = 10, with the class weights as u; NCE/APL = 11).
+OP_CASES = [(s.kernel_id, *s.kernel_params, False) for s in SCHEMES]
+TWO_TERM_CASES = [(10, 0.1, 0.0, True), (10, 0.6, 0.0, True), (11, 1.0, 0.0, False), (11, 10.0, 0.4, False)]
+TWO_TERM_CASES += [(12, 0.5, 0.0, False), (12, 2.0, 0.4, False), (12, 0.0, 0.0, False)]
+
+
+def _case_id(case):
+    return f"kid{case[0]}-{case[1]:g}-{case[2]:g}"
+
+
 @needs_cpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("scheme", SCHEMES, ids=_id)
-def test_op_rows(scheme, dtype):
-    a, b = scheme.kernel_params
-    for normalised in (False, True):
-        logits, target, _, _ = _op_inputs(dtype)
-        rows = torch.ops.robustloss.robust_ce_rows(logits, target, scheme.kernel_id, a, b, IGNORE, normalised)
-        expected, valid = reference_rows(logits, target, scheme.kernel_id, a, b, normalised)
-        assert rows.dtype == acc_of(dtype) and rows.shape == (logits.shape[0], 3)
-        # Ignored rows carry nothing the cross-row step reads: compare the valid ones.
+@pytest.mark.parametrize("case", OP_CASES + TWO_TERM_CASES, ids=_case_id)
+def test_op_rows(case, dtype):
+    kid, a, b, smooth = case
+    two_term = kid in reference.TWO_TERM
+    for normalised in (False,) if two_term else (False, True):
+        logits, target, weight, _ = _op_inputs(dtype)
+        u = weight if smooth else None
+        rows = torch.ops.robustloss.robust_ce_rows(logits, target, kid, a, b, u, IGNORE, normalised)
+        expected = reference.rows(logits, target, kid, a, b, IGNORE, normalised, u)
+        valid = target != IGNORE
+        assert rows.dtype == acc_of(dtype) and rows.shape == (logits.shape[0], 6)
         tol = _stat_tol(dtype)
-        for col, name in enumerate(("lse_nt", "log w", "x")):
+        if not two_term:
+            # The first three columns also from the reference's pieces (SPEC §2, §4, §5).
+            pieces, _ = reference_rows(logits, target, kid, a, b, normalised)
+            expected_cols = torch.cat([pieces, expected[:, 3:]], dim=1)
+        else:
+            expected_cols = expected
+        # Ignored rows carry nothing the cross-row step reads: compare the valid ones.
+        for col, name in enumerate(("lse_nt", "log w", "x", "alpha", "beta", "gamma")):
             what = f"rows {name} normalised={normalised}"
-            assert_near(rows[valid, col], expected[valid, col], tol, rows.dtype, what=what)
+            assert_near(rows[valid, col], expected_cols[valid, col], tol, rows.dtype, what=what)
+        assert bool((rows[~valid, 2:] == 0).all()), "ignored rows must carry zeros"
 
 
 @needs_cpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("scheme", SCHEMES, ids=_id)
-def test_op_forward_and_finalize(scheme, dtype):
+@pytest.mark.parametrize("case", OP_CASES + TWO_TERM_CASES, ids=_case_id)
+def test_op_forward_and_finalize(case, dtype):
     """robust_ce_forward == reference.forward == finalize(robust_ce_rows), stats included."""
-    a, b = scheme.kernel_params
-    kid = scheme.kernel_id
+    kid, a, b, smooth = case
+    two_term = kid in reference.TWO_TERM
     for reduction in REDUCTIONS:
-        for normalize in (False, True):
+        for normalize in (False,) if two_term else (False, True):
             for config in ("plain", "full"):
                 logits, target, weight, sw = _op_inputs(dtype, config=config)
                 red = RED_ID[reduction]
@@ -346,13 +367,16 @@ def test_op_forward_and_finalize(scheme, dtype):
                 value, stats = torch.ops.robustloss.robust_ce_forward(logits, target, kid, a, b, *args)
                 ref_value, ref_stats = reference.forward(logits, target, kid, a, b, *args)
                 normalised = reduction == "mean" and normalize
-                rows = torch.ops.robustloss.robust_ce_rows(logits, target, kid, a, b, IGNORE, normalised)
-                fin_value, fin_stats = _finalize.finalize(rows, target, weight, sw, IGNORE, red, normalize)
+                u = weight if smooth else None
+                rows = torch.ops.robustloss.robust_ce_rows(logits, target, kid, a, b, u, IGNORE, normalised)
+                fin_value, fin_stats = _finalize.finalize(
+                    rows, target, weight, sw, IGNORE, red, normalize, weight_in_rows=smooth
+                )
                 valid = target != IGNORE
                 tag = f"{reduction} normalize={normalize} {config}"
                 assert value.dtype == acc_of(dtype) and stats.dtype == acc_of(dtype)
                 assert value.shape == ((logits.shape[0],) if red == 0 else ())
-                assert stats.shape == (logits.shape[0], 2)
+                assert stats.shape == (logits.shape[0], 4)
                 tol = _stat_tol(dtype)
                 # Sums with signed sample weights cancel: the same sum with |sw| is the error scale.
                 abs_args = (weight, None if sw is None else sw.abs(), IGNORE, red, normalize)
@@ -360,37 +384,47 @@ def test_op_forward_and_finalize(scheme, dtype):
                 for got, name in ((value, "op"), (fin_value, "finalize")):
                     assert_near(got, ref_value, tol, got.dtype, vscale, f"{tag} value ({name})")
                 for got, name in ((stats, "op"), (fin_stats, "finalize")):
-                    # lse_nt of an ignored row is not specified; coef must be 0 there.
+                    # lse_nt of an ignored row is not specified; the coefficients must be 0 there.
                     assert_near(got[valid, 0], ref_stats[valid, 0], tol, got.dtype, what=f"{tag} lse_nt ({name})")
-                    assert_near(got[:, 1], ref_stats[:, 1], tol, got.dtype, what=f"{tag} coef ({name})")
-                    assert bool((got[~valid, 1] == 0).all()), f"{tag}: nonzero coef on an ignored row ({name})"
+                    for col, cname in ((1, "alpha"), (2, "beta"), (3, "gamma")):
+                        assert_near(got[:, col], ref_stats[:, col], tol, got.dtype, what=f"{tag} {cname} ({name})")
+                    assert bool((got[~valid, 1:] == 0).all()), f"{tag}: nonzero coefficient on an ignored row ({name})"
 
 
 @needs_cpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
 @pytest.mark.parametrize("per_row", [False, True], ids=["scalar_grad", "row_grad"])
-def test_op_backward(dtype, per_row):
+@pytest.mark.parametrize("kind", ["dm", "smoothing", "nce", "nfl"])
+def test_op_backward(dtype, per_row, kind):
     """robust_ce_backward == reference.backward for the same stats, incl. masked classes and C = 1."""
+    kid, a, b = {"dm": (4, 1.0, 8.0), "smoothing": (10, 0.3, 0.0), "nce": (11, 1.0, 2.0), "nfl": (12, 0.5, 2.0)}[kind]
     for n, c in ((23, 11), (9, 1), (7, 37), (5, 3)):
         logits, target, weight, sw = _op_inputs(dtype, n, c)
         if c > 2:
             logits[0, (target[0].clamp(min=0) + 1) % c] = -math.inf  # a masked class
-            logits[1] = -math.inf  # every non-target masked: G = 0
+            logits[1] = -math.inf  # every non-target masked: G = 0 (one-term)
             logits[1, target[1].clamp(min=0)] = 0.5
-        _, stats = reference.forward(logits, target, 4, 1.0, 8.0, weight, sw, IGNORE, 0 if per_row else 1, True)
+        red = 0 if per_row else 1
+        _, stats = reference.forward(logits, target, kid, a, b, weight, sw, IGNORE, red, kind == "dm")
+        u = weight if kind == "smoothing" else None
         grad = torch.randn((n,) if per_row else (), dtype=acc_of(dtype))
-        got = torch.ops.robustloss.robust_ce_backward(grad, logits, target, stats, IGNORE)
-        expected = reference.backward(grad, logits, target, stats, IGNORE)
+        got = torch.ops.robustloss.robust_ce_backward(grad, logits, target, stats, u, IGNORE, kid, a)
+        expected = reference.backward(grad, logits, target, stats, IGNORE, u, kid, a)
         assert got.dtype == dtype and got.shape == logits.shape
         ignored = target == IGNORE
         assert bool((got[ignored] == 0).all())
         # Both compute in the accumulator type and round once to the logits' dtype.
         rtol = 1e-12 if dtype == torch.float64 else 2e-6
-        assert_near(got, expected.to(got.dtype), rtol, dtype, what=f"backward n={n} c={c}")
-        if c > 2:
+        assert_near(got, expected.to(got.dtype), rtol, dtype, what=f"{kind} backward n={n} c={c}")
+        if c > 2 and kind == "dm":
             assert bool((got[1] == 0).all()), "a row with no finite non-target logit must get G = 0"
             masked = (target[0].clamp(min=0) + 1) % c
             assert float(got[0, masked]) == 0.0
+        if c > 2 and kind == "smoothing" and not ignored[0]:
+            # A masked class still gets the smoothing term -g eps/C u_j (as in F.cross_entropy).
+            masked = (target[0].clamp(min=0) + 1) % c
+            g0 = float(grad[0] if per_row else grad)
+            assert float(got[0, masked]) != 0.0 or g0 == 0.0 or float(stats[0, 2]) == 0.0
 
 
 # ---------------------------------------------------------------------------

@@ -8,8 +8,9 @@
 // scheme math of schemes.h gives (lse_nt, log w, x). Nothing of size N x C is
 // written.
 //
-// Backward: per row, one pass writing g_i * coef_i * (r - e_y) straight from the
-// logits, r_j = exp(z_j - lse_nt), already scaled by the cross-row factor.
+// Backward: per row, one pass writing g_i (alpha_i r + beta_i u) straight from
+// the logits, r_j = exp(z_j - lse_nt), then g_i gamma_i at the target; the
+// coefficients already carry the cross-row factor.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -168,6 +169,89 @@ inline acc_t lse_non_target(const scalar_t* row, int64_t c, int64_t y) {
   return m + std::log(reduce_sum(vsum));
 }
 
+// sum_k u_k (z_y - z_k) over the whole row, the two-term schemes' extra
+// reduction (u = 1 when u == nullptr). A class with u_k = 0 adds 0 even when
+// masked (0 * inf would be NaN); lanes past the end read as z_y and add 0.
+template <typename scalar_t, typename acc_t>
+inline acc_t spread_sum(const scalar_t* row, int64_t c, acc_t z_y, const acc_t* u) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t K = Vec::size();
+  const Vec vy(z_y), zero(acc_t(0));
+  Vec a0(acc_t(0)), a1(acc_t(0));
+  auto term = [&](const Vec& z, const acc_t* uj, int64_t count) {
+    Vec d = vy - z;
+    if (u != nullptr) {
+      const Vec w = count == K ? Vec::loadu(uj) : Vec::set(zero, Vec::loadu(uj, count), count);
+      d = Vec::blendv(w * d, zero, w == zero);
+    }
+    return d;
+  };
+  int64_t j = 0;
+  for (; j + 2 * K <= c; j += 2 * K) {
+    a0 = a0 + term(vload<scalar_t, acc_t>(row + j), u + j, K);
+    a1 = a1 + term(vload<scalar_t, acc_t>(row + j + K), u + j + K, K);
+  }
+  for (; j < c; j += K) {
+    const int64_t count = std::min<int64_t>(K, c - j);
+    const Vec z = count == K ? vload<scalar_t, acc_t>(row + j) : Vec::set(vy, vload_partial<scalar_t, acc_t>(row + j, count), count);
+    a0 = a0 + term(z, u + j, count);
+  }
+  return reduce_sum(a0 + a1);
+}
+
+// Q^g for the focal terms: the common exponents without log/exp (the papers'
+// NFL uses g = 0.5, a square root).
+template <typename acc_t>
+inline Vectorized<acc_t> vpow_focal(const Vectorized<acc_t>& Q, acc_t g) {
+  using Vec = Vectorized<acc_t>;
+  if (g == acc_t(0)) return Vec(acc_t(1));
+  if (g == acc_t(0.5)) return Q.sqrt();
+  if (g == acc_t(1)) return Q;
+  if (g == acc_t(2)) return Q * Q;
+  return (Vec(g) * Q.log()).exp();
+}
+
+// Vector copy of focal_terms (schemes.h) for l = z - lse: (P, F, h) per lane.
+// Q = 1 - P is exact enough while P <= 1/2; only vectors holding a larger P
+// (at most one class per row) pay for expm1.
+template <typename acc_t>
+inline void vfocal_terms(const Vectorized<acc_t>& l, acc_t g, Vectorized<acc_t>& P, Vectorized<acc_t>& F,
+                         Vectorized<acc_t>& h) {
+  using Vec = Vectorized<acc_t>;
+  const Vec zero(acc_t(0)), one(acc_t(1)), half(acc_t(0.5));
+  P = vexp(l);
+  Vec Q = one - P;
+  const Vec big = P > half;
+  if (big.zero_mask() != (1 << Vec::size()) - 1) Q = Vec::blendv(Q, l.expm1().neg(), big);
+  const Vec qg = vpow_focal(Q, g);
+  const Vec pl = Vec::blendv(P * l, zero, P == zero);
+  const Vec pl_over_q = Vec::blendv(P.neg(), pl / Q, Q > zero);
+  F = (qg * l).neg();
+  h = qg * (Vec(g) * pl_over_q - one);
+}
+
+// NFL's sums over the non-target classes of F and h (a third pass over the row).
+template <typename scalar_t, typename acc_t>
+inline void focal_sums(const scalar_t* row, int64_t c, int64_t y, acc_t lse, acc_t g, acc_t& sum_F, acc_t& sum_h) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t K = Vec::size();
+  const Vec zero(acc_t(0)), vlse(lse), lane = Vec::arange(acc_t(0), acc_t(1));
+  Vec sF(acc_t(0)), sH(acc_t(0));
+  for (int64_t j = 0; j < c; j += K) {
+    const int64_t count = std::min<int64_t>(K, c - j);
+    const Vec z = count == K ? vload<scalar_t, acc_t>(row + j)
+                             : Vec::set(vlse, vload_partial<scalar_t, acc_t>(row + j, count), count);
+    Vec P, F, h;
+    vfocal_terms<acc_t>(z - vlse, g, P, F, h);
+    Vec skip = lane >= Vec(acc_t(count));
+    if (y >= j && y < j + K) skip = skip | (lane == Vec(acc_t(y - j)));
+    sF = sF + Vec::blendv(F, zero, skip);
+    sH = sH + Vec::blendv(h, zero, skip);
+  }
+  sum_F = reduce_sum(sF);
+  sum_h = reduce_sum(sH);
+}
+
 // Work per task: about 16K logits, so small-C batches still split into few tasks.
 inline int64_t grain(int64_t c) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(c, 1)); }
 
@@ -177,24 +261,50 @@ void rows_typed(const RowsArgs& args) {
   const auto* logits = static_cast<const scalar_t*>(args.logits);
   auto* out = static_cast<acc_t*>(args.rows);
   const acc_t a = static_cast<acc_t>(args.a), b = static_cast<acc_t>(args.b);
+  const bool two_term = is_two_term(args.scheme);
+  const auto* u = static_cast<const acc_t*>(args.smooth_weight);
+  acc_t U = static_cast<acc_t>(args.c);
+  if (u != nullptr) {
+    double total = 0.0;
+    for (int64_t j = 0; j < args.c; ++j) total += static_cast<double>(u[j]);
+    U = static_cast<acc_t>(total);
+  }
   at::parallel_for(0, args.n, grain(args.c), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t y = args.target[i];
-      acc_t* o = out + 3 * i;
+      acc_t* o = out + 6 * i;
       if (y == args.ignore_index) {
         o[0] = kNegInf<acc_t>;
         o[1] = kNegInf<acc_t>;
-        o[2] = 0;
+        o[2] = o[3] = o[4] = o[5] = 0;
         continue;
       }
       const scalar_t* row = logits + i * args.row_stride;
       const acc_t z_y = static_cast<acc_t>(row[y]);
       const acc_t lse_nt = row_lse_nt(z_y, lse_non_target<scalar_t, acc_t>(row, args.c, y));
       const RowProb<acc_t> pr = row_prob<acc_t>(z_y, lse_nt);
-      const acc_t lw = log_weight<acc_t>(args.scheme, a, b, pr);
-      o[0] = lse_nt;
+      RowGrad<acc_t> g;
+      acc_t lw, col0 = lse_nt;
+      if (args.scheme == kNFL) {
+        col0 = nfl_lse(z_y, lse_nt, pr);  // P-form: the backward needs P_j = exp(z_j - lse)
+        acc_t sum_F, sum_h;
+        focal_sums<scalar_t, acc_t>(row, args.c, y, col0, a, sum_F, sum_h);
+        g = nfl_row<acc_t>(a, b, pr, sum_F, sum_h);
+        lw = two_term_log_weight(g);
+      } else if (two_term) {
+        const acc_t spread = spread_sum<scalar_t, acc_t>(row, args.c, z_y, u);
+        g = two_term_row<acc_t>(args.scheme, a, b, pr, spread, U, u ? u[y] : acc_t(1), static_cast<acc_t>(args.c));
+        lw = two_term_log_weight(g);
+      } else {
+        lw = log_weight<acc_t>(args.scheme, a, b, pr);
+        g = one_term_row<acc_t>(args.scheme, a, b, lw, pr, args.normalised, lse_nt);
+      }
+      o[0] = col0;
       o[1] = lw;
-      o[2] = row_x<acc_t>(args.scheme, a, b, lw, pr, args.normalised);
+      o[2] = g.x;
+      o[3] = g.alpha;
+      o[4] = g.beta;
+      o[5] = g.gamma;
     }
   });
 }
@@ -207,8 +317,11 @@ void backward_typed(const BackwardArgs& args) {
   const auto* logits = static_cast<const scalar_t*>(args.logits);
   const auto* stats = static_cast<const acc_t*>(args.stats);
   const auto* grad = static_cast<const acc_t*>(args.grad);
+  const auto* u = static_cast<const acc_t*>(args.smooth_weight);
   auto* out = static_cast<scalar_t*>(args.out);
   const int64_t c = args.c;
+  const bool nfl = args.scheme == kNFL;
+  const acc_t gamma_f = static_cast<acc_t>(args.a);
   at::parallel_for(0, args.n, grain(c), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       scalar_t* o = out + i * c;
@@ -217,13 +330,10 @@ void backward_typed(const BackwardArgs& args) {
         std::fill(o, o + c, scalar_t(0));
         continue;
       }
-      const acc_t lse_nt = stats[2 * i];
-      const acc_t gc = (args.grad_per_row ? grad[i] : grad[0]) * stats[2 * i + 1];
-      if (lse_nt == kNegInf<acc_t>) {
-        // SPEC §3: no finite non-target logit, G = 0 (NaN stays NaN).
-        std::fill(o, o + c, static_cast<scalar_t>(gc * acc_t(0)));
-        continue;
-      }
+      const acc_t* st = stats + 4 * i;
+      const acc_t lse_nt = st[0];
+      const acc_t g = args.grad_per_row ? grad[i] : grad[0];
+      const acc_t ga = g * st[1], gb = g * st[2], gy = g * st[3];
       if (lse_nt != lse_nt) {
         // A NaN row (SPEC §6). Written directly: the fast vector exp clamps
         // its input and would turn NaN into a finite or infinite number.
@@ -231,15 +341,43 @@ void backward_typed(const BackwardArgs& args) {
         continue;
       }
       const scalar_t* row = logits + i * args.row_stride;
-      const Vec vg(gc), vl(lse_nt);
-      int64_t j = 0;
-      for (; j + K <= c; j += K) vstore<scalar_t, acc_t>(o + j, vg * vexp(vload<scalar_t, acc_t>(row + j) - vl), K);
-      if (j < c) {
-        const int64_t count = c - j;
-        const Vec v = Vec::set(Vec(kNegInf<acc_t>), vload_partial<scalar_t, acc_t>(row + j, count), count);
-        vstore<scalar_t, acc_t>(o + j, vg * vexp(v - vl), count);
+      if (nfl) {
+        // P-form (schemes.h, nfl_row): out = g (alpha P + beta h(P)), P = exp(z - lse).
+        const Vec va(ga), vb(gb), vl(lse_nt);
+        for (int64_t j = 0; j < c; j += K) {
+          const int64_t count = std::min<int64_t>(K, c - j);
+          const Vec z = count == K ? vload<scalar_t, acc_t>(row + j)
+                                   : Vec::set(vl, vload_partial<scalar_t, acc_t>(row + j, count), count);
+          Vec P, F, h;
+          vfocal_terms<acc_t>(z - vl, gamma_f, P, F, h);
+          vstore<scalar_t, acc_t>(o + j, va * P + vb * h, count);
+        }
+      } else if (lse_nt == kNegInf<acc_t>) {
+        // No finite non-target logit: r = 0 (SPEC §3), only the beta term is left.
+        for (int64_t j = 0; j < c; ++j) o[j] = static_cast<scalar_t>(gb * (u ? u[j] : acc_t(1)));
+      } else if (gb == acc_t(0)) {
+        // One-term rows (every SPEC §4 scheme): out = g alpha r.
+        const Vec vg(ga), vl(lse_nt);
+        int64_t j = 0;
+        for (; j + K <= c; j += K) vstore<scalar_t, acc_t>(o + j, vg * vexp(vload<scalar_t, acc_t>(row + j) - vl), K);
+        if (j < c) {
+          const int64_t count = c - j;
+          const Vec v = Vec::set(Vec(kNegInf<acc_t>), vload_partial<scalar_t, acc_t>(row + j, count), count);
+          vstore<scalar_t, acc_t>(o + j, vg * vexp(v - vl), count);
+        }
+      } else {
+        // Two-term rows: out = g (alpha r + beta u).
+        const Vec vg(ga), vb(gb), vl(lse_nt);
+        int64_t j = 0;
+        for (; j < c; j += K) {
+          const int64_t count = std::min<int64_t>(K, c - j);
+          const Vec v = count == K ? vload<scalar_t, acc_t>(row + j)
+                                   : Vec::set(Vec(kNegInf<acc_t>), vload_partial<scalar_t, acc_t>(row + j, count), count);
+          const Vec uj = u == nullptr ? Vec(acc_t(1)) : (count == K ? Vec::loadu(u + j) : Vec::loadu(u + j, count));
+          vstore<scalar_t, acc_t>(o + j, at::vec::fmadd(vb, uj, vg * vexp(v - vl)), count);
+        }
       }
-      o[y] = static_cast<scalar_t>(-gc);
+      o[y] = static_cast<scalar_t>(gy);
     }
   });
 }

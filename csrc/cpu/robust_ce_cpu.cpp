@@ -34,11 +34,14 @@ at::Tensor check_target(const at::Tensor& target_in, const at::Tensor& logits, i
 }
 
 // The cross-row step of SPEC §5, in double, sequentially (deterministic and
-// O(N): small next to the O(N C) row pass). rows = (lse_nt, log w, x).
+// O(N): small next to the O(N C) row pass). rows = (lse_nt, log w, x, alpha,
+// beta, gamma); stats = (lse_nt, alpha, beta, gamma) scaled by s_i / D.
+// weight_in_rows (label smoothing): the rows already carry the class weights,
+// so s_i is the sample weight alone; the mean's D is still sum weight[y_i].
 template <typename acc_t>
 void finalize(const at::Tensor& rows_t, const at::Tensor& target_t, const c10::optional<at::Tensor>& weight_t,
               const c10::optional<at::Tensor>& sw_t, int64_t ignore_index, int64_t reduction, bool normalize,
-              at::Tensor& value_t, at::Tensor& stats_t) {
+              bool weight_in_rows, at::Tensor& value_t, at::Tensor& stats_t) {
   const int64_t n = rows_t.size(0);
   const acc_t* rows = rows_t.const_data_ptr<acc_t>();
   const int64_t* target = target_t.const_data_ptr<int64_t>();
@@ -50,13 +53,13 @@ void finalize(const at::Tensor& rows_t, const at::Tensor& target_t, const c10::o
 
   auto s_of = [&](int64_t i) {
     double s = 1.0;
-    if (weight) s *= static_cast<double>(weight[target[i]]);
+    if (weight && !weight_in_rows) s *= static_cast<double>(weight[target[i]]);
     if (sw) s *= static_cast<double>(sw[i]);
     return s;
   };
   for (int64_t i = 0; i < n; ++i) {
-    stats[2 * i] = rows[3 * i];
-    stats[2 * i + 1] = 0;
+    stats[4 * i] = rows[6 * i];
+    stats[4 * i + 1] = stats[4 * i + 2] = stats[4 * i + 3] = 0;
   }
 
   if (reduction == kMean && normalize) {
@@ -66,7 +69,7 @@ void finalize(const at::Tensor& rows_t, const at::Tensor& target_t, const c10::o
     bool saw_nan = false;
     for (int64_t i = 0; i < n; ++i) {
       if (target[i] == ignore_index || s_of(i) == 0.0) continue;
-      const double lw = rows[3 * i + 1];
+      const double lw = rows[6 * i + 1];
       if (std::isnan(lw)) saw_nan = true;
       else m = std::max(m, lw);
     }
@@ -80,21 +83,24 @@ void finalize(const at::Tensor& rows_t, const at::Tensor& target_t, const c10::o
         if (s == 0.0) continue;
         // exp in the accumulator type (expf for float input: several times
         // cheaper than exp in double, and as exact as the row statistics).
-        const double se = s * static_cast<double>(std::exp(static_cast<acc_t>(rows[3 * i + 1] - static_cast<acc_t>(m))));
+        const double se = s * static_cast<double>(std::exp(static_cast<acc_t>(rows[6 * i + 1] - static_cast<acc_t>(m))));
         denom += std::fabs(se);
-        num += se * static_cast<double>(rows[3 * i + 2]);
-        stats[2 * i + 1] = static_cast<acc_t>(se);
+        num += se * static_cast<double>(rows[6 * i + 2]);
+        stats[4 * i + 1] = static_cast<acc_t>(se);
       }
     }
     if (denom != 0.0) {  // NaN passes too: it must reach every row
       const double scale = 1.0 / (2.0 * denom);
       for (int64_t i = 0; i < n; ++i) {
         if (target[i] == ignore_index || s_of(i) == 0.0) continue;  // rows that do not count keep coef 0
-        stats[2 * i + 1] = static_cast<acc_t>(stats[2 * i + 1] * scale);
+        // G = 0 for a row with no finite non-target logit (SPEC §3); it still counts in D.
+        const acc_t coef = rows[6 * i] == -static_cast<acc_t>(inf) ? acc_t(0) : static_cast<acc_t>(stats[4 * i + 1] * scale);
+        stats[4 * i + 1] = coef;
+        stats[4 * i + 3] = -coef;
       }
       value[0] = static_cast<acc_t>(num / denom);
     } else {
-      for (int64_t i = 0; i < n; ++i) stats[2 * i + 1] = 0;  // D = 0: no gradient at all (SPEC §5)
+      for (int64_t i = 0; i < n; ++i) stats[4 * i + 1] = 0;  // D = 0: no gradient at all (SPEC §5)
       value[0] = 0;
     }
     return;
@@ -109,8 +115,9 @@ void finalize(const at::Tensor& rows_t, const at::Tensor& target_t, const c10::o
     denom += weight ? static_cast<double>(weight[target[i]]) : 1.0;
     const double s = s_of(i);
     // A row with s = 0 contributes 0, even where its raw weight overflowed (0 * inf).
-    const double sx = s == 0.0 ? 0.0 : s * static_cast<double>(rows[3 * i + 2]);
-    stats[2 * i + 1] = s == 0.0 ? acc_t(0) : static_cast<acc_t>(s * static_cast<double>(std::exp(rows[3 * i + 1])) / 2.0);
+    const double sx = s == 0.0 ? 0.0 : s * static_cast<double>(rows[6 * i + 2]);
+    for (int k = 1; k <= 3; ++k)
+      stats[4 * i + k] = s == 0.0 ? acc_t(0) : static_cast<acc_t>(s * static_cast<double>(rows[6 * i + 2 + k]));
     if (reduction == kNone) value[i] = static_cast<acc_t>(sx);
     total += sx;
   }
@@ -120,7 +127,8 @@ void finalize(const at::Tensor& rows_t, const at::Tensor& target_t, const c10::o
     // PyTorch's rule: divide by the summed class weights of the valid rows.
     value[0] = denom != 0.0 ? static_cast<acc_t>(total / denom) : acc_t(0);
     for (int64_t i = 0; i < n; ++i)
-      stats[2 * i + 1] = denom != 0.0 ? static_cast<acc_t>(stats[2 * i + 1] / denom) : acc_t(0);
+      for (int k = 1; k <= 3; ++k)
+        stats[4 * i + k] = denom != 0.0 ? static_cast<acc_t>(stats[4 * i + k] / denom) : acc_t(0);
   }
 }
 
@@ -144,12 +152,14 @@ void advise_huge_pages(const at::Tensor& t) {
 }
 
 at::Tensor rows_cpu(const at::Tensor& logits_in, const at::Tensor& target_in, int64_t scheme, double a, double b,
-                    int64_t ignore_index, bool normalised) {
+                    const c10::optional<at::Tensor>& smooth_weight_in, int64_t ignore_index, bool normalised) {
   const at::Tensor logits = check_logits(logits_in);
   const at::Tensor target = check_target(target_in, logits, ignore_index);
   check_scheme(scheme);
-  at::Tensor rows = at::empty({logits.size(0), 3}, logits.options().dtype(acc_dtype(logits)));
-  cpu::kernels().rows(make_rows_args(logits, target, scheme, a, b, ignore_index, normalised, rows));
+  check_normalisable(scheme, normalised);
+  const auto u = check_weight(smooth_weight_in, logits);
+  at::Tensor rows = at::empty({logits.size(0), 6}, logits.options().dtype(acc_dtype(logits)));
+  cpu::kernels().rows(make_rows_args(logits, target, scheme, a, b, u, ignore_index, normalised, rows));
   return rows;
 }
 
@@ -165,32 +175,41 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& logits_in, cons
   const auto weight = check_weight(weight_in, logits);
   const auto sw = check_sample_weight(sw_in, logits);
   const bool normalised = reduction == kMean && normalize;
+  check_normalisable(scheme, normalised);
   const auto acc = acc_dtype(logits);
   const int64_t n = logits.size(0);
+  // Label smoothing weighs the classes of its smoothing sum by `weight` (PyTorch).
+  const bool smooth = scheme == kCCELS;
+  const c10::optional<at::Tensor> u = smooth ? weight : c10::nullopt;
 
-  at::Tensor rows = at::empty({n, 3}, logits.options().dtype(acc));
-  cpu::kernels().rows(make_rows_args(logits, target, scheme, a, b, ignore_index, normalised, rows));
+  at::Tensor rows = at::empty({n, 6}, logits.options().dtype(acc));
+  cpu::kernels().rows(make_rows_args(logits, target, scheme, a, b, u, ignore_index, normalised, rows));
 
   at::Tensor value = reduction == kNone ? at::empty({n}, logits.options().dtype(acc))
                                         : at::empty({}, logits.options().dtype(acc));
-  at::Tensor stats = at::empty({n, 2}, logits.options().dtype(acc));
+  at::Tensor stats = at::empty({n, 4}, logits.options().dtype(acc));
   if (acc == at::kDouble) {
-    finalize<double>(rows, target, weight, sw, ignore_index, reduction, normalize, value, stats);
+    finalize<double>(rows, target, weight, sw, ignore_index, reduction, normalize, smooth, value, stats);
   } else {
-    finalize<float>(rows, target, weight, sw, ignore_index, reduction, normalize, value, stats);
+    finalize<float>(rows, target, weight, sw, ignore_index, reduction, normalize, smooth, value, stats);
   }
   return {value, stats};
 }
 
 at::Tensor backward_cpu(const at::Tensor& grad_in, const at::Tensor& logits_in, const at::Tensor& target_in,
-                        const at::Tensor& stats_in, int64_t ignore_index) {
+                        const at::Tensor& stats_in, const c10::optional<at::Tensor>& smooth_weight_in,
+                        int64_t ignore_index, int64_t scheme, double a) {
   const at::Tensor logits = check_logits(logits_in);
   const at::Tensor target = check_target(target_in, logits, ignore_index);
   const at::Tensor stats = check_stats(stats_in, logits);
   const at::Tensor grad = check_grad(grad_in, logits);
+  const auto u = check_weight(smooth_weight_in, logits);
   at::Tensor out = at::empty({logits.size(0), logits.size(1)}, logits.options());
   advise_huge_pages(out);
-  cpu::kernels().backward(make_backward_args(grad, logits, target, stats, ignore_index, out));
+  BackwardArgs args = make_backward_args(grad, logits, target, stats, u, ignore_index, out);
+  args.scheme = scheme;
+  args.a = a;
+  cpu::kernels().backward(args);
   return out;
 }
 

@@ -12,9 +12,16 @@
 //    first 16-byte boundary of the row on (a few scalar loads peel the head
 //    and tail), several in flight per thread. The group's partial states are
 //    merged by a fixed shuffle tree (and, for a block, a fixed tree through
-//    shared memory); lane 0 then evaluates the scheme math of
-//    robustloss/schemes.h -- row_prob, log_weight, row_x: the same functions
-//    the CPU kernel calls -- and writes rows (N, 3) = (lse_nt, log w, x).
+//    shared memory). Two-term schemes (label smoothing, NCE/APL; their own
+//    kernel instantiations) take a second pass of the same shape over the
+//    whole row for spread = sum_k u_k (z_y - z_k) and U = sum_k u_k, merged by
+//    the same trees. NFL (its own instantiation too) first hands the row's
+//    lse = nfl_lse(z_y, lse_nt) from lane 0 to the group (a shuffle, or shared
+//    memory for a block), then its second pass sums the focal terms (F_k,
+//    h_k) of the non-target classes, merged by the same trees. Lane 0 then
+//    evaluates the scheme math of robustloss/schemes.h -- the same functions
+//    the CPU kernel calls -- and writes rows (N, 6) = (lse_nt, log w, x,
+//    alpha, beta, gamma); NFL writes lse in column 0 ("P-form").
 //
 // 2. finalize (partials_kernel + apply_kernel) -- the cross-row step of
 //    robustloss_fast/_finalize.py on the device, in double. For "mean"/"sum",
@@ -24,11 +31,13 @@
 //    log-domain softmax, so |beta| = 1000 cannot overflow -- else (sum s x,
 //    sum weight[y]). apply_kernel merges the partials in one fixed tree (every
 //    block repeats the same tree, so every block sees bitwise the same D),
-//    writes stats (N, 2) = (lse_nt, coef) and the value.
+//    writes stats (N, 4) = (lse_nt, alpha, beta, gamma) and the value.
 //
-// 3. backward_kernel -- one pass writing g * coef * (r - e_y), r_j =
-//    exp(z_j - lse_nt), with the same row-to-threads layout, 16-byte stores
-//    aligned on the output row.
+// 3. backward_kernel -- one pass writing g (alpha r_j + beta u_j) off the
+//    target and g gamma at it, r_j = exp(z_j - lse_nt), with the same
+//    row-to-threads layout, 16-byte stores aligned on the output row. NFL
+//    (its own instantiation) writes g (alpha P_j + beta h_j) with P_j =
+//    exp(z_j - lse) and h_j its focal term, lse from the stats' column 0.
 //
 // Determinism: no atomics take part in any value. The order of every sum is
 // fixed by (N, C, the row's address modulo 16 bytes): the same tensors give
@@ -96,6 +105,8 @@ __device__ __forceinline__ float dexp(float x) { return expf(x); }
 __device__ __forceinline__ double dexp(double x) { return exp(x); }
 __device__ __forceinline__ float dlog(float x) { return logf(x); }
 __device__ __forceinline__ double dlog(double x) { return log(x); }
+__device__ __forceinline__ float dexpm1(float x) { return expm1f(x); }
+__device__ __forceinline__ double dexpm1(double x) { return expm1(x); }
 
 // ---------------------------------------------------------------------------
 // 16-byte packs and row alignment
@@ -211,18 +222,36 @@ __device__ __forceinline__ Lse<acc_t> lse_warp_reduce(Lse<acc_t> v) {
   return v;
 }
 
-// Whole-block reduction (TPR == BLOCK > 32); every thread must call it. The
-// result is valid in thread 0.
-template <int BLOCK, typename acc_t>
-__device__ __forceinline__ Lse<acc_t> lse_block_reduce(Lse<acc_t> v, Lse<acc_t>* smem) {
+// The sum pair of the two-term schemes' second pass: spread = sum_k u_k (z_y
+// - z_k) and U = sum_k u_k (U only with a smooth weight: else it is C); for
+// NFL, (sum F_k, sum h_k) over the non-target classes.
+template <typename acc_t>
+struct Spread {
+  acc_t s, u;
+};
+
+template <int WIDTH, typename acc_t>
+__device__ __forceinline__ Spread<acc_t> spread_warp_reduce(Spread<acc_t> v) {
+#pragma unroll
+  for (int off = WIDTH / 2; off > 0; off >>= 1) {
+    v.s += __shfl_xor_sync(0xffffffffu, v.s, off, WIDTH);
+    v.u += __shfl_xor_sync(0xffffffffu, v.u, off, WIDTH);
+  }
+  return v;
+}
+
+// Whole-block reduction (TPR == BLOCK > 32) through one warp's shuffle tree
+// per level; every thread must call it. The result is valid in thread 0.
+template <int BLOCK, typename V, typename WarpReduce>
+__device__ __forceinline__ V block_reduce(V v, V* smem, const V& identity, WarpReduce warp_reduce) {
   constexpr int kWarps = BLOCK / 32;
-  v = lse_warp_reduce<32>(v);
+  v = warp_reduce(v);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) smem[warp] = v;
   __syncthreads();
   if (warp == 0) {
-    v = lane < kWarps ? smem[lane] : lse_identity<acc_t>();
-    v = lse_warp_reduce<32>(v);
+    v = lane < kWarps ? smem[lane] : identity;
+    v = warp_reduce(v);
   }
   __syncthreads();  // smem is reused by the block's next row
   return v;
@@ -230,36 +259,113 @@ __device__ __forceinline__ Lse<acc_t> lse_block_reduce(Lse<acc_t> v, Lse<acc_t>*
 
 // Number of packs each thread loads before it uses any: bytes in flight.
 constexpr int kUnroll = 4;
+// NFL's passes (forward and backward) evaluate exp, expm1, log, a power and a
+// division per element, so they should be bound by arithmetic rather than by
+// bytes in flight (not yet timed on a GPU): one pack at a time. Unrolled by 4
+// their inlined math doubled nvcc's time for the whole file.
+constexpr int kFocalUnroll = 1;
 
 // This thread's share of one row: lanes take elements (head, tail) and packs
-// (body) TPR apart; the target's position reads as -inf.
-template <typename T, int TPR, typename acc_t>
-__device__ __forceinline__ void lse_row_share(Lse<acc_t>& st, const T* row, int64_t c, int64_t y, int lane) {
+// (body) TPR apart, UNROLL packs in flight. elem(j, z) takes one element,
+// pack(pk, j0) a pack whose first element is column j0.
+template <typename T, int TPR, int UNROLL = kUnroll, typename Elem, typename PackFn>
+__device__ __forceinline__ void row_share(const T* row, int64_t c, int lane, Elem elem, PackFn pack) {
   constexpr int K = Pack<T>::kVec;
   const int64_t head = head_count(row, c);
-  for (int64_t j = lane; j < head; j += TPR) lse_add(st, j == y ? -inf<acc_t>() : static_cast<acc_t>(row[j]));
+  for (int64_t j = lane; j < head; j += TPR) elem(j, row[j]);
 
   const int64_t npack = (c - head) / K;
   const T* body = row + head;
-  auto use = [&](const Pack<T>& pk, int64_t p) {
-    const int64_t j0 = head + p * K;
-    acc_t x[K];
-#pragma unroll
-    for (int k = 0; k < K; ++k) x[k] = (j0 + k == y) ? -inf<acc_t>() : static_cast<acc_t>(pk.v[k]);
-    lse_add_pack(st, x);
-  };
   int64_t p = lane;
-  for (; p + (kUnroll - 1) * TPR < npack; p += kUnroll * TPR) {
-    Pack<T> pk[kUnroll];
+  for (; p + (UNROLL - 1) * TPR < npack; p += UNROLL * TPR) {
+    Pack<T> pk[UNROLL];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) pk[u] = load_pack(body + (p + u * TPR) * K);
+    for (int k = 0; k < UNROLL; ++k) pk[k] = load_pack(body + (p + k * TPR) * K);
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) use(pk[u], p + u * TPR);
+    for (int k = 0; k < UNROLL; ++k) pack(pk[k], head + (p + k * TPR) * K);
   }
-  for (; p < npack; p += TPR) use(load_pack(body + p * K), p);
+  if constexpr (UNROLL > 1) {
+    for (; p < npack; p += TPR) pack(load_pack(body + p * K), head + p * K);
+  }
 
-  for (int64_t j = head + npack * K + lane; j < c; j += TPR)
-    lse_add(st, j == y ? -inf<acc_t>() : static_cast<acc_t>(row[j]));
+  for (int64_t j = head + npack * K + lane; j < c; j += TPR) elem(j, row[j]);
+}
+
+// The online logsumexp of this thread's share; the target's position reads as -inf.
+template <typename T, int TPR, typename acc_t>
+__device__ __forceinline__ void lse_row_share(Lse<acc_t>& st, const T* row, int64_t c, int64_t y, int lane) {
+  constexpr int K = Pack<T>::kVec;
+  row_share<T, TPR>(
+      row, c, lane, [&](int64_t j, T z) { lse_add(st, j == y ? -inf<acc_t>() : static_cast<acc_t>(z)); },
+      [&](const Pack<T>& pk, int64_t j0) {
+        acc_t x[K];
+#pragma unroll
+        for (int k = 0; k < K; ++k) x[k] = (j0 + k == y) ? -inf<acc_t>() : static_cast<acc_t>(pk.v[k]);
+        lse_add_pack(st, x);
+      });
+}
+
+// This thread's share of (spread, U) over the whole row, target included (as
+// the CPU kernel: its term is 0 for a finite z_y). A class with u_k = 0 adds 0
+// even when masked (0 * inf would be NaN). u is read one element at a time:
+// its alignment is not the row's.
+template <typename T, int TPR, typename acc_t>
+__device__ __forceinline__ void spread_row_share(Spread<acc_t>& st, const T* row, int64_t c, acc_t z_y,
+                                                 const acc_t* u, int lane) {
+  constexpr int K = Pack<T>::kVec;
+  auto add = [&](int64_t j, acc_t z) {
+    if (u == nullptr) {
+      st.s += z_y - z;
+    } else {
+      const acc_t w = u[j];
+      st.u += w;
+      if (w != acc_t(0)) st.s += w * (z_y - z);
+    }
+  };
+  row_share<T, TPR>(
+      row, c, lane, [&](int64_t j, T z) { add(j, static_cast<acc_t>(z)); },
+      [&](const Pack<T>& pk, int64_t j0) {
+#pragma unroll
+        for (int k = 0; k < K; ++k) add(j0 + k, static_cast<acc_t>(pk.v[k]));
+      });
+}
+
+// NFL: this thread's share of the focal terms of the NON-target classes,
+// (s, u) += (F_k, h_k) of schemes.h's focal_terms (the body of
+// focal_terms_of_logit(g, z_k, lse), with this file's exp/expm1). A masked
+// class adds (inf, -1), as on the CPU; the target adds nothing.
+template <typename T, int TPR, typename acc_t>
+__device__ __forceinline__ void focal_row_share(Spread<acc_t>& st, const T* row, int64_t c, int64_t y, acc_t lse,
+                                                acc_t g, int lane) {
+  constexpr int K = Pack<T>::kVec;
+  auto add = [&](int64_t j, acc_t z) {
+    const acc_t l = z - lse;
+    const FocalTerms<acc_t> t = focal_terms<acc_t>(g, l, dexp(l), -dexpm1(l));
+    const bool skip = j == y;  // a select, not a branch: the lanes of a pack stay converged
+    st.s += skip ? acc_t(0) : t.F;
+    st.u += skip ? acc_t(0) : t.h;
+  };
+  row_share<T, TPR, kFocalUnroll>(
+      row, c, lane, [&](int64_t j, T z) { add(j, static_cast<acc_t>(z)); },
+      [&](const Pack<T>& pk, int64_t j0) {
+#pragma unroll
+        for (int k = 0; k < K; ++k) add(j0 + k, static_cast<acc_t>(pk.v[k]));
+      });
+}
+
+// Lane 0's v in every lane of its row group (every thread must call it).
+template <int TPR, typename acc_t>
+__device__ __forceinline__ acc_t group_broadcast(acc_t v, acc_t* smem) {
+  if constexpr (TPR <= 32) {
+    return __shfl_sync(0xffffffffu, v, 0, TPR);
+  } else {
+    if (threadIdx.x == 0) *smem = v;
+    __syncthreads();
+    // No second barrier: thread 0 writes the slot again only for the next
+    // row, after the barriers of that row's reductions, which every reader
+    // passes after its read.
+    return *smem;
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -275,17 +381,36 @@ struct RowsParams {
   int64_t scheme;
   acc_t a, b;
   bool normalised;
+  const acc_t* u;  // smooth weight (c,), or nullptr (all 1)
   acc_t* rows;
   long long* first_bad;
 };
 
-template <typename T, int TPR, int BLOCK>
+// The row's lse_nt from its merged online state (valid in lane 0 of the group).
+template <typename acc_t>
+__device__ __forceinline__ acc_t lse_nt_of(const Lse<acc_t>& st, acc_t z_y) {
+  return row_lse_nt(z_y, st.bad ? nan<acc_t>() : (st.m == -inf<acc_t>() ? st.m : st.m + dlog(st.s)));
+}
+
+// The second pass over a row, after its logsumexp: none (one-term schemes),
+// the spread of label smoothing and NCE/APL (needs_spread), or NFL's focal
+// sums (which need the row's lse in every lane first).
+constexpr int kNoPass = 0;
+constexpr int kSpreadPass = 1;
+constexpr int kFocalPass = 2;
+
+// PASS is a template parameter, not a runtime branch: the extra pass and the
+// two-term math would cost the one-term kernels registers (double, 512
+// threads: 62 -> 84, half the resident blocks).
+template <typename T, int TPR, int BLOCK, int PASS>
 __global__ void __launch_bounds__(BLOCK) rows_kernel(const RowsParams<T> p) {
   using acc_t = typename AccOf<T>::type;
   static_assert(BLOCK % TPR == 0 && (TPR <= 32 || TPR == BLOCK), "a row is a sub-warp, a warp or the block");
   constexpr int kGroups = BLOCK / TPR;
   constexpr int kSmem = TPR > 32 ? BLOCK / 32 : 1;
   __shared__ Lse<acc_t> smem[kSmem];
+  __shared__ Spread<acc_t> smem_spread[kSmem];
+  __shared__ acc_t smem_lse[1];  // NFL, block layouts: the row's lse for every thread
   const int lane = static_cast<int>(threadIdx.x) % TPR;
   const int group = static_cast<int>(threadIdx.x) / TPR;
 
@@ -306,29 +431,66 @@ __global__ void __launch_bounds__(BLOCK) rows_kernel(const RowsParams<T> p) {
     if constexpr (TPR <= 32) {
       st = lse_warp_reduce<TPR>(st);
     } else {
-      st = lse_block_reduce<BLOCK>(st, smem);
+      st = block_reduce<BLOCK>(st, smem, lse_identity<acc_t>(),
+                               [](Lse<acc_t> v) { return lse_warp_reduce<32>(v); });
+    }
+
+    Spread<acc_t> sp{acc_t(0), acc_t(0)};
+    acc_t lse = acc_t(0);  // NFL: the row's logsumexp over all classes
+    if constexpr (PASS != kNoPass) {
+      if constexpr (PASS == kSpreadPass) {
+        if (work) spread_row_share<T, TPR>(sp, row, p.c, static_cast<acc_t>(row[y]), p.u, lane);
+      } else {
+        acc_t head = acc_t(0);
+        if (lane == 0 && work) {
+          const acc_t z_y = static_cast<acc_t>(row[y]);
+          const acc_t lse_nt = lse_nt_of(st, z_y);
+          head = nfl_lse(z_y, lse_nt, row_prob<acc_t>(z_y, lse_nt));
+        }
+        lse = group_broadcast<TPR>(head, smem_lse);
+        if (work) focal_row_share<T, TPR>(sp, row, p.c, y, lse, p.a, lane);
+      }
+      if constexpr (TPR <= 32) {
+        sp = spread_warp_reduce<TPR>(sp);
+      } else {
+        sp = block_reduce<BLOCK>(sp, smem_spread, Spread<acc_t>{acc_t(0), acc_t(0)},
+                                 [](Spread<acc_t> v) { return spread_warp_reduce<32>(v); });
+      }
     }
 
     if (lane == 0 && live) {
-      acc_t* out = p.rows + 3 * i;
+      acc_t* out = p.rows + 6 * i;
       if (ignored) {
         out[0] = -inf<acc_t>();
         out[1] = -inf<acc_t>();
-        out[2] = acc_t(0);
+        out[2] = out[3] = out[4] = out[5] = acc_t(0);
       } else if (!in_range) {
         atomicMin(p.first_bad, static_cast<long long>(i));
-        out[0] = nan<acc_t>();
-        out[1] = nan<acc_t>();
-        out[2] = nan<acc_t>();
+#pragma unroll
+        for (int k = 0; k < 6; ++k) out[k] = nan<acc_t>();
       } else {
         const acc_t z_y = static_cast<acc_t>(row[y]);
-        const acc_t lse_nt =
-            row_lse_nt(z_y, st.bad ? nan<acc_t>() : (st.m == -inf<acc_t>() ? st.m : st.m + dlog(st.s)));
+        const acc_t lse_nt = lse_nt_of(st, z_y);
         const RowProb<acc_t> pr = row_prob<acc_t>(z_y, lse_nt);
-        const acc_t lw = log_weight<acc_t>(p.scheme, p.a, p.b, pr);
-        out[0] = lse_nt;
+        RowGrad<acc_t> g;
+        acc_t lw;
+        if constexpr (PASS == kFocalPass) {
+          g = nfl_row<acc_t>(p.a, p.b, pr, sp.s, sp.u);
+          lw = two_term_log_weight(g);
+        } else if constexpr (PASS == kSpreadPass) {
+          const acc_t U = p.u ? sp.u : static_cast<acc_t>(p.c);
+          g = two_term_row<acc_t>(p.scheme, p.a, p.b, pr, sp.s, U, p.u ? p.u[y] : acc_t(1), static_cast<acc_t>(p.c));
+          lw = two_term_log_weight(g);
+        } else {
+          lw = log_weight<acc_t>(p.scheme, p.a, p.b, pr);
+          g = one_term_row<acc_t>(p.scheme, p.a, p.b, lw, pr, p.normalised, lse_nt);
+        }
+        out[0] = PASS == kFocalPass ? lse : lse_nt;  // NFL's rows are in P-form (schemes.h: nfl_row)
         out[1] = lw;
-        out[2] = row_x<acc_t>(p.scheme, p.a, p.b, lw, pr, p.normalised);
+        out[2] = g.x;
+        out[3] = g.alpha;
+        out[4] = g.beta;
+        out[5] = g.gamma;
       }
     }
   }
@@ -344,10 +506,12 @@ struct BackwardParams {
   int64_t n, c, row_stride;
   const int64_t* target;
   int64_t ignore_index;
-  const acc_t* stats;
+  const acc_t* stats;  // (n, 4): lse_nt, alpha, beta, gamma (NFL: lse, alpha, beta, gamma)
+  const acc_t* u;      // smooth weight (c,), or nullptr (all 1)
   const acc_t* grad;
   bool grad_per_row;
   T* out;
+  acc_t a;  // NFL's gamma (the focal exponent)
 };
 
 // Every element of an output row set to v.
@@ -364,7 +528,8 @@ __device__ __forceinline__ void fill_row(T* out, int64_t c, T v, int lane) {
   for (int64_t j = head + npack * K + lane; j < c; j += TPR) out[j] = v;
 }
 
-template <typename T, int TPR, int BLOCK>
+// NFL (P-form stats, a per-class h_j) is its own instantiation, as in the row pass.
+template <typename T, int TPR, int BLOCK, bool NFL>
 __global__ void __launch_bounds__(BLOCK) backward_kernel(const BackwardParams<T> p) {
   using acc_t = typename AccOf<T>::type;
   constexpr int K = Pack<T>::kVec;
@@ -387,16 +552,32 @@ __global__ void __launch_bounds__(BLOCK) backward_kernel(const BackwardParams<T>
       fill_row<T, TPR>(out, p.c, static_cast<T>(nan<acc_t>()), lane);
       continue;
     }
-    const acc_t lse_nt = p.stats[2 * i];
-    const acc_t gc = (p.grad_per_row ? p.grad[i] : p.grad[0]) * p.stats[2 * i + 1];
-    if (lse_nt == -inf<acc_t>()) {
-      // SPEC §3: no finite non-target logit, G = 0 (a NaN factor stays NaN).
-      fill_row<T, TPR>(out, p.c, static_cast<T>(gc * acc_t(0)), lane);
+    const acc_t* st = p.stats + 4 * i;
+    const acc_t lse_nt = st[0];  // NFL: lse
+    if (lse_nt != lse_nt) {  // a NaN row (SPEC §6): NaN everywhere, as the CPU kernel writes it
+      fill_row<T, TPR>(out, p.c, static_cast<T>(lse_nt), lane);
       continue;
     }
+    const acc_t g = p.grad_per_row ? p.grad[i] : p.grad[0];
+    const acc_t ga = g * st[1], gb = g * st[2], gy = g * st[3];
+    // r = 0 when no non-target logit is finite (SPEC §3); one-term rows have
+    // beta = 0 and skip the load of u. (NFL has no such case: every P_j is
+    // exp(z_j - lse), as on the CPU.)
+    [[maybe_unused]] const bool with_r = lse_nt != -inf<acc_t>();
+    [[maybe_unused]] const bool with_u = gb != acc_t(0);
     const T* in = p.logits + i * p.row_stride;
     auto grad_of = [&](int64_t j, acc_t z) -> T {
-      return static_cast<T>(j == y ? -gc : gc * dexp(z - lse_nt));
+      if (j == y) return static_cast<T>(gy);
+      if constexpr (NFL) {
+        // g (alpha P_j + beta h_j), P_j = exp(z_j - lse), h_j of focal_terms_of_logit (schemes.h).
+        const acc_t l = z - lse_nt;
+        const acc_t P = dexp(l);
+        return static_cast<T>(ga * P + gb * focal_terms<acc_t>(p.a, l, P, -dexpm1(l)).h);
+      } else {
+        acc_t v = with_r ? ga * dexp(z - lse_nt) : acc_t(0);
+        if (with_u) v += gb * (p.u ? p.u[j] : acc_t(1));
+        return static_cast<T>(v);
+      }
     };
 
     // Packs are aligned on the output row; the input shares that alignment
@@ -409,21 +590,24 @@ __global__ void __launch_bounds__(BLOCK) backward_kernel(const BackwardParams<T>
     const int64_t npack = (p.c - head) / K;
     auto emit = [&](const Pack<T>& x, int64_t q) {
       const int64_t j0 = head + q * K;
-      Pack<T> g;
+      Pack<T> pk;
 #pragma unroll
-      for (int k = 0; k < K; ++k) g.v[k] = grad_of(j0 + k, static_cast<acc_t>(x.v[k]));
-      store_pack(out + j0, g);
+      for (int k = 0; k < K; ++k) pk.v[k] = grad_of(j0 + k, static_cast<acc_t>(x.v[k]));
+      store_pack(out + j0, pk);
     };
     if (in_packed) {
+      constexpr int kU = NFL ? kFocalUnroll : kUnroll;
       int64_t q = lane;
-      for (; q + (kUnroll - 1) * TPR < npack; q += kUnroll * TPR) {
-        Pack<T> x[kUnroll];
+      for (; q + (kU - 1) * TPR < npack; q += kU * TPR) {
+        Pack<T> x[kU];
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) x[u] = load_pack(in + head + (q + u * TPR) * K);
+        for (int u = 0; u < kU; ++u) x[u] = load_pack(in + head + (q + u * TPR) * K);
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) emit(x[u], q + u * TPR);
+        for (int u = 0; u < kU; ++u) emit(x[u], q + u * TPR);
       }
-      for (; q < npack; q += TPR) emit(load_pack(in + head + q * K), q);
+      if constexpr (kU > 1) {
+        for (; q < npack; q += TPR) emit(load_pack(in + head + q * K), q);
+      }
     } else {
       for (int64_t q = lane; q < npack; q += TPR) {
         Pack<T> x;
@@ -460,14 +644,16 @@ struct FinParams {
   const acc_t* sw;
   int64_t reduction;
   bool normalised;
-  double* partials;  // (num_partials, 3)
+  bool weight_in_rows;  // label smoothing: the rows carry the class weights, s_i leaves them out
+  double* partials;     // (num_partials, 3)
   int64_t num_partials, chunk;
   acc_t* value;
   acc_t* stats;
 };
 
-// s_i = sample_weight_i * weight[y_i] and the class weight of row i; a row
-// with an ignored or out-of-range target counts nowhere.
+// s_i = sample_weight_i * weight[y_i] (without weight[y_i] when the rows carry
+// it) and the class weight of row i, which makes the mean's D either way; a
+// row with an ignored or out-of-range target counts nowhere.
 struct RowScale {
   bool valid;
   double s, cw;
@@ -479,7 +665,8 @@ __device__ __forceinline__ RowScale row_scale(const FinParams<acc_t>& p, int64_t
   RowScale r{y != p.ignore_index && y >= 0 && y < p.c, 0.0, 0.0};
   if (r.valid) {
     r.cw = p.weight ? static_cast<double>(p.weight[y]) : 1.0;
-    r.s = p.sw ? r.cw * static_cast<double>(p.sw[i]) : r.cw;
+    const double cs = p.weight_in_rows ? 1.0 : r.cw;
+    r.s = p.sw ? cs * static_cast<double>(p.sw[i]) : cs;
   }
   return r;
 }
@@ -528,7 +715,7 @@ __global__ void __launch_bounds__(kFinBlock) partials_kernel(const FinParams<acc
     for (int64_t i = lo + threadIdx.x; i < hi; i += kFinBlock) {
       const RowScale r = row_scale(p, i);
       if (!r.valid || r.s == 0.0) continue;
-      const double lw = static_cast<double>(p.rows[3 * i + 1]);
+      const double lw = static_cast<double>(p.rows[6 * i + 1]);
       if (lw != lw) saw_nan = 1.0;
       else m = fmax(m, lw);
     }
@@ -539,9 +726,9 @@ __global__ void __launch_bounds__(kFinBlock) partials_kernel(const FinParams<acc
       for (int64_t i = lo + threadIdx.x; i < hi; i += kFinBlock) {
         const RowScale r = row_scale(p, i);
         if (!r.valid || r.s == 0.0) continue;
-        const double e = exp(static_cast<double>(p.rows[3 * i + 1]) - m);
+        const double e = exp(static_cast<double>(p.rows[6 * i + 1]) - m);
         d += fabs(r.s) * e;
-        num += r.s * e * static_cast<double>(p.rows[3 * i + 2]);
+        num += r.s * e * static_cast<double>(p.rows[6 * i + 2]);
       }
     }
     d = block_sum(d, buf);
@@ -557,7 +744,7 @@ __global__ void __launch_bounds__(kFinBlock) partials_kernel(const FinParams<acc
       const RowScale r = row_scale(p, i);
       if (!r.valid) continue;
       // A row with s = 0 adds 0 even where its raw value overflowed (0 * inf).
-      if (r.s != 0.0) total += r.s * static_cast<double>(p.rows[3 * i + 2]);
+      if (r.s != 0.0) total += r.s * static_cast<double>(p.rows[6 * i + 2]);
       den += r.cw;
     }
     total = block_sum(total, buf);
@@ -586,7 +773,9 @@ __device__ __forceinline__ void merge_normalised(double& m, double& d, double& n
 }
 
 // Merge the partials (same fixed tree in every block), then per row: stats =
-// (lse_nt, coef) and, for "none", the value.
+// (lse_nt, alpha, beta, gamma) and, for "none", the value. Normalised: (coef,
+// 0, -coef) with coef = s e / (2 D); else s_i / D times the row's (alpha,
+// beta, gamma).
 template <typename acc_t>
 __global__ void __launch_bounds__(kFinBlock) apply_kernel(const FinParams<acc_t> p) {
   __shared__ double sm[3][kFinBlock];
@@ -624,19 +813,28 @@ __global__ void __launch_bounds__(kFinBlock) apply_kernel(const FinParams<acc_t>
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kFinBlock + t; i < p.n;
        i += static_cast<int64_t>(gridDim.x) * kFinBlock) {
     const RowScale r = row_scale(p, i);
-    const double lw = static_cast<double>(p.rows[3 * i + 1]);
-    double coef = 0.0;
+    const bool counts = r.valid && r.s != 0.0;
+    const acc_t* row = p.rows + 6 * i;
+    acc_t* st = p.stats + 4 * i;
+    st[0] = row[0];
     if (p.normalised) {
-      // D = g1 (NaN passes the test: it must reach every row that counts).
-      if (r.valid && r.s != 0.0 && g1 != 0.0) coef = r.s * exp(lw - g0) / (2.0 * g1);
-    } else if (r.valid && r.s != 0.0) {
-      coef = r.s * exp(lw) / 2.0;
-      if (p.reduction == kMean) coef = g1 != 0.0 ? coef / g1 : 0.0;  // PyTorch's rule: D = sum weight[y]
+      // D = g1 (NaN passes the test: it must reach every row that counts). G
+      // = 0 for a row with no finite non-target logit (SPEC §3); it still
+      // counts in D.
+      double coef = 0.0;
+      if (counts && g1 != 0.0 && row[0] != -inf<acc_t>())
+        coef = r.s * exp(static_cast<double>(row[1]) - g0) / (2.0 * g1);
+      st[1] = static_cast<acc_t>(coef);
+      st[2] = acc_t(0);
+      st[3] = static_cast<acc_t>(-coef);
+    } else {
+      // PyTorch's mean: D = sum weight[y] over the valid rows.
+      double scale = counts ? r.s : 0.0;
+      if (p.reduction == kMean) scale = g1 != 0.0 ? scale / g1 : 0.0;
+#pragma unroll
+      for (int k = 1; k <= 3; ++k) st[k] = scale == 0.0 ? acc_t(0) : static_cast<acc_t>(scale * static_cast<double>(row[2 + k]));
     }
-    p.stats[2 * i] = p.rows[3 * i];
-    p.stats[2 * i + 1] = static_cast<acc_t>(coef);
-    if (p.reduction == kNone)
-      p.value[i] = (r.valid && r.s != 0.0) ? static_cast<acc_t>(r.s * static_cast<double>(p.rows[3 * i + 2])) : acc_t(0);
+    if (p.reduction == kNone) p.value[i] = counts ? static_cast<acc_t>(r.s * static_cast<double>(row[2])) : acc_t(0);
   }
 
   if (blockIdx.x == 0 && t == 0 && p.reduction != kNone) {
@@ -670,10 +868,21 @@ Layout layout_for(int64_t c) {
   return Layout::kBlock512;
 }
 
+template <typename T, int TPR, int BLOCK, int PASS>
+void rows_launch_kernel(const RowsParams<T>& p, cudaStream_t stream) {
+  rows_kernel<T, TPR, BLOCK, PASS><<<grid_for(ceil_div(p.n, BLOCK / TPR)), BLOCK, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename T, int TPR, int BLOCK>
 void rows_launch(const RowsParams<T>& p, cudaStream_t stream) {
-  rows_kernel<T, TPR, BLOCK><<<grid_for(ceil_div(p.n, BLOCK / TPR)), BLOCK, 0, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (p.scheme == kNFL) {
+    rows_launch_kernel<T, TPR, BLOCK, kFocalPass>(p, stream);
+  } else if (needs_spread(p.scheme)) {
+    rows_launch_kernel<T, TPR, BLOCK, kSpreadPass>(p, stream);
+  } else {
+    rows_launch_kernel<T, TPR, BLOCK, kNoPass>(p, stream);
+  }
 }
 
 template <typename T>
@@ -690,6 +899,7 @@ void rows_typed(const RowsArgs& a, cudaStream_t stream) {
   p.a = static_cast<acc_t>(a.a);
   p.b = static_cast<acc_t>(a.b);
   p.normalised = a.normalised;
+  p.u = static_cast<const acc_t*>(a.smooth_weight);
   p.rows = static_cast<acc_t*>(a.rows);
   p.first_bad = reinterpret_cast<long long*>(a.first_bad);
   switch (layout_for<T>(a.c)) {
@@ -704,10 +914,19 @@ void rows_typed(const RowsArgs& a, cudaStream_t stream) {
   }
 }
 
-template <typename T, int TPR, int BLOCK>
-void backward_launch(const BackwardParams<T>& p, cudaStream_t stream) {
-  backward_kernel<T, TPR, BLOCK><<<grid_for(ceil_div(p.n, BLOCK / TPR)), BLOCK, 0, stream>>>(p);
+template <typename T, int TPR, int BLOCK, bool NFL>
+void backward_launch_kernel(const BackwardParams<T>& p, cudaStream_t stream) {
+  backward_kernel<T, TPR, BLOCK, NFL><<<grid_for(ceil_div(p.n, BLOCK / TPR)), BLOCK, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int TPR, int BLOCK>
+void backward_launch(const BackwardParams<T>& p, bool nfl, cudaStream_t stream) {
+  if (nfl) {
+    backward_launch_kernel<T, TPR, BLOCK, true>(p, stream);
+  } else {
+    backward_launch_kernel<T, TPR, BLOCK, false>(p, stream);
+  }
 }
 
 template <typename T>
@@ -721,18 +940,21 @@ void backward_typed(const BackwardArgs& a, cudaStream_t stream) {
   p.target = a.target;
   p.ignore_index = a.ignore_index;
   p.stats = static_cast<const acc_t*>(a.stats);
+  p.u = static_cast<const acc_t*>(a.smooth_weight);
   p.grad = static_cast<const acc_t*>(a.grad);
   p.grad_per_row = a.grad_per_row;
   p.out = static_cast<T*>(a.out);
+  p.a = static_cast<acc_t>(a.a);
+  const bool nfl = a.scheme == kNFL;
   switch (layout_for<T>(a.c)) {
     case Layout::kQuad:
-      return backward_launch<T, 4, 128>(p, stream);
+      return backward_launch<T, 4, 128>(p, nfl, stream);
     case Layout::kWarp:
-      return backward_launch<T, 32, 128>(p, stream);
+      return backward_launch<T, 32, 128>(p, nfl, stream);
     case Layout::kBlock128:
-      return backward_launch<T, 128, 128>(p, stream);
+      return backward_launch<T, 128, 128>(p, nfl, stream);
     case Layout::kBlock512:
-      return backward_launch<T, 512, 512>(p, stream);
+      return backward_launch<T, 512, 512>(p, nfl, stream);
   }
 }
 
@@ -748,6 +970,7 @@ void finalize_typed(const FinalizeArgs& a, cudaStream_t stream) {
   p.sw = static_cast<const acc_t*>(a.sample_weight);
   p.reduction = a.reduction;
   p.normalised = a.reduction == kMean && a.normalize;
+  p.weight_in_rows = a.weight_in_rows;
   p.partials = a.workspace;
   p.num_partials = num_partials(a.n);
   p.chunk = ceil_div(a.n, p.num_partials);

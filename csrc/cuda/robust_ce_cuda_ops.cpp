@@ -41,24 +41,27 @@ void raise_if_bad_target(const at::Tensor& slot, const at::Tensor& target, int64
 }
 
 void launch_rows_for(const at::Tensor& logits, const at::Tensor& target, int64_t scheme, double a, double b,
-                     int64_t ignore_index, bool normalised, at::Tensor& rows, at::Tensor& slot) {
-  RowsArgs args = make_rows_args(logits, target, scheme, a, b, ignore_index, normalised, rows);
+                     const c10::optional<at::Tensor>& smooth_weight, int64_t ignore_index, bool normalised,
+                     at::Tensor& rows, at::Tensor& slot) {
+  RowsArgs args = make_rows_args(logits, target, scheme, a, b, smooth_weight, ignore_index, normalised, rows);
   args.first_bad = slot.data_ptr<int64_t>();
   cuda::launch_rows(args, c10::cuda::getCurrentCUDAStream());
 }
 
 at::Tensor rows_cuda(const at::Tensor& logits_in, const at::Tensor& target_in, int64_t scheme, double a, double b,
-                     int64_t ignore_index, bool normalised) {
+                     const c10::optional<at::Tensor>& smooth_weight_in, int64_t ignore_index, bool normalised) {
   check_on_cuda(logits_in, "logits");
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const at::Tensor logits = check_logits(logits_in);
   const at::Tensor target = check_target_shape(target_in, logits);
   check_scheme(scheme);
+  check_normalisable(scheme, normalised);
+  const auto u = check_weight(smooth_weight_in, logits);
   const int64_t n = logits.size(0);
-  at::Tensor rows = at::empty({n, 3}, logits.options().dtype(acc_dtype(logits)));
+  at::Tensor rows = at::empty({n, 6}, logits.options().dtype(acc_dtype(logits)));
   if (n == 0) return rows;
   at::Tensor slot = bad_target_slot(target);
-  launch_rows_for(logits, target, scheme, a, b, ignore_index, normalised, rows, slot);
+  launch_rows_for(logits, target, scheme, a, b, u, ignore_index, normalised, rows, slot);
   raise_if_bad_target(slot, target, logits.size(1), ignore_index);
   return rows;
 }
@@ -77,10 +80,14 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& logits_in, con
   const auto weight = check_weight(weight_in, logits);
   const auto sw = check_sample_weight(sw_in, logits);
   const bool normalised = reduction == kMean && normalize;
+  check_normalisable(scheme, normalised);
   const auto acc = acc_dtype(logits);
   const int64_t n = logits.size(0);
+  // Label smoothing weighs the classes of its smoothing sum by `weight` (PyTorch).
+  const bool smooth = scheme == kCCELS;
+  const c10::optional<at::Tensor> u = smooth ? weight : c10::nullopt;
 
-  at::Tensor stats = at::empty({n, 2}, logits.options().dtype(acc));
+  at::Tensor stats = at::empty({n, 4}, logits.options().dtype(acc));
   if (n == 0) {  // SPEC §5: an empty batch has value 0
     at::Tensor value = reduction == kNone ? at::empty({0}, logits.options().dtype(acc))
                                           : at::zeros({}, logits.options().dtype(acc));
@@ -88,9 +95,9 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& logits_in, con
   }
   at::Tensor value = reduction == kNone ? at::empty({n}, logits.options().dtype(acc))
                                         : at::empty({}, logits.options().dtype(acc));
-  at::Tensor rows = at::empty({n, 3}, logits.options().dtype(acc));
+  at::Tensor rows = at::empty({n, 6}, logits.options().dtype(acc));
   at::Tensor slot = bad_target_slot(target);
-  launch_rows_for(logits, target, scheme, a, b, ignore_index, normalised, rows, slot);
+  launch_rows_for(logits, target, scheme, a, b, u, ignore_index, normalised, rows, slot);
 
   at::Tensor workspace = at::empty({cuda::finalize_workspace_size(n)}, logits.options().dtype(at::kDouble));
   cuda::FinalizeArgs fin;
@@ -104,6 +111,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& logits_in, con
   fin.sample_weight = sw.has_value() ? sw->const_data_ptr() : nullptr;
   fin.reduction = reduction;
   fin.normalize = normalize;
+  fin.weight_in_rows = smooth;
   fin.workspace = workspace.data_ptr<double>();
   fin.value = value.data_ptr();
   fin.stats = stats.data_ptr();
@@ -114,17 +122,21 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& logits_in, con
 }
 
 at::Tensor backward_cuda(const at::Tensor& grad_in, const at::Tensor& logits_in, const at::Tensor& target_in,
-                         const at::Tensor& stats_in, int64_t ignore_index) {
+                         const at::Tensor& stats_in, const c10::optional<at::Tensor>& smooth_weight_in,
+                         int64_t ignore_index, int64_t scheme, double a) {
   check_on_cuda(logits_in, "logits");
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const at::Tensor logits = check_logits(logits_in);
   const at::Tensor target = check_target_shape(target_in, logits);
   const at::Tensor stats = check_stats(stats_in, logits);
   const at::Tensor grad = check_grad(grad_in, logits);
+  const auto u = check_weight(smooth_weight_in, logits);
   at::Tensor out = at::empty({logits.size(0), logits.size(1)}, logits.options());
   if (logits.size(0) == 0) return out;
-  cuda::launch_backward(make_backward_args(grad, logits, target, stats, ignore_index, out),
-                       c10::cuda::getCurrentCUDAStream());
+  BackwardArgs args = make_backward_args(grad, logits, target, stats, u, ignore_index, out);
+  args.scheme = scheme;  // NFL reads its stats in P-form, with its gamma = a
+  args.a = a;
+  cuda::launch_backward(args, c10::cuda::getCurrentCUDAStream());
   return out;
 }
 

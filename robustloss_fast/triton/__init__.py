@@ -1,8 +1,12 @@
 """The fused Triton backend (``backend="triton"``).
 
 Two kernels (``kernels.py``) implement SPEC §2-§4 on canonical 2-D rows: the
-row pass ``(lse_nt, log w, x)`` per row and the backward pass
-``g_i coef_i (r_i - e_{y_i})``; the cross-row step of SPEC §5 is
+row pass ``(lse_nt, log w, x, alpha, beta, gamma)`` per row and the backward
+pass ``g_i (alpha_i r_ij + beta_i u_j)`` off the target, ``g_i gamma_i`` at it
+(label smoothing and NCE/APL have ``beta != 0``; NFL, scheme 12, writes its rows
+and stats with ``lse`` first and gets ``g_i (alpha_i P_ij + beta_i h(P_ij))`` off
+the target, ``P = softmax``: its backward needs ``scheme`` and ``a``, as the C++
+op's does); the cross-row step of SPEC §5 is
 ``robustloss_fast._finalize.finalize`` (tensor ops, fused by Inductor under
 ``torch.compile``). ``ops.py`` registers them as ``robustloss::triton_rows``,
 ``robustloss::triton_forward`` (differentiable) and

@@ -22,10 +22,25 @@ Math, per row ``i`` with logits ``z``, target ``y`` and ``lse_nt = logsumexp_{j 
   ``reduction="mean", normalize=True`` the normalised weights ``w_i / D`` are a
   softmax of ``log w`` over the batch, which is why the row pass returns ``log w``.
 
-The row pass writes ``rows[i] = (lse_nt, log w, x)`` (``x`` is the per-row value
-the reduction scales by ``s_i``, see ``_row_x``); the cross-row step (``D`` and
-``coef``) is ``robustloss_fast._finalize.finalize``; the backward pass writes
-``g_i coef_i (r_i - e_{y_i})`` from the logits and ``(lse_nt, coef)``.
+The row pass writes ``rows[i] = (lse_nt, log w, x, alpha, beta, gamma)``: ``x`` is
+the per-row value the reduction scales by ``s_i`` (see ``_row_x``) and the row's
+gradient is ``alpha r_j + beta u_j`` off the target, ``gamma`` at it (schemes.h
+``RowGrad``; one-term schemes: ``(w/2, 0, -w/2)``, or 0 under derivative
+normalisation, whose gradient the cross-row step derives from ``log w``). The two-term schemes (label
+smoothing, NCE/APL: ``_two_term_row``) reduce one more row quantity,
+``spread = sum_k u_k (z_y - z_k)``. The cross-row step (``D``, and the rows
+scaled by ``s_i / D``) is ``robustloss_fast._finalize.finalize``; the backward
+pass writes ``g_i (alpha_i r_ij + beta_i u_j)`` and ``g_i gamma_i`` from the
+logits and ``stats = (lse_nt, alpha, beta, gamma)``.
+
+NFL (normalized focal loss, id 12: ``L = F_y / sum_k F_k + b q`` with
+``F_k = -(1 - P_k)^gamma log P_k``) has a per-class gradient term
+``h_j = P_j dF/dP (P_j)``, so its rows and stats are in "P-form": column 0
+holds ``lse`` (not ``lse_nt``), the row pass makes one more pass over the
+non-target classes for ``sum F`` and ``sum h`` (``_nfl_row``), and the backward
+pass writes ``g_i (alpha_i P_ij + beta_i h_ij)``, ``P_ij = exp(z_ij - lse_i)``,
+recomputing ``h`` per class (``_focal_terms``, the one Triton copy of schemes.h
+``focal_terms``). It is a constexpr specialisation of both kernels.
 
 Both kernels work on tiles of ``BLOCK_N`` rows by ``BLOCK_C`` columns (many rows
 per program when C is small, one row per program when C is large). Rows wider
@@ -33,7 +48,7 @@ than ``BLOCK_C`` are reduced in chunks with an online max/sum. Arithmetic is in
 the accumulator type of the output buffer (float32, or float64 for float64
 logits: the kernels read it from the pointer's element type). Offsets are int64.
 
-The scheme table (``_log_weight``, ``_row_x``) is the one copy for Triton; it
+The scheme table (``_log_weight``, ``_row_x``, ``_two_term_row``, ``_nfl_row``) is the one copy for Triton; it
 mirrors ``csrc/include/robustloss/schemes.h`` and ``robustloss_fast/reference.py``
 and is selected by the ``SCHEME`` constexpr, so each scheme is its own
 specialisation with no branch in the inner loop.
@@ -45,7 +60,9 @@ import triton.language as tl
 # Kernel formula ids: keep in sync with robustloss_fast/schemes.py (KERNEL_IDS)
 # and csrc/include/robustloss/schemes.h.
 CCE, MAE, MSE, GCE, DM, DM_NORMAL, DM_BETA, POLY, FOCAL, TAYLOR = 0, 1, 2, 3, 4, 5, 6, 7, 8, 9
-NUM_SCHEMES = 10
+CCE_LS, NCE = 10, 11  # two-term schemes with the spread pass (the kernels test SCHEME == 10 or 11)
+NFL = 12  # normalized focal loss: two-term, P-form rows and stats (see rows_kernel)
+NUM_SCHEMES = 13  # every id >= 10 is two-term (no derivative normalisation)
 
 _LN2 = tl.constexpr(0.6931471805599453)
 _NEG_INF = tl.constexpr(float("-inf"))
@@ -194,9 +211,86 @@ def _row_x(lw, logp, logq, q, a, b, SCHEME: tl.constexpr, NORMALISED: tl.constex
 
 
 @triton.jit
+def _two_term_row(logp, p, q, spread, U, u_y, n_classes, a, b, SCHEME: tl.constexpr):
+    """(x, alpha, beta, gamma) of a two-term scheme (schemes.h ``two_term_row``).
+
+    With Lambda = sum_k u_k (-log P_k) = U (-log p) + spread, A = p dL/dp and
+    l = dL/dLambda: alpha = q (U l - A), beta = -l, gamma = q A + l (U p - u_y).
+    """
+    tl.static_assert(SCHEME == 10 or SCHEME == 11, "not a two-term scheme id")
+    nlp = -logp
+    lam = U * nlp + spread
+    if SCHEME == 10:  # label smoothing: (1 - eps) u_y (-log p) + (eps / C) Lambda, eps = a
+        sm = a / n_classes
+        hard = (1.0 - a) * u_y
+        x = hard * nlp + tl.where(a == 0.0, 0.0, sm * lam)  # eps = 0 is plain CE even where Lambda = inf
+        alpha = q * (U * sm + hard)
+        beta = tl.zeros_like(q) - sm
+        gamma = -q * hard + sm * (U * p - u_y)
+    else:  # NCE / APL: a (-log p) / Lambda + b q; Lambda = 0 (C = 1) or inf (a masked class): NCE 0
+        # schemes.h with (C, 1) written as (U, u_y): the same for u = 1 (all the forward
+        # op passes), and the reference's rows for any u.
+        zero_lam = lam == 0.0
+        safe = tl.where(zero_lam, 1.0, lam)
+        nce = tl.where(zero_lam, 0.0, nlp / safe)
+        inv = tl.where(zero_lam, 0.0, 1.0 / safe)
+        pq = p * q
+        x = a * nce + b * q
+        alpha = a * q * (1.0 - U * nce) * inv + b * pq
+        beta = a * nce * inv
+        gamma = -a * (q + nce * (U * p - u_y)) * inv - b * pq
+    return x, alpha, beta, gamma
+
+
+@triton.jit
+def _focal_terms(g, l, P, Q):
+    """NFL's per-class (F, h) = (-Q^g l, Q^g (g P l / Q - 1)) from l = log P, P, Q = 1 - P (schemes.h ``focal_terms``).
+
+    Limits: P = 0 (a masked class, l = -inf): P l := 0, so F = inf, h = -1;
+    Q = 0: P l / Q := -P; g = 0: Q^g := 1 (even at Q = 0).
+    """
+    qg = tl.where(g == 0.0, 1.0, tl.exp(g * tl.log(Q)))
+    pl = tl.where(P == 0.0, 0.0, P * l)
+    pl_over_q = tl.where(Q > 0.0, pl / Q, -P)
+    return -qg * l, qg * (g * pl_over_q - 1.0)
+
+
+@triton.jit
+def _focal_terms_of_logit(g, z, lse):
+    """(P, F, h) of a non-target class from its logit: l = z - lse, P = e^l, Q = -expm1(l)."""
+    l = z - lse
+    P = tl.exp(l)
+    F, h = _focal_terms(g, l, P, -_expm1(l))
+    return P, F, h
+
+
+@triton.jit
+def _nfl_row(g, b, logp, p, q, sum_F, sum_h):
+    """(x, alpha, beta, gamma) of NFL(g) + b q in P-form (schemes.h ``nfl_row``).
+
+    With S = sum_k F_k and H = sum_k h_k (the sums over the non-target classes
+    plus the target's terms): alpha = -h_y / S + F_y H / S^2 + b p,
+    beta = -F_y / S^2, gamma = h_y q / S - (F_y / S^2)(h_y - p H) - b p q.
+    S = 0 (C = 1) or inf (a masked class): NFL 0 and no NFL gradient.
+    """
+    F_y, h_y = _focal_terms(g, logp, p, q)
+    S = sum_F + F_y
+    H = sum_h + h_y
+    zero_s = S == 0.0
+    inv = tl.where(zero_s, 0.0, 1.0 / tl.where(zero_s, 1.0, S))
+    nfl = F_y * inv
+    x = nfl + b * q
+    alpha = -h_y * inv + nfl * inv * H + b * p
+    beta = -nfl * inv
+    gamma = h_y * q * inv - nfl * inv * (h_y - p * H) - b * p * q
+    return x, alpha, beta, gamma
+
+
+@triton.jit
 def rows_kernel(
     logits_ptr,
     target_ptr,
+    u_ptr,
     rows_ptr,
     n_rows,
     n_cols,
@@ -208,15 +302,19 @@ def rows_kernel(
     b_lo,
     SCHEME: tl.constexpr,
     NORMALISED: tl.constexpr,
+    HAS_U: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """rows[i] = (lse_nt, log w, x) for BLOCK_N rows; (-inf, -inf, 0) for ignored rows.
+    """rows[i] = (lse_nt, log w, x, alpha, beta, gamma) for BLOCK_N rows; (-inf, -inf, 0, 0, 0, 0) if ignored.
+
+    NFL (SCHEME 12) writes (lse, log w, x, alpha, beta, gamma): P-form, see the module docstring.
 
     The scheme parameters arrive as float32 pairs (hi + lo) because Triton
     passes Python floats as float32; their sum carries 48 bits, enough for the
     float64 path. A target outside [0, C) (possible only where the eager check
-    was traced away) gives a NaN row and reads nothing.
+    was traced away) gives a NaN row and reads nothing. ``u_ptr`` (the smoothing
+    weights u, accumulator type) is read only when HAS_U, by two-term schemes.
     """
     acc = rows_ptr.dtype.element_ty
     a = tl.cast(a_hi, acc) + tl.cast(a_lo, acc)
@@ -230,6 +328,7 @@ def rows_kernel(
     live = valid & in_range
     y_safe = tl.where(live, y, 0)
     row_base = logits_ptr + rows * stride_row
+    z_y = tl.load(row_base + y_safe, mask=live, other=0.0).to(acc)
 
     # Online logsumexp over the non-target lanes: running max m and sum s of
     # exp(z - m). NaN / +inf lanes are recorded in `bad` and kept out of m and s,
@@ -237,10 +336,24 @@ def rows_kernel(
     m = tl.full([BLOCK_N], _NEG_INF, acc)
     s = tl.zeros([BLOCK_N], acc)
     bad = tl.zeros([BLOCK_N], tl.int32)
+    # Two-term schemes: spread = sum_k u_k (z_y - z_k) over every class and U = sum_k u_k.
+    spread = tl.zeros([BLOCK_N], acc)
+    U = tl.sum(tl.zeros([BLOCK_C], acc), axis=0)
     for start in range(0, n_cols, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C).to(tl.int64)
-        mask = live[:, None] & (cols < n_cols)[None, :]
+        col_ok = cols < n_cols
+        mask = live[:, None] & col_ok[None, :]
         z = tl.load(row_base[:, None] + cols[None, :], mask=mask, other=_NEG_INF).to(acc)
+        if SCHEME == 10 or SCHEME == 11:  # two-term with the spread
+            diff = z_y[:, None] - z
+            if HAS_U:
+                u = tl.load(u_ptr + cols, mask=col_ok, other=0.0).to(acc)
+                U += tl.sum(u, axis=0)
+                # u_k = 0 adds 0 even for a masked class (0 * inf would be NaN).
+                term = tl.where(mask & (u[None, :] != 0.0), u[None, :] * diff, 0.0)
+            else:
+                term = tl.where(mask, diff, 0.0)
+            spread += tl.sum(term, axis=1)
         non_target = cols[None, :] != y_safe[:, None]
         not_finite_above = (z != z) | (z == _POS_INF)
         bad = tl.maximum(bad, tl.max((not_finite_above & non_target).to(tl.int32), axis=1))
@@ -255,20 +368,67 @@ def rows_kernel(
     lse_nt = tl.where(m == _NEG_INF, _NEG_INF, m + tl.log(s))
     lse_nt = tl.where(bad != 0, float("nan"), lse_nt)
 
-    z_y = tl.load(row_base + y_safe, mask=live, other=0.0).to(acc)
     # SPEC §6: a NaN or +inf target logit makes the whole row NaN.
     lse_nt = tl.where((z_y != z_y) | (z_y == _POS_INF), float("nan"), lse_nt)
     logp, logq, p, q = _row_prob(z_y, lse_nt)
-    lw = _log_weight(logp, logq, p, q, a, b, SCHEME)
-    x = _row_x(lw, logp, logq, q, a, b, SCHEME, NORMALISED)
+    if SCHEME == 12:
+        # NFL: lse = lse_nt - log q (z_y where no non-target logit is finite: log q
+        # = -inf there), then sum F and h over the non-target classes.
+        lse = tl.where(lse_nt == _NEG_INF, z_y, lse_nt - logq)
+        sum_F = tl.zeros([BLOCK_N], acc)
+        sum_h = tl.zeros([BLOCK_N], acc)
+        for start in range(0, n_cols, BLOCK_C):
+            cols = start + tl.arange(0, BLOCK_C).to(tl.int64)
+            mask = live[:, None] & (cols < n_cols)[None, :]
+            z = tl.load(row_base[:, None] + cols[None, :], mask=mask, other=_NEG_INF).to(acc)
+            _, F, h = _focal_terms_of_logit(a, z, lse[:, None])
+            take = mask & (cols[None, :] != y_safe[:, None])
+            sum_F += tl.sum(tl.where(take, F, 0.0), axis=1)
+            sum_h += tl.sum(tl.where(take, h, 0.0), axis=1)
+        x, g_alpha, g_beta, g_gamma = _nfl_row(a, b, logp, p, q, sum_F, sum_h)
+        lw = tl.log(2.0 * tl.abs(g_gamma))
+        lse_nt = lse  # column 0 holds lse (P-form)
+    elif SCHEME >= 10:
+        if HAS_U:
+            u_y = tl.load(u_ptr + y_safe, mask=live, other=0.0).to(acc)
+        else:
+            U = tl.cast(n_cols, acc)
+            u_y = tl.full([BLOCK_N], 1.0, acc)
+        x, g_alpha, g_beta, g_gamma = _two_term_row(logp, p, q, spread, U, u_y, tl.cast(n_cols, acc), a, b, SCHEME)
+        # log w = twice the target's gradient magnitude (= w for a one-term scheme).
+        lw = tl.log(2.0 * tl.abs(g_gamma))
+    else:
+        lw = _log_weight(logp, logq, p, q, a, b, SCHEME)
+        x = _row_x(lw, logp, logq, q, a, b, SCHEME, NORMALISED)
+        # SPEC §3: no finite non-target logit (C = 1, all masked) -> G = 0.
+        # Derivative-normalised rows leave them 0: the cross-row step uses log w.
+        if NORMALISED:
+            g_alpha = tl.zeros_like(lw)
+        else:
+            g_alpha = tl.where(lse_nt == _NEG_INF, 0.0, 0.5 * tl.exp(lw))
+        g_beta = tl.zeros_like(g_alpha)
+        g_gamma = -g_alpha
 
     lse_nt = tl.where(valid, tl.where(in_range, lse_nt, float("nan")), _NEG_INF)
     lw = tl.where(valid, tl.where(in_range, lw, float("nan")), _NEG_INF)
     x = tl.where(valid, tl.where(in_range, x, float("nan")), 0.0)
-    out = rows_ptr + rows * 3
+    g_alpha = tl.where(valid, tl.where(in_range, g_alpha, float("nan")), 0.0)
+    g_beta = tl.where(valid, tl.where(in_range, g_beta, float("nan")), 0.0)
+    g_gamma = tl.where(valid, tl.where(in_range, g_gamma, float("nan")), 0.0)
+    out = rows_ptr + rows * 6
     tl.store(out, lse_nt, mask=row_ok)
     tl.store(out + 1, lw, mask=row_ok)
     tl.store(out + 2, x, mask=row_ok)
+    tl.store(out + 3, g_alpha, mask=row_ok)
+    tl.store(out + 4, g_beta, mask=row_ok)
+    tl.store(out + 5, g_gamma, mask=row_ok)
+
+
+@triton.jit
+def _ratio(z, lse_nt):
+    """r = exp(z - lse_nt) on a tile, 0 for rows with lse_nt = -inf (no finite non-target logit)."""
+    r = tl.exp(z - lse_nt[:, None])
+    return tl.where((lse_nt == _NEG_INF)[:, None], 0.0, r)
 
 
 @triton.jit
@@ -278,21 +438,31 @@ def backward_kernel(
     logits_ptr,
     target_ptr,
     stats_ptr,
+    u_ptr,
     out_ptr,
     n_rows,
     n_cols,
     stride_row,
     ignore_index,
+    a_hi,
+    a_lo,
+    P_FORM: tl.constexpr,
+    HAS_U: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """out[i, j] = g_i coef_i (r_ij - [j == y_i]) on a BLOCK_N x BLOCK_C tile.
+    """out[i, j] = g_i (alpha_i r_ij + beta_i u_j) (j != y_i), g_i gamma_i at y_i, on a BLOCK_N x BLOCK_C tile.
 
-    ``stats`` rows are (lse_nt, coef); ``grad_stride`` is 0 for a scalar upstream
-    gradient. Ignored rows are exact zeros and read no logits; a row with no
-    finite non-target logit (lse_nt = -inf: C = 1 or all masked) is
-    ``g coef * 0`` (G = 0, NaN stays NaN). The target lane is selected, never
-    multiplied: exp(z_y - lse_nt) may overflow.
+    P_FORM (NFL, focal gamma = a_hi + a_lo): stats rows are (lse, alpha, beta,
+    gamma) and off the target out = g_i (alpha_i P_ij + beta_i h_ij) with
+    P_ij = exp(z_ij - lse_i) and h from ``_focal_terms``; u is not read.
+
+    ``stats`` rows are (lse_nt, alpha, beta, gamma); ``u`` is read only when
+    HAS_U (else 1); ``grad_stride`` is 0 for a scalar upstream gradient.
+    Ignored rows are exact zeros and read no logits; a row with no finite
+    non-target logit (lse_nt = -inf: C = 1 or all masked) has r = 0; a NaN
+    lse_nt makes the whole row NaN (whatever its coefficients). The target
+    lane is selected, never multiplied: exp(z_y - lse_nt) may overflow.
     """
     acc = stats_ptr.dtype.element_ty
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -301,20 +471,30 @@ def backward_kernel(
     col_ok = cols < n_cols
     y = tl.load(target_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
     valid = row_ok & (y != ignore_index)
-    lse_nt = tl.load(stats_ptr + rows * 2, mask=valid, other=0.0)
-    coef = tl.load(stats_ptr + rows * 2 + 1, mask=valid, other=0.0)
+    st = stats_ptr + rows * 4
+    lse_nt = tl.load(st, mask=valid, other=0.0)
     g = tl.load(grad_ptr + rows * grad_stride, mask=valid, other=0.0).to(acc)
-    gc = g * coef
+    ga = g * tl.load(st + 1, mask=valid, other=0.0)
+    gb = g * tl.load(st + 2, mask=valid, other=0.0)
+    gy = g * tl.load(st + 3, mask=valid, other=0.0)
 
     z = tl.load(
         logits_ptr + rows[:, None] * stride_row + cols[None, :],
         mask=valid[:, None] & col_ok[None, :],
         other=_NEG_INF,
     ).to(acc)
-    r = tl.exp(z - lse_nt[:, None])
-    direction = tl.where(cols[None, :] == y[:, None], -1.0, r)
-    direction = tl.where((lse_nt == _NEG_INF)[:, None], 0.0, direction)
-    out = tl.where(valid[:, None], gc[:, None] * direction, 0.0)
+    if P_FORM:
+        gam = tl.cast(a_hi, acc) + tl.cast(a_lo, acc)
+        P, _, h = _focal_terms_of_logit(gam, z, lse_nt[:, None])
+        off = ga[:, None] * P + gb[:, None] * h
+    elif HAS_U:
+        u = tl.load(u_ptr + cols, mask=col_ok, other=0.0).to(acc)
+        off = ga[:, None] * _ratio(z, lse_nt) + gb[:, None] * u[None, :]
+    else:
+        off = ga[:, None] * _ratio(z, lse_nt) + gb[:, None]
+    out = tl.where(cols[None, :] == y[:, None], gy[:, None], off)
+    out = tl.where((lse_nt != lse_nt)[:, None], float("nan"), out)
+    out = tl.where(valid[:, None], out, 0.0)
     tl.store(
         out_ptr + rows[:, None] * n_cols + cols[None, :],
         out.to(out_ptr.dtype.element_ty),

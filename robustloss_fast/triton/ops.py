@@ -2,15 +2,21 @@
 
 Ops (same contract as the C++ ``robust_ce_*`` ops, see ``robustloss_fast/_ops.py``):
 
-``robustloss::triton_rows(logits, target, scheme, a, b, ignore_index, normalised) -> rows``
-    the row pass alone: ``(N, 3) = (lse_nt, log w, x)``.
+``robustloss::triton_rows(logits, target, scheme, a, b, smooth_weight?, ignore_index, normalised) -> rows``
+    the row pass alone: ``(N, 6) = (lse_nt, log w, x, alpha, beta, gamma)``;
+    ``smooth_weight`` is ``u`` of label smoothing and NCE (all 1 when None).
+    NFL (scheme 12) writes ``lse`` in column 0 instead of ``lse_nt`` (P-form).
 ``robustloss::triton_forward(logits, target, scheme, a, b, weight?, sample_weight?,
 ignore_index, reduction, normalize) -> (value, stats)``
     the row pass, then the cross-row step ``_finalize.finalize`` (plain tensor
     ops: O(N) next to the O(N C) row pass, and under ``torch.compile`` Inductor
-    fuses them); differentiable, with the SPEC gradient.
-``robustloss::triton_backward(grad, logits, target, stats, ignore_index) -> grad_logits``
-    ``g_i coef_i (r_i - e_{y_i})``.
+    fuses them); differentiable, with the SPEC gradient. ``stats`` is ``(N, 4) =
+    (lse_nt, alpha, beta, gamma)`` (``lse`` first for NFL); for label smoothing
+    (scheme 10) ``weight`` is also the rows' ``smooth_weight``, as in ``F.cross_entropy``.
+``robustloss::triton_backward(grad, logits, target, stats, smooth_weight?, ignore_index, scheme, a) -> grad_logits``
+    ``g_i (alpha_i r_ij + beta_i u_j)`` off the target, ``g_i gamma_i`` at it;
+    ``scheme`` and ``a`` are the forward's: for NFL (12) the stats are in
+    P-form and the off-target entries are ``g_i (alpha_i P_ij + beta_i h_a(P_ij))``.
 
 Registration. On a GPU the ops are ``torch.library.triton_op``s launching through
 ``wrap_triton``, so ``torch.compile`` sees the kernels themselves. Under the
@@ -31,6 +37,7 @@ import triton
 from torch.library import wrap_triton
 
 from .. import _finalize
+from ..reference import NORMALIZE_TWO_TERM_MSG
 from . import kernels
 
 NS = "robustloss"
@@ -105,19 +112,34 @@ def check_target(target: torch.Tensor, num_classes: int, ignore_index: int) -> N
         )
 
 
-def _check_scheme(scheme: int) -> None:
+def _check_scheme(scheme: int, normalised: bool) -> None:
     if not 0 <= scheme < kernels.NUM_SCHEMES:
         raise ValueError(f"unknown scheme kernel id {scheme} (expected 0..{kernels.NUM_SCHEMES - 1})")
+    if normalised and scheme >= kernels.CCE_LS:
+        raise ValueError(NORMALIZE_TWO_TERM_MSG)
 
 
-def _rows_impl(logits, target, scheme, a, b, ignore_index, normalised):
+def _smooth_weight(u: Optional[torch.Tensor], logits: torch.Tensor) -> Optional[torch.Tensor]:
+    """u in the accumulator type, contiguous (the kernels read C entries of it)."""
+    if u is None:
+        return None
+    if u.shape != (logits.shape[1],):
+        raise ValueError(f"smooth_weight must have shape ({logits.shape[1]},), got {tuple(u.shape)}")
+    return u.to(device=logits.device, dtype=_acc_dtype(logits.dtype)).contiguous()
+
+
+def _rows_impl(logits, target, scheme, a, b, smooth_weight, ignore_index, normalised):
     n, c = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     target = target.contiguous()
-    rows = torch.empty((n, 3), dtype=_acc_dtype(logits.dtype), device=logits.device)
+    rows = torch.empty((n, 6), dtype=_acc_dtype(logits.dtype), device=logits.device)
     if n == 0:
         return rows
+    # u matters to label smoothing and NCE only (their spread): the others get no extra
+    # specialisation (NFL has no spread; its u, like the C++ op's, is checked and unused).
+    u = _smooth_weight(smooth_weight, logits) if scheme >= kernels.CCE_LS else None
+    u = u if scheme in (kernels.CCE_LS, kernels.NCE) else None
     max_c = MAX_BLOCK_C_F64 if logits.dtype == torch.float64 else MAX_BLOCK_C
     block_n, block_c, warps = _tile(n, c, max_c)
     a_hi, a_lo = _split(a)
@@ -125,6 +147,7 @@ def _rows_impl(logits, target, scheme, a, b, ignore_index, normalised):
     wrap_triton(kernels.rows_kernel)[(triton.cdiv(n, block_n),)](
         logits,
         target,
+        rows if u is None else u,  # never read without HAS_U
         rows,
         n,
         c,
@@ -136,6 +159,7 @@ def _rows_impl(logits, target, scheme, a, b, ignore_index, normalised):
         b_lo,
         SCHEME=scheme,
         NORMALISED=normalised,
+        HAS_U=u is not None,
         BLOCK_N=block_n,
         BLOCK_C=block_c,
         num_warps=warps,
@@ -149,13 +173,14 @@ def triton_rows(
     scheme: int,
     a: float,
     b: float,
+    smooth_weight: Optional[torch.Tensor],
     ignore_index: int,
     normalised: bool,
 ) -> torch.Tensor:
-    _check_scheme(scheme)
+    _check_scheme(scheme, normalised)
     if _is_real(target):
         check_target(target, logits.shape[1], ignore_index)
-    return _rows_impl(logits, target, scheme, a, b, ignore_index, normalised)
+    return _rows_impl(logits, target, scheme, a, b, smooth_weight, ignore_index, normalised)
 
 
 def triton_forward(
@@ -170,14 +195,19 @@ def triton_forward(
     reduction: int,
     normalize: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    _check_scheme(scheme)
     if reduction not in (0, 1, 2):
         raise ValueError(f"reduction must be 0 (none), 1 (mean) or 2 (sum), got {reduction}")
+    normalised = reduction == _MEAN and normalize
+    _check_scheme(scheme, normalised)
     if _is_real(target):
         check_target(target, logits.shape[1], ignore_index)
-    normalised = reduction == _MEAN and normalize
-    rows = _rows_impl(logits, target, scheme, a, b, ignore_index, normalised)
-    return _finalize.finalize(rows, target, weight, sample_weight, ignore_index, reduction, normalize)
+    # Label smoothing weighs the classes of its smoothing sum by `weight` (PyTorch's
+    # convention): the weights go into the rows, and out of s_i.
+    smooth = scheme == kernels.CCE_LS
+    rows = _rows_impl(logits, target, scheme, a, b, weight if smooth else None, ignore_index, normalised)
+    return _finalize.finalize(
+        rows, target, weight, sample_weight, ignore_index, reduction, normalize, weight_in_rows=smooth
+    )
 
 
 def triton_backward(
@@ -185,7 +215,10 @@ def triton_backward(
     logits: torch.Tensor,
     target: torch.Tensor,
     stats: torch.Tensor,
+    smooth_weight: Optional[torch.Tensor],
     ignore_index: int,
+    scheme: int,
+    a: float,
 ) -> torch.Tensor:
     n, c = logits.shape
     if logits.stride(1) != 1:
@@ -193,21 +226,32 @@ def triton_backward(
     target = target.contiguous()
     stats = stats.to(_acc_dtype(logits.dtype)).contiguous()
     grad = grad.to(stats.dtype)
+    p_form = scheme == kernels.NFL
+    u = _smooth_weight(smooth_weight, logits)
+    # NFL's gradient has no u term (the C++ op ignores a smooth_weight there too).
+    u = None if p_form else u
     out = torch.empty((n, c), dtype=logits.dtype, device=logits.device)
     if n == 0:
         return out
     block_n, block_c, warps = _tile(n, c, BACKWARD_BLOCK_C)
+    # The focal gamma, read by the P-form kernel only (the others get 0, 0).
+    a_hi, a_lo = _split(a) if p_form else (0.0, 0.0)
     wrap_triton(kernels.backward_kernel)[(triton.cdiv(n, block_n), triton.cdiv(c, block_c))](
         grad,
         0 if grad.dim() == 0 else grad.stride(0),
         logits,
         target,
         stats,
+        stats if u is None else u,  # never read without HAS_U
         out,
         n,
         c,
         logits.stride(0),
         ignore_index,
+        a_hi,
+        a_lo,
+        P_FORM=p_form,
+        HAS_U=u is not None,
         BLOCK_N=block_n,
         BLOCK_C=block_c,
         num_warps=warps,
@@ -218,18 +262,18 @@ def triton_backward(
 # ---- fake kernels (used only where the ops are opaque custom_ops) ----
 
 
-def _rows_fake(logits, target, scheme, a, b, ignore_index, normalised):
-    return logits.new_empty((logits.shape[0], 3), dtype=_acc_dtype(logits.dtype))
+def _rows_fake(logits, target, scheme, a, b, smooth_weight, ignore_index, normalised):
+    return logits.new_empty((logits.shape[0], 6), dtype=_acc_dtype(logits.dtype))
 
 
 def _forward_fake(logits, target, scheme, a, b, weight, sample_weight, ignore_index, reduction, normalize):
     acc = _acc_dtype(logits.dtype)
     n = logits.shape[0]
     value = logits.new_empty((n,) if reduction == 0 else (), dtype=acc)
-    return value, logits.new_empty((n, 2), dtype=acc)
+    return value, logits.new_empty((n, 4), dtype=acc)
 
 
-def _backward_fake(grad, logits, target, stats, ignore_index):
+def _backward_fake(grad, logits, target, stats, smooth_weight, ignore_index, scheme, a):
     return logits.new_empty(logits.shape)
 
 
@@ -248,17 +292,20 @@ backward_op = _register("triton_backward", triton_backward, _backward_fake)
 
 
 def _setup_context(ctx, inputs, output):
-    logits, target = inputs[0], inputs[1]
-    ctx.save_for_backward(logits, target, output[1])
-    ctx.ignore_index = inputs[7]
+    logits, target, scheme, weight = inputs[0], inputs[1], inputs[2], inputs[5]
+    # Label smoothing's second gradient term points along the class weights.
+    smooth_weight = weight if scheme == kernels.CCE_LS else None
+    ctx.save_for_backward(logits, target, output[1], smooth_weight)
+    # The backward reads NFL's stats in P-form and needs its focal gamma (= a).
+    ctx.ignore_index, ctx.scheme, ctx.a = inputs[7], scheme, inputs[3]
 
 
 def _backward(ctx, grad_value, _grad_stats):
     if torch.is_grad_enabled():
         raise RuntimeError("robustloss: double backward (create_graph=True) is not supported")
     # The SPEC gradient (weights detached, SPEC §3), not autograd through the rows.
-    logits, target, stats = ctx.saved_tensors
-    grad_logits = backward_op(grad_value, logits, target, stats, ctx.ignore_index)
+    logits, target, stats, smooth_weight = ctx.saved_tensors
+    grad_logits = backward_op(grad_value, logits, target, stats, smooth_weight, ctx.ignore_index, ctx.scheme, ctx.a)
     return grad_logits, None, None, None, None, None, None, None, None, None
 
 

@@ -9,7 +9,9 @@ CPU library ``robustloss_emu``) and built with the host compiler; see shim.h
 for what the emulator models. Every op runs end to end on CPU tensors and is
 compared with robustloss_fast.reference, across all four row layouts of each
 dtype, misaligned and strided rows, grid-stride loops (EMU_MAX_GRID=2), every
-scheme and reduction, and the edge cases of SPEC §5-§6.
+scheme and reduction (the two-term schemes too: label smoothing with and
+without class weights, NCE/APL, and NFL, whose rows and stats are in P-form),
+and the edge cases of SPEC §5-§6.
 
 What it cannot see: timing, memory coalescing, bank conflicts, races between
 blocks that run concurrently on a GPU (blocks run one after another here),
@@ -151,10 +153,45 @@ def run_checks(E) -> Checker:
             what += f" (max abs diff {(a.double() - b.double()).abs().nan_to_num(0, 0, 0).max().item():.3g})"
         ck.check(ok, what)
 
+    def compare_ops(logits, target, kid, a, b, w, sw, reduction, normalize, what):
+        """forward, backward and rows + finalize against the reference."""
+        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        n = logits.shape[0]
+        smooth = w if kid == 10 else None  # label smoothing: the class weights are the smoothing weights u
+        v, st = E.robust_ce_forward(logits, target, kid, a, b, w, sw, -100, reduction, normalize)
+        v_ref, st_ref = reference.forward(logits, target, kid, a, b, w, sw, -100, reduction, normalize)
+        valid = target != -100  # lse_nt of ignored rows is unused (-inf here, arbitrary in the reference)
+        close(v, v_ref, acc, "value " + what)
+        close(st[valid], st_ref[valid], acc, "stats " + what)
+        close(st[:, 1:], st_ref[:, 1:], acc, "coefs " + what)
+        g = torch.randn(n, generator=gen, dtype=acc) if reduction == 0 else torch.tensor(1.7, dtype=acc)
+        gl = E.robust_ce_backward(g, logits, target, st, smooth, -100, kid, a)
+        ck.check(gl.dtype == logits.dtype and gl.is_contiguous(), "grad layout " + what)
+        g_ref = reference.backward(g, logits, target, st_ref, -100, smooth, kernel_id=kid, a=a)
+        close(gl, g_ref, logits.dtype, "grad " + what)
+        normalised = reduction == 1 and normalize
+        rows = E.robust_ce_rows(logits, target, kid, a, b, smooth, -100, normalised)
+        rows_ref = reference.rows(logits, target, kid, a, b, -100, normalised, smooth)
+        if kid in (10, 11, 12):
+            # log w = log(2 |gamma|) of a two-term row is informational (no normalisation) and its
+            # gamma can cancel to 1e-5 of its terms in float32 (C = 2): compare 2 |gamma| itself.
+            rows, rows_ref = rows.clone(), rows_ref.clone()
+            rows[:, 1], rows_ref[:, 1] = rows[:, 1].exp(), rows_ref[:, 1].exp()
+        close(rows[valid], rows_ref[valid], acc, "rows " + what)
+        v2, st2 = finalize(rows, target, w, sw, -100, reduction, normalize, weight_in_rows=kid == 10)
+        close(v2, v_ref, acc, "rows+finalize " + what)
+        close(st2[:, 1:], st[:, 1:], acc, "rows+finalize coefs " + what)
+
     # (kernel id, a, b): every kernel formula, DM's special cases, DMBeta's (1, 1) corner.
     schemes = [(0, 0.0, 0.0), (1, 0.0, 0.0), (2, 0.0, 0.0), (3, 0.7, 0.0), (4, 1.0, 8.0), (4, 0.0, -3.0),
                (5, 0.5, 4.0), (6, 2.0, 3.0), (6, 1.0, 1.0), (4, 2.0, 1000.0)]
     modes = [(0, False), (1, True), (1, False), (2, False)]  # (reduction, normalize)
+    # Two-term schemes: label smoothing eps = 0.1 (and eps = 0, plain CCE through the two-term
+    # path), NCE (1, 0) and APL NCE+RCE (alpha = 1, beta A = 4).
+    two_term = [(10, 0.1, 0.0), (10, 0.0, 0.0), (11, 1.0, 0.0), (11, 1.0, 4.0)]
+    # NFL (gamma, b): its own row pass (the focal sums) and backward (P-form stats, h_j per class);
+    # gamma = 0 is NCE through the NFL kernels, b = 0.4 adds the passive q term.
+    nfl = [(12, g, b) for g in (0.5, 2.0, 0.0) for b in (0.0, 0.4)]
     # Row lengths that land in each layout (4 lanes, a warp, 128- and 512-thread blocks) per dtype.
     shapes = {
         torch.float32: [(23, 1), (23, 2), (23, 3), (19, 10), (9, 100), (5, 511), (3, 2001), (2, 9001)],
@@ -183,20 +220,99 @@ def run_checks(E) -> Checker:
                 target[torch.rand(n, generator=gen) < 0.2] = -100
                 w = torch.rand(c, generator=gen, dtype=acc) + 0.5 if with_w else None
                 sw = torch.randn(n, generator=gen, dtype=acc) if with_sw else None
-                v, st = E.robust_ce_forward(logits, target, kid, a, b, w, sw, -100, reduction, normalize)
-                v_ref, st_ref = reference.forward(logits, target, kid, a, b, w, sw, -100, reduction, normalize)
-                valid = target != -100  # lse_nt of ignored rows is unused (-inf here, arbitrary in the reference)
-                close(v, v_ref, acc, "value " + what)
-                close(st[valid], st_ref[valid], acc, "stats " + what)
-                close(st[:, 1], st_ref[:, 1], acc, "coef " + what)
-                g = torch.randn(n, generator=gen, dtype=acc) if reduction == 0 else torch.tensor(1.7, dtype=acc)
-                gl = E.robust_ce_backward(g, logits, target, st, -100)
-                ck.check(gl.dtype == dt and gl.is_contiguous(), "grad layout " + what)
-                close(gl, reference.backward(g, logits, target, st_ref, -100), dt, "grad " + what)
-                rows = E.robust_ce_rows(logits, target, kid, a, b, -100, reduction == 1 and normalize)
-                v2, _ = finalize(rows, target, w, sw, -100, reduction, normalize)
-                close(v2, v_ref, acc, "rows+finalize " + what)
+                compare_ops(logits, target, kid, a, b, w, sw, reduction, normalize, what)
         print(f"check_emu: {dt} parity done ({ck.count} checks)", flush=True)
+
+    # Two-term schemes (label smoothing, NCE/APL, NFL) in every layout of every dtype: the spread
+    # pass and its reduction, class weights inside the rows (label smoothing) or in s_i (NCE,
+    # NFL); NFL's lse broadcast to the row's threads and its focal-sum pass.
+    k = 0
+    for dt, dt_shapes in shapes.items():
+        acc = torch.float64 if dt == torch.float64 else torch.float32
+        for n, c in dt_shapes:
+            for kid, a, b in two_term + nfl:
+                reduction = k % 3
+                offset, pad = (k % 3 == 1) * (1 + k % 5), (k % 4 == 2) * 3
+                with_w, with_sw = k % 2 == 0, k % 5 == 0
+                k += 1
+                what = f"two-term dtype={dt} n={n} c={c} scheme={kid, a, b} reduction={reduction} " \
+                       f"weight={with_w} sample_weight={with_sw} offset={offset} pad={pad}"
+                base = (torch.randn(n, c + offset + pad, generator=gen, dtype=torch.float64) * 3).to(dt)
+                logits = base[:, offset:offset + c]
+                target = torch.randint(0, c, (n,), generator=gen)
+                target[torch.rand(n, generator=gen) < 0.2] = -100
+                w = torch.rand(c, generator=gen, dtype=acc) + 0.5 if with_w else None
+                sw = torch.randn(n, generator=gen, dtype=acc) if with_sw else None
+                compare_ops(logits, target, kid, a, b, w, sw, reduction, False, what)
+        print(f"check_emu: {dt} two-term parity done ({ck.count} checks)", flush=True)
+
+    # Every two-term scheme x reduction x weight: a warp layout (fp32) and a block layout (bf16).
+    for dt, c in ((torch.float32, 37), (torch.bfloat16, 1500)):
+        acc = torch.float32
+        logits = (torch.randn(11, c, generator=gen, dtype=torch.float64) * 3).to(dt)
+        target = torch.randint(0, c, (11,), generator=gen)
+        target[3] = -100
+        w = torch.rand(c, generator=gen, dtype=acc) + 0.5
+        w[5] = 0.0  # a zero class weight: u_k = 0 in the smoothing sum
+        sw = torch.rand(11, generator=gen, dtype=acc) + 0.1
+        for kid, a, b in two_term + nfl:
+            for reduction in (0, 1, 2):
+                for ww, ss in ((None, None), (w, None), (w, sw)):
+                    what = f"two-term grid dtype={dt} c={c} scheme={kid, a, b} reduction={reduction} " \
+                           f"weight={ww is not None} sample_weight={ss is not None}"
+                    compare_ops(logits, target, kid, a, b, ww, ss, reduction, False, what)
+
+    # Label smoothing is F.cross_entropy(label_smoothing=eps), class weights included.
+    x = torch.randn(40, 13, generator=gen, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 13, (40,), generator=gen)
+    t[::7] = -100
+    w = torch.rand(13, generator=gen, dtype=torch.float64) + 0.5
+    for ww in (None, w):
+        for reduction, name in ((0, "none"), (1, "mean"), (2, "sum")):
+            v, st = E.robust_ce_forward(x.detach(), t, 10, 0.1, 0.0, ww, None, -100, reduction, False)
+            ref = torch.nn.functional.cross_entropy(x, t, weight=ww, reduction=name, label_smoothing=0.1)
+            g = torch.linspace(0.5, 1.5, 40, dtype=torch.float64) if reduction == 0 else torch.tensor(1.0, dtype=torch.float64)
+            (g_ref,) = torch.autograd.grad(ref, x, g if reduction == 0 else None)
+            gl = E.robust_ce_backward(g, x.detach(), t, st, ww, -100, 10, 0.1)
+            what = f"label smoothing vs F.cross_entropy weight={ww is not None} reduction={name}"
+            close(v, ref.detach(), torch.float64, "value " + what)
+            close(gl, g_ref, torch.float64, "grad " + what)
+
+    # NFL is its definition, L = FL(p) / sum_k FL(P_k) + b q with FL(P) = -(1 - P)^gamma log P:
+    # value and gradient against autograd of that formula, in float64.
+    x = torch.randn(40, 9, generator=gen, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 9, (40,), generator=gen)
+    t[::6] = -100
+    sw = torch.rand(40, generator=gen, dtype=torch.float64) + 0.2
+    for gamma, b in ((0.5, 0.4), (2.0, 0.0), (0.0, 0.4)):
+        P = torch.softmax(x, 1)
+        fl = -(1 - P).pow(gamma) * P.log()
+        valid = t != -100
+        ty = torch.where(valid, t, 0)
+        per_row = fl.gather(1, ty[:, None]).squeeze(1) / fl.sum(1) + b * (1 - P.gather(1, ty[:, None]).squeeze(1))
+        per_row = torch.where(valid, per_row * sw, 0.0)
+        for reduction, ref in ((0, per_row), (1, per_row.sum() / valid.sum()), (2, per_row.sum())):
+            v, st = E.robust_ce_forward(x.detach(), t, 12, gamma, b, None, sw, -100, reduction, False)
+            g = torch.linspace(0.5, 1.5, 40, dtype=torch.float64) if reduction == 0 else torch.tensor(1.0, dtype=torch.float64)
+            (g_ref,) = torch.autograd.grad(ref, x, g if reduction == 0 else None, retain_graph=True)
+            gl = E.robust_ce_backward(g, x.detach(), t, st, None, -100, 12, gamma)
+            what = f"NFL vs its definition gamma={gamma} b={b} reduction={reduction}"
+            close(v, ref.detach(), torch.float64, "value " + what)
+            close(gl, g_ref, torch.float64, "grad " + what)
+
+    # Two-term schemes refuse derivative normalisation, in both ops.
+    x = torch.randn(4, 5, generator=gen)
+    t = torch.randint(0, 5, (4,), generator=gen)
+    for kid, a, b in two_term + nfl:
+        for op in ("forward", "rows"):
+            try:
+                if op == "forward":
+                    E.robust_ce_forward(x, t, kid, a, b, None, None, -100, 1, True)
+                else:
+                    E.robust_ce_rows(x, t, kid, a, b, None, -100, True)
+                ck.check(False, f"normalize=True accepted for scheme {kid} in {op}")
+            except ValueError as e:
+                ck.check("normalize" in str(e), f"normalize refusal message: {e}")
 
     # Enough rows for several partials in the cross-row step (1300: 6 chunks of 217) and for the
     # 256-partial cap (70000: chunks of 274 rows, more rows than threads per chunk).
@@ -206,12 +322,15 @@ def run_checks(E) -> Checker:
         t[torch.rand(n, generator=gen) < 0.1] = -100
         w = torch.rand(3, generator=gen) + 0.5
         sw = torch.randn(n, generator=gen)
-        for (kid, a, b), (reduction, normalize) in zip([(4, 1.0, 30.0), (0, 0.0, 0.0), (2, 0.0, 0.0)], modes[1:]):
+        cases = list(zip([(4, 1.0, 30.0), (0, 0.0, 0.0), (2, 0.0, 0.0)], modes[1:]))
+        cases += [((10, 0.1, 0.0), (1, False)), ((11, 1.0, 4.0), (2, False))]  # weight in the rows / in s_i
+        cases += [((12, 0.5, 0.4), (1, False)), ((12, 2.0, 0.0), (0, False))]
+        for (kid, a, b), (reduction, normalize) in cases:
             v, st = E.robust_ce_forward(x, t, kid, a, b, w, sw, -100, reduction, normalize)
             v_ref, st_ref = reference.forward(x, t, kid, a, b, w, sw, -100, reduction, normalize)
             what = f"n={n} scheme={kid, a, b} reduction={reduction} normalize={normalize}"
             close(v, v_ref, torch.float32, "value " + what)
-            close(st[:, 1], st_ref[:, 1], torch.float32, "coef " + what)
+            close(st[:, 1:], st_ref[:, 1:], torch.float32, "coefs " + what)
 
     # Bad targets: IndexError naming value and position, in every layout; backward leaves NaN rows.
     for c in (3, 100, 3000, 20000):
@@ -224,38 +343,60 @@ def run_checks(E) -> Checker:
                     if op == "forward":
                         E.robust_ce_forward(x, t, 0, 0.0, 0.0, None, None, -100, 1, False)
                     else:
-                        E.robust_ce_rows(x, t, 0, 0.0, 0.0, -100, False)
+                        E.robust_ce_rows(x, t, 0, 0.0, 0.0, None, -100, False)
                     ck.check(False, f"bad target {bad} (c={c}) raised nothing in {op}")
                 except IndexError as e:
                     ck.check(str(bad) in str(e) and "flat position 4" in str(e), f"bad target message: {e}")
-            gl = E.robust_ce_backward(torch.ones(()), x, t, torch.zeros(6, 2), -100)
-            ck.check(bool(torch.isnan(gl[4:]).all() and torch.isfinite(gl[:4]).all()), f"backward bad rows c={c}")
+            st = torch.zeros(6, 4)
+            st[:, 0] = torch.logsumexp(x, 1)  # NFL's P_j = exp(z_j - lse) of a good row are at most 1
+            for u, kid, a in ((None, 0, 0.0), (torch.ones(c), 10, 0.1), (None, 12, 0.5)):
+                gl = E.robust_ce_backward(torch.ones(()), x, t, st, u, -100, kid, a)
+                ck.check(bool(torch.isnan(gl[4:]).all() and torch.isfinite(gl[:4]).all()),
+                         f"backward bad rows c={c} scheme={kid}")  # fmt: skip
+        for kid, a, b, w in ((10, 0.1, 0.0, torch.rand(c, generator=gen)), (12, 0.5, 0.4, None)):
+            try:  # the two-term passes skip bad rows too
+                E.robust_ce_forward(x, t, kid, a, b, w, None, -100, 1, False)
+                ck.check(False, f"bad target raised nothing in the scheme {kid} forward (c={c})")
+            except IndexError as e:
+                ck.check("flat position 4" in str(e), f"bad target message (scheme {kid}): {e}")
 
     for dt in (torch.float32, torch.bfloat16, torch.float64):
         acc = torch.float64 if dt == torch.float64 else torch.float32
-        # C = 1: no non-target class, G = 0.
+        # C = 1: no non-target class, G = 0 (label smoothing and NCE too: p = 1, Lambda = 0).
         x = torch.randn(5, 1, generator=gen).to(dt)
         t = torch.zeros(5, dtype=torch.long)
         for reduction, normalize in modes:
             v, st = E.robust_ce_forward(x, t, 4, 1.0, 8.0, None, None, -100, reduction, normalize)
             v_ref, _ = reference.forward(x, t, 4, 1.0, 8.0, None, None, -100, reduction, normalize)
             close(v, v_ref, acc, f"C=1 value {dt} {reduction} {normalize}")
-            gl = E.robust_ce_backward(torch.ones(()).to(acc), x, t, st, -100)
+            gl = E.robust_ce_backward(torch.ones(()).to(acc), x, t, st, None, -100, 4, 1.0)
             ck.check(bool((gl == 0).all()), f"C=1 grad {dt}")
+        for kid, a, b in two_term + nfl:
+            for reduction in (0, 1, 2):
+                w1 = torch.full((1,), 0.7, dtype=acc)
+                compare_ops(x, t, kid, a, b, w1, None, reduction, False, f"C=1 two-term {dt} {kid, a, b} {reduction}")
         # Every row ignored, and the empty batch: value 0, gradient 0.
         x = torch.randn(4, 7, generator=gen).to(dt)
         t = torch.full((4,), -100)
-        for reduction, normalize in modes:
-            v, st = E.robust_ce_forward(x, t, 4, 1.0, 8.0, None, None, -100, reduction, normalize)
-            gl = E.robust_ce_backward(torch.ones(()).to(acc), x, t, st, -100)
-            ck.check(bool((v == 0).all() and (gl == 0).all() and (st[:, 1] == 0).all()), f"all ignored {dt}")
+        cases = [(4, 1.0, 8.0)] * 4 + two_term[:3] + [(12, 0.5, 0.4), (12, 2.0, 0.0), (12, 0.0, 0.4)]
+        for (kid, a, b), (reduction, normalize) in zip(cases, modes + [(0, False), (1, False), (2, False)] * 2):
+            w = torch.rand(7, generator=gen, dtype=acc) + 0.5
+            v, st = E.robust_ce_forward(x, t, kid, a, b, w, None, -100, reduction, normalize)
+            gl = E.robust_ce_backward(torch.ones(()).to(acc), x, t, st, w if kid == 10 else None, -100, kid, a)
+            ck.check(bool((v == 0).all() and (gl == 0).all() and (st[:, 1:] == 0).all()), f"all ignored {dt} {kid}")
         x = torch.randn(0, 7).to(dt)
         t = torch.zeros(0, dtype=torch.long)
         for reduction, normalize in modes:
             v, st = E.robust_ce_forward(x, t, 4, 1.0, 8.0, None, None, -100, reduction, normalize)
-            ok = v.shape == ((0,) if reduction == 0 else ()) and (reduction == 0 or v.item() == 0) and st.shape == (0, 2)
-            ck.check(ok and E.robust_ce_backward(torch.ones(()).to(acc), x, t, st, -100).shape == (0, 7), "empty")
-        ck.check(E.robust_ce_rows(x, t, 4, 1.0, 8.0, -100, False).shape == (0, 3), "empty rows")
+            ok = v.shape == ((0,) if reduction == 0 else ()) and (reduction == 0 or v.item() == 0) and st.shape == (0, 4)
+            ck.check(ok and E.robust_ce_backward(torch.ones(()).to(acc), x, t, st, None, -100, 4, 1.0).shape == (0, 7),
+                     "empty")  # fmt: skip
+            ck.check(E.robust_ce_backward(torch.ones(()).to(acc), x, t, st, None, -100, 12, 0.5).shape == (0, 7),
+                     "empty (NFL)")  # fmt: skip
+        ck.check(E.robust_ce_rows(x, t, 4, 1.0, 8.0, None, -100, False).shape == (0, 6), "empty rows")
+        ck.check(E.robust_ce_rows(x, t, 10, 0.1, 0.0, torch.ones(7, dtype=acc), -100, False).shape == (0, 6),
+                 "empty rows (two-term)")
+        ck.check(E.robust_ce_rows(x, t, 12, 0.5, 0.4, None, -100, False).shape == (0, 6), "empty rows (NFL)")
         # ignore_index inside [0, C).
         x = torch.randn(9, 6, generator=gen).to(dt)
         t = torch.randint(0, 6, (9,), generator=gen)
@@ -263,8 +404,14 @@ def run_checks(E) -> Checker:
         v, st = E.robust_ce_forward(x, t, 0, 0.0, 0.0, None, None, 2, 1, False)
         v_ref, st_ref = reference.forward(x, t, 0, 0.0, 0.0, None, None, 2, 1, False)
         close(v, v_ref, acc, f"ignore_index in range {dt}")
-        close(E.robust_ce_backward(torch.ones(()).to(acc), x, t, st, 2),
+        close(E.robust_ce_backward(torch.ones(()).to(acc), x, t, st, None, 2, 0, 0.0),
               reference.backward(torch.ones(()).to(acc), x, t, st_ref, 2), dt, f"ignore_index in range grad {dt}")
+        v, st = E.robust_ce_forward(x, t, 12, 0.5, 0.4, None, None, 2, 1, False)
+        v_ref, st_ref = reference.forward(x, t, 12, 0.5, 0.4, None, None, 2, 1, False)
+        close(v, v_ref, acc, f"NFL ignore_index in range {dt}")
+        close(E.robust_ce_backward(torch.ones(()).to(acc), x, t, st, None, 2, 12, 0.5),
+              reference.backward(torch.ones(()).to(acc), x, t, st_ref, 2, kernel_id=12, a=0.5), dt,
+              f"NFL ignore_index in range grad {dt}")  # fmt: skip
 
     # -inf masks (legal), a row masked but for its target (G = 0), NaN / +inf rows (NaN, that row only).
     for dt in (torch.float32, torch.bfloat16):
@@ -282,9 +429,19 @@ def run_checks(E) -> Checker:
             v_ref, st_ref = reference.forward(x, t, 0, 0.0, 0.0, None, None, -100, 0, False)
             close(v, v_ref, torch.float32, f"masked/NaN rows value c={c} {dt}")
             ck.check(bool(torch.isnan(v[2:5]).all() and torch.isfinite(v[[0, 1, 5]]).all()), f"NaN rows only c={c}")
-            gl = E.robust_ce_backward(torch.ones(6), x, t, st, -100)
+            gl = E.robust_ce_backward(torch.ones(6), x, t, st, None, -100, 0, 0.0)
             close(gl, reference.backward(torch.ones(6), x, t, st_ref, -100), dt, f"masked/NaN rows grad c={c} {dt}")
             ck.check(bool((gl[1] == 0).all()), "fully masked row has zero gradient")
+            # Two-term: a masked class makes Lambda infinite (NCE 0) unless its smoothing weight is 0;
+            # a row masked but for its target (lse_nt = -inf) keeps its beta u term.
+            w = torch.rand(c, generator=gen) + 0.5
+            w[: c // 2] = 0.0  # row 0's masked classes: Lambda stays finite for label smoothing
+            w[t[2:5]] = 1.0  # NaN rows keep s != 0 (with s = 0 the reference leaves 0 at the target)
+            # NFL: a masked class has F = inf, so S = inf (NFL 0, its gradient the b q term alone).
+            for kid, a, b in two_term + nfl:
+                for ww in (None, w):
+                    compare_ops(x, t, kid, a, b, ww, None, 0, False, f"masked/NaN rows c={c} {dt} {kid, a, b} "
+                                f"weight={ww is not None}")
 
     # |beta| = 1000 with derivative normalisation: finite in every dtype, sum of |coef| is 1/2.
     for dt in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
@@ -293,7 +450,7 @@ def run_checks(E) -> Checker:
         for beta in (1000.0, -1000.0):
             v, st = E.robust_ce_forward(x, t, 4, 1.0, beta, None, None, -100, 1, True)
             v_ref, _ = reference.forward(x, t, 4, 1.0, beta, None, None, -100, 1, True)
-            gl = E.robust_ce_backward(torch.ones(()).to(st.dtype), x, t, st, -100)
+            gl = E.robust_ce_backward(torch.ones(()).to(st.dtype), x, t, st, None, -100, 4, 1.0)
             ck.check(bool(torch.isfinite(v) and torch.isfinite(gl.float()).all()), f"beta={beta} finite {dt}")
             ck.check(abs(v.item() - v_ref.item()) <= 1e-3 * abs(v_ref.item()) + 1e-6, f"beta={beta} value {dt}")
             ck.check(abs(2 * st[:, 1].abs().sum().item() - 1) < 1e-3, f"beta={beta} sum |coef| = 1/2 {dt}")
@@ -304,6 +461,17 @@ def run_checks(E) -> Checker:
     r1 = E.robust_ce_forward(x, t, 4, 1.0, 8.0, None, None, -100, 1, True)
     r2 = E.robust_ce_forward(x, t, 4, 1.0, 8.0, None, None, -100, 1, True)
     ck.check(torch.equal(r1[0], r2[0]) and torch.equal(r1[1], r2[1]), "bitwise repeat")
+    w = torch.rand(3001, generator=gen) + 0.5
+    r1 = E.robust_ce_forward(x, t, 10, 0.1, 0.0, w, None, -100, 1, False)
+    r2 = E.robust_ce_forward(x, t, 10, 0.1, 0.0, w, None, -100, 1, False)
+    g1 = E.robust_ce_backward(torch.ones(()), x, t, r1[1], w, -100, 10, 0.1)
+    g2 = E.robust_ce_backward(torch.ones(()), x, t, r2[1], w, -100, 10, 0.1)
+    ck.check(torch.equal(r1[0], r2[0]) and torch.equal(r1[1], r2[1]) and torch.equal(g1, g2), "bitwise repeat (two-term)")
+    r1 = E.robust_ce_forward(x, t, 12, 0.5, 0.4, w, None, -100, 1, False)
+    r2 = E.robust_ce_forward(x, t, 12, 0.5, 0.4, w, None, -100, 1, False)
+    g1 = E.robust_ce_backward(torch.ones(()), x, t, r1[1], None, -100, 12, 0.5)
+    g2 = E.robust_ce_backward(torch.ones(()), x, t, r2[1], None, -100, 12, 0.5)
+    ck.check(torch.equal(r1[0], r2[0]) and torch.equal(r1[1], r2[1]) and torch.equal(g1, g2), "bitwise repeat (NFL)")
     return ck
 
 

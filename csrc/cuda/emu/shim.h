@@ -6,9 +6,9 @@
 // - one std::thread per CUDA thread of a block; the blocks of a grid run one
 //   after another, so __shared__ can be a function-local static;
 // - __syncthreads is a barrier of the block's threads;
-// - __shfl_xor_sync is a per-warp exchange between two barriers, so a warp
-//   whose lanes do not all reach the same shuffle deadlocks here (on a GPU it
-//   would be undefined behaviour);
+// - __shfl_xor_sync and __shfl_sync are per-warp exchanges between two
+//   barriers, so a warp whose lanes do not all reach the same shuffle
+//   deadlocks here (on a GPU it would be undefined behaviour);
 // - 16-byte loads and stores abort unless 16-byte aligned, as they would fault
 //   on a GPU;
 // - EMU_MAX_GRID caps the grid of the grid-stride kernels, to exercise their
@@ -109,6 +109,21 @@ T __shfl_xor_sync(unsigned, T v, int lane_mask, int width = 32) {
   const int seg = lane / width * width;
   T out;
   std::memcpy(&out, warp.slot[seg + ((lane - seg) ^ lane_mask)], sizeof(T));
+  warp.bar->arrive_and_wait();
+  return out;
+}
+
+// Lane src_lane of this lane's width-segment.
+template <typename T>
+T __shfl_sync(unsigned, T v, int src_lane, int width = 32) {
+  static_assert(sizeof(T) <= 8, "one register");
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  auto& warp = *emu::warps[threadIdx.x / 32];
+  std::memcpy(warp.slot[lane], &v, sizeof(T));
+  warp.bar->arrive_and_wait();
+  const int seg = lane / width * width;
+  T out;
+  std::memcpy(&out, warp.slot[seg + src_lane % width], sizeof(T));
   warp.bar->arrive_and_wait();
   return out;
 }

@@ -39,6 +39,13 @@ inline void check_scheme(int64_t scheme) {
   TORCH_CHECK(scheme >= 0 && scheme < kNumSchemes, "robustloss: unknown scheme id ", scheme);
 }
 
+// Two-term schemes have no emphasis w(p) to normalise over the batch.
+inline void check_normalisable(int64_t scheme, bool normalised) {
+  TORCH_CHECK_VALUE(!(normalised && is_two_term(scheme)),
+                    "robustloss: derivative normalisation (normalize=True) is not defined for scheme id ", scheme,
+                    " (label smoothing, NCE/APL have a second gradient term); use normalize=False");
+}
+
 inline void check_reduction(int64_t reduction) {
   TORCH_CHECK(reduction == kNone || reduction == kMean || reduction == kSum,
               "robustloss: reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
@@ -63,8 +70,8 @@ inline c10::optional<at::Tensor> check_sample_weight(const c10::optional<at::Ten
 }
 
 inline at::Tensor check_stats(const at::Tensor& stats, const at::Tensor& logits) {
-  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == logits.size(0) && stats.size(1) == 2,
-              "robustloss: stats must have shape (", logits.size(0), ", 2), got ", stats.sizes());
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == logits.size(0) && stats.size(1) == 4,
+              "robustloss: stats must have shape (", logits.size(0), ", 4), got ", stats.sizes());
   TORCH_CHECK(stats.device() == logits.device(), "robustloss: stats is on ", stats.device(), " but logits are on ",
               logits.device());
   return stats.to(acc_dtype(logits)).contiguous();
@@ -78,7 +85,8 @@ inline at::Tensor check_grad(const at::Tensor& grad, const at::Tensor& logits) {
 }
 
 inline RowsArgs make_rows_args(const at::Tensor& logits, const at::Tensor& target, int64_t scheme, double a, double b,
-                               int64_t ignore_index, bool normalised, at::Tensor& rows) {
+                               const c10::optional<at::Tensor>& smooth_weight, int64_t ignore_index, bool normalised,
+                               at::Tensor& rows) {
   RowsArgs args;
   args.dtype = logits.scalar_type();
   args.logits = logits.const_data_ptr();
@@ -91,12 +99,14 @@ inline RowsArgs make_rows_args(const at::Tensor& logits, const at::Tensor& targe
   args.a = a;
   args.b = b;
   args.normalised = normalised;
+  args.smooth_weight = smooth_weight.has_value() ? smooth_weight->const_data_ptr() : nullptr;
   args.rows = rows.data_ptr();
   return args;
 }
 
 inline BackwardArgs make_backward_args(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
-                                       const at::Tensor& stats, int64_t ignore_index, at::Tensor& out) {
+                                       const at::Tensor& stats, const c10::optional<at::Tensor>& smooth_weight,
+                                       int64_t ignore_index, at::Tensor& out) {
   BackwardArgs args;
   args.dtype = logits.scalar_type();
   args.logits = logits.const_data_ptr();
@@ -106,6 +116,7 @@ inline BackwardArgs make_backward_args(const at::Tensor& grad, const at::Tensor&
   args.target = target.const_data_ptr<int64_t>();
   args.ignore_index = ignore_index;
   args.stats = stats.const_data_ptr();
+  args.smooth_weight = smooth_weight.has_value() ? smooth_weight->const_data_ptr() : nullptr;
   args.grad = grad.const_data_ptr();
   args.grad_per_row = grad.dim() == 1;
   args.out = out.data_ptr();

@@ -13,8 +13,9 @@
 
 namespace robustloss {
 
-// The row pass (SPEC §2-§4): rows (n, 3) = (lse_nt, log w, x) per row, in the
-// accumulator type (float, or double for double logits).
+// The row pass (SPEC §2-§4): rows (n, 6) = (lse_nt, log w, x, alpha, beta,
+// gamma) per row (schemes.h: RowGrad), in the accumulator type (float, or
+// double for double logits).
 struct RowsArgs {
   c10::ScalarType dtype;  // of the logits
   const void* logits;     // (n, c), classes contiguous, rows `row_stride` elements apart
@@ -24,21 +25,28 @@ struct RowsArgs {
   int64_t scheme;
   double a, b;
   bool normalised;                // derivative-normalised "mean": x = -log p
-  void* rows;                     // (n, 3) accumulator type
+  const void* smooth_weight;      // (c,) accumulator type: u of label smoothing; nullptr = all 1
+  void* rows;                     // (n, 6) accumulator type
   int64_t* first_bad = nullptr;   // CUDA: device slot preset to n, lowered to the first bad row
 };
 
-// The gradient pass: out = g * coef * (r - e_y), one row at a time.
+// The gradient pass, one row at a time: out_j = g (alpha r_j + beta u_j) for
+// j != y, out_y = g gamma; r_j = exp(z_j - lse_nt) (0 when lse_nt = -inf).
 struct BackwardArgs {
   c10::ScalarType dtype;
   const void* logits;
   int64_t n, c, row_stride;
   const int64_t* target;
   int64_t ignore_index;
-  const void* stats;  // (n, 2) accumulator type: lse_nt, coef
+  const void* stats;          // (n, 4) accumulator type: lse_nt, alpha, beta, gamma
+  const void* smooth_weight;  // (c,) accumulator type: u; nullptr = all 1
   const void* grad;   // accumulator type: one value, or n values
   bool grad_per_row;
   void* out;  // (n, c) contiguous, dtype of the logits
+  // NFL (kNFL) reads its stats in P-form: (lse, alpha, beta, gamma) with
+  // out_j = g (alpha P_j + beta h(P_j)), h of schemes.h's focal_terms(a, ...).
+  int64_t scheme = -1;
+  double a = 0.0;
 };
 
 template <typename T>

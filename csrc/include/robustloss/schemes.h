@@ -30,12 +30,28 @@ enum SchemeId : int64_t {
   kPoly = 7,    // L = -a log p + b q     w = 2q (a + b p)          Poly-1 (1, eps), RCE (0, -A), SCE (alpha, -beta A)
   kFocal = 8,   // L = -q^g log p         w = 2 q^g (q - g p log p) params (g)
   kTaylor = 9,  // L = sum_{k<=t} q^k/k   w = 2q (1 - q^t)          params (t, an integer >= 1)
-  kNumSchemes = 10,
+  // Peer losses of the whole distribution ("two-term": their gradient is
+  // alpha r + beta u off the target, see RowGrad below). With
+  // Lambda = sum_k u_k (-log P_k) (u = class weights for kCCELS, else 1):
+  kCCELS = 10,  // L = (1 - eps) u_y (-log p) + (eps / C) Lambda               params (eps)  label smoothing
+  kNCE = 11,    // L = a (-log p) / Lambda + b q                             params (a, b)
+                //   NCE (1, 0); APL NCE+RCE (alpha, -beta A); NCE+MAE (alpha, beta)
+  // Normalized focal loss: L = FL(p) / sum_k FL(P_k) + b q, FL(P) = -(1-P)^g log P   params (g, b)
+  // (APL's alpha is a loss scale applied outside the kernels). Its gradient has
+  // a per-class term, so its rows and stats use lse instead of lse_nt (below).
+  kNFL = 12,
+  kNumSchemes = 13,
 };
 
 enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
 
-RL_HD bool is_loss_defined(int64_t id) { return id <= kGCE || (id >= kPoly && id <= kTaylor); }
+RL_HD bool is_loss_defined(int64_t id) { return id <= kGCE || (id >= kPoly && id < kNumSchemes); }
+
+// Two-term schemes need one more row quantity, sum_k u_k (z_y - z_k), and
+// their gradient has a second direction (u), so they have no log-emphasis
+// normalisation: the op layers refuse normalize=True for them.
+RL_HD bool is_two_term(int64_t id) { return id == kCCELS || id == kNCE || id == kNFL; }
+RL_HD bool needs_spread(int64_t id) { return id == kCCELS || id == kNCE; }
 
 // softplus(x) = log(1 + exp(x)) without overflow; +inf -> +inf, -inf -> 0.
 template <typename T>
@@ -188,6 +204,138 @@ RL_HD T row_x(int64_t id, T a, T b, T logw, const RowProb<T>& r, bool derivative
   if (derivative_normalised) return -r.logp;
   if (is_loss_defined(id)) return loss_value(id, a, b, r);
   return exp(logw) * (-r.logp);
+}
+
+// The per-row gradient of every scheme, before the cross-row factor: with
+// r_j = exp(z_j - lse_nt) (the softmax over the non-target classes),
+//
+//     dL/dz_j = alpha r_j + beta u_j   (j != y),      dL/dz_y = gamma,
+//
+// and x the row's value. One-term schemes have alpha = w/2, beta = 0,
+// gamma = -w/2 (SPEC §3). The rows op writes (alpha, beta, gamma) next to
+// (lse_nt, log w, x); the cross-row step scales them by s_i / D.
+template <typename T>
+struct RowGrad {
+  T x, alpha, beta, gamma;
+};
+
+// A two-term scheme's row. For L(p, Lambda) with Lambda = sum_k u_k (-log P_k),
+// a = p dL/dp and l = dL/dLambda (U = sum_k u_k):
+//   alpha = q (U l - a),  beta = -l,  gamma = q a + l (U p - u_y),
+// from dp/dz_j = p (e_y - P)_j, dLambda/dz_j = U P_j - u_j and P_j = q r_j.
+// `spread` = sum_k u_k (z_y - z_k), so Lambda = U (-log p) + spread exactly
+// (-log P_k = -log p + z_y - z_k): +inf when a class with u_k > 0 is masked.
+template <typename T>
+RL_HD RowGrad<T> two_term_row(int64_t id, T a, T b, const RowProb<T>& r, T spread, T U, T u_y, T num_classes) {
+  const T nlp = -r.logp;
+  const T lambda = U * nlp + spread;
+  RowGrad<T> g;
+  if (id == kCCELS) {
+    // PyTorch's label smoothing: (1 - eps) u_y CE + (eps / C) sum_k u_k (-log P_k).
+    const T eps = a, sm = a / num_classes, hard = (T(1) - a) * u_y;
+    g.x = hard * nlp + (eps == T(0) ? T(0) : sm * lambda);  // 0 * inf: eps = 0 is plain CE
+    g.alpha = r.q * (U * sm + hard);
+    g.beta = -sm;
+    g.gamma = -r.q * hard + sm * (U * r.p - u_y);
+    return g;
+  }
+  // kNCE: a (-log p) / Lambda + b q. Lambda = 0 only for C = 1 (p = 1): NCE 0.
+  // Lambda = inf (a masked class) gives NCE 0 and no NCE gradient, its limit.
+  const T nce = lambda == T(0) ? T(0) : nlp / lambda;
+  const T inv = lambda == T(0) ? T(0) : T(1) / lambda;
+  // (U, u_y) = (C, 1): the op layers pass no u for NCE; written generally so
+  // that a direct rows call with u agrees with the reference.
+  const T pq = r.p * r.q;
+  g.x = a * nce + b * r.q;
+  g.alpha = a * r.q * (T(1) - U * nce) * inv + b * pq;
+  g.beta = a * nce * inv;
+  g.gamma = -a * (r.q + nce * (U * r.p - u_y)) * inv - b * pq;
+  return g;
+}
+
+// The focal terms of one class from l = log P, P and Q = 1 - P (NFL):
+// F = -Q^g l and h = P dF/dP = Q^g (g P l / Q - 1). Limits: P = 0 (a masked
+// class, l = -inf) gives F = inf, h = -1; Q = 0 gives P l / Q -> -1.
+// The CPU kernel has a vector copy of this formula (kernel_impl.h).
+template <typename T>
+struct FocalTerms {
+  T F, h;
+};
+
+template <typename T>
+RL_HD FocalTerms<T> focal_terms(T g, T l, T P, T Q) {
+  using std::exp;
+  using std::log;
+  const T qg = g == T(0) ? T(1) : exp(g * log(Q));
+  const T pl = P == T(0) ? T(0) : P * l;
+  const T pl_over_q = Q > T(0) ? pl / Q : -P;
+  FocalTerms<T> t;
+  t.F = -qg * l;
+  t.h = qg * (g * pl_over_q - T(1));
+  return t;
+}
+
+// One non-target class of NFL from its logit: l = z - lse, P = e^l, Q = -expm1(l).
+template <typename T>
+RL_HD FocalTerms<T> focal_terms_of_logit(T g, T z, T lse) {
+  using std::exp;
+  using std::expm1;
+  const T l = z - lse;
+  return focal_terms<T>(g, l, exp(l), -expm1(l));
+}
+
+// NFL's rows and stats hold lse (not lse_nt): lse_nt - log q, or z_y when no
+// non-target logit is finite (log q = -inf there).
+template <typename T>
+RL_HD T nfl_lse(T z_y, T lse_nt, const RowProb<T>& r) {
+  return lse_nt == -std::numeric_limits<T>::infinity() ? z_y : lse_nt - r.logq;
+}
+
+// The row of NFL (+ b q) from the row's p, q and the sums over the non-target
+// classes of F and h. With S = sum_k F_k, H = sum_k h_k and the gradient
+// dL/dz_j = P_j (-h_y / S + F_y H / S^2) - (F_y / S^2) h_j   (j != y),
+// dL/dz_y = h_y q / S - (F_y / S^2)(h_y - p H),
+// the row is written in P-form: alpha multiplies P_j (not r_j), beta is the
+// factor of h_j (the backward recomputes h_j per class), gamma the target's.
+// S = 0 (C = 1) or inf (a masked class): NFL = 0 and no NFL gradient.
+template <typename T>
+RL_HD RowGrad<T> nfl_row(T g, T b, const RowProb<T>& r, T sum_F_nt, T sum_h_nt) {
+  const FocalTerms<T> ty = focal_terms<T>(g, r.logp, r.p, r.q);
+  const T S = sum_F_nt + ty.F, H = sum_h_nt + ty.h;
+  const T inv = S == T(0) ? T(0) : T(1) / S;
+  const T nfl = ty.F * inv;
+  RowGrad<T> out;
+  out.x = nfl + b * r.q;
+  out.alpha = -ty.h * inv + nfl * inv * H + b * r.p;
+  out.beta = -nfl * inv;
+  out.gamma = ty.h * r.q * inv - nfl * inv * (ty.h - r.p * H) - b * r.p * r.q;
+  return out;
+}
+
+// The row of a one-term scheme: the value of row_x and (w/2, 0, -w/2), or all
+// 0 when no non-target logit is finite (G = 0 there, SPEC §3). Under
+// derivative normalisation they are left 0 too: the cross-row step derives
+// the gradient from log w, and the per-row exp (a libm call on the CPU) cost
+// ~40% of a small-C row pass.
+template <typename T>
+RL_HD RowGrad<T> one_term_row(int64_t id, T a, T b, T logw, const RowProb<T>& r, bool derivative_normalised,
+                              T lse_nt) {
+  using std::exp;
+  RowGrad<T> g;
+  g.x = row_x<T>(id, a, b, logw, r, derivative_normalised);
+  g.alpha = (derivative_normalised || lse_nt == -std::numeric_limits<T>::infinity()) ? T(0) : exp(logw) / T(2);
+  g.beta = T(0);
+  g.gamma = -g.alpha;
+  return g;
+}
+
+// log w of a two-term row: twice the target's gradient magnitude (for a
+// one-term scheme that is exactly w, the L1 norm of its gradient).
+template <typename T>
+RL_HD T two_term_log_weight(const RowGrad<T>& g) {
+  using std::fabs;
+  using std::log;
+  return log(T(2) * fabs(g.gamma));
 }
 
 }  // namespace robustloss
