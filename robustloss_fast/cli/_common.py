@@ -58,12 +58,19 @@ def _number(node: ast.AST, where: str):
     raise CLIError(f"{where}: expected a number, got {ast.unparse(node)!r}")
 
 
+def _literal(node, where: str):
+    """A number, or a quoted word (APL's active='nfl', passive='mae')."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    return _number(node, where)
+
+
 def parse_scheme(spec: str) -> _schemes.Scheme:
     """A scheme from text such as ``DM(lam=1,beta=16)``, ``IMAE(T=8)``, ``GCE(0.7)`` or ``CCE``.
 
     The text is parsed as a Python expression tree and only a scheme name
-    (case-insensitive) with literal numeric arguments is accepted; nothing is
-    evaluated.
+    (case-insensitive) with literal numeric (or quoted word) arguments is
+    accepted; nothing is evaluated.
     """
     text = spec.strip()
     known = ", ".join(SCHEMES)
@@ -89,7 +96,7 @@ def parse_scheme(spec: str) -> _schemes.Scheme:
         )
     kwargs = {}
     for name, node in zip(fields, args):
-        kwargs[name] = _number(node, f"{cls.__name__} parameter {name}")
+        kwargs[name] = _literal(node, f"{cls.__name__} parameter {name}")
     for kw in keywords:
         if kw.arg is None or kw.arg not in fields:
             raise CLIError(
@@ -97,7 +104,7 @@ def parse_scheme(spec: str) -> _schemes.Scheme:
             )
         if kw.arg in kwargs:
             raise CLIError(f"{cls.__name__} parameter {kw.arg} given twice in {spec!r}")
-        kwargs[kw.arg] = _number(kw.value, f"{cls.__name__} parameter {kw.arg}")
+        kwargs[kw.arg] = _literal(kw.value, f"{cls.__name__} parameter {kw.arg}")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
@@ -117,7 +124,10 @@ def scheme_name(scheme: _schemes.Scheme) -> str:
     fields = [f.name for f in dataclasses.fields(scheme) if f.init]
     if not fields:
         return type(scheme).__name__
-    return f"{type(scheme).__name__}({', '.join(f'{k}={getattr(scheme, k):g}' for k in fields)})"
+    def fmt(v):
+        return repr(v) if isinstance(v, str) else f"{v:g}"
+
+    return f"{type(scheme).__name__}({', '.join(f'{k}={fmt(getattr(scheme, k))}' for k in fields)})"
 
 
 class Progress:

@@ -9,13 +9,17 @@ import torch
 
 from .. import reference
 from ..schemes import Scheme
-from ._common import parse_scheme, require, scheme_arg, scheme_name
+from ._common import CLIError, parse_scheme, require, scheme_arg, scheme_name
 
 DEFAULT_SCHEMES = ("CCE", "MAE", "GCE(q=0.7)", "IMAE(T=8)", "DM(lam=0.5,beta=16)", "DM(lam=2,beta=16)")
 
 
 def log_emphasis(scheme: Scheme, p: torch.Tensor) -> torch.Tensor:
     """log w(p) of ``scheme`` at probabilities ``p`` (float64), through the reference formulas."""
+    if scheme.two_term:
+        raise CLIError(
+            f"{scheme_name(scheme)} depends on the whole distribution, not on p alone: it has no emphasis w(p) to plot"
+        )
     p = p.to(torch.float64)
     logp, logq = torch.log(p), torch.log1p(-p)
     a, b = scheme.kernel_params
