@@ -312,6 +312,32 @@ RL_HD RowGrad<T> nfl_row(T g, T b, const RowProb<T>& r, T sum_F_nt, T sum_h_nt) 
   return out;
 }
 
+// w/2 of a loss-defined scheme in the linear domain: the unnormalised rows
+// need w itself, and exp(log w) is a libm call per row on the CPU (most of
+// these need no transcendental function at all). Derivative-defined schemes
+// go through exp(log w).
+template <typename T>
+RL_HD T half_weight(int64_t id, T a, T b, T logw, const RowProb<T>& r) {
+  using std::exp;
+  using std::expm1;
+  switch (id) {
+    case kCCE:
+      return r.q;
+    case kMAE:
+      return r.p * r.q;
+    case kMSE:
+      return T(2) * r.p * r.q * r.q;
+    case kGCE:
+      return exp(a * r.logp) * r.q;
+    case kPoly:
+      return r.q * (a + b * r.p);
+    case kTaylor:
+      return -r.q * expm1(a * r.logq);
+    default:
+      return exp(logw) / T(2);  // Focal (its log form guards q's underflow), DM family
+  }
+}
+
 // The row of a one-term scheme: the value of row_x and (w/2, 0, -w/2), or all
 // 0 when no non-target logit is finite (G = 0 there, SPEC §3). Under
 // derivative normalisation they are left 0 too: the cross-row step derives
@@ -323,7 +349,8 @@ RL_HD RowGrad<T> one_term_row(int64_t id, T a, T b, T logw, const RowProb<T>& r,
   using std::exp;
   RowGrad<T> g;
   g.x = row_x<T>(id, a, b, logw, r, derivative_normalised);
-  g.alpha = (derivative_normalised || lse_nt == -std::numeric_limits<T>::infinity()) ? T(0) : exp(logw) / T(2);
+  g.alpha = (derivative_normalised || lse_nt == -std::numeric_limits<T>::infinity()) ? T(0)
+                                                                                    : half_weight(id, a, b, logw, r);
   g.beta = T(0);
   g.gamma = -g.alpha;
   return g;
