@@ -45,3 +45,27 @@ def test_eager_dm_matches_fused_gradient():
 def _grad_of(fn, z, y):
     _bench._step(fn, z, y)
     return z.grad.clone()
+
+
+SCHEME_CASES = {
+    "DM": ("DM", {}),
+    "CCE+label_smoothing": ("CCE", {"label_smoothing": 0.1}),
+    "NCE": ("NCE", {}),
+    "APL(nce,rce)": ("APL", {}),
+    "NFL": ("NFL", {}),
+}
+
+
+@pytest.mark.parametrize("name", list(SCHEME_CASES))
+def test_schemes_fwd_bwd(benchmark, name):
+    """The whole-distribution peers next to DM at 4096x100 (benchmarks/bench_schemes.py has the table)."""
+    import robustloss_fast as rf
+
+    if "cpu" not in _bench._working_backends():
+        pytest.skip("the compiled CPU extension is not importable here")
+    cls, kw = SCHEME_CASES[name]
+    scheme = getattr(rf.schemes, cls)()
+    z, y = _bench._inputs(_bench.Case(4096, 100), torch.device("cpu"))
+    benchmark.group = "schemes 4096x100 fp32"
+    benchmark(_bench._step, lambda x, t: rf.robust_cross_entropy(x, t, scheme, backend="cpu", **kw), z, y)
+    assert z.grad is not None and bool(torch.isfinite(z.grad).all())
