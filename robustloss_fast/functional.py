@@ -9,6 +9,7 @@ op (a data-dependent check here would break ``torch.compile(fullgraph=True)``).
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Optional
 
 import torch
@@ -96,8 +97,9 @@ def check_flags(scheme, reduction: str, normalize: Optional[bool], ignore_index:
         raise TypeError(f"normalize must be a bool or None, got {normalize!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real):
         raise TypeError(f"label_smoothing must be a float, got {label_smoothing!r}")
+    label_smoothing = float(label_smoothing)
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0.0, 1.0], got {label_smoothing!r}")
     if label_smoothing > 0 and type(scheme) is not CCE:
@@ -198,6 +200,9 @@ def robust_cross_entropy(
             ``F.cross_entropy(label_smoothing=eps)`` including its ``weight``
             and ``ignore_index`` conventions (class weights weigh every class
             of the smoothing sum; ``"mean"`` divides by ``sum_i weight[y_i]``).
+            Two cases differ on purpose: a batch with every row ignored gives
+            0 under ``"mean"`` (PyTorch: NaN, SPEC §5), and a masked
+            (``-inf``) class with weight 0 adds nothing (PyTorch: NaN).
         backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"torch"``
             (the pure-PyTorch reference).
         process_group: a ``torch.distributed`` group (e.g. ``dist.group.WORLD``)

@@ -204,6 +204,10 @@ def two_term_rows(kernel_id, a, b, z, y, valid, lse_nt, logp, logq, p, q, smooth
         safe = torch.where(lam == 0, torch.ones_like(lam), lam)
         nce = torch.where(lam == 0, torch.zeros_like(lam), nlp / safe)
         inv = torch.where(lam == 0, torch.zeros_like(lam), 1 / safe)
+        # A masked target (p = 0): NCE's limit is 1, with no NCE gradient.
+        masked = nlp == math.inf
+        nce = torch.where(masked, torch.ones_like(nce), nce)
+        inv = torch.where(masked, torch.zeros_like(inv), inv)
         x = a * nce + b * q
         A = -a * inv - b * p
         lgrad = -a * nce * inv
@@ -249,7 +253,10 @@ def nfl_rows(a, b, z, y, valid, lse_nt, logp, logq, p, q):
     H = torch.where(onehot, zero, h_all).sum(1) + h_y
     S = torch.where(torch.isnan(lse_nt), lse_nt, S)
     inv = torch.where(S == 0, torch.zeros_like(S), 1 / torch.where(S == 0, torch.ones_like(S), S))
-    nfl = F_y * inv
+    # A masked target (F_y = inf): NFL's limit is 1, with no NFL gradient.
+    masked = F_y == math.inf
+    inv = torch.where(masked, torch.zeros_like(inv), inv)
+    nfl = torch.where(masked, torch.ones_like(F_y), F_y * inv)
     x = nfl + b * q
     alpha = -h_y * inv + nfl * inv * H + b * p
     beta = -nfl * inv

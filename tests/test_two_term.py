@@ -238,6 +238,24 @@ def test_nce_value_range_and_scale_invariance(backend):
     assert bool((v >= 0).all()) and bool((v <= 1 + 1e-6).all())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scheme", [NCE(), NFL(), APL(), APL(active="nfl", passive="mae", alpha=2.0)], ids=_id)
+def test_masked_target_is_the_limit(scheme, backend):
+    """A -inf target logit (p = 0): the normalized loss tends to 1 (no gradient), not NaN."""
+    z = torch.tensor([[-math.inf, 1.0, 0.0, 3.0], [0.5, 1.0, 0.0, 3.0]], dtype=torch.float64)
+    target = torch.tensor([0, 0])
+    v, g = _run(backend, z, target, scheme, "none", torch.ones(2, dtype=torch.float64))
+    passive = 0.0 if isinstance(scheme, (NCE, NFL)) else scheme.beta * (-scheme.A if scheme.passive == "rce" else 1.0)
+    alpha = 1.0 if isinstance(scheme, (NCE, NFL)) else scheme.alpha
+    assert float(v[0]) == pytest.approx(alpha + passive, rel=1e-12)
+    assert bool((g[0] == 0).all()) and bool(torch.isfinite(g).all())
+    # ... and it is the limit of ever smaller target logits.
+    far = z.clone()
+    far[0, 0] = -1e6
+    v_far, _ = _run(backend, far, target, scheme, "none", torch.ones(2, dtype=torch.float64))
+    assert float(v_far[0]) == pytest.approx(float(v[0]), rel=1e-4)
+
+
 # ---------------------------------------------------------------------------
 # every dtype, shape family and flag vs the float64 reference
 
@@ -295,6 +313,9 @@ def test_errors():
             rf.robust_cross_entropy(x, t, CCE(), label_smoothing=bad)
     with pytest.raises(TypeError, match="label_smoothing"):
         rf.robust_cross_entropy(x, t, CCE(), label_smoothing="0.1")
+    # Any real number is accepted, as by F.cross_entropy (numpy and tensor scalars too).
+    a = rf.robust_cross_entropy(x, t, CCE(), label_smoothing=torch.tensor(0.25).numpy()[()])
+    torch.testing.assert_close(a, F.cross_entropy(x, t, label_smoothing=0.25))
     for scheme, kw in ((NCE(), {}), (APL(), {}), (NFL(), {}), (CCE(), {"label_smoothing": 0.1})):
         with pytest.raises(ValueError, match="normalize=False"):
             rf.robust_cross_entropy(x, t, scheme, normalize=True, **kw)

@@ -239,6 +239,12 @@ def _two_term_row(logp, p, q, spread, U, u_y, n_classes, a, b, SCHEME: tl.conste
         alpha = a * q * (1.0 - U * nce) * inv + b * pq
         beta = a * nce * inv
         gamma = -a * (q + nce * (U * p - u_y)) * inv - b * pq
+        # A masked target (p = 0): NCE's limit is 1, with no gradient (Lambda = inf - inf above).
+        masked = nlp == float("inf")
+        x = tl.where(masked, a + b * q, x)
+        alpha = tl.where(masked, 0.0, alpha)
+        beta = tl.where(masked, 0.0, beta)
+        gamma = tl.where(masked, 0.0, gamma)
     return x, alpha, beta, gamma
 
 
@@ -283,6 +289,12 @@ def _nfl_row(g, b, logp, p, q, sum_F, sum_h):
     alpha = -h_y * inv + nfl * inv * H + b * p
     beta = -nfl * inv
     gamma = h_y * q * inv - nfl * inv * (h_y - p * H) - b * p * q
+    # A masked target (F_y = inf): NFL's limit is 1, with no gradient (inf * 0 above).
+    masked = F_y == float("inf")
+    x = tl.where(masked, 1.0 + b * q, x)
+    alpha = tl.where(masked, 0.0, alpha)
+    beta = tl.where(masked, 0.0, beta)
+    gamma = tl.where(masked, 0.0, gamma)
     return x, alpha, beta, gamma
 
 

@@ -240,7 +240,13 @@ RL_HD RowGrad<T> two_term_row(int64_t id, T a, T b, const RowProb<T>& r, T sprea
     return g;
   }
   // kNCE: a (-log p) / Lambda + b q. Lambda = 0 only for C = 1 (p = 1): NCE 0.
-  // Lambda = inf (a masked class) gives NCE 0 and no NCE gradient, its limit.
+  // Lambda = inf (a masked class) gives NCE 0 and no NCE gradient, its limit;
+  // a masked target (p = 0, where Lambda reads inf - inf) NCE 1, its limit.
+  if (nlp == std::numeric_limits<T>::infinity()) {
+    g.x = a + b * r.q;
+    g.alpha = g.beta = g.gamma = T(0);
+    return g;
+  }
   const T nce = lambda == T(0) ? T(0) : nlp / lambda;
   const T inv = lambda == T(0) ? T(0) : T(1) / lambda;
   // (U, u_y) = (C, 1): the op layers pass no u for NCE; written generally so
@@ -301,10 +307,15 @@ RL_HD T nfl_lse(T z_y, T lse_nt, const RowProb<T>& r) {
 template <typename T>
 RL_HD RowGrad<T> nfl_row(T g, T b, const RowProb<T>& r, T sum_F_nt, T sum_h_nt) {
   const FocalTerms<T> ty = focal_terms<T>(g, r.logp, r.p, r.q);
+  RowGrad<T> out;
+  if (ty.F == std::numeric_limits<T>::infinity()) {  // a masked target: NFL's limit is 1, no gradient
+    out.x = T(1) + b * r.q;
+    out.alpha = out.beta = out.gamma = T(0);
+    return out;
+  }
   const T S = sum_F_nt + ty.F, H = sum_h_nt + ty.h;
   const T inv = S == T(0) ? T(0) : T(1) / S;
   const T nfl = ty.F * inv;
-  RowGrad<T> out;
   out.x = nfl + b * r.q;
   out.alpha = -ty.h * inv + nfl * inv * H + b * r.p;
   out.beta = -nfl * inv;
