@@ -78,7 +78,7 @@ import torch
 from torch import nn
 
 from . import _backends, _finalize, reference
-from .functional import check_flags, check_not_differentiable
+from .functional import check_flags, check_not_differentiable, kernel_args
 from .schemes import Scheme
 
 __all__ = ["linear_robust_cross_entropy", "LinearRobustCrossEntropyLoss"]
@@ -98,20 +98,21 @@ _VOCAB_BLOCK = 4096
 
 
 class _ChunkOps(NamedTuple):
-    rows: Callable  # (logits, target, kid, a, b, ignore_index, normalised) -> (n, 6)
-    grad: Callable  # (grad, logits, target, stats, ignore_index, kid, a) -> grad_logits
+    # u: label smoothing's class weights (None otherwise)
+    rows: Callable  # (logits, target, kid, a, b, ignore_index, normalised, u) -> (n, 6)
+    grad: Callable  # (grad, logits, target, stats, ignore_index, kid, a, u) -> grad_logits
 
 
-def _compiled_rows(logits, target, kernel_id, a, b, ignore_index, normalised):
-    return torch.ops.robustloss.robust_ce_rows(logits, target, kernel_id, a, b, None, ignore_index, normalised)
+def _compiled_rows(logits, target, kernel_id, a, b, ignore_index, normalised, u):
+    return torch.ops.robustloss.robust_ce_rows(logits, target, kernel_id, a, b, u, ignore_index, normalised)
 
 
-def _compiled_grad(grad, logits, target, stats, ignore_index, kernel_id, a):
-    return torch.ops.robustloss.robust_ce_backward(grad, logits, target, stats, None, ignore_index, kernel_id, a)
+def _compiled_grad(grad, logits, target, stats, ignore_index, kernel_id, a, u):
+    return torch.ops.robustloss.robust_ce_backward(grad, logits, target, stats, u, ignore_index, kernel_id, a)
 
 
-def _reference_grad(grad, logits, target, stats, ignore_index, kernel_id, a):
-    return reference.backward(grad, logits, target, stats, ignore_index, None, kernel_id, a)
+def _reference_grad(grad, logits, target, stats, ignore_index, kernel_id, a, u):
+    return reference.backward(grad, logits, target, stats, ignore_index, u, kernel_id, a)
 
 
 _OPS = {
@@ -121,12 +122,12 @@ _OPS = {
 }
 
 
-def _triton_rows(logits, target, kernel_id, a, b, ignore_index, normalised):
-    return torch.ops.robustloss.triton_rows(logits, target, kernel_id, a, b, None, ignore_index, normalised)
+def _triton_rows(logits, target, kernel_id, a, b, ignore_index, normalised, u):
+    return torch.ops.robustloss.triton_rows(logits, target, kernel_id, a, b, u, ignore_index, normalised)
 
 
-def _triton_grad(grad, logits, target, stats, ignore_index, kernel_id, a):
-    return torch.ops.robustloss.triton_backward(grad, logits, target, stats, None, ignore_index, kernel_id, a)
+def _triton_grad(grad, logits, target, stats, ignore_index, kernel_id, a, u):
+    return torch.ops.robustloss.triton_backward(grad, logits, target, stats, u, ignore_index, kernel_id, a)
 
 
 _OPS["triton"] = _ChunkOps(_triton_rows, _triton_grad)
@@ -183,12 +184,12 @@ def _chunks(n: int, chunk: int):
     return [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
 
 
-def _finalize_all(rows, target, cw, sw, ignore_index, red, normalize, group):
+def _finalize_all(rows, target, cw, sw, ignore_index, red, normalize, group, smooth):
     if group is None:
-        return _finalize.finalize(rows, target, cw, sw, ignore_index, red, normalize)
+        return _finalize.finalize(rows, target, cw, sw, ignore_index, red, normalize, weight_in_rows=smooth)
     from .distributed import finalize_distributed  # lazily: torch.distributed is optional
 
-    return finalize_distributed(rows, target, cw, sw, ignore_index, red, normalize, group)
+    return finalize_distributed(rows, target, cw, sw, ignore_index, red, normalize, group, weight_in_rows=smooth)
 
 
 class _LinearRobustCE(torch.autograd.Function):
@@ -201,6 +202,9 @@ class _LinearRobustCE(torch.autograd.Function):
         v, hdim = weight.shape
         acc = reference.acc_dtype(hidden.dtype)
         normalised = red == MEAN and normalize
+        # Label smoothing weighs the classes of its smoothing sum (PyTorch's convention).
+        smooth = kid == reference.KERNEL_IDS["CCE_LS"]
+        u = cw if smooth else None
         needs_h, needs_w, needs_b = ctx.needs_input_grad[:3]
         rows = torch.empty((n, 6), dtype=acc, device=hidden.device)
 
@@ -216,7 +220,7 @@ class _LinearRobustCE(torch.autograd.Function):
         for s, e in _chunks(n, chunk):
             z = _logits(hidden[s:e], weight, bias)
             t = target[s:e]
-            rows_k = ops.rows(z, t, kid, a, b, ignore_index, normalised)
+            rows_k = ops.rows(z, t, kid, a, b, ignore_index, normalised, u)
             rows[s:e] = rows_k
             if not gif:
                 continue
@@ -241,9 +245,9 @@ class _LinearRobustCE(torch.autograd.Function):
                 l_after.append(l_new)
             else:
                 # Unnormalised: the coefficients are s times the row's own; "mean" divides at the end.
-                _, st = _finalize.finalize(rows_k, t, cw, sw_k, ignore_index, SUM, False)
+                _, st = _finalize.finalize(rows_k, t, cw, sw_k, ignore_index, SUM, False, weight_in_rows=smooth)
                 decay = None
-            gl = ops.grad(one, z, t, st, ignore_index, kid, a)
+            gl = ops.grad(one, z, t, st, ignore_index, kid, a, u)
             del z
             if gh is not None:
                 gh[s:e] = torch.mm(gl, weight)
@@ -253,7 +257,7 @@ class _LinearRobustCE(torch.autograd.Function):
                 gb.add_(gl.sum(0, dtype=acc))
             del gl
 
-        value, stats = _finalize_all(rows, target, cw, sw, ignore_index, red, normalize, group)
+        value, stats = _finalize_all(rows, target, cw, sw, ignore_index, red, normalize, group, smooth)
         ctx.gif = gif
         ctx.dtypes = (hidden.dtype, weight.dtype, weight.dtype)
         ctx.ignore_index = ignore_index
@@ -275,7 +279,7 @@ class _LinearRobustCE(torch.autograd.Function):
                         g.mul_(inv)
             ctx.save_for_backward(gh, gw, gb)
         else:
-            ctx.save_for_backward(hidden, weight, bias, target, stats)
+            ctx.save_for_backward(hidden, weight, bias, target, stats, u)
         return value
 
     @staticmethod
@@ -284,7 +288,7 @@ class _LinearRobustCE(torch.autograd.Function):
             raise RuntimeError("robustloss: double backward (create_graph=True) is not supported")
         if ctx.gif:
             return _LinearRobustCE._backward_stored(ctx, grad)
-        hidden, weight, bias, target, stats = ctx.saved_tensors
+        hidden, weight, bias, target, stats, u = ctx.saved_tensors
         needs_h, needs_w, needs_b = ctx.needs_input_grad[:3]
         ops = _OPS[ctx.name]
         acc = stats.dtype
@@ -295,7 +299,7 @@ class _LinearRobustCE(torch.autograd.Function):
         for s, e in _chunks(hidden.shape[0], ctx.chunk):
             z = _logits(hidden[s:e], weight, bias)
             g = grad[s:e] if grad.dim() == 1 else grad
-            gl = ops.grad(g, z, target[s:e], stats[s:e], ctx.ignore_index, ctx.kid, ctx.a)
+            gl = ops.grad(g, z, target[s:e], stats[s:e], ctx.ignore_index, ctx.kid, ctx.a, u)
             del z
             if gh is not None:
                 torch.mm(gl, weight, out=gh[s:e])
@@ -384,6 +388,7 @@ def linear_robust_cross_entropy(
     backend: str = "auto",
     process_group=None,
     grad_in_forward: Optional[bool] = None,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     r"""``robust_cross_entropy(hidden @ weight.T + bias, target, scheme, ...)`` without the logits.
 
@@ -404,7 +409,9 @@ def linear_robust_cross_entropy(
         class_weight: optional per-class weights ``(V,)`` (the ``weight`` of
             :func:`robust_cross_entropy`).
         sample_weight: optional per-element weights shaped like ``target``.
-        ignore_index, reduction, normalize: as in :func:`robust_cross_entropy`.
+        ignore_index, reduction, normalize, label_smoothing: as in
+            :func:`robust_cross_entropy` (``label_smoothing`` with ``CCE()``
+            only; ``class_weight`` then weighs the smoothing sum, as there).
         chunk_size: rows per chunk; default ``2**23 // V``, at least 256.
         backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"torch"``
             (chosen as in :func:`robust_cross_entropy`); the chunk matmuls are
@@ -424,7 +431,7 @@ def linear_robust_cross_entropy(
         The loss as :func:`robust_cross_entropy` returns it (float32 for 16-bit
         inputs; shaped like ``target`` for ``reduction="none"``).
     """
-    red, normalize = check_flags(scheme, reduction, normalize, ignore_index)
+    red, normalize = check_flags(scheme, reduction, normalize, ignore_index, label_smoothing)
     check_not_differentiable(class_weight=class_weight, sample_weight=sample_weight)
     _check(hidden, weight, bias, target, class_weight, sample_weight)
     if grad_in_forward and (red == NONE or process_group is not None):
@@ -458,12 +465,11 @@ def linear_robust_cross_entropy(
     gif = grad_in_forward if grad_in_forward is not None else (red != NONE and process_group is None)
     gif = bool(gif) and needs_grad
 
-    a, b = scheme.kernel_params
+    kid, a, b = kernel_args(scheme, label_smoothing)
     fn = _LinearRobustCE
     value = fn.apply(
-        h2, weight, bias, t, cw, sw, scheme.kernel_id, float(a), float(b), ignore_index, red, normalize, chunk, name,
-        process_group, gif,
-    )
+        h2, weight, bias, t, cw, sw, kid, a, b, ignore_index, red, normalize, chunk, name, process_group, gif,
+    )  # fmt: skip
     if scheme.loss_scale != 1.0:  # APL's alpha with NFL (the kernels take two parameters)
         value = value * scheme.loss_scale
     if red == NONE:
@@ -491,12 +497,10 @@ class LinearRobustCrossEntropyLoss(nn.Module):
         backend: str = "auto",
         process_group=None,
         grad_in_forward: Optional[bool] = None,
+        label_smoothing: float = 0.0,
     ):
         super().__init__()
-        if not isinstance(scheme, Scheme):
-            raise TypeError(f"scheme must be a robustloss_fast.schemes.Scheme, got {scheme!r}")
-        if reduction not in _REDUCTIONS:
-            raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
+        check_flags(scheme, reduction, normalize, ignore_index, label_smoothing)  # fail at construction
         self.scheme = scheme
         self.register_buffer("class_weight", class_weight)
         self.ignore_index = ignore_index
@@ -506,6 +510,7 @@ class LinearRobustCrossEntropyLoss(nn.Module):
         self.backend = backend
         self.process_group = process_group
         self.grad_in_forward = grad_in_forward
+        self.label_smoothing = label_smoothing
 
     def forward(self, hidden, weight, target, bias=None, sample_weight=None):
         return linear_robust_cross_entropy(
@@ -523,6 +528,7 @@ class LinearRobustCrossEntropyLoss(nn.Module):
             backend=self.backend,
             process_group=self.process_group,
             grad_in_forward=self.grad_in_forward,
+            label_smoothing=self.label_smoothing,
         )
 
     def extra_repr(self) -> str:

@@ -314,9 +314,11 @@ def test_process_group_uses_distributed_finalize(monkeypatch):
 
     calls = []
 
-    def spy(rows, target, weight, sample_weight, ignore_index, reduction, normalize, group):
+    def spy(rows, target, weight, sample_weight, ignore_index, reduction, normalize, group, weight_in_rows=False):
         calls.append((rows.shape, reduction, normalize, group))
-        return _finalize.finalize(rows, target, weight, sample_weight, ignore_index, reduction, normalize)
+        return _finalize.finalize(
+            rows, target, weight, sample_weight, ignore_index, reduction, normalize, weight_in_rows=weight_in_rows
+        )
 
     monkeypatch.setattr(distributed, "finalize_distributed", spy)
     hidden, weight, bias, target, cw, sw = _inputs(10, 3, 6, torch.float64)

@@ -401,6 +401,33 @@ def test_fused_linear(scheme):
         torch.testing.assert_close(gw, ww, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("grad_in_forward", [None, False])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_fused_linear_label_smoothing_equals_torch(reduction, grad_in_forward):
+    from robustloss_fast.linear import LinearRobustCrossEntropyLoss, linear_robust_cross_entropy
+
+    h = torch.randn(19, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(13, 8, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(13, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 13, (19,))
+    t[[2, 7]] = IGNORE
+    cw = torch.rand(13, dtype=torch.float64) + 0.5
+    upstream = _upstream(t, reduction)
+    want = F.cross_entropy(torch.addmm(bias, h, w.t()), t, weight=cw, reduction=reduction, label_smoothing=0.2)
+    want_g = torch.autograd.grad(want, (h, w, bias), upstream)
+    for backend in BACKENDS:
+        got = linear_robust_cross_entropy(
+            h, w, t, CCE(), bias=bias, class_weight=cw, reduction=reduction, chunk_size=5, backend=backend,
+            grad_in_forward=grad_in_forward, label_smoothing=0.2,
+        )  # fmt: skip
+        got_g = torch.autograd.grad(got, (h, w, bias), upstream)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+        for a, b in zip(got_g, want_g):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="label_smoothing is defined for CCE"):
+        LinearRobustCrossEntropyLoss(NCE(), label_smoothing=0.1)
+
+
 def test_cli_parses_and_refuses_to_plot_them():
     from robustloss_fast.cli import CLIError, parse_scheme
     from robustloss_fast.cli._common import scheme_name
