@@ -91,6 +91,13 @@ inline void vstore(scalar_t* p, const Vectorized<acc_t>& v, int64_t count) {
   }
 }
 
+// The first `count` (<= K) elements at p, the other lanes `fill`.
+template <typename scalar_t, typename acc_t>
+inline Vectorized<acc_t> vload_fill(const scalar_t* p, int64_t count, const Vectorized<acc_t>& fill) {
+  if (count == Vectorized<acc_t>::size()) return vload<scalar_t, acc_t>(p);
+  return Vectorized<acc_t>::set(fill, vload_partial<scalar_t, acc_t>(p, count), count);
+}
+
 // The vector of row[j0, j0 + K) with the target's lane and the lanes past
 // the end set to -inf (exp gives 0 there, max ignores them).
 template <typename scalar_t, typename acc_t>
@@ -98,9 +105,7 @@ inline Vectorized<acc_t> masked_vector(const scalar_t* row, int64_t c, int64_t y
   using Vec = Vectorized<acc_t>;
   constexpr int64_t K = Vec::size();
   const Vec ninf(kNegInf<acc_t>);
-  const int64_t count = std::min<int64_t>(K, c - j0);
-  Vec v = count == K ? vload<scalar_t, acc_t>(row + j0)
-                     : Vec::set(ninf, vload_partial<scalar_t, acc_t>(row + j0, count), count);
+  Vec v = vload_fill<scalar_t, acc_t>(row + j0, std::min<int64_t>(K, c - j0), ninf);
   if (y >= j0 && y < j0 + K) v = Vec::blendv(v, ninf, Vec::arange(acc_t(0), acc_t(1)) == Vec(acc_t(y - j0)));
   return v;
 }
@@ -181,7 +186,7 @@ inline acc_t spread_sum(const scalar_t* row, int64_t c, acc_t z_y, const acc_t* 
   auto term = [&](const Vec& z, const acc_t* uj, int64_t count) {
     Vec d = vy - z;
     if (u != nullptr) {
-      const Vec w = count == K ? Vec::loadu(uj) : Vec::set(zero, Vec::loadu(uj, count), count);
+      const Vec w = vload_fill<acc_t, acc_t>(uj, count, zero);
       d = Vec::blendv(w * d, zero, w == zero);
     }
     return d;
@@ -193,8 +198,7 @@ inline acc_t spread_sum(const scalar_t* row, int64_t c, acc_t z_y, const acc_t* 
   }
   for (; j < c; j += K) {
     const int64_t count = std::min<int64_t>(K, c - j);
-    const Vec z = count == K ? vload<scalar_t, acc_t>(row + j) : Vec::set(vy, vload_partial<scalar_t, acc_t>(row + j, count), count);
-    a0 = a0 + term(z, u + j, count);
+    a0 = a0 + term(vload_fill<scalar_t, acc_t>(row + j, count, vy), u + j, count);
   }
   return reduce_sum(a0 + a1);
 }
@@ -239,8 +243,7 @@ inline void focal_sums(const scalar_t* row, int64_t c, int64_t y, acc_t lse, acc
   Vec sF(acc_t(0)), sH(acc_t(0));
   for (int64_t j = 0; j < c; j += K) {
     const int64_t count = std::min<int64_t>(K, c - j);
-    const Vec z = count == K ? vload<scalar_t, acc_t>(row + j)
-                             : Vec::set(vlse, vload_partial<scalar_t, acc_t>(row + j, count), count);
+    const Vec z = vload_fill<scalar_t, acc_t>(row + j, count, vlse);
     Vec P, F, h;
     vfocal_terms<acc_t>(z - vlse, g, P, F, h);
     Vec skip = lane >= Vec(acc_t(count));
@@ -346,8 +349,7 @@ void backward_typed(const BackwardArgs& args) {
         const Vec va(ga), vb(gb), vl(lse_nt);
         for (int64_t j = 0; j < c; j += K) {
           const int64_t count = std::min<int64_t>(K, c - j);
-          const Vec z = count == K ? vload<scalar_t, acc_t>(row + j)
-                                   : Vec::set(vl, vload_partial<scalar_t, acc_t>(row + j, count), count);
+          const Vec z = vload_fill<scalar_t, acc_t>(row + j, count, vl);
           Vec P, F, h;
           vfocal_terms<acc_t>(z - vl, gamma_f, P, F, h);
           vstore<scalar_t, acc_t>(o + j, va * P + vb * h, count);
@@ -362,7 +364,7 @@ void backward_typed(const BackwardArgs& args) {
         for (; j + K <= c; j += K) vstore<scalar_t, acc_t>(o + j, vg * vexp(vload<scalar_t, acc_t>(row + j) - vl), K);
         if (j < c) {
           const int64_t count = c - j;
-          const Vec v = Vec::set(Vec(kNegInf<acc_t>), vload_partial<scalar_t, acc_t>(row + j, count), count);
+          const Vec v = vload_fill<scalar_t, acc_t>(row + j, count, Vec(kNegInf<acc_t>));
           vstore<scalar_t, acc_t>(o + j, vg * vexp(v - vl), count);
         }
       } else {
@@ -371,9 +373,8 @@ void backward_typed(const BackwardArgs& args) {
         int64_t j = 0;
         for (; j < c; j += K) {
           const int64_t count = std::min<int64_t>(K, c - j);
-          const Vec v = count == K ? vload<scalar_t, acc_t>(row + j)
-                                   : Vec::set(Vec(kNegInf<acc_t>), vload_partial<scalar_t, acc_t>(row + j, count), count);
-          const Vec uj = u == nullptr ? Vec(acc_t(1)) : (count == K ? Vec::loadu(u + j) : Vec::loadu(u + j, count));
+          const Vec v = vload_fill<scalar_t, acc_t>(row + j, count, Vec(kNegInf<acc_t>));
+          const Vec uj = u == nullptr ? Vec(acc_t(1)) : vload_fill<acc_t, acc_t>(u + j, count, Vec(acc_t(0)));
           vstore<scalar_t, acc_t>(o + j, at::vec::fmadd(vb, uj, vg * vexp(v - vl)), count);
         }
       }
