@@ -73,6 +73,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "robust_ce_cuda.h"
 #include "robustloss/schemes.h"
@@ -868,6 +869,23 @@ Layout layout_for(int64_t c) {
   return Layout::kBlock512;
 }
 
+// f(TPR, BLOCK) as integral constants for the layout of rows of c classes:
+// the one switch over layouts, shared by the row and backward launchers.
+template <typename T, typename F>
+void with_layout(int64_t c, F&& f) {
+  using std::integral_constant;
+  switch (layout_for<T>(c)) {
+    case Layout::kQuad:
+      return f(integral_constant<int, 4>{}, integral_constant<int, 128>{});
+    case Layout::kWarp:
+      return f(integral_constant<int, 32>{}, integral_constant<int, 128>{});
+    case Layout::kBlock128:
+      return f(integral_constant<int, 128>{}, integral_constant<int, 128>{});
+    case Layout::kBlock512:
+      return f(integral_constant<int, 512>{}, integral_constant<int, 512>{});
+  }
+}
+
 template <typename T, int TPR, int BLOCK, int PASS>
 void rows_launch_kernel(const RowsParams<T>& p, cudaStream_t stream) {
   rows_kernel<T, TPR, BLOCK, PASS><<<grid_for(ceil_div(p.n, BLOCK / TPR)), BLOCK, 0, stream>>>(p);
@@ -902,16 +920,9 @@ void rows_typed(const RowsArgs& a, cudaStream_t stream) {
   p.u = static_cast<const acc_t*>(a.smooth_weight);
   p.rows = static_cast<acc_t*>(a.rows);
   p.first_bad = reinterpret_cast<long long*>(a.first_bad);
-  switch (layout_for<T>(a.c)) {
-    case Layout::kQuad:
-      return rows_launch<T, 4, 128>(p, stream);
-    case Layout::kWarp:
-      return rows_launch<T, 32, 128>(p, stream);
-    case Layout::kBlock128:
-      return rows_launch<T, 128, 128>(p, stream);
-    case Layout::kBlock512:
-      return rows_launch<T, 512, 512>(p, stream);
-  }
+  with_layout<T>(a.c, [&](auto tpr, auto block) {
+    rows_launch<T, decltype(tpr)::value, decltype(block)::value>(p, stream);
+  });
 }
 
 template <typename T, int TPR, int BLOCK, bool NFL>
@@ -946,16 +957,9 @@ void backward_typed(const BackwardArgs& a, cudaStream_t stream) {
   p.out = static_cast<T*>(a.out);
   p.a = static_cast<acc_t>(a.a);
   const bool nfl = a.scheme == kNFL;
-  switch (layout_for<T>(a.c)) {
-    case Layout::kQuad:
-      return backward_launch<T, 4, 128>(p, nfl, stream);
-    case Layout::kWarp:
-      return backward_launch<T, 32, 128>(p, nfl, stream);
-    case Layout::kBlock128:
-      return backward_launch<T, 128, 128>(p, nfl, stream);
-    case Layout::kBlock512:
-      return backward_launch<T, 512, 512>(p, nfl, stream);
-  }
+  with_layout<T>(a.c, [&](auto tpr, auto block) {
+    backward_launch<T, decltype(tpr)::value, decltype(block)::value>(p, nfl, stream);
+  });
 }
 
 template <typename acc_t>
