@@ -361,17 +361,14 @@ def backward(grad, logits, target, stats, ignore_index, smooth_weight=None, kern
         P = logP.exp()
         _, h = focal_terms(a, logP, P, -torch.expm1(logP))
         off = alpha[:, None] * P + beta[:, None] * h
-        out = grad.to(acc)[:, None] if grad.dim() == 1 else grad.to(acc)
-        direction = torch.where(onehot, gamma[:, None].expand(n, c), off)
-        out = out * torch.where(torch.isnan(lse_nt)[:, None], lse_nt[:, None].expand(n, c), direction)
-        return torch.where(valid[:, None], out, torch.zeros_like(out)).to(logits.dtype)
-    # r_y is excluded by selection, not by multiplying with 0: exp(z_y - lse_nt) may be inf.
-    r = torch.exp(z - lse_nt[:, None])
-    # r = 0 when no non-target class has a finite logit (C = 1, all masked).
-    r = torch.where((lse_nt == -math.inf)[:, None], torch.zeros_like(r), r)
-    u = torch.ones(c, dtype=acc, device=z.device) if smooth_weight is None else smooth_weight.to(acc)
-    off = alpha[:, None] * r
-    off = torch.where((beta != 0)[:, None], off + beta[:, None] * u, off)
+    else:
+        # r_y is excluded by selection, not by multiplying with 0: exp(z_y - lse_nt) may be inf.
+        r = torch.exp(z - lse_nt[:, None])
+        # r = 0 when no non-target class has a finite logit (C = 1, all masked).
+        r = torch.where((lse_nt == -math.inf)[:, None], torch.zeros_like(r), r)
+        u = torch.ones(c, dtype=acc, device=z.device) if smooth_weight is None else smooth_weight.to(acc)
+        off = alpha[:, None] * r
+        off = torch.where((beta != 0)[:, None], off + beta[:, None] * u, off)
     direction = torch.where(onehot, gamma[:, None].expand(n, c), off)
     # A NaN row is NaN everywhere, its target too (as the kernels write it).
     direction = torch.where(torch.isnan(lse_nt)[:, None], lse_nt[:, None].expand(n, c), direction)
