@@ -289,15 +289,7 @@ def test_two_term_masked_classes_and_nan_rows():
     """A masked class makes Lambda infinite (smoothed value +inf, NCE 0) unless its smoothing weight is 0;
     a row masked but for its target keeps its beta u term; NaN rows stay NaN, the others finite."""
     for c in (6, 300, 3000, 50257):
-        x = torch.randn(6, c, device=DEV)
-        t = torch.randint(0, c, (6,), device=DEV)
-        x[0, : c // 2] = -math.inf
-        x[0, t[0]] = 1.0
-        x[1] = -math.inf
-        x[1, t[1]] = 0.5
-        x[2, (t[2] + 1) % c] = math.nan
-        x[3, (t[3] + 1) % c] = math.inf
-        x[4, t[4]] = math.inf
+        x, t = _masked_and_bad_rows(c)
         w = torch.rand(c, device=DEV) + 0.5
         w[: c // 2] = 0.0
         w[t[2:5]] = 1.0
@@ -445,19 +437,25 @@ def test_beta_1000_normalised_mean_is_finite(beta, dtype):
     assert_grad(g, g_ref, dtype, "beta 1000")
 
 
+def _masked_and_bad_rows(c):
+    """Six rows of c classes: 0 half masked, 1 masked but for its target, 2 a NaN, 3 a +inf, 4 a +inf target, 5 plain."""
+    x = torch.randn(6, c, device=DEV)
+    t = torch.randint(0, c, (6,), device=DEV)
+    x[0, : c // 2] = -math.inf
+    x[0, t[0]] = 1.0
+    x[1] = -math.inf
+    x[1, t[1]] = 0.5
+    x[2, (t[2] + 1) % c] = math.nan
+    x[3, (t[3] + 1) % c] = math.inf
+    x[4, t[4]] = math.inf
+    return x, t
+
+
 def test_masked_classes_and_nan_rows():
     """-inf logits are masks; a row masked but for its target has zero gradient; NaN or
     +inf in a row makes that row NaN and leaves the others alone."""
     for c in (6, 300, 3000, 50257):
-        x = torch.randn(6, c, device=DEV)
-        t = torch.randint(0, c, (6,), device=DEV)
-        x[0, : c // 2] = -math.inf
-        x[0, t[0]] = 1.0
-        x[1] = -math.inf
-        x[1, t[1]] = 0.5
-        x[2, (t[2] + 1) % c] = math.nan
-        x[3, (t[3] + 1) % c] = math.inf
-        x[4, t[4]] = math.inf
+        x, t = _masked_and_bad_rows(c)
         v, g = run("cuda", x, t, CCE(), None, None, "none", False)
         assert torch.isnan(v[2:5]).all() and torch.isfinite(v[[0, 1, 5]]).all()
         assert torch.isnan(g[2:5]).any(dim=1).all() and torch.isfinite(g[[0, 1, 5]]).all()

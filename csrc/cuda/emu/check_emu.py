@@ -153,6 +153,17 @@ def run_checks(E) -> Checker:
             what += f" (max abs diff {(a.double() - b.double()).abs().nan_to_num(0, 0, 0).max().item():.3g})"
         ck.check(ok, what)
 
+    def laid_out_case(dt, n, c, offset, pad, with_w, with_sw):
+        """(logits, target, weight, sample_weight): rows starting `offset` elements in, `pad` apart beyond C."""
+        acc = torch.float64 if dt == torch.float64 else torch.float32
+        base = (torch.randn(n, c + offset + pad, generator=gen, dtype=torch.float64) * 3).to(dt)
+        logits = base[:, offset:offset + c]
+        target = torch.randint(0, c, (n,), generator=gen)
+        target[torch.rand(n, generator=gen) < 0.2] = -100
+        w = torch.rand(c, generator=gen, dtype=acc) + 0.5 if with_w else None
+        sw = torch.randn(n, generator=gen, dtype=acc) if with_sw else None
+        return logits, target, w, sw
+
     def compare_ops(logits, target, kid, a, b, w, sw, reduction, normalize, what):
         """forward, backward and rows + finalize against the reference."""
         acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -202,7 +213,6 @@ def run_checks(E) -> Checker:
     gen = torch.Generator().manual_seed(int(os.environ.get("EMU_SEED", "0")))
     k = 0
     for dt, dt_shapes in shapes.items():
-        acc = torch.float64 if dt == torch.float64 else torch.float32
         for n, c in dt_shapes:
             for rep in range(2):
                 kid, a, b = schemes[k % len(schemes)]
@@ -214,12 +224,7 @@ def run_checks(E) -> Checker:
                 k += 1
                 what = f"dtype={dt} n={n} c={c} scheme={kid, a, b} reduction={reduction} normalize={normalize} " \
                        f"weight={with_w} sample_weight={with_sw} offset={offset} pad={pad}"
-                base = (torch.randn(n, c + offset + pad, generator=gen, dtype=torch.float64) * 3).to(dt)
-                logits = base[:, offset:offset + c]
-                target = torch.randint(0, c, (n,), generator=gen)
-                target[torch.rand(n, generator=gen) < 0.2] = -100
-                w = torch.rand(c, generator=gen, dtype=acc) + 0.5 if with_w else None
-                sw = torch.randn(n, generator=gen, dtype=acc) if with_sw else None
+                logits, target, w, sw = laid_out_case(dt, n, c, offset, pad, with_w, with_sw)
                 compare_ops(logits, target, kid, a, b, w, sw, reduction, normalize, what)
         print(f"check_emu: {dt} parity done ({ck.count} checks)", flush=True)
 
@@ -228,7 +233,6 @@ def run_checks(E) -> Checker:
     # NFL); NFL's lse broadcast to the row's threads and its focal-sum pass.
     k = 0
     for dt, dt_shapes in shapes.items():
-        acc = torch.float64 if dt == torch.float64 else torch.float32
         for n, c in dt_shapes:
             for kid, a, b in two_term + nfl:
                 reduction = k % 3
@@ -237,12 +241,7 @@ def run_checks(E) -> Checker:
                 k += 1
                 what = f"two-term dtype={dt} n={n} c={c} scheme={kid, a, b} reduction={reduction} " \
                        f"weight={with_w} sample_weight={with_sw} offset={offset} pad={pad}"
-                base = (torch.randn(n, c + offset + pad, generator=gen, dtype=torch.float64) * 3).to(dt)
-                logits = base[:, offset:offset + c]
-                target = torch.randint(0, c, (n,), generator=gen)
-                target[torch.rand(n, generator=gen) < 0.2] = -100
-                w = torch.rand(c, generator=gen, dtype=acc) + 0.5 if with_w else None
-                sw = torch.randn(n, generator=gen, dtype=acc) if with_sw else None
+                logits, target, w, sw = laid_out_case(dt, n, c, offset, pad, with_w, with_sw)
                 compare_ops(logits, target, kid, a, b, w, sw, reduction, False, what)
         print(f"check_emu: {dt} two-term parity done ({ck.count} checks)", flush=True)
 
