@@ -70,11 +70,13 @@ step "build done"
 import glob
 import torch
 import robustloss_fast
-from robustloss_fast import _backends, _ops
+from robustloss_fast import backends
+from robustloss_fast.backends import compiled
 
 assert torch.version.cuda is not None, "the venv's torch has no CUDA"
-assert _ops.EXT is not None, f"robustloss_fast._C failed to import: {_ops.LOAD_ERROR}"
-assert _ops.EXT.built_with_cuda() is True, "built_with_cuda() is False: setup.py skipped the CUDA sources"
+assert compiled.EXT is not None, f"robustloss_fast._C failed to import: {compiled.LOAD_ERROR}"
+assert compiled.EXT.built_with_cuda() is True, "built_with_cuda() is False: setup.py skipped the CUDA sources"
+assert compiled.BUILT_WITH_CUDA
 for op in ("robust_ce_forward", "robust_ce_backward", "robust_ce_rows"):
     for key in ("CUDA", "CPU"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"robustloss::{op}", key), f"{op} has no {key} kernel"
@@ -83,7 +85,7 @@ assert len(so) == 1, so
 blob = open(so[0], "rb").read()
 for kernel in (b"rows_kernel", b"backward_kernel", b"partials_kernel", b"apply_kernel"):
     assert kernel in blob, f"{kernel!r} is not in {so[0]}"
-reason = _backends._unavailable_reason("cuda")
+reason = backends.unavailable_reason("cuda")
 print("cuda backend here:", reason or "available")
 # The CPU kernels of the same build still work.
 x = torch.randn(8, 5, requires_grad=True)

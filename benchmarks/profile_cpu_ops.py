@@ -107,7 +107,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     clock = "thread CPU time" if args.cpu_time else "wall time"
-    print(f"threads={torch.get_num_threads()} kernel={robustloss_fast._ops.EXT.cpu_capability()} clock={clock}")
+    print(f"threads={torch.get_num_threads()} kernel={robustloss_fast.backends.compiled.EXT.cpu_capability()} clock={clock}")
     cols = ["rows", "forward", "backward", "alloc+fill", "fill", "copy", "exp into", "step", "F.ce step", "log_softmax"]
     print("| case | " + " | ".join(f"{c} us" for c in cols) + " | finalize us | overhead us |")
     print("|---|" + "---|" * (len(cols) + 2))

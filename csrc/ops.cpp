@@ -56,7 +56,7 @@ class RobustCEFunction : public torch::autograd::Function<RobustCEFunction> {
     auto [value, stats] =
         op.call(logits, target, scheme, a, b, weight, sample_weight, ignore_index, reduction, normalize);
     // Label smoothing's second term points along the class weights.
-    const bool smooth = scheme == robustloss::kCCELS && weight.has_value();
+    const bool smooth = robustloss::weight_in_rows(scheme) && weight.has_value();
     ctx->save_for_backward({logits, target, stats, smooth ? *weight : at::Tensor()});
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["scheme"] = scheme;

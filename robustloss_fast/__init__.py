@@ -5,7 +5,7 @@ with fused C++ (CPU), CUDA and Triton kernels behind one API.
 """
 
 from . import distributed, schemes
-from ._backends import available_backends
+from .backends import available_backends
 from .elr import ELRLoss
 from .analysis import EmphasisStats, ExampleWeights, emphasis_stats, example_weights
 from .functional import dm_loss, imae_loss, robust_cross_entropy

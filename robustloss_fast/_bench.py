@@ -133,14 +133,14 @@ def available_variants(device: str = "cpu", include_reference: bool = False) -> 
     design (it is the test oracle), so it is listed only on request; Triton
     counts on CUDA devices only (on CPU it would run under its interpreter).
     """
-    from . import _backends
+    from . import backends
 
     dev = torch.device(device)
     names = list(BASELINES)
     for backend in _working_backends():
         if backend == "torch" and not include_reference:
             continue
-        devices = _backends._devices(backend)
+        devices = backends.devices(backend)
         if devices is not None and dev.type not in devices:
             continue
         if backend == "triton" and dev.type != "cuda":
@@ -151,12 +151,12 @@ def available_variants(device: str = "cpu", include_reference: bool = False) -> 
 
 def _working_backends() -> List[str]:
     """available_backends(), except that a backend whose probe itself fails is left out, not fatal."""
-    from . import _backends
+    from . import backends
 
     names = []
-    for name in _backends.BACKENDS:
+    for name in backends.NAMES:
         try:
-            if _backends._unavailable_reason(name) is None:
+            if backends.unavailable_reason(name) is None:
                 names.append(name)
         except Exception:  # noqa: BLE001 - a broken optional backend must not stop the benchmark
             continue
@@ -242,7 +242,7 @@ def _source_state() -> Optional[Dict]:
     """Which code was measured: git commit (+ whether the tree had edits) and the extension's build time."""
     import subprocess
 
-    from . import _ops
+    from .backends.compiled import EXT
 
     here = os.path.dirname(os.path.abspath(__file__))
     state: Dict = {}
@@ -256,8 +256,8 @@ def _source_state() -> Optional[Dict]:
             state["modified_files"] = len(dirty.stdout.splitlines()) if dirty.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         pass
-    if _ops.EXT is not None and getattr(_ops.EXT, "__file__", None):
-        built = os.path.getmtime(_ops.EXT.__file__)
+    if EXT is not None and getattr(EXT, "__file__", None):
+        built = os.path.getmtime(EXT.__file__)
         state["extension_built"] = _dt.datetime.fromtimestamp(built, _dt.timezone.utc).isoformat(timespec="seconds")
     return state
 
@@ -317,7 +317,7 @@ def _copy_bandwidth(nbytes: int, device: torch.device, repeats: int = 7) -> floa
 
 
 def machine_info(device: str = "cpu") -> Dict:
-    from . import _ops
+    from .backends.compiled import EXT
 
     dev = torch.device(device)
     info = {
@@ -328,7 +328,7 @@ def machine_info(device: str = "cpu") -> Dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "cpu_capability": _ops.EXT.cpu_capability() if _ops.EXT is not None else None,
+        "cpu_capability": EXT.cpu_capability() if EXT is not None else None,
         "device": str(dev),
         "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE"),
         # Other processes on the cores distort CPU timings (OpenMP threads wait

@@ -18,30 +18,29 @@ from typing import Optional
 
 import torch
 
-NONE, MEAN, SUM = 0, 1, 2
+from ._common import KernelSpec, Reduction
 
 
 def sample_scale(
     target: torch.Tensor,
     weight: Optional[torch.Tensor],
     sample_weight: Optional[torch.Tensor],
-    ignore_index: int,
+    spec: KernelSpec,
     dtype: torch.dtype,
-    weight_in_rows: bool = False,
 ):
     """(valid, s, class weight of each row): s_i = sample_weight_i * weight[y_i], 0 when ignored.
 
-    ``weight_in_rows`` (label smoothing): the rows already carry the class
-    weights (PyTorch weighs every class of the smoothing sum), so ``s_i`` is
-    the sample weight alone; the class weights still make the mean's ``D``.
+    Where the spec puts the class weights into the rows (label smoothing:
+    PyTorch weighs every class of the smoothing sum), ``s_i`` is the sample
+    weight alone; the class weights still make the mean's ``D``.
     """
-    valid = target != ignore_index
+    valid = target != spec.ignore_index
     y = torch.where(valid, target, torch.zeros_like(target))
     zero = torch.zeros((), dtype=dtype, device=target.device)
     ones = torch.ones(target.shape, dtype=dtype, device=target.device)
     cw = weight.to(dtype)[y] if weight is not None else ones
     cw = torch.where(valid, cw, zero)
-    s = torch.where(valid, ones, zero) if weight_in_rows else cw
+    s = torch.where(valid, ones, zero) if spec.weight_in_rows else cw
     s = s if sample_weight is None else s * sample_weight.to(dtype)
     return valid, s, cw
 
@@ -49,16 +48,16 @@ def sample_scale(
 def finalize(
     rows: torch.Tensor,
     target: torch.Tensor,
-    weight: Optional[torch.Tensor],
-    sample_weight: Optional[torch.Tensor],
-    ignore_index: int,
-    reduction: int,
-    normalize: bool,
+    spec: KernelSpec,
+    weight: Optional[torch.Tensor] = None,
+    sample_weight: Optional[torch.Tensor] = None,
     *,
     across=None,
-    weight_in_rows: bool = False,
 ):
     """(value, stats) from per-row ``rows = (lse_nt, log w, x, alpha, beta, gamma)``; see the module docstring.
+
+    The reduction, derivative normalisation, ``ignore_index`` and where the
+    class weights go come from ``spec``.
 
     ``across`` (optional) extends the batch beyond these rows, for shards of
     one batch held elsewhere (``robustloss_fast.distributed``). It provides
@@ -71,10 +70,10 @@ def finalize(
     """
     dtype = rows.dtype
     lse_nt, lw, x = rows[:, 0], rows[:, 1], rows[:, 2]
-    valid, s, cw = sample_scale(target, weight, sample_weight, ignore_index, dtype, weight_in_rows)
+    valid, s, cw = sample_scale(target, weight, sample_weight, spec, dtype)
     zero = torch.zeros((), dtype=dtype, device=rows.device)
 
-    if reduction == MEAN and normalize:
+    if spec.normalised:
         # Softmax of log w over the rows that count (s != 0): shift by their max.
         active = valid & (s != 0)
         lw_active = torch.where(active, lw, torch.full_like(lw, float("-inf")))
@@ -99,9 +98,9 @@ def finalize(
     counts = valid & (s != 0)
     sx = torch.where(counts, s * x, zero)
     scale = s
-    if reduction == NONE:
+    if spec.reduction == Reduction.NONE:
         value = sx
-    elif reduction == SUM:
+    elif spec.reduction == Reduction.SUM:
         value = sx.sum()
     else:
         denom = cw.sum() if across is None else across.sum(cw.sum())

@@ -1,4 +1,8 @@
-"""Per-example analysis: probabilities and emphasis, detached."""
+"""Per-example analysis: probabilities and emphasis, detached.
+
+The emphasis comes from a backend's own row pass (the ``log w`` column of its
+rows, spec §9), so these helpers report exactly what the kernels weigh.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,44 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from . import reference
+from . import backends
+from ._common import Kernel, KernelSpec, Reduction, acc_dtype
 from .functional import _canonical
 from .schemes import Scheme
 
-__all__ = ["ExampleWeights", "example_weights", "EmphasisStats", "emphasis_stats"]
+__all__ = ["ExampleWeights", "example_weights", "EmphasisStats", "emphasis_stats", "log_emphasis"]
+
+
+def _one_term_spec(scheme: Scheme, ignore_index: int = -100) -> KernelSpec:
+    if not isinstance(scheme, Scheme):
+        raise TypeError(f"scheme must be a robustloss_fast.schemes.Scheme, got {scheme!r}")
+    if scheme.two_term:
+        raise ValueError(
+            f"{type(scheme).__name__} depends on the whole distribution, not on p alone: it has no emphasis w(p)"
+        )
+    a, b = scheme.kernel_params
+    return KernelSpec(Kernel(scheme.kernel_id), float(a), float(b), 1.0, Reduction.NONE, False, ignore_index)
+
+
+@torch.no_grad()
+def log_emphasis(scheme: Scheme, p: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """``log w(p)`` of a scheme of ``p`` alone at the probabilities ``p`` (float64, shaped like ``p``).
+
+    Evaluated by the backend's row pass on two-class rows whose target has
+    probability ``p``: logits ``[logit(p), 0]`` (``[-inf, 0]`` at ``p = 0`` and
+    ``[0, -inf]`` at ``p = 1``, a masked class), target 0.
+    """
+    spec = _one_term_spec(scheme)
+    p = p.to(torch.float64).reshape(-1)
+    one = p == 1
+    logit = torch.log(p) - torch.log1p(-p)
+    pair = torch.stack(
+        [torch.where(one, torch.zeros_like(p), logit), torch.where(one, torch.full_like(p, -math.inf), torch.zeros_like(p))],
+        dim=1,
+    )
+    target = torch.zeros(p.shape, dtype=torch.long, device=p.device)
+    rows = backends.resolve(backend, p.device).rows(pair, target, spec, None)
+    return rows[:, 1].reshape(p.shape)
 
 
 class ExampleWeights(NamedTuple):
@@ -37,23 +74,17 @@ def example_weights(
     Ignored examples get ``p = nan`` and ``w = 0``. Results are detached, in
     float32 (float64 for float64 input).
     """
-    if not isinstance(scheme, Scheme):
-        raise TypeError(f"scheme must be a robustloss_fast.schemes.Scheme, got {scheme!r}")
-    if scheme.two_term:
-        raise ValueError(
-            f"{type(scheme).__name__} depends on the whole distribution, not on p alone: it has no emphasis w(p)"
-        )
+    spec = _one_term_spec(scheme, ignore_index)
     if normalize is None:
         normalize = scheme.default_normalize
     logits, tgt, _, shape = _canonical(input, target, None)
-    acc = reference.acc_dtype(logits.dtype)
-    reference.check_target(tgt, logits.shape[1], ignore_index)
+    rows = backends.resolve("auto", logits.device).rows(logits, tgt, spec, None)
     valid = tgt != ignore_index
     y = torch.where(valid, tgt, torch.zeros_like(tgt))
-    _, _, logp, logq, p, q = reference.row_probs(logits.to(acc), y)
-    a, b = scheme.kernel_params
-    lw = reference.log_weight(scheme.kernel_id, a, b, logp, logq, p, q)
-    lw = torch.where(valid, lw, torch.full_like(lw, -math.inf))
+    # Spec §2: p is the sigmoid of the margin z_y - lse_nt (NaN rows stay NaN).
+    z_y = logits.gather(1, y[:, None]).squeeze(1).to(acc_dtype(logits.dtype))
+    p = torch.sigmoid(z_y - rows[:, 0])
+    lw = torch.where(valid, rows[:, 1], torch.full_like(rows[:, 1], -math.inf))
     if normalize:
         w = torch.softmax(lw, dim=0) if bool(valid.any()) else torch.zeros_like(lw)
     else:

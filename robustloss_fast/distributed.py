@@ -57,7 +57,8 @@ from typing import Optional
 
 import torch
 
-from . import _finalize, _ops, reference
+from . import _finalize
+from ._common import KernelSpec, acc_dtype
 
 try:
     import torch.distributed as dist
@@ -65,8 +66,6 @@ except ImportError:  # pragma: no cover - torch builds without distributed suppo
     dist = None
 
 __all__ = ["finalize_distributed", "robust_cross_entropy_rows", "vocab_parallel_rows"]
-
-NONE, MEAN, SUM = 0, 1, 2
 
 
 def _check_group(process_group) -> None:
@@ -117,60 +116,36 @@ class _AcrossGroup:
 def finalize_distributed(
     rows: torch.Tensor,
     target: torch.Tensor,
+    spec: KernelSpec,
     weight: Optional[torch.Tensor],
     sample_weight: Optional[torch.Tensor],
-    ignore_index: int,
-    reduction: int,
-    normalize: bool,
     process_group,
-    *,
-    weight_in_rows: bool = False,
 ):
     """``_finalize.finalize`` with the normaliser of the whole group's batch (data parallel).
 
-    ``rows`` (N, 6) are this rank's rows (from ``robust_ce_rows`` with
-    ``normalised = reduction == 1 and normalize``; ``weight_in_rows`` for label
-    smoothing, as in ``_finalize.finalize``).
+    ``rows`` (N, 6) are this rank's rows (a backend's ``rows`` with the same
+    ``spec``).
     Returns ``(value, stats)`` like ``robust_ce_forward``, scaled by the world
     size ``W`` (see the module docstring): ``value`` is ``W`` times this rank's
     share of the global loss and ``stats[:, 1:]`` (the gradient's
     coefficients) carry the same factor, so the backward op's gradient is ready for DDP's
-    averaging. ``reduction`` 0/2 communicate nothing; 1 issues one small
+    averaging. ``"none"``/``"sum"`` communicate nothing; ``"mean"`` issues one small
     collective (all ranks must call it). Not differentiable itself: wrap it
-    (see ``robust_cross_entropy_rows``) and use ``robust_ce_backward``.
+    (see ``robust_cross_entropy_rows``) and use the backend's ``grad``.
     """
     _check_group(process_group)
-    return _finalize.finalize(
-        rows, target, weight, sample_weight, ignore_index, reduction, normalize,
-        across=_AcrossGroup(process_group), weight_in_rows=weight_in_rows,
-    )  # fmt: skip
-
-
-def reference_rows(logits, target, kernel_id, a, b, ignore_index, normalised, smooth_weight=None):
-    """``robust_ce_rows`` in the reference's tensor ops: (N, 6) = (lse_nt, log w, x, alpha, beta, gamma)."""
-    return reference.rows(logits, target, kernel_id, a, b, ignore_index, normalised, smooth_weight)
+    return _finalize.finalize(rows, target, spec, weight, sample_weight, across=_AcrossGroup(process_group))
 
 
 class _DataParallelFunction(torch.autograd.Function):
     """rows -> finalize_distributed in forward; the backend's backward op in backward."""
 
     @staticmethod
-    def forward(ctx, logits, target, kid, a, b, weight, sw, ignore_index, reduction, normalize, group, compiled):
-        normalised = reduction == MEAN and normalize
-        # Label smoothing weighs the classes of its smoothing sum (PyTorch's convention).
-        smooth = kid == reference.KERNEL_IDS["CCE_LS"]
-        u = weight if smooth else None
-        if compiled:
-            rows = torch.ops.robustloss.robust_ce_rows(logits, target, kid, a, b, u, ignore_index, normalised)
-        else:
-            rows = reference_rows(logits, target, kid, a, b, ignore_index, normalised, u)
-        value, stats = finalize_distributed(
-            rows, target, weight, sw, ignore_index, reduction, normalize, group, weight_in_rows=smooth
-        )
-        ctx.save_for_backward(logits, target, stats, u)
-        ctx.kid, ctx.a = kid, a
-        ctx.ignore_index = ignore_index
-        ctx.compiled = compiled
+    def forward(ctx, logits, target, spec, weight, sw, group, backend):
+        rows = backend.rows(logits, target, spec, weight)
+        value, stats = finalize_distributed(rows, target, spec, weight, sw, group)
+        ctx.save_for_backward(logits, target, stats, spec.smooth_weight(weight))
+        ctx.spec, ctx.backend = spec, backend
         return value
 
     @staticmethod
@@ -178,35 +153,18 @@ class _DataParallelFunction(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: refuse rather than drop the second-order term
             raise RuntimeError("robustloss: double backward (create_graph=True) is not supported")
         logits, target, stats, u = ctx.saved_tensors
-        if ctx.compiled:
-            grad_logits = torch.ops.robustloss.robust_ce_backward(
-                grad, logits, target, stats, u, ctx.ignore_index, ctx.kid, ctx.a
-            )
-        else:
-            grad_logits = reference.backward(grad, logits, target, stats, ctx.ignore_index, u, ctx.kid, ctx.a)
-        return (grad_logits,) + (None,) * 11
+        grad_logits = ctx.backend.grad(grad, logits, target, stats, ctx.spec, u)
+        return (grad_logits,) + (None,) * 6
 
 
-def _uses_compiled_ops(backend: str, device: torch.device) -> bool:
-    """Whether the compiled row/backward ops serve ``backend`` here (else the reference math does)."""
-    if _ops.EXT is None or backend == "torch":
-        return False
-    if device.type == "cpu":
-        return True
-    # The Triton backend has no separate row op: use the CUDA kernels where built.
-    return device.type == "cuda" and _ops.has_cuda_kernels()
+def robust_cross_entropy_rows(backend, logits, target, spec, weight, sample_weight, process_group):
+    """Differentiable data-parallel loss on canonical rows (the ``process_group`` path of the API).
 
-
-def robust_cross_entropy_rows(
-    backend, logits, target, kernel_id, a, b, weight, sample_weight, ignore_index, reduction, normalize, process_group
-):
-    """Differentiable data-parallel loss on canonical rows (the ``process_group`` path of the API)."""
+    ``backend`` is a ``robustloss_fast.backends.Backend``: its row and gradient
+    passes run this rank's rows; the cross-row step spans the group.
+    """
     _check_group(process_group)
-    compiled = _uses_compiled_ops(backend, logits.device)
-    return _DataParallelFunction.apply(
-        logits, target, kernel_id, a, b, weight, sample_weight, ignore_index, reduction, normalize,
-        process_group, compiled,
-    )  # fmt: skip
+    return _DataParallelFunction.apply(logits, target, spec, weight, sample_weight, process_group, backend)
 
 
 # ----------------------------------------------------------------------------
@@ -224,7 +182,7 @@ def _local_target(logits, target, ignore_index, class_offset):
     return valid, owned, col
 
 
-def vocab_parallel_rows(logits, target, kernel_id, a, b, ignore_index, normalised, class_offset, process_group):
+def vocab_parallel_rows(backend, logits, target, spec: KernelSpec, class_offset, process_group):
     """Rows (N, 6) of the full-vocabulary logits (one-term schemes), from this rank's class slice.
 
     Identical on every rank of ``process_group``. Two ``all_reduce`` calls:
@@ -232,11 +190,16 @@ def vocab_parallel_rows(logits, target, kernel_id, a, b, ignore_index, normalise
     (local ``sum exp(z_j - M)`` over non-target classes, target logit where
     owned, 1 where owned). A valid target owned by no rank or several (out of
     range, or overlapping slices) is an error.
+
+    A one-term row depends on its logits only through ``(z_y, lse_nt)``
+    (spec §2), so the scheme math is the backend's own row pass run on the
+    two-class rows ``[z_y, lse_nt]`` with target 0: their non-target
+    log-sum-exp is ``lse_nt`` itself.
     """
-    acc = reference.acc_dtype(logits.dtype)
+    acc = acc_dtype(logits.dtype)
     z = logits.to(acc)
     n, c_local = z.shape
-    valid, owned, col = _local_target(z, target, ignore_index, class_offset)
+    valid, owned, col = _local_target(z, target, spec.ignore_index, class_offset)
     is_target = torch.zeros((n, c_local), dtype=torch.bool, device=z.device)
     is_target.scatter_(1, col[:, None], owned[:, None])
     # SPEC §6: NaN or +inf anywhere in the row makes the row NaN; carried as a flag
@@ -265,10 +228,9 @@ def vocab_parallel_rows(logits, target, kernel_id, a, b, ignore_index, normalise
         torch._assert_async(~wrong.any(), "robust_cross_entropy(vocab_parallel=True): a target is in no rank's slice")
     lse_nt = torch.where(m == -math.inf, m, m_safe + torch.log(sum_nt))
     lse_nt = torch.where(bad, torch.full_like(lse_nt, math.nan), lse_nt)
-    d = z_y - lse_nt
-    logp = -reference._softplus(-d)
-    logq = -reference._softplus(d)
-    return reference.rows_from_probs(kernel_id, a, b, valid, lse_nt, logp, logq, logp.exp(), logq.exp(), normalised)
+    pair = torch.stack([z_y, lse_nt], dim=1)
+    pair_target = torch.where(valid, torch.zeros_like(target), target)
+    return backend.rows(pair, pair_target, spec, None)
 
 
 def _vocab_parallel_backward(grad, logits, target, stats, ignore_index, class_offset):
@@ -293,13 +255,12 @@ def _vocab_parallel_backward(grad, logits, target, stats, ignore_index, class_of
 
 class _VocabParallelFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, kid, a, b, weight, sw, ignore_index, reduction, normalize, group, offset):
-        normalised = reduction == MEAN and normalize
-        rows = vocab_parallel_rows(logits, target, kid, a, b, ignore_index, normalised, offset, group)
+    def forward(ctx, logits, target, spec, weight, sw, group, offset, backend):
+        rows = vocab_parallel_rows(backend, logits, target, spec, offset, group)
         # Every rank holds the same rows: the normaliser is local, no W factor.
-        value, stats = _finalize.finalize(rows, target, weight, sw, ignore_index, reduction, normalize)
+        value, stats = _finalize.finalize(rows, target, spec, weight, sw)
         ctx.save_for_backward(logits, target, stats)
-        ctx.ignore_index, ctx.offset = ignore_index, offset
+        ctx.ignore_index, ctx.offset = spec.ignore_index, offset
         return value
 
     @staticmethod
@@ -308,20 +269,20 @@ class _VocabParallelFunction(torch.autograd.Function):
             raise RuntimeError("robustloss: double backward (create_graph=True) is not supported")
         logits, target, stats = ctx.saved_tensors
         grad_logits = _vocab_parallel_backward(grad, logits, target, stats, ctx.ignore_index, ctx.offset)
-        return (grad_logits,) + (None,) * 11
+        return (grad_logits,) + (None,) * 7
 
 
 def vocab_parallel_cross_entropy_rows(
-    logits, target, kernel_id, a, b, weight, sample_weight, ignore_index, reduction, normalize, process_group,
-    class_offset=None,
-):  # fmt: skip
+    backend, logits, target, spec: KernelSpec, weight, sample_weight, process_group, class_offset=None
+):
     """Differentiable vocabulary-parallel loss on canonical rows (the ``vocab_parallel=True`` path).
 
     ``class_offset`` defaults to ``rank * C_local`` (equal slices in rank order).
-    ``weight`` is the full ``(C,)`` class-weight vector.
+    ``weight`` is the full ``(C,)`` class-weight vector. ``backend`` runs the
+    row pass (on the combined row statistics, see ``vocab_parallel_rows``).
     """
     _check_group(process_group)
-    if kernel_id in reference.TWO_TERM:
+    if spec.two_term:
         raise NotImplementedError(
             "vocab_parallel=True supports the schemes of p alone; label smoothing and NCE/APL need one more "
             "all_reduce of the row's logit sum, not implemented"
@@ -338,8 +299,7 @@ def vocab_parallel_cross_entropy_rows(
                 f"weight has {weight.shape[0]} classes but this rank's slice ends at class "
                 f"{class_offset + logits.shape[1]}: pass the full-vocabulary weight"
             )
-        weight = weight.to(reference.acc_dtype(logits.dtype)).contiguous()
+        weight = weight.to(acc_dtype(logits.dtype)).contiguous()
     return _VocabParallelFunction.apply(
-        logits, target, kernel_id, a, b, weight, sample_weight, ignore_index, reduction, normalize,
-        process_group, class_offset,
-    )  # fmt: skip
+        logits, target, spec, weight, sample_weight, process_group, class_offset, backend
+    )

@@ -8,22 +8,20 @@ op (a data-dependent check here would break ``torch.compile(fullgraph=True)``).
 
 from __future__ import annotations
 
-import functools
 import numbers
 from typing import Optional
 
 import torch
 
-from . import _backends, distributed
-from .reference import NORMALIZE_TWO_TERM_MSG
-from .schemes import CCE, DM, IMAE, KERNEL_IDS, Scheme
+from . import backends, distributed
+from ._common import NORMALIZE_TWO_TERM_MSG, Kernel, KernelSpec, Reduction, acc_dtype
+from .schemes import CCE, DM, IMAE, Scheme
 
-__all__ = ["robust_cross_entropy", "dm_loss", "imae_loss", "available_backends"]
+__all__ = ["robust_cross_entropy", "dm_loss", "imae_loss", "available_backends", "kernel_spec"]
 
-_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-available_backends = _backends.available_backends
+available_backends = backends.available_backends
 
 
 def _canonical(input: torch.Tensor, target: torch.Tensor, sample_weight: Optional[torch.Tensor]):
@@ -80,17 +78,27 @@ def _canonical(input: torch.Tensor, target: torch.Tensor, sample_weight: Optiona
     rows_target = target.reshape(-1).long()
     rows_sw = None
     if sample_weight is not None:
-        acc = torch.float64 if input.dtype == torch.float64 else torch.float32
-        rows_sw = sample_weight.reshape(-1).to(acc).contiguous()
+        rows_sw = sample_weight.reshape(-1).to(acc_dtype(input.dtype)).contiguous()
     return logits, rows_target, rows_sw, tuple(target.shape)
 
 
-def check_flags(scheme, reduction: str, normalize: Optional[bool], ignore_index: int, label_smoothing: float = 0.0):
-    """Validate the non-tensor arguments; (reduction code, normalize with the scheme's default)."""
+def kernel_spec(
+    scheme: Scheme,
+    reduction: str = "mean",
+    normalize: Optional[bool] = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> KernelSpec:
+    """Validate the non-tensor arguments of a loss and fold them with the scheme into its ``KernelSpec``.
+
+    The one place where a scheme and the flags become what the backends see:
+    the kernel formula and its parameters (label smoothing is CCE's own
+    formula, ``Kernel.CCE_LS`` with ``a = eps``), the loss scale, the
+    reduction, ``normalize`` with the scheme's default, and ``ignore_index``.
+    """
     if not isinstance(scheme, Scheme):
         raise TypeError(f"scheme must be a robustloss_fast.schemes.Scheme (e.g. DM()), got {scheme!r}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {reduction!r}")
+    red = Reduction.parse(reduction)
     if normalize is None:
         normalize = scheme.default_normalize
     if not isinstance(normalize, bool):
@@ -102,23 +110,20 @@ def check_flags(scheme, reduction: str, normalize: Optional[bool], ignore_index:
     label_smoothing = float(label_smoothing)
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0.0, 1.0], got {label_smoothing!r}")
-    if label_smoothing > 0 and type(scheme) is not CCE:
-        raise ValueError(
-            f"label_smoothing is defined for CCE() only (as in F.cross_entropy), got scheme {scheme!r}; "
-            "for robust training with soft labels combine a scheme with ELRLoss or SCE instead"
-        )
-    two_term = scheme.two_term or label_smoothing > 0
-    if two_term and normalize and _REDUCTIONS[reduction] == 1:
-        raise ValueError(NORMALIZE_TWO_TERM_MSG)
-    return _REDUCTIONS[reduction], normalize
-
-
-def kernel_args(scheme: Scheme, label_smoothing: float = 0.0):
-    """(kernel id, a, b) of a scheme; CCE with label smoothing is its own kernel formula."""
     if label_smoothing > 0:
-        return KERNEL_IDS["CCE_LS"], float(label_smoothing), 0.0
-    a, b = scheme.kernel_params
-    return scheme.kernel_id, float(a), float(b)
+        if type(scheme) is not CCE:
+            raise ValueError(
+                f"label_smoothing is defined for CCE() only (as in F.cross_entropy), got scheme {scheme!r}; "
+                "for robust training with soft labels combine a scheme with ELRLoss or SCE instead"
+            )
+        kernel, a, b, scale = Kernel.CCE_LS, label_smoothing, 0.0, 1.0
+    else:
+        a, b = scheme.kernel_params
+        kernel, a, b, scale = Kernel(scheme.kernel_id), float(a), float(b), float(scheme.loss_scale)
+    spec = KernelSpec(kernel, a, b, scale, red, normalize, ignore_index)
+    if spec.two_term and spec.normalised:
+        raise ValueError(NORMALIZE_TWO_TERM_MSG)
+    return spec
 
 
 def check_not_differentiable(**tensors) -> None:
@@ -228,39 +233,41 @@ def robust_cross_entropy(
         ``|beta|`` with ``"none"``, ``"sum"`` or ``normalize=False``; the
         normalised ``"mean"`` never does.
     """
-    red, normalize = check_flags(scheme, reduction, normalize, ignore_index, label_smoothing)
+    spec = kernel_spec(scheme, reduction, normalize, ignore_index, label_smoothing)
     check_not_differentiable(weight=weight, sample_weight=sample_weight)
     logits, rows_target, rows_sw, out_shape = _canonical(input, target, sample_weight)
     c = logits.shape[1]
-    kid, a, b = kernel_args(scheme, label_smoothing)
+    be = backends.resolve(backend, input.device)
     if vocab_parallel:
         if process_group is None:
             raise ValueError("vocab_parallel=True needs the process_group that holds the class slices")
         value = distributed.vocab_parallel_cross_entropy_rows(
-            logits, rows_target, kid, a, b, weight, rows_sw, ignore_index, red, normalize, process_group, class_offset,
-        )  # fmt: skip
-        return value.reshape(out_shape) if reduction == "none" else value
-    if weight is not None:
-        if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point:
-            raise TypeError("weight must be a floating tensor of shape (C,)")
-        if tuple(weight.shape) != (c,):
-            raise ValueError(f"weight must have shape ({c},) (one per class), got {tuple(weight.shape)}")
-        if weight.device != input.device:
-            raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
-        acc = torch.float64 if input.dtype == torch.float64 else torch.float32
-        weight = weight.to(acc).contiguous()
-
-    name, apply = _backends.resolve(backend, input.device)
-    if class_offset is not None:
-        raise ValueError("class_offset is only used with vocab_parallel=True")
-    if process_group is not None:
-        apply = functools.partial(distributed.robust_cross_entropy_rows, name, process_group=process_group)
-    value = apply(logits, rows_target, kid, a, b, weight, rows_sw, ignore_index, red, normalize)
-    if scheme.loss_scale != 1.0:  # APL's alpha with NFL (the kernels take two parameters)
-        value = value * scheme.loss_scale
-    if red == 0:
+            be, logits, rows_target, spec, weight, rows_sw, process_group, class_offset
+        )
+    else:
+        if class_offset is not None:
+            raise ValueError("class_offset is only used with vocab_parallel=True")
+        if weight is not None:
+            if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point:
+                raise TypeError("weight must be a floating tensor of shape (C,)")
+            if tuple(weight.shape) != (c,):
+                raise ValueError(f"weight must have shape ({c},) (one per class), got {tuple(weight.shape)}")
+            if weight.device != input.device:
+                raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
+            weight = weight.to(acc_dtype(input.dtype)).contiguous()
+        if process_group is not None:
+            value = distributed.robust_cross_entropy_rows(be, logits, rows_target, spec, weight, rows_sw, process_group)
+        else:
+            value = be.loss(logits, rows_target, spec, weight, rows_sw)
+    value = scale_loss(value, spec)
+    if spec.reduction == Reduction.NONE:
         value = value.reshape(out_shape)
     return value
+
+
+def scale_loss(value: torch.Tensor, spec: KernelSpec) -> torch.Tensor:
+    """The spec's constant loss scale (APL's alpha with NFL), applied once, outside the kernels."""
+    return value if spec.scale == 1.0 else value * spec.scale
 
 
 def dm_loss(input: torch.Tensor, target: torch.Tensor, lam: float = 1.0, beta: float = 8.0, **kwargs) -> torch.Tensor:

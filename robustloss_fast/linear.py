@@ -77,14 +77,15 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import nn
 
-from . import _backends, _finalize, reference
-from .functional import check_flags, check_not_differentiable, kernel_args
+from dataclasses import replace
+
+from . import _finalize, backends
+from ._common import KernelSpec, Reduction, acc_dtype, check_target
+from .functional import check_not_differentiable, kernel_spec, scale_loss
 from .schemes import Scheme
 
 __all__ = ["linear_robust_cross_entropy", "LinearRobustCrossEntropyLoss"]
 
-NONE, MEAN, SUM = 0, 1, 2
-_REDUCTIONS = {"none": NONE, "mean": MEAN, "sum": SUM}
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Default chunk: about 2^23 logits (32 MiB in float32), at least 256 rows: on
 # a 2-core CPU at (N, H, V) = (4096, 1024, 50257) fp32, forward + backward
@@ -95,50 +96,6 @@ _MIN_CHUNK_ROWS = 256
 # Vocabulary block of the bfloat16/float16 grad_weight product before it is
 # added to the float32 accumulator.
 _VOCAB_BLOCK = 4096
-
-
-class _ChunkOps(NamedTuple):
-    # u: label smoothing's class weights (None otherwise)
-    rows: Callable  # (logits, target, kid, a, b, ignore_index, normalised, u) -> (n, 6)
-    grad: Callable  # (grad, logits, target, stats, ignore_index, kid, a, u) -> grad_logits
-
-
-def _compiled_rows(logits, target, kernel_id, a, b, ignore_index, normalised, u):
-    return torch.ops.robustloss.robust_ce_rows(logits, target, kernel_id, a, b, u, ignore_index, normalised)
-
-
-def _compiled_grad(grad, logits, target, stats, ignore_index, kernel_id, a, u):
-    return torch.ops.robustloss.robust_ce_backward(grad, logits, target, stats, u, ignore_index, kernel_id, a)
-
-
-def _reference_grad(grad, logits, target, stats, ignore_index, kernel_id, a, u):
-    return reference.backward(grad, logits, target, stats, ignore_index, u, kernel_id, a)
-
-
-_OPS = {
-    "torch": _ChunkOps(reference.rows, _reference_grad),
-    "cpu": _ChunkOps(_compiled_rows, _compiled_grad),
-    "cuda": _ChunkOps(_compiled_rows, _compiled_grad),
-}
-
-
-def _triton_rows(logits, target, kernel_id, a, b, ignore_index, normalised, u):
-    return torch.ops.robustloss.triton_rows(logits, target, kernel_id, a, b, u, ignore_index, normalised)
-
-
-def _triton_grad(grad, logits, target, stats, ignore_index, kernel_id, a, u):
-    return torch.ops.robustloss.triton_backward(grad, logits, target, stats, u, ignore_index, kernel_id, a)
-
-
-_OPS["triton"] = _ChunkOps(_triton_rows, _triton_grad)
-
-
-def _resolve(backend: str, device: torch.device) -> str:
-    """The backend whose row ops run the chunks (validated like robust_cross_entropy's)."""
-    name, _ = _backends.resolve(backend, device)
-    if name == "triton":
-        _backends._triton_module()  # importing it registers robustloss::triton_*
-    return name
 
 
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -184,27 +141,24 @@ def _chunks(n: int, chunk: int):
     return [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
 
 
-def _finalize_all(rows, target, cw, sw, ignore_index, red, normalize, group, smooth):
+def _finalize_all(rows, target, spec, cw, sw, group):
     if group is None:
-        return _finalize.finalize(rows, target, cw, sw, ignore_index, red, normalize, weight_in_rows=smooth)
+        return _finalize.finalize(rows, target, spec, cw, sw)
     from .distributed import finalize_distributed  # lazily: torch.distributed is optional
 
-    return finalize_distributed(rows, target, cw, sw, ignore_index, red, normalize, group, weight_in_rows=smooth)
+    return finalize_distributed(rows, target, spec, cw, sw, group)
 
 
 class _LinearRobustCE(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx, hidden, weight, bias, target, cw, sw, kid, a, b, ignore_index, red, normalize, chunk, name, group, gif
-    ):
-        ops = _OPS[name]
+    def forward(ctx, hidden, weight, bias, target, cw, sw, spec: KernelSpec, chunk, backend, group, gif):
         n = hidden.shape[0]
         v, hdim = weight.shape
-        acc = reference.acc_dtype(hidden.dtype)
-        normalised = red == MEAN and normalize
-        # Label smoothing weighs the classes of its smoothing sum (PyTorch's convention).
-        smooth = kid == reference.KERNEL_IDS["CCE_LS"]
-        u = cw if smooth else None
+        acc = acc_dtype(hidden.dtype)
+        # A chunk's provisional coefficients: its own derivative-normalised
+        # mean (rescaled below), or the plain sum ("mean" divides at the end).
+        chunk_normalised = replace(spec, reduction=Reduction.MEAN, normalize=True)
+        chunk_sum = replace(spec, reduction=Reduction.SUM, normalize=False)
         needs_h, needs_w, needs_b = ctx.needs_input_grad[:3]
         rows = torch.empty((n, 6), dtype=acc, device=hidden.device)
 
@@ -220,16 +174,16 @@ class _LinearRobustCE(torch.autograd.Function):
         for s, e in _chunks(n, chunk):
             z = _logits(hidden[s:e], weight, bias)
             t = target[s:e]
-            rows_k = ops.rows(z, t, kid, a, b, ignore_index, normalised, u)
+            rows_k = backend.rows(z, t, spec, cw)
             rows[s:e] = rows_k
             if not gif:
                 continue
             sw_k = None if sw is None else sw[s:e]
-            if normalised:
+            if spec.normalised:
                 # Provisional coef = s exp(log w - L_k) / 2 from the chunk's own
                 # normaliser, moved to the running reference L_{<=k}.
-                _, st = _finalize.finalize(rows_k, t, cw, sw_k, ignore_index, MEAN, True)
-                valid, s_k, _ = _finalize.sample_scale(t, cw, sw_k, ignore_index, acc)
+                _, st = _finalize.finalize(rows_k, t, chunk_normalised, cw, sw_k)
+                valid, s_k, _ = _finalize.sample_scale(t, cw, sw_k, spec, acc)
                 active = valid & (s_k != 0)
                 lw_s = torch.where(active, rows_k[:, 1] + s_k.abs().log(), ninf)
                 l_k = torch.logsumexp(torch.cat([lw_s, ninf.reshape(1)]), 0)
@@ -245,9 +199,9 @@ class _LinearRobustCE(torch.autograd.Function):
                 l_after.append(l_new)
             else:
                 # Unnormalised: the coefficients are s times the row's own; "mean" divides at the end.
-                _, st = _finalize.finalize(rows_k, t, cw, sw_k, ignore_index, SUM, False, weight_in_rows=smooth)
+                _, st = _finalize.finalize(rows_k, t, chunk_sum, cw, sw_k)
                 decay = None
-            gl = ops.grad(one, z, t, st, ignore_index, kid, a, u)
+            gl = backend.grad(one, z, t, st, spec, cw)
             del z
             if gh is not None:
                 gh[s:e] = torch.mm(gl, weight)
@@ -257,21 +211,20 @@ class _LinearRobustCE(torch.autograd.Function):
                 gb.add_(gl.sum(0, dtype=acc))
             del gl
 
-        value, stats = _finalize_all(rows, target, cw, sw, ignore_index, red, normalize, group, smooth)
+        value, stats = _finalize_all(rows, target, spec, cw, sw, group)
         ctx.gif = gif
         ctx.dtypes = (hidden.dtype, weight.dtype, weight.dtype)
-        ctx.ignore_index = ignore_index
-        ctx.kid, ctx.a = kid, a
+        ctx.spec = spec
         ctx.chunk = chunk
-        ctx.name = name
+        ctx.backend = backend
         if gif:
-            if normalised:
+            if spec.normalised:
                 if gh is not None:
                     for (s, e), l_k in zip(_chunks(n, chunk), l_after):
                         f = torch.where(l_k == -math.inf, torch.zeros_like(l_k), torch.exp(l_k - l_run))
                         gh[s:e].mul_(f)
-            elif red == MEAN:
-                _, _, cw_rows = _finalize.sample_scale(target, cw, None, ignore_index, acc)
+            elif spec.reduction == Reduction.MEAN:
+                _, _, cw_rows = _finalize.sample_scale(target, cw, None, spec, acc)
                 denom = cw_rows.sum()
                 inv = torch.where(denom != 0, 1 / torch.where(denom != 0, denom, one), torch.zeros_like(denom))
                 for g in (gh, gw, gb):
@@ -279,7 +232,7 @@ class _LinearRobustCE(torch.autograd.Function):
                         g.mul_(inv)
             ctx.save_for_backward(gh, gw, gb)
         else:
-            ctx.save_for_backward(hidden, weight, bias, target, stats, u)
+            ctx.save_for_backward(hidden, weight, bias, target, stats, spec.smooth_weight(cw))
         return value
 
     @staticmethod
@@ -290,7 +243,6 @@ class _LinearRobustCE(torch.autograd.Function):
             return _LinearRobustCE._backward_stored(ctx, grad)
         hidden, weight, bias, target, stats, u = ctx.saved_tensors
         needs_h, needs_w, needs_b = ctx.needs_input_grad[:3]
-        ops = _OPS[ctx.name]
         acc = stats.dtype
         grad = grad.to(acc)
         gh = torch.empty_like(hidden) if needs_h else None
@@ -299,7 +251,7 @@ class _LinearRobustCE(torch.autograd.Function):
         for s, e in _chunks(hidden.shape[0], ctx.chunk):
             z = _logits(hidden[s:e], weight, bias)
             g = grad[s:e] if grad.dim() == 1 else grad
-            gl = ops.grad(g, z, target[s:e], stats[s:e], ctx.ignore_index, ctx.kid, ctx.a, u)
+            gl = ctx.backend.grad(g, z, target[s:e], stats[s:e], ctx.spec, u)
             del z
             if gh is not None:
                 torch.mm(gl, weight, out=gh[s:e])
@@ -310,7 +262,7 @@ class _LinearRobustCE(torch.autograd.Function):
             del gl
         gw = None if gw is None else gw.to(weight.dtype)
         gb = None if gb is None else gb.to(weight.dtype)
-        return (gh, gw, gb) + (None,) * 13
+        return (gh, gw, gb) + (None,) * 8
 
     @staticmethod
     def _backward_stored(ctx, grad):
@@ -331,7 +283,7 @@ class _LinearRobustCE(torch.autograd.Function):
                 if not unit:
                     g.mul_(grad.to(g.dtype))
                 out.append(g.to(dt))
-        return tuple(out) + (None,) * 13
+        return tuple(out) + (None,) * 8
 
 
 def _check(hidden, weight, bias, target, class_weight, sample_weight):
@@ -431,12 +383,12 @@ def linear_robust_cross_entropy(
         The loss as :func:`robust_cross_entropy` returns it (float32 for 16-bit
         inputs; shaped like ``target`` for ``reduction="none"``).
     """
-    red, normalize = check_flags(scheme, reduction, normalize, ignore_index, label_smoothing)
+    spec = kernel_spec(scheme, reduction, normalize, ignore_index, label_smoothing)
     check_not_differentiable(class_weight=class_weight, sample_weight=sample_weight)
     _check(hidden, weight, bias, target, class_weight, sample_weight)
-    if grad_in_forward and (red == NONE or process_group is not None):
+    if grad_in_forward and (spec.reduction == Reduction.NONE or process_group is not None):
         raise ValueError("grad_in_forward=True needs reduction 'mean' or 'sum' and no process_group")
-    name = _resolve(backend, hidden.device)
+    be = backends.resolve(backend, hidden.device)
 
     v, hdim = weight.shape
     h2 = hidden.reshape(-1, hdim)
@@ -453,26 +405,24 @@ def linear_robust_cross_entropy(
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
         chunk = chunk_size
     chunk = max(1, min(chunk, n))
-    acc = reference.acc_dtype(hidden.dtype)
+    acc = acc_dtype(hidden.dtype)
     cw = None if class_weight is None else class_weight.to(acc).contiguous()
     sw = None if sample_weight is None else sample_weight.reshape(-1).to(acc).contiguous()
-    if name == "torch" and not torch.compiler.is_compiling():
-        reference.check_target(t, v, ignore_index)
+    if t.device.type == "cpu" and not torch.compiler.is_compiling():
+        # Free on the CPU, and it names the position in the whole batch (a
+        # backend's own check sees one chunk at a time).
+        check_target(t, v, ignore_index)
 
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (hidden, weight, bias)
     )
-    gif = grad_in_forward if grad_in_forward is not None else (red != NONE and process_group is None)
-    gif = bool(gif) and needs_grad
+    if grad_in_forward is None:
+        grad_in_forward = spec.reduction != Reduction.NONE and process_group is None
+    gif = bool(grad_in_forward) and needs_grad
 
-    kid, a, b = kernel_args(scheme, label_smoothing)
-    fn = _LinearRobustCE
-    value = fn.apply(
-        h2, weight, bias, t, cw, sw, kid, a, b, ignore_index, red, normalize, chunk, name, process_group, gif,
-    )  # fmt: skip
-    if scheme.loss_scale != 1.0:  # APL's alpha with NFL (the kernels take two parameters)
-        value = value * scheme.loss_scale
-    if red == NONE:
+    value = _LinearRobustCE.apply(h2, weight, bias, t, cw, sw, spec, chunk, be, process_group, gif)
+    value = scale_loss(value, spec)
+    if spec.reduction == Reduction.NONE:
         value = value.reshape(target.shape)
     return value
 
@@ -500,7 +450,7 @@ class LinearRobustCrossEntropyLoss(nn.Module):
         label_smoothing: float = 0.0,
     ):
         super().__init__()
-        check_flags(scheme, reduction, normalize, ignore_index, label_smoothing)  # fail at construction
+        kernel_spec(scheme, reduction, normalize, ignore_index, label_smoothing)  # fail at construction
         self.scheme = scheme
         self.register_buffer("class_weight", class_weight)
         self.ignore_index = ignore_index

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .functional import check_flags, robust_cross_entropy
+from .functional import kernel_spec, robust_cross_entropy
 from .schemes import DM, IMAE, Scheme
 
 __all__ = ["RobustCrossEntropyLoss", "DMLoss", "IMAELoss"]
@@ -37,7 +37,7 @@ class RobustCrossEntropyLoss(nn.Module):
         class_offset: Optional[int] = None,
     ):
         super().__init__()
-        check_flags(scheme, reduction, normalize, ignore_index, label_smoothing)  # fail at construction
+        kernel_spec(scheme, reduction, normalize, ignore_index, label_smoothing)  # fail at construction
         self.scheme = scheme
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index

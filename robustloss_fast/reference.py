@@ -4,17 +4,16 @@ This is the oracle of every parity test, so it favours clarity over speed and
 shares no code with the kernels. It implements the same ops as every backend,
 on canonical 2-D rows:
 
-``forward(logits (N, C), target (N,), kernel_id, a, b, weight, sample_weight,
-ignore_index, reduction, normalize) -> (value, stats)``
+``forward(logits (N, C), target (N,), spec, weight, sample_weight) -> (value, stats)``
     ``value`` is the reduced loss (``(N,)`` for ``reduction="none"``);
     ``stats`` is ``(N, 4)``: per row ``lse_nt`` (logsumexp over the non-target
     classes) and ``(alpha, beta, gamma)``, the final gradient's coefficients.
 
-``backward(grad, logits, target, stats, ignore_index, smooth_weight) -> grad_logits``
+``backward(grad, logits, target, stats, spec, weight) -> grad_logits``
     ``grad_logits[i, j] = g_i (alpha_i r_ij + beta_i u_j)`` for ``j != y_i`` and
     ``g_i gamma_i`` at ``y_i``, with ``r_ij = exp(z_ij - lse_nt_i)`` (SPEC §3;
-    0 for a row with no finite non-target logit) and ``u = smooth_weight`` (1
-    when None); zero for ignored rows. For the schemes of SPEC §4 (one-term)
+    0 for a row with no finite non-target logit) and ``u`` the class weights
+    for label smoothing (else 1); zero for ignored rows. For the schemes of SPEC §4 (one-term)
     ``alpha = -gamma = coef = s_i w_i / 2 (/ D)`` and ``beta = 0``: the
     gradient ``coef (r - e_y)``.
 
@@ -32,23 +31,9 @@ import math
 
 import torch
 
-from .schemes import KERNEL_IDS
+from ._common import NORMALIZE_TWO_TERM_MSG, Kernel, KernelSpec, Reduction, acc_dtype, check_target
 
-_CCE, _MAE, _MSE, _GCE = (KERNEL_IDS[k] for k in ("CCE", "MAE", "MSE", "GCE"))
-_DM, _DMN, _DMB = (KERNEL_IDS[k] for k in ("DM", "DM_NORMAL", "DM_BETA"))
-_POLY, _FOCAL, _TAYLOR = (KERNEL_IDS[k] for k in ("POLY", "FOCAL", "TAYLOR"))
-_CCE_LS, _NCE, _NFL = KERNEL_IDS["CCE_LS"], KERNEL_IDS["NCE"], KERNEL_IDS["NFL"]
-_LOSS_DEFINED = (_CCE, _MAE, _MSE, _GCE, _POLY, _FOCAL, _TAYLOR)
-TWO_TERM = (_CCE_LS, _NCE, _NFL)
-#: The scheme whose gradient has a per-class term: its stats are in P-form (see backward).
-PER_CLASS = _NFL
-
-NONE, MEAN, SUM = 0, 1, 2
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """SPEC §6: float64 accumulates in float64, everything else in float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+K = Kernel
 
 
 def _softplus(x: torch.Tensor) -> torch.Tensor:
@@ -64,27 +49,27 @@ def log_weight(kernel_id: int, a: float, b: float, logp, logq, p, q) -> torch.Te
 
 def _log_weight(kernel_id: int, a: float, b: float, logp, logq, p, q) -> torch.Tensor:
     ln2 = math.log(2.0)
-    if kernel_id == _CCE:
+    if kernel_id == K.CCE:
         return ln2 + logq
-    if kernel_id == _MAE:
+    if kernel_id == K.MAE:
         return ln2 + logp + logq
-    if kernel_id == _MSE:
+    if kernel_id == K.MSE:
         return 2 * ln2 + logp + 2 * logq
-    if kernel_id == _GCE:
+    if kernel_id == K.GCE:
         return ln2 + a * logp + logq
-    if kernel_id == _DM:
+    if kernel_id == K.DM:
         plam = torch.ones_like(p) if a == 0 else torch.exp(a * logp)
         return b * plam * q
-    if kernel_id == _DMN:
+    if kernel_id == K.DM_NORMAL:
         return -b * p * (p - 2 * a)
-    if kernel_id == _DMB:
+    if kernel_id == K.DM_BETA:
         t1 = torch.zeros_like(logp) if a == 1 else (a - 1) * logp
         t2 = torch.zeros_like(logq) if b == 1 else (b - 1) * logq
         return t1 + t2
     # Loss-defined peers: log of w = 2q (-p L'(p)).
-    if kernel_id == _POLY:
+    if kernel_id == K.POLY:
         return ln2 + logq + torch.log(a + b * p)
-    if kernel_id == _FOCAL:
+    if kernel_id == K.FOCAL:
         # p >= q: w = 2 q^(g+1) (1 + g p (-log p) / q) in logs (q may underflow, log q does not);
         # p < q: w = 2 q^g (q - g p log p).
         ratio = torch.where(q > 0, -logp / q, torch.ones_like(q))
@@ -92,39 +77,28 @@ def _log_weight(kernel_id: int, a: float, b: float, logp, logq, p, q) -> torch.T
         plogp = torch.where(p == 0, torch.zeros_like(p), p * logp)
         mod = torch.zeros_like(logq) if a == 0 else a * logq
         return torch.where(p >= q, confident, ln2 + mod + torch.log(q - a * plogp))
-    if kernel_id == _TAYLOR:
+    if kernel_id == K.TAYLOR:
         return ln2 + logq + torch.log(-torch.expm1(a * logq))
     raise ValueError(f"unknown kernel id {kernel_id}")
 
 
 def loss_value(kernel_id: int, a: float, b: float, logp, logq, p, q) -> torch.Tensor:
     """L(p) of a loss-defined scheme, accurate as p -> 1."""
-    if kernel_id == _CCE:
+    if kernel_id == K.CCE:
         return -logp
-    if kernel_id == _MAE:
+    if kernel_id == K.MAE:
         return q
-    if kernel_id == _MSE:
+    if kernel_id == K.MSE:
         return q * q
-    if kernel_id == _GCE:
+    if kernel_id == K.GCE:
         return -torch.expm1(a * logp) / a
-    if kernel_id == _POLY:
+    if kernel_id == K.POLY:
         return (torch.zeros_like(logp) if a == 0 else -a * logp) + b * q
-    if kernel_id == _FOCAL:
+    if kernel_id == K.FOCAL:
         return -logp if a == 0 else -torch.exp(a * logq) * logp
-    if kernel_id == _TAYLOR:
+    if kernel_id == K.TAYLOR:
         return sum(q**k / k for k in range(1, int(a) + 1))
     raise ValueError(f"kernel id {kernel_id} is not loss-defined")
-
-
-def check_target(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
-    """Raise IndexError naming the first target outside [0, C) that is not ignore_index."""
-    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
-    if bool(bad.any()):
-        value = int(target[bad][0])
-        raise IndexError(
-            f"target value {value} is out of bounds for {num_classes} classes "
-            f"(valid: 0..{num_classes - 1}, or ignore_index={ignore_index})"
-        )
 
 
 def row_probs(z: torch.Tensor, y: torch.Tensor):
@@ -158,7 +132,7 @@ def rows_from_probs(kernel_id, a, b, valid, lse_nt, logp, logq, p, q, normalised
     lw = log_weight(kernel_id, a, b, logp, logq, p, q)
     if normalised:
         x = -logp
-    elif kernel_id in _LOSS_DEFINED:
+    elif Kernel(kernel_id).loss_defined:
         x = loss_value(kernel_id, a, b, logp, logq, p, q)
     else:
         x = lw.exp() * (-logp)
@@ -194,12 +168,12 @@ def two_term_rows(kernel_id, a, b, z, y, valid, lse_nt, logp, logq, p, q, smooth
     bad = torch.isnan(lse_nt)
     lam = torch.where(bad, lse_nt, lam)
     nlp = -logp
-    if kernel_id == _CCE_LS:
+    if kernel_id == K.CCE_LS:
         eps, sm = a, a / c
         hard = (1 - eps) * u_y
         x = hard * nlp + (sm * lam if eps != 0 else 0.0)
         A, lgrad = -hard, torch.full_like(nlp, sm)
-    elif kernel_id == _NCE:
+    elif kernel_id == K.NCE:
         # a * NCE + b * MAE-like q; NCE = 0 where Lambda = 0 (C = 1) or inf (a masked class).
         safe = torch.where(lam == 0, torch.ones_like(lam), lam)
         nce = torch.where(lam == 0, torch.zeros_like(lam), nlp / safe)
@@ -264,39 +238,37 @@ def nfl_rows(a, b, z, y, valid, lse_nt, logp, logq, p, q):
     return _pack_rows(valid, lse, torch.log(2 * gamma.abs()), x, alpha, beta, gamma)
 
 
-def rows(logits, target, kernel_id, a, b, ignore_index, normalised, smooth_weight=None):
-    """The op ``robust_ce_rows`` in tensor ops (checks the targets outside ``torch.compile``)."""
+def rows(logits, target, spec: KernelSpec, u=None):
+    """The op ``robust_ce_rows`` in tensor ops (checks the targets outside ``torch.compile``).
+
+    ``u`` is the op's ``smooth_weight``: the class weights of label smoothing
+    (or any ``u`` of the two-term formulas with the spread), None for all 1.
+    """
     if not torch.compiler.is_compiling():
-        check_target(target, logits.shape[1], ignore_index)
-    if kernel_id in TWO_TERM and normalised:
+        check_target(target, logits.shape[1], spec.ignore_index)
+    if spec.two_term and spec.normalised:
         raise ValueError(NORMALIZE_TWO_TERM_MSG)
-    valid = target != ignore_index
+    kernel_id, a, b = spec.kernel, spec.a, spec.b
+    valid = target != spec.ignore_index
     y = torch.where(valid, target, torch.zeros_like(target))
     z = logits.to(acc_dtype(logits.dtype))
     _, lse_nt, logp, logq, p, q = row_probs(z, y)
-    if kernel_id == _NFL:
+    if spec.p_form:
         return nfl_rows(a, b, z, y, valid, lse_nt, logp, logq, p, q)
-    if kernel_id in TWO_TERM:
-        return two_term_rows(kernel_id, a, b, z, y, valid, lse_nt, logp, logq, p, q, smooth_weight)
-    return rows_from_probs(kernel_id, a, b, valid, lse_nt, logp, logq, p, q, normalised)
+    if spec.two_term:
+        return two_term_rows(kernel_id, a, b, z, y, valid, lse_nt, logp, logq, p, q, u)
+    return rows_from_probs(kernel_id, a, b, valid, lse_nt, logp, logq, p, q, spec.normalised)
 
 
-NORMALIZE_TWO_TERM_MSG = (
-    "derivative normalisation (normalize=True) is defined for schemes whose gradient is w(p) (softmax - onehot) / 2; "
-    "label smoothing and NCE/APL have a second gradient term: use normalize=False"
-)
-
-
-def forward(logits, target, kernel_id, a, b, weight, sample_weight, ignore_index, reduction, normalize):
+def forward(logits, target, spec: KernelSpec, weight=None, sample_weight=None):
     n, c = logits.shape
     acc = acc_dtype(logits.dtype)
-    normalised = reduction == MEAN and normalize
     # Label smoothing keeps PyTorch's convention: class weights weigh every
     # class of the smoothing sum, so they live inside the row, not in s_i.
-    inside = kernel_id == _CCE_LS
-    r = rows(logits, target, kernel_id, a, b, ignore_index, normalised, weight.to(acc) if inside and weight is not None else None)
+    inside = spec.weight_in_rows
+    r = rows(logits, target, spec, weight.to(acc) if inside and weight is not None else None)
     lse_nt, lw, x = r[:, 0], r[:, 1], r[:, 2]
-    valid = target != ignore_index
+    valid = target != spec.ignore_index
     y = torch.where(valid, target, torch.zeros_like(target))
 
     s = torch.ones(n, dtype=acc, device=logits.device)
@@ -314,7 +286,7 @@ def forward(logits, target, kernel_id, a, b, weight, sample_weight, ignore_index
     counts = valid & (s != 0)
     sx = torch.where(counts, s * x, zero)
 
-    if normalised:
+    if spec.normalised:
         # Normalised weights are a softmax of log w over the batch (SPEC §5):
         # shift by the largest log-weight among rows that count.
         lw_active = torch.where(counts, lw, torch.full_like(lw, -math.inf))
@@ -330,9 +302,9 @@ def forward(logits, target, kernel_id, a, b, weight, sample_weight, ignore_index
         coefs = torch.stack([coef, torch.zeros_like(coef), -coef], dim=1)
     else:
         scale = s
-        if reduction == NONE:
+        if spec.reduction == Reduction.NONE:
             value = sx
-        elif reduction == SUM:
+        elif spec.reduction == Reduction.SUM:
             value = sx.sum()
         else:
             denom = torch.where(valid, cw, zero).sum()
@@ -345,28 +317,29 @@ def forward(logits, target, kernel_id, a, b, weight, sample_weight, ignore_index
     return value, stats
 
 
-def backward(grad, logits, target, stats, ignore_index, smooth_weight=None, kernel_id=-1, a=0.0):
-    """The gradient from ``stats``; ``kernel_id = NFL`` (and its ``gamma = a``) reads them in P-form:
-    ``alpha P_j + beta h(P_j)`` off the target, ``P_j = exp(z_j - lse)``, ``lse`` in column 0."""
+def backward(grad, logits, target, stats, spec: KernelSpec, u=None):
+    """The gradient from ``stats``; a P-form spec (NFL, focal gamma ``spec.a``) reads them as
+    ``alpha P_j + beta h(P_j)`` off the target, ``P_j = exp(z_j - lse)``, ``lse`` in column 0.
+    ``u``: the op's ``smooth_weight`` (None for all 1)."""
     n, c = logits.shape
     acc = stats.dtype
     z = logits.to(acc)
-    valid = target != ignore_index
+    valid = target != spec.ignore_index
     y = torch.where(valid, target, torch.zeros_like(target))
     lse_nt, alpha, beta, gamma = stats[:, 0], stats[:, 1], stats[:, 2], stats[:, 3]
     onehot = torch.zeros((n, c), dtype=torch.bool, device=z.device)
     onehot.scatter_(1, y[:, None], True)
-    if kernel_id == PER_CLASS:
+    if spec.p_form:
         logP = z - lse_nt[:, None]
         P = logP.exp()
-        _, h = focal_terms(a, logP, P, -torch.expm1(logP))
+        _, h = focal_terms(spec.a, logP, P, -torch.expm1(logP))
         off = alpha[:, None] * P + beta[:, None] * h
     else:
         # r_y is excluded by selection, not by multiplying with 0: exp(z_y - lse_nt) may be inf.
         r = torch.exp(z - lse_nt[:, None])
         # r = 0 when no non-target class has a finite logit (C = 1, all masked).
         r = torch.where((lse_nt == -math.inf)[:, None], torch.zeros_like(r), r)
-        u = torch.ones(c, dtype=acc, device=z.device) if smooth_weight is None else smooth_weight.to(acc)
+        u = torch.ones(c, dtype=acc, device=z.device) if u is None else u.to(acc)
         off = alpha[:, None] * r
         off = torch.where((beta != 0)[:, None], off + beta[:, None] * u, off)
     direction = torch.where(onehot, gamma[:, None].expand(n, c), off)
@@ -383,18 +356,17 @@ class ReferenceFunction(torch.autograd.Function):
     """Autograd glue for the reference: forward value, SPEC gradient in backward."""
 
     @staticmethod
-    def forward(ctx, logits, target, kernel_id, a, b, weight, sample_weight, ignore_index, reduction, normalize):
-        value, stats = forward(
-            logits, target, kernel_id, a, b, weight, sample_weight, ignore_index, reduction, normalize
-        )
-        ctx.save_for_backward(logits, target, stats, weight if kernel_id == _CCE_LS else None)
-        ctx.ignore_index, ctx.kernel_id, ctx.a = ignore_index, kernel_id, a
+    def forward(ctx, logits, target, spec, weight, sample_weight):
+        value, stats = forward(logits, target, spec, weight, sample_weight)
+        ctx.save_for_backward(logits, target, stats, spec.smooth_weight(weight))
+        ctx.spec = spec
         return value
 
     @staticmethod
     def backward(ctx, grad):
         if torch.is_grad_enabled():  # create_graph=True: refuse rather than drop the second-order term
             raise RuntimeError("robustloss: double backward (create_graph=True) is not supported")
-        logits, target, stats, smooth_weight = ctx.saved_tensors
-        grad_logits = backward(grad, logits, target, stats, ctx.ignore_index, smooth_weight, ctx.kernel_id, ctx.a)
-        return grad_logits, None, None, None, None, None, None, None, None, None
+        logits, target, stats, u = ctx.saved_tensors
+        # u is saved only where the spec routes the class weights into the rows.
+        grad_logits = backward(grad, logits, target, stats, ctx.spec, u)
+        return grad_logits, None, None, None, None

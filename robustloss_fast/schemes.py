@@ -9,19 +9,23 @@ and report the monitoring value ``w * (-log p)``. Loss-defined schemes (``CCE``,
 ``MAE``, ``MSE``, ``GCE``) are ordinary losses ``L(p)`` whose exact gradient
 has magnitude ``w(p)``.
 
-The kernels see a scheme only as ``(kernel_id, kernel_params)``: several
-schemes share one kernel formula (``IMAE(T)`` is ``DM(lam=1, beta=T)``,
-``DMExponential(beta)`` is ``DM(lam=0, beta)``), so the kernel table is small.
-The table of kernel ids is mirrored in ``csrc/include/robustloss/schemes.h``,
-``robustloss_fast/reference.py`` and the Triton kernels; the parity tests bind
-them together.
+The kernels see a scheme only as ``(kernel_id, kernel_params, loss_scale)``,
+which ``functional.kernel_spec`` folds with the loss's flags into one
+``KernelSpec``: several schemes share one kernel formula (``IMAE(T)`` is
+``DM(lam=1, beta=T)``, ``DMExponential(beta)`` is ``DM(lam=0, beta)``), so the
+kernel table is small. This module is the one place that maps a scheme to its
+formula; the ids are ``robustloss_fast._common.Kernel`` (and, for C++,
+``csrc/include/robustloss/schemes.h``, which a test reads back against it).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar, Optional, Tuple
+
+from ._common import Kernel
 
 __all__ = [
     "Scheme",
@@ -42,25 +46,18 @@ __all__ = [
     "NCE",
     "NFL",
     "APL",
-    "KERNEL_IDS",
 ]
 
-# Kernel formula ids: keep in sync with csrc/include/robustloss/schemes.h.
-KERNEL_IDS = {
-    "CCE": 0,
-    "MAE": 1,
-    "MSE": 2,
-    "GCE": 3,
-    "DM": 4,
-    "DM_NORMAL": 5,
-    "DM_BETA": 6,
-    "POLY": 7,
-    "FOCAL": 8,
-    "TAYLOR": 9,
-    "CCE_LS": 10,  # CCE with label smoothing: the label_smoothing= keyword, not a scheme class
-    "NCE": 11,
-    "NFL": 12,
-}
+def __getattr__(name):
+    # KERNEL_IDS was the id table before robustloss_fast._common.Kernel; kept for old imports.
+    if name == "KERNEL_IDS":
+        warnings.warn(
+            "robustloss_fast.schemes.KERNEL_IDS is deprecated; use robustloss_fast._common.Kernel",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return {k.name: int(k) for k in Kernel}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _real(cls: str, name: str, value) -> float:
@@ -143,7 +140,7 @@ class DM(Scheme):
         if self.lam < 0:
             raise ValueError(f"DM: lam must be >= 0, got {self.lam!r}")
 
-    kernel_id = KERNEL_IDS["DM"]
+    kernel_id = Kernel.DM
 
     @property
     def kernel_params(self):
@@ -165,7 +162,7 @@ class IMAE(Scheme):
     def __post_init__(self):
         object.__setattr__(self, "T", _real("IMAE", "T", self.T))
 
-    kernel_id = KERNEL_IDS["DM"]
+    kernel_id = Kernel.DM
 
     @property
     def kernel_params(self):
@@ -191,7 +188,7 @@ class DMNormal(Scheme):
         if self.beta < 0:
             raise ValueError(f"DMNormal: beta must be >= 0, got {self.beta!r}")
 
-    kernel_id = KERNEL_IDS["DM_NORMAL"]
+    kernel_id = Kernel.DM_NORMAL
 
     @property
     def kernel_params(self):
@@ -211,7 +208,7 @@ class DMExponential(Scheme):
     def __post_init__(self):
         object.__setattr__(self, "beta", _real("DMExponential", "beta", self.beta))
 
-    kernel_id = KERNEL_IDS["DM"]
+    kernel_id = Kernel.DM
 
     @property
     def kernel_params(self):
@@ -241,7 +238,7 @@ class DMBeta(Scheme):
         if self.eta < 1:
             raise ValueError(f"DMBeta: eta must be >= 1, got {self.eta!r}")
 
-    kernel_id = KERNEL_IDS["DM_BETA"]
+    kernel_id = Kernel.DM_BETA
 
     @property
     def kernel_params(self):
@@ -258,7 +255,7 @@ class CCE(Scheme):
     """Categorical cross-entropy: L = -log p, w = 2(1 - p). Emphasises hard examples."""
 
     loss_defined: ClassVar[bool] = True
-    kernel_id = KERNEL_IDS["CCE"]
+    kernel_id = Kernel.CCE
 
     @property
     def kernel_params(self):
@@ -274,7 +271,7 @@ class MAE(Scheme):
     """Mean absolute error of the probability vector / 2: L = 1 - p, w = 2p(1 - p)."""
 
     loss_defined: ClassVar[bool] = True
-    kernel_id = KERNEL_IDS["MAE"]
+    kernel_id = Kernel.MAE
 
     @property
     def kernel_params(self):
@@ -290,7 +287,7 @@ class MSE(Scheme):
     """L = (1 - p)**2, w = 4p(1 - p)**2."""
 
     loss_defined: ClassVar[bool] = True
-    kernel_id = KERNEL_IDS["MSE"]
+    kernel_id = Kernel.MSE
 
     @property
     def kernel_params(self):
@@ -316,7 +313,7 @@ class GCE(Scheme):
         if not 0.0 < self.q <= 1.0:
             raise ValueError(f"GCE: q must be in (0, 1], got {self.q!r}")
 
-    kernel_id = KERNEL_IDS["GCE"]
+    kernel_id = Kernel.GCE
 
     @property
     def kernel_params(self):
@@ -348,7 +345,7 @@ class Poly1(Scheme):
         if self.epsilon < -1:
             raise ValueError(f"Poly1: epsilon must be >= -1, got {self.epsilon!r}")
 
-    kernel_id = KERNEL_IDS["POLY"]
+    kernel_id = Kernel.POLY
 
     @property
     def kernel_params(self):
@@ -376,7 +373,7 @@ class RCE(Scheme):
         if self.A >= 0:
             raise ValueError(f"RCE: A must be < 0 (it stands for log 0), got {self.A!r}")
 
-    kernel_id = KERNEL_IDS["POLY"]
+    kernel_id = Kernel.POLY
 
     @property
     def kernel_params(self):
@@ -410,7 +407,7 @@ class SCE(Scheme):
         if self.A >= 0:
             raise ValueError(f"SCE: A must be < 0 (it stands for log 0), got {self.A!r}")
 
-    kernel_id = KERNEL_IDS["POLY"]
+    kernel_id = Kernel.POLY
 
     @property
     def kernel_params(self):
@@ -438,7 +435,7 @@ class Focal(Scheme):
         if self.gamma < 0:
             raise ValueError(f"Focal: gamma must be >= 0, got {self.gamma!r}")
 
-    kernel_id = KERNEL_IDS["FOCAL"]
+    kernel_id = Kernel.FOCAL
 
     @property
     def kernel_params(self):
@@ -474,7 +471,7 @@ class TaylorCE(Scheme):
         if not 1 <= self.order <= 64:
             raise ValueError(f"TaylorCE: order must be in 1..64, got {self.order!r}")
 
-    kernel_id = KERNEL_IDS["TAYLOR"]
+    kernel_id = Kernel.TAYLOR
 
     @property
     def kernel_params(self):
@@ -508,7 +505,7 @@ class NCE(Scheme):
 
     loss_defined: ClassVar[bool] = True
     two_term: ClassVar[bool] = True
-    kernel_id = KERNEL_IDS["NCE"]
+    kernel_id = Kernel.NCE
 
     @property
     def kernel_params(self):
@@ -545,7 +542,7 @@ class NFL(Scheme):
         if self.gamma < 0:
             raise ValueError(f"NFL: gamma must be >= 0, got {self.gamma!r}")
 
-    kernel_id = KERNEL_IDS["NFL"]
+    kernel_id = Kernel.NFL
 
     @property
     def kernel_params(self):
@@ -596,27 +593,27 @@ class APL(Scheme):
         if self.gamma < 0:
             raise ValueError(f"APL: gamma must be >= 0, got {self.gamma!r}")
 
-    def _passive_coef(self) -> float:
-        return self.beta * (-self.A if self.passive == "rce" else 1.0)
+    def _formula(self) -> Tuple[Kernel, float, float, float]:
+        """(kernel, a, b, loss scale): the one place APL's two kernel forms are chosen."""
+        passive = self.beta * (-self.A if self.passive == "rce" else 1.0)
+        if self.active == "nfl" and self.alpha > 0:
+            # The NFL formula takes (gamma, b): alpha NFL + b' q = alpha (NFL + (b'/alpha) q).
+            return Kernel.NFL, self.gamma, passive / self.alpha, self.alpha
+        if self.active == "nfl":
+            return Kernel.NCE, 0.0, passive, 1.0  # alpha = 0: the passive term alone (NCE's formula with a = 0)
+        return Kernel.NCE, self.alpha, passive, 1.0
 
     @property
     def kernel_id(self):
-        if self.active == "nfl" and self.alpha > 0:
-            return KERNEL_IDS["NFL"]
-        return KERNEL_IDS["NCE"]
+        return self._formula()[0]
 
     @property
     def kernel_params(self):
-        if self.active == "nfl" and self.alpha > 0:
-            # The NFL kernel takes (gamma, b): alpha NFL + b' q = alpha (NFL + (b'/alpha) q).
-            return (self.gamma, self._passive_coef() / self.alpha)
-        if self.active == "nfl":
-            return (0.0, self._passive_coef())  # alpha = 0: the passive term alone (the NCE kernel with a = 0)
-        return (self.alpha, self._passive_coef())
+        return self._formula()[1:3]
 
     @property
     def loss_scale(self):
-        return self.alpha if self.active == "nfl" and self.alpha > 0 else 1.0
+        return self._formula()[3]
 
     @property
     def emphasis_mode(self):

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 import robustloss_fast as rf
-from robustloss_fast import _backends
+from robustloss_fast import backends
+from robustloss_fast._common import Kernel as K
 from robustloss_fast.schemes import CCE, DM, GCE
 
-HAS_CPU = _backends._unavailable_reason("cpu") is None
+HAS_CPU = backends.unavailable_reason("cpu") is None
 needs_cpu = pytest.mark.skipif(not HAS_CPU, reason="the compiled extension is not importable")
 
 
@@ -35,15 +36,15 @@ def _forward_samples():
     samples = []
     # (n, c, dtype, scheme id, a, b, weighted, reduction, normalize, requires_grad)
     for n, c, dtype, kid, a, b, weighted, red, norm, rg in (
-        (8, 5, torch.float32, 4, 1.0, 8.0, True, 1, True, True),
-        (8, 5, torch.float32, 0, 0.0, 0.0, False, 0, False, True),
-        (6, 7, torch.float64, 3, 0.7, 0.0, True, 2, False, True),
-        (5, 3, torch.bfloat16, 6, 2.0, 3.0, True, 1, False, False),
-        (4, 1, torch.float16, 5, 0.3, 4.0, False, 0, True, False),
-        (0, 4, torch.float32, 4, 0.5, 12.0, True, 1, True, False),
+        (8, 5, torch.float32, K.DM, 1.0, 8.0, True, 1, True, True),
+        (8, 5, torch.float32, K.CCE, 0.0, 0.0, False, 0, False, True),
+        (6, 7, torch.float64, K.GCE, 0.7, 0.0, True, 2, False, True),
+        (5, 3, torch.bfloat16, K.DM_BETA, 2.0, 3.0, True, 1, False, False),
+        (4, 1, torch.float16, K.DM_NORMAL, 0.3, 4.0, False, 0, True, False),
+        (0, 4, torch.float32, K.DM, 0.5, 12.0, True, 1, True, False),
     ):
         x, t, w, sw = _inputs(n, c, dtype, rg)
-        samples.append((x, t, kid, a, b, w if weighted else None, sw if weighted else None, -100, red, norm))
+        samples.append((x, t, int(kid), a, b, w if weighted else None, sw if weighted else None, -100, red, norm))
     return samples
 
 
@@ -101,3 +102,26 @@ def test_compile_fullgraph_matches_eager(backend):
         t_bad[3] = 10
         with pytest.raises(Exception, match=r"\b10\b"):
             compiled(x, t_bad, w, sw, backend)
+
+
+def test_choosing_a_backend_traces_under_fullgraph():
+    """Resolving every backend on every device calls nothing Dynamo cannot trace.
+
+    On a GPU machine ``backend="cuda"`` / ``"auto"`` once asked the compiled
+    extension whether it was built with CUDA while Dynamo traced the call (a
+    builtin of a C extension: a hard graph break under fullgraph=True). The
+    same questions are asked here for every name and device type, CUDA
+    included, so a CPU-only run catches any such call.
+    """
+
+    def choose(x):
+        names = backends.available_backends()
+        for device in ("cpu", "cuda", "meta"):
+            backends.resolve("auto", torch.device(device))
+            for name in backends.NAMES:
+                backends.unavailable_reason(name)
+        return x * len(names)
+
+    x = torch.ones(3)
+    got = torch.compile(choose, fullgraph=True, backend="eager")(x)
+    assert torch.equal(got, x * len(backends.available_backends()))

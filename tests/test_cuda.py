@@ -29,12 +29,14 @@ import torch
 import torch.nn.functional as F
 
 import robustloss_fast as rf
-from robustloss_fast import _backends, _finalize, _ops, reference
+from robustloss_fast import _finalize, backends, reference
+from robustloss_fast._common import Kernel, KernelSpec, Reduction
+from robustloss_fast.backends.compiled import BUILT_WITH_CUDA
 from robustloss_fast.schemes import APL, CCE, DM, GCE, IMAE, MAE, MSE, NCE, NFL, DMBeta, DMExponential, DMNormal
 
 from conftest import requires_cuda
 
-_REASON = _backends._unavailable_reason("cuda")
+_REASON = backends.unavailable_reason("cuda")
 pytestmark = [
     pytest.mark.cuda,
     requires_cuda,
@@ -46,6 +48,7 @@ DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 MODES = [("none", None), ("mean", None), ("mean", True), ("mean", False), ("sum", None)]
 IGNORE = -100
 DEV = "cuda"
+_DM, _LS, _NCE, _NFL = int(Kernel.DM), int(Kernel.CCE_LS), int(Kernel.NCE), int(Kernel.NFL)
 
 
 def _id(x):
@@ -70,6 +73,10 @@ def make_inputs(n, c, dtype, *, weighted=True, ignore_frac=0.15, scale=3.0, offs
     weight = torch.rand(c, dtype=acc, device=DEV) + 0.5 if weighted else None
     sw = torch.randn(n, dtype=acc, device=DEV) if weighted else None
     return logits, target, weight, sw
+
+
+def spec_of(kid, a, b, reduction=0, normalize=False):
+    return KernelSpec(Kernel(kid), a, b, 1.0, Reduction(reduction), normalize, IGNORE)
 
 
 def run(backend, logits, target, scheme, weight, sw, reduction, normalize, upstream=None, **kw):
@@ -130,7 +137,7 @@ def check(logits, target, scheme, weight, sw, reduction, normalize, what="", rto
     assert_value(v, v_ref, logits.dtype, what + " value", scale=scale, rtol=rtol)
     # NFL's gradient alpha P_j + beta h_j can cancel to 1e-6 of its terms (C = 2, gamma = 2): in
     # float32 such a row is only good to ~1e-7 of the largest entries (as the float32 reference is).
-    nfl = getattr(scheme, "kernel_id", None) == 12
+    nfl = getattr(scheme, "kernel_id", None) == Kernel.NFL
     assert_grad(g, g_ref, logits.dtype, what + " grad", rtol=rtol, global_floor=1e-6 if nfl else 1e-7)
 
 
@@ -273,7 +280,7 @@ def test_nfl_matches_its_definition():
             for reduction in ("none", "mean", "sum"):
                 x = logits.detach().clone().requires_grad_(True)
                 x2 = logits.detach().clone().requires_grad_(True)
-                v = torch.ops.robustloss.robust_ce_forward(x, target, 12, gamma, b, None, sw, IGNORE,
+                v = torch.ops.robustloss.robust_ce_forward(x, target, _NFL, gamma, b, None, sw, IGNORE,
                                                            {"none": 0, "mean": 1, "sum": 2}[reduction], False)[0]  # fmt: skip
                 per_row, valid = _nfl_by_definition(x2, target, gamma, b, sw)
                 ref = {"none": per_row, "mean": per_row.sum() / valid.sum(), "sum": per_row.sum()}[reduction]
@@ -328,7 +335,7 @@ def test_ops_against_cpu_kernel_and_reference(scheme, dtype):
         v, st = ops.robust_ce_forward(logits, target, kid, a, b, w, sw, IGNORE, reduction, normalize)
         v_cpu, st_cpu = ops.robust_ce_forward(logits.cpu(), target.cpu(), kid, a, b, w.cpu(), sw.cpu(), IGNORE,
                                               reduction, normalize)  # fmt: skip
-        v_ref, st_ref = reference.forward(logits, target, kid, a, b, w, sw, IGNORE, reduction, normalize)
+        v_ref, st_ref = reference.forward(logits, target, spec_of(kid, a, b, reduction, normalize), w, sw)
         tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=3e-5, atol=1e-7)
         torch.testing.assert_close(v.cpu(), v_cpu, **tol)
         torch.testing.assert_close(v, v_ref, **tol)
@@ -336,7 +343,7 @@ def test_ops_against_cpu_kernel_and_reference(scheme, dtype):
         torch.testing.assert_close(st[valid], st_ref[valid], **tol)
         torch.testing.assert_close(st.cpu(), st_cpu, **tol)
         rows = ops.robust_ce_rows(logits, target, kid, a, b, None, IGNORE, reduction == 1 and normalize)
-        v2, st2 = _finalize.finalize(rows, target, w, sw, IGNORE, reduction, normalize)
+        v2, st2 = _finalize.finalize(rows, target, spec_of(kid, a, b, reduction, normalize), w, sw)
         torch.testing.assert_close(v2, v, **tol)
         torch.testing.assert_close(st2, st, **tol)
         grad = torch.randn(41, dtype=st.dtype, device=DEV) if reduction == 0 else torch.tensor(0.7, device=DEV).to(st.dtype)
@@ -349,7 +356,8 @@ def test_ops_against_cpu_kernel_and_reference(scheme, dtype):
 # Two-term kernel formulas (kernel id, a, b): label smoothing eps = 0.1 (the class
 # weights are its smoothing weights u), NCE (1, 0), APL NCE+RCE (alpha = 1, beta A = 4),
 # NFL (gamma, b) with gamma 0.5, 2 and 0 (its rows and stats hold lse: P-form).
-TWO_TERM_KERNELS = [(10, 0.1, 0.0), (11, 1.0, 0.0), (11, 1.0, 4.0), (12, 0.5, 0.0), (12, 2.0, 0.4), (12, 0.0, 0.4)]
+TWO_TERM_KERNELS = [(_LS, 0.1, 0.0), (_NCE, 1.0, 0.0), (_NCE, 1.0, 4.0), (_NFL, 0.5, 0.0), (_NFL, 2.0, 0.4),
+                    (_NFL, 0.0, 0.4)]  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_id)
@@ -363,21 +371,21 @@ def test_two_term_ops_against_cpu_kernel_and_reference(kernel, c, dtype):
     valid = target != IGNORE
     tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=3e-5, atol=1e-7)
     for ww in (None, w):
-        u = ww if kid == 10 else None  # label smoothing weighs its smoothing sum by the class weights
+        u = ww if Kernel(kid).weight_in_rows else None  # label smoothing weighs its smoothing sum by the class weights
         for reduction in (0, 1, 2):
             what = f"{kernel} c={c} weight={ww is not None} reduction={reduction}"
             v, st = ops.robust_ce_forward(logits, target, kid, a, b, ww, sw, IGNORE, reduction, False)
             v_cpu, st_cpu = ops.robust_ce_forward(logits.cpu(), target.cpu(), kid, a, b,
                                                   None if ww is None else ww.cpu(), sw.cpu(), IGNORE, reduction, False)  # fmt: skip
-            v_ref, st_ref = reference.forward(logits, target, kid, a, b, ww, sw, IGNORE, reduction, False)
+            v_ref, st_ref = reference.forward(logits, target, spec_of(kid, a, b, reduction), ww, sw)
             torch.testing.assert_close(v.cpu(), v_cpu, **tol, msg=what)
             torch.testing.assert_close(v, v_ref, **tol, msg=what)
             torch.testing.assert_close(st[valid], st_ref[valid], **tol, msg=what)
             torch.testing.assert_close(st.cpu(), st_cpu, **tol, msg=what)
             rows = ops.robust_ce_rows(logits, target, kid, a, b, u, IGNORE, False)
-            rows_ref = reference.rows(logits, target, kid, a, b, IGNORE, False, u)
+            rows_ref = reference.rows(logits, target, spec_of(kid, a, b), u)
             torch.testing.assert_close(rows[valid], rows_ref[valid], **tol, msg=what)
-            v2, st2 = _finalize.finalize(rows, target, ww, sw, IGNORE, reduction, False, weight_in_rows=kid == 10)
+            v2, st2 = _finalize.finalize(rows, target, spec_of(kid, a, b, reduction), ww, sw)
             torch.testing.assert_close(v2, v, **tol, msg=what)
             torch.testing.assert_close(st2, st, **tol, msg=what)
             grad = torch.randn(41, dtype=st.dtype, device=DEV) if reduction == 0 else torch.tensor(0.7, device=DEV).to(st.dtype)
@@ -386,8 +394,8 @@ def test_two_term_ops_against_cpu_kernel_and_reference(kernel, c, dtype):
                                             None if u is None else u.cpu(), IGNORE, kid, a)  # fmt: skip
             assert gl.dtype == dtype and gl.is_contiguous()
             assert_grad(gl.cpu(), gl_cpu.double(), dtype, "backward vs CPU kernel " + what)
-            gl_ref = reference.backward(grad.double(), logits.double(), target, st_ref.double(), IGNORE,
-                                        None if u is None else u.double(), kernel_id=kid, a=a)  # fmt: skip
+            gl_ref = reference.backward(grad.double(), logits.double(), target, st_ref.double(), spec_of(kid, a, b),
+                                        None if u is None else u.double())  # fmt: skip
             assert_grad(gl, gl_ref, dtype, "backward vs reference " + what)
 
 
@@ -512,7 +520,7 @@ def test_bad_target_raises_index_error_naming_it(c):
         with pytest.raises(IndexError, match=rf"target value {bad} \(at flat position 6\)"):
             rf.robust_cross_entropy(logits, t, DM(), backend="cuda")
         with pytest.raises(IndexError, match=str(bad)):
-            torch.ops.robustloss.robust_ce_rows(logits, t, 4, 1.0, 8.0, None, IGNORE, True)
+            torch.ops.robustloss.robust_ce_rows(logits, t, _DM, 1.0, 8.0, None, IGNORE, True)
         with pytest.raises(IndexError, match=str(bad)):  # the two-term pass skips bad rows too
             rf.robust_cross_entropy(logits, t, CCE(), label_smoothing=0.1, backend="cuda")
         with pytest.raises(IndexError, match=str(bad)):  # and NFL's focal pass
@@ -520,7 +528,7 @@ def test_bad_target_raises_index_error_naming_it(c):
         # The backward op never syncs: it leaves the bad rows NaN and touches nothing out of bounds.
         st = torch.zeros(10, 4, device=DEV)
         st[:, 0] = torch.logsumexp(logits, 1)  # NFL's P_j = exp(z_j - lse) of a good row are at most 1
-        for u, kid, a in ((None, 0, 0.0), (torch.ones(c, device=DEV), 10, 0.1), (None, 12, 0.5)):
+        for u, kid, a in ((None, int(Kernel.CCE), 0.0), (torch.ones(c, device=DEV), _LS, 0.1), (None, _NFL, 0.5)):
             g = torch.ops.robustloss.robust_ce_backward(torch.ones((), device=DEV), logits, t, st, u, IGNORE, kid, a)
             assert torch.isnan(g[[6, 8]]).all() and torch.isfinite(g[:6]).all()
     # The context is still healthy (no device-side assert fired).
@@ -591,21 +599,21 @@ def test_cuda_graph_capture_and_replay():
 def test_opcheck():
     ops = torch.ops.robustloss
     for n, c, dtype, kid, a, b, red, norm in (
-        (8, 5, torch.float32, 4, 1.0, 8.0, 1, True),
-        (8, 700, torch.bfloat16, 0, 0.0, 0.0, 0, False),
-        (6, 7, torch.float64, 3, 0.7, 0.0, 2, False),
-        (0, 4, torch.float32, 4, 0.5, 12.0, 1, True),
-        (8, 700, torch.float32, 10, 0.1, 0.0, 1, False),
-        (6, 9, torch.float64, 11, 1.0, 4.0, 0, False),
-        (8, 700, torch.float32, 12, 0.5, 0.4, 1, False),
-        (6, 9, torch.float64, 12, 2.0, 0.0, 0, False),
+        (8, 5, torch.float32, _DM, 1.0, 8.0, 1, True),
+        (8, 700, torch.bfloat16, int(Kernel.CCE), 0.0, 0.0, 0, False),
+        (6, 7, torch.float64, int(Kernel.GCE), 0.7, 0.0, 2, False),
+        (0, 4, torch.float32, _DM, 0.5, 12.0, 1, True),
+        (8, 700, torch.float32, _LS, 0.1, 0.0, 1, False),
+        (6, 9, torch.float64, _NCE, 1.0, 4.0, 0, False),
+        (8, 700, torch.float32, _NFL, 0.5, 0.4, 1, False),
+        (6, 9, torch.float64, _NFL, 2.0, 0.0, 0, False),
     ):
         logits, target, w, sw = make_inputs(n, c, dtype)
         x = logits.detach().clone().requires_grad_(dtype != torch.bfloat16)
         torch.library.opcheck(ops.robust_ce_forward.default, (x, target, kid, a, b, w, sw, IGNORE, red, norm))
         _, st = ops.robust_ce_forward(logits, target, kid, a, b, w, sw, IGNORE, red, norm)
         grad = torch.ones((), dtype=st.dtype, device=DEV)
-        u = w if kid == 10 else None
+        u = w if Kernel(kid).weight_in_rows else None
         torch.library.opcheck(ops.robust_ce_backward.default, (grad, logits, target, st, u, IGNORE, kid, a))
         torch.library.opcheck(ops.robust_ce_rows.default, (logits, target, kid, a, b, u, IGNORE, red == 1 and norm))
 
@@ -658,16 +666,17 @@ def test_offsets_past_2_31_elements():
     logits = torch.empty(n, c, dtype=torch.bfloat16, device=DEV).normal_(0.0, 3.0)
     target = torch.randint(0, c, (n,), device=DEV)
     tail = slice(n - 8, n)
-    v, st = torch.ops.robustloss.robust_ce_forward(logits, target, 4, 1.0, 8.0, None, None, IGNORE, 0, False)
-    gl = torch.ops.robustloss.robust_ce_backward(torch.ones(n, device=DEV), logits, target, st, None, IGNORE, 4, 1.0)
-    v_ref, st_ref = reference.forward(logits[tail].double(), target[tail], 4, 1.0, 8.0, None, None, IGNORE, 0, False)
+    v, st = torch.ops.robustloss.robust_ce_forward(logits, target, _DM, 1.0, 8.0, None, None, IGNORE, 0, False)
+    gl = torch.ops.robustloss.robust_ce_backward(torch.ones(n, device=DEV), logits, target, st, None, IGNORE, _DM, 1.0)
+    spec = spec_of(Kernel.DM, 1.0, 8.0)
+    v_ref, st_ref = reference.forward(logits[tail].double(), target[tail], spec)
     g_ref = reference.backward(torch.ones(8, device=DEV, dtype=torch.float64), logits[tail].double(), target[tail],
-                               st_ref, IGNORE)  # fmt: skip
+                               st_ref, spec)  # fmt: skip
     assert_value(v[tail], v_ref, torch.bfloat16, "tail value")
     assert_grad(gl[tail], g_ref, torch.bfloat16, "tail grad")
 
 
 def test_built_with_cuda():
-    assert _ops.has_cuda_kernels()
+    assert BUILT_WITH_CUDA
     for op in ("robust_ce_forward", "robust_ce_backward", "robust_ce_rows"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"robustloss::{op}", "CUDA")

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import robustloss_fast as rf
-from robustloss_fast import _backends
+from robustloss_fast import backends
 from robustloss_fast.schemes import CCE, DM, GCE, DMNormal
 
-BACKENDS = [b for b in ("torch", "cpu") if _backends._unavailable_reason(b) is None]
+BACKENDS = [b for b in ("torch", "cpu") if backends.unavailable_reason(b) is None]
 
 
 def _problem(dtype, n=300, c=129):

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 import robustloss_fast as rl
-from robustloss_fast import _finalize, _ops, distributed
+from robustloss_fast import _finalize, backends, distributed, reference
+from robustloss_fast._common import Kernel, KernelSpec, Reduction
 
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():  # pragma: no cover
@@ -31,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 IN, HIDDEN, C = 6, 12, 8
 LR = 0.5
 # The fused CPU op where the extension loaded, and the reference always.
-BACKENDS = ["cpu", "torch"] if _ops.EXT is not None else ["torch"]
+BACKENDS = ["cpu", "torch"] if backends.unavailable_reason("cpu") is None else ["torch"]
 
 # (name, scheme, reduction, normalize, class weights?, sample weights?)
 DP_CASES = [
@@ -44,12 +45,16 @@ DP_CASES = [
 ]
 
 
-def _fin_rows(z, y, red, norm):
+def _fin_spec(red, norm):
     # DMExponential(beta=-800) on rows with p ~ 0: every log w is near -800, so
     # a wrong common shift (e.g. 0 taken from a shard with no row that counts)
     # underflows every weight. Raw weights (no normalisation) use a mild beta.
     normalised = red == 1 and norm
-    return distributed.reference_rows(z, y, 4, 0.0, -800.0 if normalised else -3.0, -100, normalised)
+    return KernelSpec(Kernel.DM, 0.0, -800.0 if normalised else -3.0, 1.0, Reduction(red), norm, -100)
+
+
+def _fin_rows(z, y, red, norm):
+    return reference.rows(z, y, _fin_spec(red, norm))
 
 
 def _model():
@@ -103,7 +108,8 @@ def _worker(rank, world, rdv, data, out_dir):
     for red in (0, 1, 2):
         for norm in (True, False):
             r = _fin_rows(data["z_hard"][rows], y, red, norm)
-            value, stats = distributed.finalize_distributed(r, y, data["weight"], data["sw"][rows], -100, red, norm, group)
+            spec = _fin_spec(red, norm)
+            value, stats = distributed.finalize_distributed(r, y, spec, data["weight"], data["sw"][rows], group)
             res[f"fin/{red}/{norm}/value"] = value
             res[f"fin/{red}/{norm}/stats"] = stats
 
@@ -203,7 +209,7 @@ def _check(data, world, out_dir):
     for red in (0, 1, 2):
         for norm in (True, False):
             r_all = _fin_rows(data["z_hard"], data["y"], red, norm)
-            value, stats = _finalize.finalize(r_all, data["y"], data["weight"], data["sw"], -100, red, norm)
+            value, stats = _finalize.finalize(r_all, data["y"], _fin_spec(red, norm), data["weight"], data["sw"])
             got_stats = torch.cat([res[r][f"fin/{red}/{norm}/stats"] for r in range(world)])
             # coef carries the factor W; lse_nt is per row and unscaled.
             _close(got_stats[:, 1] / world, stats[:, 1], f"finalize coef red={red} norm={norm}")

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import robustloss_fast as rf
-from robustloss_fast import _backends
+from robustloss_fast import backends
 from robustloss_fast.schemes import CCE, DM, GCE, IMAE, MAE, MSE, DMBeta, DMExponential, DMNormal, Focal, Scheme
 
 from _cases import SCHEMES  # noqa: E402
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
-BACKENDS = [b for b in ("torch", "cpu") if _backends._unavailable_reason(b) is None]
+BACKENDS = [b for b in ("torch", "cpu") if backends.unavailable_reason(b) is None]
 REDUCTIONS = ["none", "mean", "sum"]
 SCHEME_NAMES = ("CCE", "MAE", "MSE", "GCE", "DM", "IMAE", "DMNormal", "DMExponential", "DMBeta")
 INF, NAN = math.inf, math.nan
@@ -448,7 +448,7 @@ def test_shape_errors_are_raised_before_any_backend():
 
 def test_unavailable_backend_says_why():
     x, t = torch.randn(4, 3), torch.tensor([0, 1, 2, 1])
-    if _backends._unavailable_reason("cuda") is None:
+    if backends.unavailable_reason("cuda") is None:
         pytest.skip("the cuda backend is available here")
     with pytest.raises(RuntimeError, match=r"backend 'cuda' is not available: .*(CUDA|cuda)"):
         rf.robust_cross_entropy(x, t, DM(), backend="cuda")
@@ -601,10 +601,10 @@ def test_zero_weight_row_with_overflowing_raw_weight(backend, reduction, normali
 
 
 def test_auto_on_devices_without_fused_kernels_uses_the_reference():
-    assert _backends.resolve("auto", torch.device("meta"))[0] == "torch"
-    assert _backends.resolve("torch", torch.device("meta"))[0] == "torch"
+    assert backends.resolve("auto", torch.device("meta")).name == "torch"
+    assert backends.resolve("torch", torch.device("meta")).name == "torch"
     with pytest.raises(ValueError, match="unknown backend"):
-        _backends.resolve("fastest", torch.device("cpu"))
+        backends.resolve("fastest", torch.device("cpu"))
 
 
 def test_emphasis_mode_of_a_rising_dm():

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import robustloss_fast as rf
-from robustloss_fast import _backends
+from robustloss_fast._common import Kernel
+from robustloss_fast import backends
 
 SCHEME_NAMES = ("CCE", "MAE", "MSE", "GCE", "DM", "IMAE", "DMNormal", "DMExponential", "DMBeta")
 SPEC_KERNELS = ("CCE", "MAE", "MSE", "GCE", "DM", "DM_NORMAL", "DM_BETA")
@@ -39,7 +40,7 @@ GOLDEN = _golden_file()
 CASES = json.loads(GOLDEN.read_text())["cases"] if GOLDEN is not None else []
 # Asked per backend (not via available_backends()) so an optional backend
 # that fails to load cannot take these tests down with it.
-BACKENDS = [b for b in ("torch", "cpu") if _backends._unavailable_reason(b) is None]
+BACKENDS = [b for b in ("torch", "cpu") if backends.unavailable_reason(b) is None]
 
 pytestmark = pytest.mark.skipif(
     GOLDEN is None,
@@ -80,7 +81,7 @@ def test_golden_file_is_complete():
     """Guard against a truncated file silently shrinking the parametrised cases below."""
     assert len(CASES) >= 60
     # Every kernel formula of SPEC §4 appears.
-    assert {_scheme(c["scheme"]).kernel_id for c in CASES} >= {rf.schemes.KERNEL_IDS[k] for k in SPEC_KERNELS}
+    assert {_scheme(c["scheme"]).kernel_id for c in CASES} >= {Kernel[k] for k in SPEC_KERNELS}
     assert {c["reduction"] for c in CASES} == {"none", "mean", "sum"}
 
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import robustloss_fast as rf
-from robustloss_fast import _backends
+from robustloss_fast import backends
 from robustloss_fast.schemes import CCE, DM, GCE, MAE, MSE
 
-BACKENDS = [b for b in ("torch", "cpu") if _backends._unavailable_reason(b) is None]
+BACKENDS = [b for b in ("torch", "cpu") if backends.unavailable_reason(b) is None]
 LOSS_DEFINED = [CCE(), MAE(), MSE(), GCE(), GCE(q=0.25)]
 # The loss-defined peers of issue 7, where present.
 PEER_NAMES = ("Poly1", "RCE", "SCE", "Focal", "TaylorCE")

@@ -314,11 +314,9 @@ def test_process_group_uses_distributed_finalize(monkeypatch):
 
     calls = []
 
-    def spy(rows, target, weight, sample_weight, ignore_index, reduction, normalize, group, weight_in_rows=False):
-        calls.append((rows.shape, reduction, normalize, group))
-        return _finalize.finalize(
-            rows, target, weight, sample_weight, ignore_index, reduction, normalize, weight_in_rows=weight_in_rows
-        )
+    def spy(rows, target, spec, weight, sample_weight, group):
+        calls.append((rows.shape, spec.reduction, spec.normalize, group))
+        return _finalize.finalize(rows, target, spec, weight, sample_weight)
 
     monkeypatch.setattr(distributed, "finalize_distributed", spy)
     hidden, weight, bias, target, cw, sw = _inputs(10, 3, 6, torch.float64)

@@ -25,8 +25,9 @@ import pytest
 import torch
 
 import robustloss_fast as rf
-from robustloss_fast import _backends
+from robustloss_fast import backends
 from robustloss_fast import _finalize, reference
+from robustloss_fast._common import Kernel, KernelSpec, Reduction
 from robustloss_fast.schemes import CCE, DM, GCE, IMAE, MAE, MSE, DMBeta, DMExponential, DMNormal
 
 from _cases import SCHEMES  # noqa: E402
@@ -41,7 +42,7 @@ IGNORE = -100
 
 # Asked per backend (not via available_backends()) so an optional backend
 # that fails to load cannot take these tests down with it.
-BACKENDS = [b for b in ("torch", "cpu") if _backends._unavailable_reason(b) is None]
+BACKENDS = [b for b in ("torch", "cpu") if backends.unavailable_reason(b) is None]
 needs_cpu = pytest.mark.skipif("cpu" not in BACKENDS, reason="the compiled extension is not importable")
 
 
@@ -294,9 +295,13 @@ def _op_inputs(dtype, n=23, c=11, config="full"):
     return logits, target, weight, sw
 
 
+def spec_of(kid, a, b, reduction=0, normalize=False):
+    return KernelSpec(Kernel(kid), a, b, 1.0, Reduction(reduction), normalize, IGNORE)
+
+
 def reference_rows(logits, target, kernel_id, a, b, normalised):
     """(lse_nt, log w, x) per row from the reference's pieces (SPEC §2, §4, §5)."""
-    acc = reference.acc_dtype(logits.dtype)
+    acc = acc_of(logits.dtype)
     valid = target != IGNORE
     y = torch.where(valid, target, torch.zeros_like(target))
     _, lse_nt, logp, logq, p, q = reference.row_probs(logits.to(acc), y)
@@ -305,7 +310,7 @@ def reference_rows(logits, target, kernel_id, a, b, normalised):
         x = -logp
     else:
         # Unweighted "none" is the row's own value: L(p), or w (-log p).
-        x, _ = reference.forward(logits, target, kernel_id, a, b, None, None, IGNORE, 0, False)
+        x, _ = reference.forward(logits, target, spec_of(kernel_id, a, b))
     return torch.stack([lse_nt, lw, x], dim=1), valid
 
 
@@ -316,12 +321,13 @@ def _stat_tol(dtype):
 # Op-level cases: (kernel id, a, b, smoothing) for every SPEC scheme and the
 # two-term ones (label smoothing = 10, with the class weights as u; NCE/APL = 11).
 OP_CASES = [(s.kernel_id, *s.kernel_params, False) for s in SCHEMES]
-TWO_TERM_CASES = [(10, 0.1, 0.0, True), (10, 0.6, 0.0, True), (11, 1.0, 0.0, False), (11, 10.0, 0.4, False)]
-TWO_TERM_CASES += [(12, 0.5, 0.0, False), (12, 2.0, 0.4, False), (12, 0.0, 0.0, False)]
+_LS, _NCE, _NFL = Kernel.CCE_LS, Kernel.NCE, Kernel.NFL
+TWO_TERM_CASES = [(_LS, 0.1, 0.0, True), (_LS, 0.6, 0.0, True), (_NCE, 1.0, 0.0, False), (_NCE, 10.0, 0.4, False)]
+TWO_TERM_CASES += [(_NFL, 0.5, 0.0, False), (_NFL, 2.0, 0.4, False), (_NFL, 0.0, 0.0, False)]
 
 
 def _case_id(case):
-    return f"kid{case[0]}-{case[1]:g}-{case[2]:g}"
+    return f"{Kernel(case[0]).name}-{case[1]:g}-{case[2]:g}"
 
 
 @needs_cpu
@@ -329,12 +335,12 @@ def _case_id(case):
 @pytest.mark.parametrize("case", OP_CASES + TWO_TERM_CASES, ids=_case_id)
 def test_op_rows(case, dtype):
     kid, a, b, smooth = case
-    two_term = kid in reference.TWO_TERM
+    two_term = Kernel(kid).two_term
     for normalised in (False,) if two_term else (False, True):
         logits, target, weight, _ = _op_inputs(dtype)
         u = weight if smooth else None
         rows = torch.ops.robustloss.robust_ce_rows(logits, target, kid, a, b, u, IGNORE, normalised)
-        expected = reference.rows(logits, target, kid, a, b, IGNORE, normalised, u)
+        expected = reference.rows(logits, target, spec_of(kid, a, b, 1, normalised), u)
         valid = target != IGNORE
         assert rows.dtype == acc_of(dtype) and rows.shape == (logits.shape[0], 6)
         tol = _stat_tol(dtype)
@@ -357,7 +363,7 @@ def test_op_rows(case, dtype):
 def test_op_forward_and_finalize(case, dtype):
     """robust_ce_forward == reference.forward == finalize(robust_ce_rows), stats included."""
     kid, a, b, smooth = case
-    two_term = kid in reference.TWO_TERM
+    two_term = Kernel(kid).two_term
     for reduction in REDUCTIONS:
         for normalize in (False,) if two_term else (False, True):
             for config in ("plain", "full"):
@@ -365,13 +371,11 @@ def test_op_forward_and_finalize(case, dtype):
                 red = RED_ID[reduction]
                 args = (weight, sw, IGNORE, red, normalize)
                 value, stats = torch.ops.robustloss.robust_ce_forward(logits, target, kid, a, b, *args)
-                ref_value, ref_stats = reference.forward(logits, target, kid, a, b, *args)
-                normalised = reduction == "mean" and normalize
+                spec = spec_of(kid, a, b, red, normalize)
+                ref_value, ref_stats = reference.forward(logits, target, spec, weight, sw)
                 u = weight if smooth else None
-                rows = torch.ops.robustloss.robust_ce_rows(logits, target, kid, a, b, u, IGNORE, normalised)
-                fin_value, fin_stats = _finalize.finalize(
-                    rows, target, weight, sw, IGNORE, red, normalize, weight_in_rows=smooth
-                )
+                rows = torch.ops.robustloss.robust_ce_rows(logits, target, kid, a, b, u, IGNORE, spec.normalised)
+                fin_value, fin_stats = _finalize.finalize(rows, target, spec, weight, sw)
                 valid = target != IGNORE
                 tag = f"{reduction} normalize={normalize} {config}"
                 assert value.dtype == acc_of(dtype) and stats.dtype == acc_of(dtype)
@@ -379,8 +383,8 @@ def test_op_forward_and_finalize(case, dtype):
                 assert stats.shape == (logits.shape[0], 4)
                 tol = _stat_tol(dtype)
                 # Sums with signed sample weights cancel: the same sum with |sw| is the error scale.
-                abs_args = (weight, None if sw is None else sw.abs(), IGNORE, red, normalize)
-                vscale = float(reference.forward(logits, target, kid, a, b, *abs_args)[0].abs().max())
+                abs_sw = None if sw is None else sw.abs()
+                vscale = float(reference.forward(logits, target, spec, weight, abs_sw)[0].abs().max())
                 for got, name in ((value, "op"), (fin_value, "finalize")):
                     assert_near(got, ref_value, tol, got.dtype, vscale, f"{tag} value ({name})")
                 for got, name in ((stats, "op"), (fin_stats, "finalize")):
@@ -397,7 +401,9 @@ def test_op_forward_and_finalize(case, dtype):
 @pytest.mark.parametrize("kind", ["dm", "smoothing", "nce", "nfl"])
 def test_op_backward(dtype, per_row, kind):
     """robust_ce_backward == reference.backward for the same stats, incl. masked classes and C = 1."""
-    kid, a, b = {"dm": (4, 1.0, 8.0), "smoothing": (10, 0.3, 0.0), "nce": (11, 1.0, 2.0), "nfl": (12, 0.5, 2.0)}[kind]
+    kid, a, b = {
+        "dm": (Kernel.DM, 1.0, 8.0), "smoothing": (_LS, 0.3, 0.0), "nce": (_NCE, 1.0, 2.0), "nfl": (_NFL, 0.5, 2.0)
+    }[kind]  # fmt: skip
     for n, c in ((23, 11), (9, 1), (7, 37), (5, 3)):
         logits, target, weight, sw = _op_inputs(dtype, n, c)
         if c > 2:
@@ -405,11 +411,12 @@ def test_op_backward(dtype, per_row, kind):
             logits[1] = -math.inf  # every non-target masked: G = 0 (one-term)
             logits[1, target[1].clamp(min=0)] = 0.5
         red = 0 if per_row else 1
-        _, stats = reference.forward(logits, target, kid, a, b, weight, sw, IGNORE, red, kind == "dm")
+        spec = spec_of(kid, a, b, red, kind == "dm")
+        _, stats = reference.forward(logits, target, spec, weight, sw)
         u = weight if kind == "smoothing" else None
         grad = torch.randn((n,) if per_row else (), dtype=acc_of(dtype))
         got = torch.ops.robustloss.robust_ce_backward(grad, logits, target, stats, u, IGNORE, kid, a)
-        expected = reference.backward(grad, logits, target, stats, IGNORE, u, kid, a)
+        expected = reference.backward(grad, logits, target, stats, spec, u)
         assert got.dtype == dtype and got.shape == logits.shape
         ignored = target == IGNORE
         assert bool((got[ignored] == 0).all())

@@ -13,10 +13,11 @@ import torch
 import torch.nn.functional as F
 
 import robustloss_fast as rf
-from robustloss_fast import _backends, reference
+from robustloss_fast import backends, reference
+from robustloss_fast._common import Kernel, KernelSpec, Reduction
 from robustloss_fast.schemes import CCE, DM, GCE, IMAE, MAE, MSE, DMBeta, DMExponential, DMNormal
 
-_REASON = _backends._unavailable_reason("triton")
+_REASON = backends.unavailable_reason("triton")
 
 pytestmark = [
     pytest.mark.triton,
@@ -27,8 +28,8 @@ pytestmark = [
 ]
 
 if _REASON is None:
-    from robustloss_fast.triton import kernels as tk
-    from robustloss_fast.triton import ops as tops
+    from robustloss_fast.backends.triton import kernels as tk
+    from robustloss_fast.backends.triton import ops as tops
 
     DEVICE = "cpu" if tk.INTERPRETED else "cuda"
 else:  # pragma: no cover - the module is skipped
@@ -306,23 +307,23 @@ def test_rows_and_stats_match_the_reference_ops():
     x = _logits(n, c, torch.float64)
     t = _targets(n, c, ignored=2)
     w = torch.rand(c, device=DEVICE, dtype=torch.float64)
-    cases = [(s.kernel_id, *s.kernel_params) for s in SCHEMES] + [(tk.CCE_LS, 0.2, 0.0)] + TWO_TERM_NCE
-    cases += [(tk.NFL, g, b) for g, b in NFL_PARAMS]
+    cases = [(s.kernel_id, *s.kernel_params) for s in SCHEMES] + [(Kernel.CCE_LS, 0.2, 0.0)] + TWO_TERM_NCE
+    cases += [(Kernel.NFL, g, b) for g, b in NFL_PARAMS]
     for kid, a, b in cases:
-        two_term = kid >= tk.CCE_LS
+        two_term = Kernel(kid).two_term
         for reduction, normalize in MODES:
             if two_term and reduction == "mean" and normalize:
                 continue  # refused: test_two_term_schemes_refuse_normalize
             args = (x, t, kid, a, b, w, None, -100, _RED[reduction], normalize)
             value, stats = torch.ops.robustloss.triton_forward(*args)
-            rvalue, rstats = reference.forward(*args)
+            rvalue, rstats = reference.forward(x, t, _spec(kid, a, b, -100, _RED[reduction], normalize), w, None)
             _close(value, rvalue, 1e-10, f"{kid} value")
             assert stats.shape == (n, 4)
             # Ignored rows: (-inf, 0, 0, 0) in both.
             _close(stats, rstats, 1e-10, f"{kid} stats")
         for u in (None, w) if two_term else (None,):
             rows = torch.ops.robustloss.triton_rows(x, t, kid, a, b, u, -100, False)
-            rrows = reference.rows(x, t, kid, a, b, -100, False, u)
+            rrows = reference.rows(x, t, _spec(kid, a, b), u)
             assert rows.shape == (n, 6)
             _close(rows, rrows, 1e-10, f"{kid} rows u={u is not None}")
             valid = t != -100
@@ -385,6 +386,22 @@ def test_focal_confident_batch_keeps_its_unit_of_gradient(dtype, margin):
 # the reference's autograd Function, so they do not depend on the API layer.
 
 
+def _spec(kid, a, b, ignore_index=-100, reduction=0, normalize=False):
+    return KernelSpec(Kernel(kid), a, b, 1.0, Reduction(reduction), normalize, ignore_index)
+
+
+def triton_apply(x, t, kid, a, b, weight, sample_weight, ignore_index, reduction, normalize):
+    """The Triton backend's loss from the op's positional arguments."""
+    spec = _spec(kid, a, b, ignore_index, reduction, normalize)
+    return backends.get("triton").loss(x, t, spec, weight, sample_weight)
+
+
+def ref_apply(x, t, kid, a, b, weight, sample_weight, ignore_index, reduction, normalize):
+    """The reference's autograd Function from the same arguments."""
+    spec = _spec(kid, a, b, ignore_index, reduction, normalize)
+    return reference.ReferenceFunction.apply(x, t, spec, weight, sample_weight)
+
+
 def _op_value_and_grad(fn, x, t, args, upstream):
     xx = x.detach().clone().requires_grad_(True)
     v = fn(xx, t, *args)
@@ -400,10 +417,10 @@ def _check_op_parity(x, t, kid, a, b, what="", weight=None, sample_weight=None, 
     gradient, where it is larger than the gradient itself (NFL: ``_nfl_term_scale``).
     """
     args = (kid, a, b, weight, sample_weight, ignore_index, _RED[reduction], normalize)
-    ref = reference.ReferenceFunction.apply
+    ref = ref_apply
     rv = ref(x, t, *args).detach()
     upstream = torch.randn_like(rv) if rv.dim() else None
-    v, g = _op_value_and_grad(tops.apply, x, t, args, upstream)
+    v, g = _op_value_and_grad(triton_apply, x, t, args, upstream)
     rv, rg = _op_value_and_grad(ref, x, t, args, upstream)
     scale = None
     if sample_weight is not None and rv.dim() == 0:
@@ -432,7 +449,7 @@ def test_label_smoothing_parity(eps, use_weight, dtype):
     sw = torch.randn(n, device=DEVICE)
     for reduction, _ in TWO_TERM_MODES:
         for s in (None, sw):
-            _check_op_parity(x, t, tk.CCE_LS, eps, 0.0, f"eps={eps} {reduction} sw={s is not None}",
+            _check_op_parity(x, t, Kernel.CCE_LS, eps, 0.0, f"eps={eps} {reduction} sw={s is not None}",
                              weight=weight, sample_weight=s, ignore_index=4, reduction=reduction)
 
 
@@ -444,10 +461,10 @@ def test_label_smoothing_equals_torch_cross_entropy(eps, use_weight):
     t = _targets(n, c, ignored=3)
     weight = torch.rand(c, device=DEVICE) + 0.5 if use_weight else None
     for reduction in ("none", "mean", "sum"):
-        args = (tk.CCE_LS, eps, 0.0, weight, None, -100, _RED[reduction], False)
+        args = (Kernel.CCE_LS, eps, 0.0, weight, None, -100, _RED[reduction], False)
         r = F.cross_entropy(x, t, weight=weight, reduction=reduction, label_smoothing=eps)
         upstream = torch.randn_like(r) if r.dim() else None
-        v, g = _op_value_and_grad(tops.apply, x, t, args, upstream)
+        v, g = _op_value_and_grad(triton_apply, x, t, args, upstream)
         xr = x.clone().requires_grad_(True)
         F.cross_entropy(xr, t, weight=weight, reduction=reduction, label_smoothing=eps).backward(upstream)
         _close(v, r.detach(), 2e-5, f"value {reduction}")
@@ -478,7 +495,7 @@ def test_nce_matches_its_definition():
     xx = x.clone().requires_grad_(True)
     logp = torch.log_softmax(xx, dim=1)
     (logp.gather(1, t[:, None]).squeeze(1) / logp.sum(1)).sum().backward()
-    v, g = _op_value_and_grad(tops.apply, x, t, (tk.NCE, 1.0, 0.0, None, None, -100, 2, False), None)
+    v, g = _op_value_and_grad(triton_apply, x, t, (Kernel.NCE, 1.0, 0.0, None, None, -100, 2, False), None)
     expected = (logp.gather(1, t[:, None]).squeeze(1) / logp.sum(1)).sum()
     _close(v, expected.detach(), 1e-10, "value")
     _close(g, xx.grad, 1e-10, "grad")
@@ -500,7 +517,7 @@ def test_two_term_masked_classes(dtype):
     finite_rows = ~(torch.isinf(x) & (weight != 0)).any(1)
     assert finite_rows.tolist() == [False, False, True, True, True, True]
     for reduction, _ in TWO_TERM_MODES:
-        v, g = _check_op_parity(x, t, tk.CCE_LS, 0.3, 0.0, f"ls {reduction}", weight=weight, reduction=reduction)
+        v, g = _check_op_parity(x, t, Kernel.CCE_LS, 0.3, 0.0, f"ls {reduction}", weight=weight, reduction=reduction)
         assert torch.isfinite(g).all()
         if reduction == "none":
             assert torch.isfinite(v[finite_rows]).all() and (v[~finite_rows] == math.inf).all()
@@ -508,7 +525,7 @@ def test_two_term_masked_classes(dtype):
             v, g = _check_op_parity(x, t, kid, a, b, f"nce ({a}, {b}) {reduction}", reduction=reduction)
             assert torch.isfinite(v).all() and torch.isfinite(g).all()
     # Without the weights a masked class makes the smoothing term +inf, as in the reference.
-    v, g = _check_op_parity(x, t, tk.CCE_LS, 0.3, 0.0, "ls unweighted", reduction="none")
+    v, g = _check_op_parity(x, t, Kernel.CCE_LS, 0.3, 0.0, "ls unweighted", reduction="none")
     assert (v[[0, 1, 5]] == math.inf).all() and torch.isfinite(g).all()
 
 
@@ -520,7 +537,7 @@ def test_two_term_small_class_counts(c, dtype):
     t = _targets(n, c, ignored=1)
     weight = torch.rand(c, device=DEVICE, dtype=dtype) + 0.5
     for reduction, _ in TWO_TERM_MODES:
-        _check_op_parity(x, t, tk.CCE_LS, 0.1, 0.0, f"C={c} ls {reduction}", weight=weight, reduction=reduction)
+        _check_op_parity(x, t, Kernel.CCE_LS, 0.1, 0.0, f"C={c} ls {reduction}", weight=weight, reduction=reduction)
         for kid, a, b in TWO_TERM_NCE:
             _check_op_parity(x, t, kid, a, b, f"C={c} nce ({a}, {b}) {reduction}", reduction=reduction)
 
@@ -551,11 +568,11 @@ def test_two_term_chunked_rows_wider_than_a_block(tiny_blocks, dtype):
     x[1, 16:] = _logits(1, c - 16, dtype)[0]
     for reduction, _ in TWO_TERM_MODES:
         for eps in (0.1, 0.6):
-            v, _ = _check_op_parity(x, t, tk.CCE_LS, eps, 0.0, f"ls {eps} {reduction}", weight=weight,
+            v, _ = _check_op_parity(x, t, Kernel.CCE_LS, eps, 0.0, f"ls {eps} {reduction}", weight=weight,
                                     reduction=reduction)
             assert torch.isfinite(v).all()
         # Unweighted (U = C) on the rows without a masked class.
-        _check_op_parity(x[2:], t[2:], tk.CCE_LS, 0.1, 0.0, f"ls unweighted {reduction}", reduction=reduction)
+        _check_op_parity(x[2:], t[2:], Kernel.CCE_LS, 0.1, 0.0, f"ls unweighted {reduction}", reduction=reduction)
 
 
 @pytest.mark.parametrize("kid,a,b", [(10, 0.2, 0.0)] + TWO_TERM_NCE + [(12, 0.5, 0.4)], ids=lambda v: str(v))
@@ -578,12 +595,12 @@ def test_two_term_nan_and_inf_rows_are_isolated():
     x[4, 0] = float("nan")  # NaN target
     bad = torch.tensor([False, True, True, True, True, False, False], device=DEVICE)
     weight = torch.rand(c, device=DEVICE) + 0.5
-    nfl = [(tk.NFL, g, b, None) for g, b in NFL_PARAMS]
-    for kid, a, b, w in [(tk.CCE_LS, 0.1, 0.0, weight)] + [(*k, None) for k in TWO_TERM_NCE] + nfl:
+    nfl = [(Kernel.NFL, g, b, None) for g, b in NFL_PARAMS]
+    for kid, a, b, w in [(Kernel.CCE_LS, 0.1, 0.0, weight)] + [(*k, None) for k in TWO_TERM_NCE] + nfl:
         upstream = torch.randn(n, device=DEVICE)
         args = (kid, a, b, w, None, -100, 0, False)
-        v, g = _op_value_and_grad(tops.apply, x, t, args, upstream)
-        rv, rg = _op_value_and_grad(reference.ReferenceFunction.apply, x, t, args, upstream)
+        v, g = _op_value_and_grad(triton_apply, x, t, args, upstream)
+        rv, rg = _op_value_and_grad(ref_apply, x, t, args, upstream)
         assert g[bad].isnan().all(), "every entry of a NaN/+inf row's gradient is NaN"
         assert v[bad].isnan().all() and torch.isfinite(v[~bad]).all()
         _close(g[~bad], rg[~bad], 2e-5, f"{kid} finite rows")
@@ -606,7 +623,7 @@ def test_backward_op_against_the_reference(dtype):
     u = torch.rand(c, device=DEVICE) + 0.5
     u[2] = 0.0
     # Every scheme but NFL reads the stats alike (scheme and a do not matter to them).
-    _check_backward_op(x, t, stats, u, ((tk.CCE, 0.0), (tk.DM, 1.0), (tk.CCE_LS, 0.1), (tk.NCE, 1.0)))
+    _check_backward_op(x, t, stats, u, ((Kernel.CCE, 0.0), (Kernel.DM, 1.0), (Kernel.CCE_LS, 0.1), (Kernel.NCE, 1.0)))
 
 
 def _check_backward_op(x, t, stats, u, cases):
@@ -619,7 +636,7 @@ def _check_backward_op(x, t, stats, u, cases):
         for smooth in (None, u):
             for g in (torch.randn((), device=DEVICE), torch.randn(n, device=DEVICE)):
                 out = torch.ops.robustloss.triton_backward(g, x, t, stats, smooth, -100, kid, a)
-                ref = reference.backward(g, x, t, stats, -100, smooth, kid, a)
+                ref = reference.backward(g, x, t, stats, _spec(kid, a, 0.0), smooth)
                 assert out.dtype == x.dtype and out.shape == (n, c)
                 assert out[2].isnan().all()
                 assert (out[4] == 0).all()
@@ -635,7 +652,7 @@ def test_torch_compile_fullgraph_label_smoothing_with_weight():
     w = torch.rand(c, device=DEVICE) + 0.5
 
     def loss(inp, target, weight):
-        return tops.apply(inp, target, tk.CCE_LS, 0.2, 0.0, weight, None, -100, 1, False)
+        return triton_apply(inp, target, Kernel.CCE_LS, 0.2, 0.0, weight, None, -100, 1, False)
 
     compiled = torch.compile(loss, fullgraph=True)
     xc = x.clone().requires_grad_(True)
@@ -720,7 +737,7 @@ def test_nfl_parity(gamma, b, dtype):
     sw = torch.randn(n, device=DEVICE)
     for reduction, _ in TWO_TERM_MODES:
         for w, s in ((None, None), (weight, None), (weight, sw)):
-            _check_op_parity(x, t, tk.NFL, gamma, b, f"({gamma}, {b}) {reduction} w={w is not None} sw={s is not None}",
+            _check_op_parity(x, t, Kernel.NFL, gamma, b, f"({gamma}, {b}) {reduction} w={w is not None} sw={s is not None}",
                              weight=w, sample_weight=s, reduction=reduction,
                              grad_scale=_nfl_term_scale(x, t, gamma, b, w, s, reduction))
 
@@ -739,8 +756,8 @@ def test_nfl_matches_its_definition(gamma, b):
             want = _nfl_definition(xx, t, gamma, b, w, s, reduction)
             upstream = torch.randn_like(want) if want.dim() else None
             want.backward(upstream)
-            args = (tk.NFL, gamma, b, w, s, -100, _RED[reduction], False)
-            v, g = _op_value_and_grad(tops.apply, x, t, args, upstream)
+            args = (Kernel.NFL, gamma, b, w, s, -100, _RED[reduction], False)
+            v, g = _op_value_and_grad(triton_apply, x, t, args, upstream)
             what = f"({gamma}, {b}) {reduction} w={w is not None}"
             _close(v, want.detach(), 1e-10, f"value {what}")
             _close(g, xx.grad, 1e-10, f"grad {what}")
@@ -753,8 +770,8 @@ def test_nfl_gamma_zero_is_nce():
     for b in (0.0, 0.4):
         args = (0.0, b, None, None, -100, 0, False)
         upstream = torch.randn(n, device=DEVICE)
-        v, g = _op_value_and_grad(tops.apply, x, t, (tk.NFL, *args), upstream)
-        rv, rg = _op_value_and_grad(tops.apply, x, t, (tk.NCE, 1.0, *args[1:]), upstream)
+        v, g = _op_value_and_grad(triton_apply, x, t, (Kernel.NFL, *args), upstream)
+        rv, rg = _op_value_and_grad(triton_apply, x, t, (Kernel.NCE, 1.0, *args[1:]), upstream)
         _close(v, rv, 2e-5, f"value b={b}")
         _close(g, rg, 2e-5, f"grad b={b}")
 
@@ -771,7 +788,7 @@ def test_nfl_masked_classes(dtype):
     masked = torch.isinf(x)
     for gamma, b in NFL_PARAMS:
         for reduction, _ in TWO_TERM_MODES:
-            v, g = _check_op_parity(x, t, tk.NFL, gamma, b, f"({gamma}, {b}) {reduction}", reduction=reduction,
+            v, g = _check_op_parity(x, t, Kernel.NFL, gamma, b, f"({gamma}, {b}) {reduction}", reduction=reduction,
                                     grad_scale=_nfl_term_scale(x, t, gamma, b, reduction=reduction))
             assert torch.isfinite(v).all() and torch.isfinite(g).all()
             assert (g[masked] == 0).all(), "masked classes must get exactly zero gradient"
@@ -790,7 +807,7 @@ def test_nfl_small_class_counts(c, dtype):
     weight = torch.rand(c, device=DEVICE, dtype=dtype) + 0.5
     for gamma, b in NFL_PARAMS:
         for reduction, _ in TWO_TERM_MODES:
-            v, g = _check_op_parity(x, t, tk.NFL, gamma, b, f"C={c} ({gamma}, {b}) {reduction}", weight=weight,
+            v, g = _check_op_parity(x, t, Kernel.NFL, gamma, b, f"C={c} ({gamma}, {b}) {reduction}", weight=weight,
                                     reduction=reduction,
                                     grad_scale=_nfl_term_scale(x, t, gamma, b, weight, reduction=reduction))
             if c == 1:  # S = 0: NFL 0 and p = 1, so no gradient at all
@@ -816,11 +833,11 @@ def test_nfl_chunked_rows_wider_than_a_block(tiny_blocks, dtype):
     for gamma, b in NFL_PARAMS:
         for reduction, _ in TWO_TERM_MODES:
             scale = _nfl_term_scale(x, t, gamma, b, weight, reduction=reduction)
-            _check_op_parity(x, t, tk.NFL, gamma, b, f"({gamma}, {b}) {reduction}", weight=weight,
+            _check_op_parity(x, t, Kernel.NFL, gamma, b, f"({gamma}, {b}) {reduction}", weight=weight,
                              reduction=reduction, grad_scale=scale)
             # Rows without a masked class: the sums of F and h span every chunk.
             scale = _nfl_term_scale(x[2:], t[2:], gamma, b, reduction=reduction)
-            _check_op_parity(x[2:], t[2:], tk.NFL, gamma, b, f"({gamma}, {b}) {reduction} unmasked",
+            _check_op_parity(x[2:], t[2:], Kernel.NFL, gamma, b, f"({gamma}, {b}) {reduction} unmasked",
                              reduction=reduction, grad_scale=scale)
 
 
@@ -838,7 +855,7 @@ def test_nfl_backward_op_against_the_reference(dtype):
     stats[1, 0] = torch.logsumexp(x[1].to(acc), dim=0)  # P of the largest class may round to 1: Q = 0
     stats[2, 0] = math.nan
     u = torch.rand(c, device=DEVICE) + 0.5  # passed, and ignored by NFL (reference.backward ignores it too)
-    _check_backward_op(x, t, stats, u, ((tk.NFL, 0.5), (tk.NFL, 2.0), (tk.NFL, 0.0)))
+    _check_backward_op(x, t, stats, u, ((Kernel.NFL, 0.5), (Kernel.NFL, 2.0), (Kernel.NFL, 0.0)))
 
 
 def test_torch_compile_fullgraph_nfl():
@@ -849,13 +866,13 @@ def test_torch_compile_fullgraph_nfl():
     w = torch.rand(c, device=DEVICE) + 0.5
 
     def loss(inp, target, weight):
-        return tops.apply(inp, target, tk.NFL, 0.5, 0.4, weight, None, -100, 1, False)
+        return triton_apply(inp, target, Kernel.NFL, 0.5, 0.4, weight, None, -100, 1, False)
 
     compiled = torch.compile(loss, fullgraph=True)
     xc = x.clone().requires_grad_(True)
     v = compiled(xc, t, w)
     v.backward()
-    rv, rg = _op_value_and_grad(reference.ReferenceFunction.apply, x, t, (tk.NFL, 0.5, 0.4, w, None, -100, 1, False),
+    rv, rg = _op_value_and_grad(ref_apply, x, t, (Kernel.NFL, 0.5, 0.4, w, None, -100, 1, False),
                                 None)
     _close(v.detach(), rv, 2e-5, "compiled value")
     _close(xc.grad, rg, 2e-5, "compiled grad")

@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 
 import robustloss_fast as rf
-from robustloss_fast import _backends
+from robustloss_fast import backends
 from robustloss_fast.schemes import APL, CCE, DM, MAE, NCE, NFL
 
 from test_parity import DTYPES, IGNORE, SHAPES, acc_of, acc_rtol, assert_near, make_case
 
-BACKENDS = [b for b in ("torch", "cpu") if _backends._unavailable_reason(b) is None]
+BACKENDS = [b for b in ("torch", "cpu") if backends.unavailable_reason(b) is None]
 TWO_TERM = [
     NCE(),
     APL(),

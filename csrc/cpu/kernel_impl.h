@@ -288,7 +288,7 @@ void rows_typed(const RowsArgs& args) {
       const RowProb<acc_t> pr = row_prob<acc_t>(z_y, lse_nt);
       RowGrad<acc_t> g;
       acc_t lw, col0 = lse_nt;
-      if (args.scheme == kNFL) {
+      if (is_p_form(args.scheme)) {
         col0 = nfl_lse(z_y, lse_nt, pr);  // P-form: the backward needs P_j = exp(z_j - lse)
         acc_t sum_F, sum_h;
         focal_sums<scalar_t, acc_t>(row, args.c, y, col0, a, sum_F, sum_h);
@@ -323,7 +323,7 @@ void backward_typed(const BackwardArgs& args) {
   const auto* u = static_cast<const acc_t*>(args.smooth_weight);
   auto* out = static_cast<scalar_t*>(args.out);
   const int64_t c = args.c;
-  const bool nfl = args.scheme == kNFL;
+  const bool nfl = is_p_form(args.scheme);
   const acc_t gamma_f = static_cast<acc_t>(args.a);
   at::parallel_for(0, args.n, grain(c), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {

@@ -179,7 +179,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& logits_in, cons
   const auto acc = acc_dtype(logits);
   const int64_t n = logits.size(0);
   // Label smoothing weighs the classes of its smoothing sum by `weight` (PyTorch).
-  const bool smooth = scheme == kCCELS;
+  const bool smooth = weight_in_rows(scheme);
   const c10::optional<at::Tensor> u = smooth ? weight : c10::nullopt;
 
   at::Tensor rows = at::empty({n, 6}, logits.options().dtype(acc));

@@ -894,7 +894,7 @@ void rows_launch_kernel(const RowsParams<T>& p, cudaStream_t stream) {
 
 template <typename T, int TPR, int BLOCK>
 void rows_launch(const RowsParams<T>& p, cudaStream_t stream) {
-  if (p.scheme == kNFL) {
+  if (is_p_form(p.scheme)) {
     rows_launch_kernel<T, TPR, BLOCK, kFocalPass>(p, stream);
   } else if (needs_spread(p.scheme)) {
     rows_launch_kernel<T, TPR, BLOCK, kSpreadPass>(p, stream);
@@ -956,7 +956,7 @@ void backward_typed(const BackwardArgs& a, cudaStream_t stream) {
   p.grad_per_row = a.grad_per_row;
   p.out = static_cast<T*>(a.out);
   p.a = static_cast<acc_t>(a.a);
-  const bool nfl = a.scheme == kNFL;
+  const bool nfl = is_p_form(a.scheme);
   with_layout<T>(a.c, [&](auto tpr, auto block) {
     backward_launch<T, decltype(tpr)::value, decltype(block)::value>(p, nfl, stream);
   });

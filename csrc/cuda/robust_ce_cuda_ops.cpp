@@ -84,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& logits_in, con
   const auto acc = acc_dtype(logits);
   const int64_t n = logits.size(0);
   // Label smoothing weighs the classes of its smoothing sum by `weight` (PyTorch).
-  const bool smooth = scheme == kCCELS;
+  const bool smooth = weight_in_rows(scheme);
   const c10::optional<at::Tensor> u = smooth ? weight : c10::nullopt;
 
   at::Tensor stats = at::empty({n, 4}, logits.options().dtype(acc));

@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .._backends import available_backends
+from ..backends import available_backends
 from ..functional import robust_cross_entropy
 from ..schemes import Scheme
 from ._common import CLIError, parse_scheme, positive_int, require, scheme_arg, scheme_name

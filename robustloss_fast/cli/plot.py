@@ -7,7 +7,7 @@ from typing import List, Sequence
 
 import torch
 
-from .. import reference
+from .. import analysis
 from ..schemes import Scheme
 from ._common import CLIError, parse_scheme, require, scheme_arg, scheme_name
 
@@ -15,15 +15,12 @@ DEFAULT_SCHEMES = ("CCE", "MAE", "GCE(q=0.7)", "IMAE(T=8)", "DM(lam=0.5,beta=16)
 
 
 def log_emphasis(scheme: Scheme, p: torch.Tensor) -> torch.Tensor:
-    """log w(p) of ``scheme`` at probabilities ``p`` (float64), through the reference formulas."""
+    """log w(p) of ``scheme`` at probabilities ``p`` (float64), from the kernels' own row pass."""
     if scheme.two_term:
         raise CLIError(
             f"{scheme_name(scheme)} depends on the whole distribution, not on p alone: it has no emphasis w(p) to plot"
         )
-    p = p.to(torch.float64)
-    logp, logq = torch.log(p), torch.log1p(-p)
-    a, b = scheme.kernel_params
-    return reference.log_weight(scheme.kernel_id, a, b, logp, logq, p, 1 - p)
+    return analysis.log_emphasis(scheme, p)
 
 
 def emphasis_curves(schemes: Sequence[Scheme], points: int = 1001, normalise: str = "max"):

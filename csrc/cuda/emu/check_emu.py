@@ -136,7 +136,22 @@ def run_checks(E) -> Checker:
 
     sys.path.insert(0, ROOT)
     from robustloss_fast import reference
+    from robustloss_fast._common import Kernel as K
+    from robustloss_fast._common import KernelSpec, Reduction
     from robustloss_fast._finalize import finalize
+
+    # The reference's ops take a KernelSpec; these take the op's positional arguments.
+    def spec(kid, a, b, ignore_index=-100, reduction=0, normalize=False):
+        return KernelSpec(K(kid), a, b, 1.0, Reduction(reduction), normalize, ignore_index)
+
+    def ref_forward(x, t, kid, a, b, w, sw, ignore_index, reduction, normalize):
+        return reference.forward(x, t, spec(kid, a, b, ignore_index, reduction, normalize), w, sw)
+
+    def ref_backward(g, x, t, st, ignore_index, u=None, kernel_id=K.CCE, a=0.0):
+        return reference.backward(g, x, t, st, spec(kernel_id, a, 0.0, ignore_index), u)
+
+    def ref_rows(x, t, kid, a, b, ignore_index, normalised, u):
+        return reference.rows(x, t, spec(kid, a, b, ignore_index, 1, normalised), u)
 
     ck = Checker()
     tol = {
@@ -168,9 +183,9 @@ def run_checks(E) -> Checker:
         """forward, backward and rows + finalize against the reference."""
         acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
         n = logits.shape[0]
-        smooth = w if kid == 10 else None  # label smoothing: the class weights are the smoothing weights u
+        smooth = w if K(kid).weight_in_rows else None  # label smoothing: the class weights are the smoothing weights u
         v, st = E.robust_ce_forward(logits, target, kid, a, b, w, sw, -100, reduction, normalize)
-        v_ref, st_ref = reference.forward(logits, target, kid, a, b, w, sw, -100, reduction, normalize)
+        v_ref, st_ref = ref_forward(logits, target, kid, a, b, w, sw, -100, reduction, normalize)
         valid = target != -100  # lse_nt of ignored rows is unused (-inf here, arbitrary in the reference)
         close(v, v_ref, acc, "value " + what)
         close(st[valid], st_ref[valid], acc, "stats " + what)
@@ -178,31 +193,32 @@ def run_checks(E) -> Checker:
         g = torch.randn(n, generator=gen, dtype=acc) if reduction == 0 else torch.tensor(1.7, dtype=acc)
         gl = E.robust_ce_backward(g, logits, target, st, smooth, -100, kid, a)
         ck.check(gl.dtype == logits.dtype and gl.is_contiguous(), "grad layout " + what)
-        g_ref = reference.backward(g, logits, target, st_ref, -100, smooth, kernel_id=kid, a=a)
+        g_ref = ref_backward(g, logits, target, st_ref, -100, smooth, kernel_id=kid, a=a)
         close(gl, g_ref, logits.dtype, "grad " + what)
         normalised = reduction == 1 and normalize
         rows = E.robust_ce_rows(logits, target, kid, a, b, smooth, -100, normalised)
-        rows_ref = reference.rows(logits, target, kid, a, b, -100, normalised, smooth)
-        if kid in (10, 11, 12):
+        rows_ref = ref_rows(logits, target, kid, a, b, -100, normalised, smooth)
+        if K(kid).two_term:
             # log w = log(2 |gamma|) of a two-term row is informational (no normalisation) and its
             # gamma can cancel to 1e-5 of its terms in float32 (C = 2): compare 2 |gamma| itself.
             rows, rows_ref = rows.clone(), rows_ref.clone()
             rows[:, 1], rows_ref[:, 1] = rows[:, 1].exp(), rows_ref[:, 1].exp()
         close(rows[valid], rows_ref[valid], acc, "rows " + what)
-        v2, st2 = finalize(rows, target, w, sw, -100, reduction, normalize, weight_in_rows=kid == 10)
+        v2, st2 = finalize(rows, target, spec(kid, a, b, -100, reduction, normalize), w, sw)
         close(v2, v_ref, acc, "rows+finalize " + what)
         close(st2[:, 1:], st[:, 1:], acc, "rows+finalize coefs " + what)
 
     # (kernel id, a, b): every kernel formula, DM's special cases, DMBeta's (1, 1) corner.
-    schemes = [(0, 0.0, 0.0), (1, 0.0, 0.0), (2, 0.0, 0.0), (3, 0.7, 0.0), (4, 1.0, 8.0), (4, 0.0, -3.0),
-               (5, 0.5, 4.0), (6, 2.0, 3.0), (6, 1.0, 1.0), (4, 2.0, 1000.0)]
+    schemes = [(K.CCE, 0.0, 0.0), (K.MAE, 0.0, 0.0), (K.MSE, 0.0, 0.0), (K.GCE, 0.7, 0.0), (K.DM, 1.0, 8.0),
+               (K.DM, 0.0, -3.0), (K.DM_NORMAL, 0.5, 4.0), (K.DM_BETA, 2.0, 3.0), (K.DM_BETA, 1.0, 1.0),
+               (K.DM, 2.0, 1000.0)]
     modes = [(0, False), (1, True), (1, False), (2, False)]  # (reduction, normalize)
     # Two-term schemes: label smoothing eps = 0.1 (and eps = 0, plain CCE through the two-term
     # path), NCE (1, 0) and APL NCE+RCE (alpha = 1, beta A = 4).
-    two_term = [(10, 0.1, 0.0), (10, 0.0, 0.0), (11, 1.0, 0.0), (11, 1.0, 4.0)]
+    two_term = [(K.CCE_LS, 0.1, 0.0), (K.CCE_LS, 0.0, 0.0), (K.NCE, 1.0, 0.0), (K.NCE, 1.0, 4.0)]
     # NFL (gamma, b): its own row pass (the focal sums) and backward (P-form stats, h_j per class);
     # gamma = 0 is NCE through the NFL kernels, b = 0.4 adds the passive q term.
-    nfl = [(12, g, b) for g in (0.5, 2.0, 0.0) for b in (0.0, 0.4)]
+    nfl = [(K.NFL, g, b) for g in (0.5, 2.0, 0.0) for b in (0.0, 0.4)]
     # Row lengths that land in each layout (4 lanes, a warp, 128- and 512-thread blocks) per dtype.
     shapes = {
         torch.float32: [(23, 1), (23, 2), (23, 3), (19, 10), (9, 100), (5, 511), (3, 2001), (2, 9001)],
@@ -268,11 +284,11 @@ def run_checks(E) -> Checker:
     w = torch.rand(13, generator=gen, dtype=torch.float64) + 0.5
     for ww in (None, w):
         for reduction, name in ((0, "none"), (1, "mean"), (2, "sum")):
-            v, st = E.robust_ce_forward(x.detach(), t, 10, 0.1, 0.0, ww, None, -100, reduction, False)
+            v, st = E.robust_ce_forward(x.detach(), t, K.CCE_LS, 0.1, 0.0, ww, None, -100, reduction, False)
             ref = torch.nn.functional.cross_entropy(x, t, weight=ww, reduction=name, label_smoothing=0.1)
             g = torch.linspace(0.5, 1.5, 40, dtype=torch.float64) if reduction == 0 else torch.tensor(1.0, dtype=torch.float64)
             (g_ref,) = torch.autograd.grad(ref, x, g if reduction == 0 else None)
-            gl = E.robust_ce_backward(g, x.detach(), t, st, ww, -100, 10, 0.1)
+            gl = E.robust_ce_backward(g, x.detach(), t, st, ww, -100, K.CCE_LS, 0.1)
             what = f"label smoothing vs F.cross_entropy weight={ww is not None} reduction={name}"
             close(v, ref.detach(), torch.float64, "value " + what)
             close(gl, g_ref, torch.float64, "grad " + what)
@@ -291,10 +307,10 @@ def run_checks(E) -> Checker:
         per_row = fl.gather(1, ty[:, None]).squeeze(1) / fl.sum(1) + b * (1 - P.gather(1, ty[:, None]).squeeze(1))
         per_row = torch.where(valid, per_row * sw, 0.0)
         for reduction, ref in ((0, per_row), (1, per_row.sum() / valid.sum()), (2, per_row.sum())):
-            v, st = E.robust_ce_forward(x.detach(), t, 12, gamma, b, None, sw, -100, reduction, False)
+            v, st = E.robust_ce_forward(x.detach(), t, K.NFL, gamma, b, None, sw, -100, reduction, False)
             g = torch.linspace(0.5, 1.5, 40, dtype=torch.float64) if reduction == 0 else torch.tensor(1.0, dtype=torch.float64)
             (g_ref,) = torch.autograd.grad(ref, x, g if reduction == 0 else None, retain_graph=True)
-            gl = E.robust_ce_backward(g, x.detach(), t, st, None, -100, 12, gamma)
+            gl = E.robust_ce_backward(g, x.detach(), t, st, None, -100, K.NFL, gamma)
             what = f"NFL vs its definition gamma={gamma} b={b} reduction={reduction}"
             close(v, ref.detach(), torch.float64, "value " + what)
             close(gl, g_ref, torch.float64, "grad " + what)
@@ -321,12 +337,12 @@ def run_checks(E) -> Checker:
         t[torch.rand(n, generator=gen) < 0.1] = -100
         w = torch.rand(3, generator=gen) + 0.5
         sw = torch.randn(n, generator=gen)
-        cases = list(zip([(4, 1.0, 30.0), (0, 0.0, 0.0), (2, 0.0, 0.0)], modes[1:]))
-        cases += [((10, 0.1, 0.0), (1, False)), ((11, 1.0, 4.0), (2, False))]  # weight in the rows / in s_i
-        cases += [((12, 0.5, 0.4), (1, False)), ((12, 2.0, 0.0), (0, False))]
+        cases = list(zip([(K.DM, 1.0, 30.0), (K.CCE, 0.0, 0.0), (K.MSE, 0.0, 0.0)], modes[1:]))
+        cases += [((K.CCE_LS, 0.1, 0.0), (1, False)), ((K.NCE, 1.0, 4.0), (2, False))]  # weight in the rows / in s_i
+        cases += [((K.NFL, 0.5, 0.4), (1, False)), ((K.NFL, 2.0, 0.0), (0, False))]
         for (kid, a, b), (reduction, normalize) in cases:
             v, st = E.robust_ce_forward(x, t, kid, a, b, w, sw, -100, reduction, normalize)
-            v_ref, st_ref = reference.forward(x, t, kid, a, b, w, sw, -100, reduction, normalize)
+            v_ref, st_ref = ref_forward(x, t, kid, a, b, w, sw, -100, reduction, normalize)
             what = f"n={n} scheme={kid, a, b} reduction={reduction} normalize={normalize}"
             close(v, v_ref, torch.float32, "value " + what)
             close(st[:, 1:], st_ref[:, 1:], torch.float32, "coefs " + what)
@@ -340,19 +356,19 @@ def run_checks(E) -> Checker:
             for op in ("forward", "rows"):
                 try:
                     if op == "forward":
-                        E.robust_ce_forward(x, t, 0, 0.0, 0.0, None, None, -100, 1, False)
+                        E.robust_ce_forward(x, t, K.CCE, 0.0, 0.0, None, None, -100, 1, False)
                     else:
-                        E.robust_ce_rows(x, t, 0, 0.0, 0.0, None, -100, False)
+                        E.robust_ce_rows(x, t, K.CCE, 0.0, 0.0, None, -100, False)
                     ck.check(False, f"bad target {bad} (c={c}) raised nothing in {op}")
                 except IndexError as e:
                     ck.check(str(bad) in str(e) and "flat position 4" in str(e), f"bad target message: {e}")
             st = torch.zeros(6, 4)
             st[:, 0] = torch.logsumexp(x, 1)  # NFL's P_j = exp(z_j - lse) of a good row are at most 1
-            for u, kid, a in ((None, 0, 0.0), (torch.ones(c), 10, 0.1), (None, 12, 0.5)):
+            for u, kid, a in ((None, K.CCE, 0.0), (torch.ones(c), K.CCE_LS, 0.1), (None, K.NFL, 0.5)):
                 gl = E.robust_ce_backward(torch.ones(()), x, t, st, u, -100, kid, a)
                 ck.check(bool(torch.isnan(gl[4:]).all() and torch.isfinite(gl[:4]).all()),
                          f"backward bad rows c={c} scheme={kid}")  # fmt: skip
-        for kid, a, b, w in ((10, 0.1, 0.0, torch.rand(c, generator=gen)), (12, 0.5, 0.4, None)):
+        for kid, a, b, w in ((K.CCE_LS, 0.1, 0.0, torch.rand(c, generator=gen)), (K.NFL, 0.5, 0.4, None)):
             try:  # the two-term passes skip bad rows too
                 E.robust_ce_forward(x, t, kid, a, b, w, None, -100, 1, False)
                 ck.check(False, f"bad target raised nothing in the scheme {kid} forward (c={c})")
@@ -365,10 +381,10 @@ def run_checks(E) -> Checker:
         x = torch.randn(5, 1, generator=gen).to(dt)
         t = torch.zeros(5, dtype=torch.long)
         for reduction, normalize in modes:
-            v, st = E.robust_ce_forward(x, t, 4, 1.0, 8.0, None, None, -100, reduction, normalize)
-            v_ref, _ = reference.forward(x, t, 4, 1.0, 8.0, None, None, -100, reduction, normalize)
+            v, st = E.robust_ce_forward(x, t, K.DM, 1.0, 8.0, None, None, -100, reduction, normalize)
+            v_ref, _ = ref_forward(x, t, K.DM, 1.0, 8.0, None, None, -100, reduction, normalize)
             close(v, v_ref, acc, f"C=1 value {dt} {reduction} {normalize}")
-            gl = E.robust_ce_backward(torch.ones(()).to(acc), x, t, st, None, -100, 4, 1.0)
+            gl = E.robust_ce_backward(torch.ones(()).to(acc), x, t, st, None, -100, K.DM, 1.0)
             ck.check(bool((gl == 0).all()), f"C=1 grad {dt}")
         for kid, a, b in two_term + nfl:
             for reduction in (0, 1, 2):
@@ -377,39 +393,40 @@ def run_checks(E) -> Checker:
         # Every row ignored, and the empty batch: value 0, gradient 0.
         x = torch.randn(4, 7, generator=gen).to(dt)
         t = torch.full((4,), -100)
-        cases = [(4, 1.0, 8.0)] * 4 + two_term[:3] + [(12, 0.5, 0.4), (12, 2.0, 0.0), (12, 0.0, 0.4)]
+        cases = [(K.DM, 1.0, 8.0)] * 4 + two_term[:3] + [(K.NFL, 0.5, 0.4), (K.NFL, 2.0, 0.0), (K.NFL, 0.0, 0.4)]
         for (kid, a, b), (reduction, normalize) in zip(cases, modes + [(0, False), (1, False), (2, False)] * 2):
             w = torch.rand(7, generator=gen, dtype=acc) + 0.5
             v, st = E.robust_ce_forward(x, t, kid, a, b, w, None, -100, reduction, normalize)
-            gl = E.robust_ce_backward(torch.ones(()).to(acc), x, t, st, w if kid == 10 else None, -100, kid, a)
+            u = w if K(kid).weight_in_rows else None
+            gl = E.robust_ce_backward(torch.ones(()).to(acc), x, t, st, u, -100, kid, a)
             ck.check(bool((v == 0).all() and (gl == 0).all() and (st[:, 1:] == 0).all()), f"all ignored {dt} {kid}")
         x = torch.randn(0, 7).to(dt)
         t = torch.zeros(0, dtype=torch.long)
         for reduction, normalize in modes:
-            v, st = E.robust_ce_forward(x, t, 4, 1.0, 8.0, None, None, -100, reduction, normalize)
+            v, st = E.robust_ce_forward(x, t, K.DM, 1.0, 8.0, None, None, -100, reduction, normalize)
             ok = v.shape == ((0,) if reduction == 0 else ()) and (reduction == 0 or v.item() == 0) and st.shape == (0, 4)
-            ck.check(ok and E.robust_ce_backward(torch.ones(()).to(acc), x, t, st, None, -100, 4, 1.0).shape == (0, 7),
+            ck.check(ok and E.robust_ce_backward(torch.ones(()).to(acc), x, t, st, None, -100, K.DM, 1.0).shape == (0, 7),
                      "empty")  # fmt: skip
-            ck.check(E.robust_ce_backward(torch.ones(()).to(acc), x, t, st, None, -100, 12, 0.5).shape == (0, 7),
+            ck.check(E.robust_ce_backward(torch.ones(()).to(acc), x, t, st, None, -100, K.NFL, 0.5).shape == (0, 7),
                      "empty (NFL)")  # fmt: skip
-        ck.check(E.robust_ce_rows(x, t, 4, 1.0, 8.0, None, -100, False).shape == (0, 6), "empty rows")
-        ck.check(E.robust_ce_rows(x, t, 10, 0.1, 0.0, torch.ones(7, dtype=acc), -100, False).shape == (0, 6),
+        ck.check(E.robust_ce_rows(x, t, K.DM, 1.0, 8.0, None, -100, False).shape == (0, 6), "empty rows")
+        ck.check(E.robust_ce_rows(x, t, K.CCE_LS, 0.1, 0.0, torch.ones(7, dtype=acc), -100, False).shape == (0, 6),
                  "empty rows (two-term)")
-        ck.check(E.robust_ce_rows(x, t, 12, 0.5, 0.4, None, -100, False).shape == (0, 6), "empty rows (NFL)")
+        ck.check(E.robust_ce_rows(x, t, K.NFL, 0.5, 0.4, None, -100, False).shape == (0, 6), "empty rows (NFL)")
         # ignore_index inside [0, C).
         x = torch.randn(9, 6, generator=gen).to(dt)
         t = torch.randint(0, 6, (9,), generator=gen)
         t[:3] = 2
-        v, st = E.robust_ce_forward(x, t, 0, 0.0, 0.0, None, None, 2, 1, False)
-        v_ref, st_ref = reference.forward(x, t, 0, 0.0, 0.0, None, None, 2, 1, False)
+        v, st = E.robust_ce_forward(x, t, K.CCE, 0.0, 0.0, None, None, 2, 1, False)
+        v_ref, st_ref = ref_forward(x, t, K.CCE, 0.0, 0.0, None, None, 2, 1, False)
         close(v, v_ref, acc, f"ignore_index in range {dt}")
-        close(E.robust_ce_backward(torch.ones(()).to(acc), x, t, st, None, 2, 0, 0.0),
-              reference.backward(torch.ones(()).to(acc), x, t, st_ref, 2), dt, f"ignore_index in range grad {dt}")
-        v, st = E.robust_ce_forward(x, t, 12, 0.5, 0.4, None, None, 2, 1, False)
-        v_ref, st_ref = reference.forward(x, t, 12, 0.5, 0.4, None, None, 2, 1, False)
+        close(E.robust_ce_backward(torch.ones(()).to(acc), x, t, st, None, 2, K.CCE, 0.0),
+              ref_backward(torch.ones(()).to(acc), x, t, st_ref, 2), dt, f"ignore_index in range grad {dt}")
+        v, st = E.robust_ce_forward(x, t, K.NFL, 0.5, 0.4, None, None, 2, 1, False)
+        v_ref, st_ref = ref_forward(x, t, K.NFL, 0.5, 0.4, None, None, 2, 1, False)
         close(v, v_ref, acc, f"NFL ignore_index in range {dt}")
-        close(E.robust_ce_backward(torch.ones(()).to(acc), x, t, st, None, 2, 12, 0.5),
-              reference.backward(torch.ones(()).to(acc), x, t, st_ref, 2, kernel_id=12, a=0.5), dt,
+        close(E.robust_ce_backward(torch.ones(()).to(acc), x, t, st, None, 2, K.NFL, 0.5),
+              ref_backward(torch.ones(()).to(acc), x, t, st_ref, 2, kernel_id=K.NFL, a=0.5), dt,
               f"NFL ignore_index in range grad {dt}")  # fmt: skip
 
     # -inf masks (legal), a row masked but for its target (G = 0), NaN / +inf rows (NaN, that row only).
@@ -424,12 +441,12 @@ def run_checks(E) -> Checker:
             x[2, (t[2] + 1) % c] = math.nan
             x[3, (t[3] + 1) % c] = math.inf
             x[4, t[4]] = math.inf
-            v, st = E.robust_ce_forward(x, t, 0, 0.0, 0.0, None, None, -100, 0, False)
-            v_ref, st_ref = reference.forward(x, t, 0, 0.0, 0.0, None, None, -100, 0, False)
+            v, st = E.robust_ce_forward(x, t, K.CCE, 0.0, 0.0, None, None, -100, 0, False)
+            v_ref, st_ref = ref_forward(x, t, K.CCE, 0.0, 0.0, None, None, -100, 0, False)
             close(v, v_ref, torch.float32, f"masked/NaN rows value c={c} {dt}")
             ck.check(bool(torch.isnan(v[2:5]).all() and torch.isfinite(v[[0, 1, 5]]).all()), f"NaN rows only c={c}")
-            gl = E.robust_ce_backward(torch.ones(6), x, t, st, None, -100, 0, 0.0)
-            close(gl, reference.backward(torch.ones(6), x, t, st_ref, -100), dt, f"masked/NaN rows grad c={c} {dt}")
+            gl = E.robust_ce_backward(torch.ones(6), x, t, st, None, -100, K.CCE, 0.0)
+            close(gl, ref_backward(torch.ones(6), x, t, st_ref, -100), dt, f"masked/NaN rows grad c={c} {dt}")
             ck.check(bool((gl[1] == 0).all()), "fully masked row has zero gradient")
             # Two-term: a masked class makes Lambda infinite (NCE 0) unless its smoothing weight is 0;
             # a row masked but for its target (lse_nt = -inf) keeps its beta u term.
@@ -447,9 +464,9 @@ def run_checks(E) -> Checker:
         x = (torch.randn(64, 50, generator=gen) * 5).to(dt)
         t = torch.randint(0, 50, (64,), generator=gen)
         for beta in (1000.0, -1000.0):
-            v, st = E.robust_ce_forward(x, t, 4, 1.0, beta, None, None, -100, 1, True)
-            v_ref, _ = reference.forward(x, t, 4, 1.0, beta, None, None, -100, 1, True)
-            gl = E.robust_ce_backward(torch.ones(()).to(st.dtype), x, t, st, None, -100, 4, 1.0)
+            v, st = E.robust_ce_forward(x, t, K.DM, 1.0, beta, None, None, -100, 1, True)
+            v_ref, _ = ref_forward(x, t, K.DM, 1.0, beta, None, None, -100, 1, True)
+            gl = E.robust_ce_backward(torch.ones(()).to(st.dtype), x, t, st, None, -100, K.DM, 1.0)
             ck.check(bool(torch.isfinite(v) and torch.isfinite(gl.float()).all()), f"beta={beta} finite {dt}")
             ck.check(abs(v.item() - v_ref.item()) <= 1e-3 * abs(v_ref.item()) + 1e-6, f"beta={beta} value {dt}")
             ck.check(abs(2 * st[:, 1].abs().sum().item() - 1) < 1e-3, f"beta={beta} sum |coef| = 1/2 {dt}")
@@ -457,19 +474,19 @@ def run_checks(E) -> Checker:
     # Bitwise determinism of repeated calls.
     x = torch.randn(50, 3001, generator=gen)
     t = torch.randint(0, 3001, (50,), generator=gen)
-    r1 = E.robust_ce_forward(x, t, 4, 1.0, 8.0, None, None, -100, 1, True)
-    r2 = E.robust_ce_forward(x, t, 4, 1.0, 8.0, None, None, -100, 1, True)
+    r1 = E.robust_ce_forward(x, t, K.DM, 1.0, 8.0, None, None, -100, 1, True)
+    r2 = E.robust_ce_forward(x, t, K.DM, 1.0, 8.0, None, None, -100, 1, True)
     ck.check(torch.equal(r1[0], r2[0]) and torch.equal(r1[1], r2[1]), "bitwise repeat")
     w = torch.rand(3001, generator=gen) + 0.5
-    r1 = E.robust_ce_forward(x, t, 10, 0.1, 0.0, w, None, -100, 1, False)
-    r2 = E.robust_ce_forward(x, t, 10, 0.1, 0.0, w, None, -100, 1, False)
-    g1 = E.robust_ce_backward(torch.ones(()), x, t, r1[1], w, -100, 10, 0.1)
-    g2 = E.robust_ce_backward(torch.ones(()), x, t, r2[1], w, -100, 10, 0.1)
+    r1 = E.robust_ce_forward(x, t, K.CCE_LS, 0.1, 0.0, w, None, -100, 1, False)
+    r2 = E.robust_ce_forward(x, t, K.CCE_LS, 0.1, 0.0, w, None, -100, 1, False)
+    g1 = E.robust_ce_backward(torch.ones(()), x, t, r1[1], w, -100, K.CCE_LS, 0.1)
+    g2 = E.robust_ce_backward(torch.ones(()), x, t, r2[1], w, -100, K.CCE_LS, 0.1)
     ck.check(torch.equal(r1[0], r2[0]) and torch.equal(r1[1], r2[1]) and torch.equal(g1, g2), "bitwise repeat (two-term)")
-    r1 = E.robust_ce_forward(x, t, 12, 0.5, 0.4, w, None, -100, 1, False)
-    r2 = E.robust_ce_forward(x, t, 12, 0.5, 0.4, w, None, -100, 1, False)
-    g1 = E.robust_ce_backward(torch.ones(()), x, t, r1[1], None, -100, 12, 0.5)
-    g2 = E.robust_ce_backward(torch.ones(()), x, t, r2[1], None, -100, 12, 0.5)
+    r1 = E.robust_ce_forward(x, t, K.NFL, 0.5, 0.4, w, None, -100, 1, False)
+    r2 = E.robust_ce_forward(x, t, K.NFL, 0.5, 0.4, w, None, -100, 1, False)
+    g1 = E.robust_ce_backward(torch.ones(()), x, t, r1[1], None, -100, K.NFL, 0.5)
+    g2 = E.robust_ce_backward(torch.ones(()), x, t, r2[1], None, -100, K.NFL, 0.5)
     ck.check(torch.equal(r1[0], r2[0]) and torch.equal(r1[1], r2[1]) and torch.equal(g1, g2), "bitwise repeat (NFL)")
     return ck
 

@@ -52,6 +52,12 @@ RL_HD bool is_loss_defined(int64_t id) { return id <= kGCE || (id >= kPoly && id
 // normalisation: the op layers refuse normalize=True for them.
 RL_HD bool is_two_term(int64_t id) { return id == kCCELS || id == kNCE || id == kNFL; }
 RL_HD bool needs_spread(int64_t id) { return id == kCCELS || id == kNCE; }
+// NFL's rows and stats carry lse in column 0 ("P-form"), and its gradient has a
+// per-class term h(P_j): its passes are their own kernel instantiations.
+RL_HD bool is_p_form(int64_t id) { return id == kNFL; }
+// Label smoothing weighs every class of its smoothing sum by the class weights
+// (F.cross_entropy's convention): they enter the rows as u, not the row scale s_i.
+RL_HD bool weight_in_rows(int64_t id) { return id == kCCELS; }
 
 // softplus(x) = log(1 + exp(x)) without overflow; +inf -> +inf, -inf -> 0.
 template <typename T>

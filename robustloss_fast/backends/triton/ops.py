@@ -1,21 +1,21 @@
 """Launch the Triton kernels and register them as ``robustloss::triton_*`` ops.
 
-Ops (same contract as the C++ ``robust_ce_*`` ops, see ``robustloss_fast/_ops.py``):
+Ops (same contract as the C++ ``robust_ce_*`` ops, see ``robustloss_fast/backends/compiled.py``):
 
 ``robustloss::triton_rows(logits, target, scheme, a, b, smooth_weight?, ignore_index, normalised) -> rows``
     the row pass alone: ``(N, 6) = (lse_nt, log w, x, alpha, beta, gamma)``;
     ``smooth_weight`` is ``u`` of label smoothing and NCE (all 1 when None).
-    NFL (scheme 12) writes ``lse`` in column 0 instead of ``lse_nt`` (P-form).
+    NFL (``Kernel.NFL``) writes ``lse`` in column 0 instead of ``lse_nt`` (P-form).
 ``robustloss::triton_forward(logits, target, scheme, a, b, weight?, sample_weight?,
 ignore_index, reduction, normalize) -> (value, stats)``
     the row pass, then the cross-row step ``_finalize.finalize`` (plain tensor
     ops: O(N) next to the O(N C) row pass, and under ``torch.compile`` Inductor
     fuses them); differentiable, with the SPEC gradient. ``stats`` is ``(N, 4) =
     (lse_nt, alpha, beta, gamma)`` (``lse`` first for NFL); for label smoothing
-    (scheme 10) ``weight`` is also the rows' ``smooth_weight``, as in ``F.cross_entropy``.
+    (``Kernel.CCE_LS``) ``weight`` is also the rows' ``smooth_weight``, as in ``F.cross_entropy``.
 ``robustloss::triton_backward(grad, logits, target, stats, smooth_weight?, ignore_index, scheme, a) -> grad_logits``
     ``g_i (alpha_i r_ij + beta_i u_j)`` off the target, ``g_i gamma_i`` at it;
-    ``scheme`` and ``a`` are the forward's: for NFL (12) the stats are in
+    ``scheme`` and ``a`` are the forward's: for NFL the stats are in
     P-form and the off-target entries are ``g_i (alpha_i P_ij + beta_i h_a(P_ij))``.
 
 Registration. On a GPU the ops are ``torch.library.triton_op``s launching through
@@ -36,12 +36,11 @@ import torch
 import triton
 from torch.library import wrap_triton
 
-from .. import _finalize
-from ..reference import NORMALIZE_TWO_TERM_MSG
+from ... import _finalize
+from ..._common import NORMALIZE_TWO_TERM_MSG, Kernel, KernelSpec, Reduction, acc_dtype, check_target
 from . import kernels
 
 NS = "robustloss"
-_MEAN = 1
 
 # Tile shapes (untuned: starting points from GPU_NOTES.md, to be measured on a
 # GPU). A row pass program reads at most MAX_BLOCK_C columns per chunk and
@@ -74,10 +73,6 @@ def _tile(n: int, c: int, max_block_c: int) -> Tuple[int, int, int]:
     return block_n, block_c, _num_warps(block_n * block_c)
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _split(v: float) -> Tuple[float, float]:
     """v as hi + lo, both float32-representable (Triton passes float arguments as float32)."""
     v = float(v)
@@ -96,27 +91,15 @@ def _is_real(t: torch.Tensor) -> bool:
     return not is_fake(t)
 
 
-def check_target(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
-    """Raise IndexError naming the first target outside [0, C) that is not ignore_index.
-
-    Data-dependent (one device sync), so it runs on real tensors only; where it is
-    traced away, the kernels turn bad targets into NaN rows and never index with them.
-    """
-    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
-    if bool(bad.any()):
-        pos = int(bad.nonzero()[0, 0])
-        value = int(target[pos])
-        raise IndexError(
-            f"robust_cross_entropy: target value {value} (at flat position {pos}) is out of bounds for "
-            f"{num_classes} classes; expected 0..{num_classes - 1} or ignore_index={ignore_index}"
-        )
-
-
-def _check_scheme(scheme: int, normalised: bool) -> None:
-    if not 0 <= scheme < kernels.NUM_SCHEMES:
-        raise ValueError(f"unknown scheme kernel id {scheme} (expected 0..{kernels.NUM_SCHEMES - 1})")
-    if normalised and scheme >= kernels.CCE_LS:
+def _kernel(scheme: int, normalised: bool) -> Kernel:
+    """The op's scheme argument as a Kernel, refusing unknown ids and normalised two-term schemes."""
+    try:
+        kernel = Kernel(scheme)
+    except ValueError:
+        raise ValueError(f"unknown scheme kernel id {scheme} (expected 0..{len(Kernel) - 1})") from None
+    if normalised and kernel.two_term:
         raise ValueError(NORMALIZE_TWO_TERM_MSG)
+    return kernel
 
 
 def _smooth_weight(u: Optional[torch.Tensor], logits: torch.Tensor) -> Optional[torch.Tensor]:
@@ -125,7 +108,7 @@ def _smooth_weight(u: Optional[torch.Tensor], logits: torch.Tensor) -> Optional[
         return None
     if u.shape != (logits.shape[1],):
         raise ValueError(f"smooth_weight must have shape ({logits.shape[1]},), got {tuple(u.shape)}")
-    return u.to(device=logits.device, dtype=_acc_dtype(logits.dtype)).contiguous()
+    return u.to(device=logits.device, dtype=acc_dtype(logits.dtype)).contiguous()
 
 
 def _rows_impl(logits, target, scheme, a, b, smooth_weight, ignore_index, normalised):
@@ -133,13 +116,14 @@ def _rows_impl(logits, target, scheme, a, b, smooth_weight, ignore_index, normal
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     target = target.contiguous()
-    rows = torch.empty((n, 6), dtype=_acc_dtype(logits.dtype), device=logits.device)
+    rows = torch.empty((n, 6), dtype=acc_dtype(logits.dtype), device=logits.device)
     if n == 0:
         return rows
+    kernel = Kernel(scheme)
     # u matters to label smoothing and NCE only (their spread): the others get no extra
     # specialisation (NFL has no spread; its u, like the C++ op's, is checked and unused).
-    u = _smooth_weight(smooth_weight, logits) if scheme >= kernels.CCE_LS else None
-    u = u if scheme in (kernels.CCE_LS, kernels.NCE) else None
+    u = _smooth_weight(smooth_weight, logits) if kernel.two_term else None
+    u = u if kernel.needs_spread else None
     max_c = MAX_BLOCK_C_F64 if logits.dtype == torch.float64 else MAX_BLOCK_C
     block_n, block_c, warps = _tile(n, c, max_c)
     a_hi, a_lo = _split(a)
@@ -158,6 +142,8 @@ def _rows_impl(logits, target, scheme, a, b, smooth_weight, ignore_index, normal
         b_hi,
         b_lo,
         SCHEME=scheme,
+        SPREAD=kernel.needs_spread,
+        P_FORM=kernel.p_form,
         NORMALISED=normalised,
         HAS_U=u is not None,
         BLOCK_N=block_n,
@@ -177,7 +163,7 @@ def triton_rows(
     ignore_index: int,
     normalised: bool,
 ) -> torch.Tensor:
-    _check_scheme(scheme, normalised)
+    _kernel(scheme, normalised)
     if _is_real(target):
         check_target(target, logits.shape[1], ignore_index)
     return _rows_impl(logits, target, scheme, a, b, smooth_weight, ignore_index, normalised)
@@ -197,17 +183,12 @@ def triton_forward(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     if reduction not in (0, 1, 2):
         raise ValueError(f"reduction must be 0 (none), 1 (mean) or 2 (sum), got {reduction}")
-    normalised = reduction == _MEAN and normalize
-    _check_scheme(scheme, normalised)
+    spec = KernelSpec(_kernel(scheme, False), a, b, 1.0, Reduction(reduction), normalize, ignore_index)
+    _kernel(scheme, spec.normalised)
     if _is_real(target):
         check_target(target, logits.shape[1], ignore_index)
-    # Label smoothing weighs the classes of its smoothing sum by `weight` (PyTorch's
-    # convention): the weights go into the rows, and out of s_i.
-    smooth = scheme == kernels.CCE_LS
-    rows = _rows_impl(logits, target, scheme, a, b, weight if smooth else None, ignore_index, normalised)
-    return _finalize.finalize(
-        rows, target, weight, sample_weight, ignore_index, reduction, normalize, weight_in_rows=smooth
-    )
+    rows = _rows_impl(logits, target, scheme, a, b, spec.smooth_weight(weight), ignore_index, spec.normalised)
+    return _finalize.finalize(rows, target, spec, weight, sample_weight)
 
 
 def triton_backward(
@@ -224,9 +205,9 @@ def triton_backward(
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     target = target.contiguous()
-    stats = stats.to(_acc_dtype(logits.dtype)).contiguous()
+    stats = stats.to(acc_dtype(logits.dtype)).contiguous()
     grad = grad.to(stats.dtype)
-    p_form = scheme == kernels.NFL
+    p_form = Kernel(scheme).p_form
     u = _smooth_weight(smooth_weight, logits)
     # NFL's gradient has no u term (the C++ op ignores a smooth_weight there too).
     u = None if p_form else u
@@ -263,11 +244,11 @@ def triton_backward(
 
 
 def _rows_fake(logits, target, scheme, a, b, smooth_weight, ignore_index, normalised):
-    return logits.new_empty((logits.shape[0], 6), dtype=_acc_dtype(logits.dtype))
+    return logits.new_empty((logits.shape[0], 6), dtype=acc_dtype(logits.dtype))
 
 
 def _forward_fake(logits, target, scheme, a, b, weight, sample_weight, ignore_index, reduction, normalize):
-    acc = _acc_dtype(logits.dtype)
+    acc = acc_dtype(logits.dtype)
     n = logits.shape[0]
     value = logits.new_empty((n,) if reduction == 0 else (), dtype=acc)
     return value, logits.new_empty((n, 4), dtype=acc)
@@ -294,7 +275,7 @@ backward_op = _register("triton_backward", triton_backward, _backward_fake)
 def _setup_context(ctx, inputs, output):
     logits, target, scheme, weight = inputs[0], inputs[1], inputs[2], inputs[5]
     # Label smoothing's second gradient term points along the class weights.
-    smooth_weight = weight if scheme == kernels.CCE_LS else None
+    smooth_weight = weight if Kernel(scheme).weight_in_rows else None
     ctx.save_for_backward(logits, target, output[1], smooth_weight)
     # The backward reads NFL's stats in P-form and needs its focal gamma (= a).
     ctx.ignore_index, ctx.scheme, ctx.a = inputs[7], scheme, inputs[3]
@@ -312,10 +293,23 @@ def _backward(ctx, grad_value, _grad_stats):
 forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def apply(logits, target, kernel_id, a, b, weight, sample_weight, ignore_index, reduction, normalize):
-    """The backend entry point of ``robustloss_fast._backends``: a differentiable value."""
+def _loss(logits, target, spec: KernelSpec, weight, sample_weight):
     value, _ = forward_op(
-        logits, target, int(kernel_id), float(a), float(b), weight, sample_weight,
-        int(ignore_index), int(reduction), bool(normalize),
-    )
+        logits, target, int(spec.kernel), float(spec.a), float(spec.b), weight, sample_weight,
+        int(spec.ignore_index), int(spec.reduction), bool(spec.normalize),
+    )  # fmt: skip
     return value
+
+
+def _rows(logits, target, spec: KernelSpec, weight):
+    return rows_op(
+        logits, target, int(spec.kernel), float(spec.a), float(spec.b), spec.smooth_weight(weight),
+        int(spec.ignore_index), spec.normalised,
+    )  # fmt: skip
+
+
+def _grad(grad, logits, target, stats, spec: KernelSpec, weight):
+    return backward_op(
+        grad, logits, target, stats, spec.smooth_weight(weight), int(spec.ignore_index), int(spec.kernel),
+        float(spec.a),
+    )  # fmt: skip

@@ -3,7 +3,7 @@
 Two kernels (``kernels.py``) implement SPEC §2-§4 on canonical 2-D rows: the
 row pass ``(lse_nt, log w, x, alpha, beta, gamma)`` per row and the backward
 pass ``g_i (alpha_i r_ij + beta_i u_j)`` off the target, ``g_i gamma_i`` at it
-(label smoothing and NCE/APL have ``beta != 0``; NFL, scheme 12, writes its rows
+(label smoothing and NCE/APL have ``beta != 0``; NFL writes its rows
 and stats with ``lse`` first and gets ``g_i (alpha_i P_ij + beta_i h(P_ij))`` off
 the target, ``P = softmax``: its backward needs ``scheme`` and ``a``, as the C++
 op's does); the cross-row step of SPEC §5 is
@@ -14,9 +14,8 @@ op's does); the cross-row step of SPEC §5 is
 
 Where it runs: CUDA tensors with Triton on a GPU; CPU tensors under the Triton
 interpreter (``TRITON_INTERPRET=1`` set before Triton is imported), which is
-how CI checks it without a GPU (Triton 3.9, torch 2.13). The kernels compile
-for sm_90 with Triton 3.6 and 3.9 (checked ahead of time, without a GPU), but
-have not yet been launched on one. Accumulation is float32, or float64 for
+how CI checks it without a GPU (Triton 3.9, torch 2.13). On an H200 (Triton
+3.6, torch 2.11) its parity tests passed. Accumulation is float32, or float64 for
 float64 logits, on both.
 
 ``backend="auto"`` on CUDA tensors -- PROVISIONAL, to be decided by measuring
@@ -41,10 +40,10 @@ try:
 except ImportError as exc:  # Triton (or a torch with triton_op / wrap_triton) is missing
     _IMPORT_ERROR = exc
 
-__all__ = ["unavailable_reason", "apply"]
+__all__ = ["unavailable_reason", "get"]
 
 
-def unavailable_reason() -> Optional[str]:
+def unavailable_reason(name: str = "triton") -> Optional[str]:
     """None when this backend can run here, else why not."""
     if _IMPORT_ERROR is not None:
         return f"Triton is not importable ({_IMPORT_ERROR})"
@@ -58,8 +57,8 @@ def unavailable_reason() -> Optional[str]:
     return None
 
 
-def apply(logits, target, kernel_id, a, b, weight, sample_weight, ignore_index, reduction, normalize):
-    """Differentiable value of the robust cross-entropy on canonical rows (see ``_backends``)."""
-    if _IMPORT_ERROR is not None:
-        raise RuntimeError(f"backend 'triton' is not available: {unavailable_reason()}")
-    return ops.apply(logits, target, kernel_id, a, b, weight, sample_weight, ignore_index, reduction, normalize)
+def get(name: str = "triton"):
+    """The registry's ``Backend`` record (``robustloss_fast.backends``)."""
+    from .. import Backend
+
+    return Backend("triton", ops._loss, ops._rows, ops._grad)

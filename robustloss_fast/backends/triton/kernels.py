@@ -33,7 +33,7 @@ scaled by ``s_i / D``) is ``robustloss_fast._finalize.finalize``; the backward
 pass writes ``g_i (alpha_i r_ij + beta_i u_j)`` and ``g_i gamma_i`` from the
 logits and ``stats = (lse_nt, alpha, beta, gamma)``.
 
-NFL (normalized focal loss, id 12: ``L = F_y / sum_k F_k + b q`` with
+NFL (normalized focal loss, ``Kernel.NFL``: ``L = F_y / sum_k F_k + b q`` with
 ``F_k = -(1 - P_k)^gamma log P_k``) has a per-class gradient term
 ``h_j = P_j dF/dP (P_j)``, so its rows and stats are in "P-form": column 0
 holds ``lse`` (not ``lse_nt``), the row pass makes one more pass over the
@@ -57,18 +57,28 @@ specialisation with no branch in the inner loop.
 import triton
 import triton.language as tl
 
-# Kernel formula ids: keep in sync with robustloss_fast/schemes.py (KERNEL_IDS)
-# and csrc/include/robustloss/schemes.h.
-CCE, MAE, MSE, GCE, DM, DM_NORMAL, DM_BETA, POLY, FOCAL, TAYLOR = 0, 1, 2, 3, 4, 5, 6, 7, 8, 9
-CCE_LS, NCE = 10, 11  # two-term schemes with the spread pass (the kernels test SCHEME == 10 or 11)
-NFL = 12  # normalized focal loss: two-term, P-form rows and stats (see rows_kernel)
-NUM_SCHEMES = 13  # every id >= 10 is two-term (no derivative normalisation)
+from ..._common import Kernel
+
+# The kernel ids the formulas are selected by, from the one id table
+# (robustloss_fast._common.Kernel); jit functions read globals only as constexprs.
+_CCE = tl.constexpr(int(Kernel.CCE))
+_MAE = tl.constexpr(int(Kernel.MAE))
+_MSE = tl.constexpr(int(Kernel.MSE))
+_GCE = tl.constexpr(int(Kernel.GCE))
+_DM = tl.constexpr(int(Kernel.DM))
+_DM_NORMAL = tl.constexpr(int(Kernel.DM_NORMAL))
+_DM_BETA = tl.constexpr(int(Kernel.DM_BETA))
+_POLY = tl.constexpr(int(Kernel.POLY))
+_FOCAL = tl.constexpr(int(Kernel.FOCAL))
+_TAYLOR = tl.constexpr(int(Kernel.TAYLOR))
+_CCE_LS = tl.constexpr(int(Kernel.CCE_LS))
+_NCE = tl.constexpr(int(Kernel.NCE))
+_NFL = tl.constexpr(int(Kernel.NFL))
 
 _LN2 = tl.constexpr(0.6931471805599453)
-_NEG_INF = tl.constexpr(float("-inf"))
-_POS_INF = tl.constexpr(float("inf"))
-# No NaN global: Triton checks that a global keeps its value between kernels,
-# and NaN != NaN fails that check. NaN is written inline as float("nan").
+# No infinity or NaN globals: Inductor re-emits a kernel's constexpr globals by
+# their repr ("-inf" is no Python name), and Triton checks that a global keeps
+# its value between launches (NaN != NaN). They are written inline as float("...").
 
 
 @triton.jit
@@ -132,7 +142,7 @@ def _row_prob(z_y, lse_nt):
     d = z_y - lse_nt
     # A +inf target logit is not a valid input (SPEC §6: NaN for the row); the
     # margin alone would read it as p = 1.
-    d = tl.where(z_y == _POS_INF, float("nan"), d)
+    d = tl.where(z_y == float("inf"), float("nan"), d)
     logp = -_softplus(-d)
     logq = -_softplus(d)
     return logp, logq, tl.exp(logp), tl.exp(logq)
@@ -141,28 +151,28 @@ def _row_prob(z_y, lse_nt):
 @triton.jit
 def _log_weight(logp, logq, p, q, a, b, SCHEME: tl.constexpr):
     """log w(p) (SPEC §4): the batch softmax of these is the normalised emphasis."""
-    tl.static_assert(SCHEME >= 0 and SCHEME < 10, "unknown scheme id")
-    if SCHEME == 0:  # CCE: w = 2q
+    tl.static_assert(SCHEME != _CCE_LS and SCHEME != _NCE and SCHEME != _NFL, "not a one-term scheme id")
+    if SCHEME == _CCE:  # CCE: w = 2q
         lw = _LN2 + logq
-    elif SCHEME == 1:  # MAE: w = 2pq
+    elif SCHEME == _MAE:  # MAE: w = 2pq
         lw = _LN2 + logp + logq
-    elif SCHEME == 2:  # MSE: w = 4pq^2
+    elif SCHEME == _MSE:  # MSE: w = 4pq^2
         lw = 2.0 * _LN2 + logp + 2.0 * logq
-    elif SCHEME == 3:  # GCE(k = a): w = 2 p^k q
+    elif SCHEME == _GCE:  # GCE(k = a): w = 2 p^k q
         lw = _LN2 + a * logp + logq
-    elif SCHEME == 4:  # DM(lam = a, beta = b): w = exp(beta p^lam q)
+    elif SCHEME == _DM:  # DM(lam = a, beta = b): w = exp(beta p^lam q)
         # p^0 = 1 even at p = 0 (0 * log 0 would be NaN).
         plam = tl.where(a == 0.0, 1.0, tl.exp(a * logp))
         lw = b * plam * q
-    elif SCHEME == 5:  # DMNormal(psi = a, beta = b): w = exp(-beta p (p - 2 psi))
+    elif SCHEME == _DM_NORMAL:  # DMNormal(psi = a, beta = b): w = exp(-beta p (p - 2 psi))
         lw = -b * p * (p - 2.0 * a)
-    elif SCHEME == 6:  # DMBeta(alpha = a, eta = b): w = p^(alpha-1) q^(eta-1); 0 * log 0 avoided
+    elif SCHEME == _DM_BETA:  # DMBeta(alpha = a, eta = b): w = p^(alpha-1) q^(eta-1); 0 * log 0 avoided
         t1 = tl.where(a == 1.0, 0.0, (a - 1.0) * logp)
         t2 = tl.where(b == 1.0, 0.0, (b - 1.0) * logq)
         lw = t1 + t2
-    elif SCHEME == 7:  # Poly (Poly-1, RCE, SCE): L = -a log p + b q, w = 2q (a + b p)
+    elif SCHEME == _POLY:  # Poly (Poly-1, RCE, SCE): L = -a log p + b q, w = 2q (a + b p)
         lw = _LN2 + logq + tl.log(a + b * p)
-    elif SCHEME == 8:  # Focal(gamma = a)
+    elif SCHEME == _FOCAL:  # Focal(gamma = a)
         # p >= q: w = 2 q^(g+1) (1 + g p (-log p) / q) in logs (q may underflow, log q does not);
         # p < q: w = 2 q^g (q - g p log p), p log p -> 0 at p = 0.
         ratio = tl.where(q > 0.0, -logp / q, 1.0)
@@ -187,19 +197,19 @@ def _row_x(lw, logp, logq, q, a, b, SCHEME: tl.constexpr, NORMALISED: tl.constex
     """
     if NORMALISED:
         x = -logp
-    elif SCHEME == 0:
+    elif SCHEME == _CCE:
         x = -logp
-    elif SCHEME == 1:
+    elif SCHEME == _MAE:
         x = q
-    elif SCHEME == 2:
+    elif SCHEME == _MSE:
         x = q * q
-    elif SCHEME == 3:
+    elif SCHEME == _GCE:
         x = -_expm1(a * logp) / a
-    elif SCHEME == 7:
+    elif SCHEME == _POLY:
         x = tl.where(a == 0.0, 0.0, -a * logp) + b * q
-    elif SCHEME == 8:
+    elif SCHEME == _FOCAL:
         x = tl.where(a == 0.0, -logp, -tl.exp(a * logq) * logp)
-    elif SCHEME == 9:
+    elif SCHEME == _TAYLOR:
         # Horner form of sum_{k=1..t} q^k / k, k from t down to 1.
         t = a.to(tl.int32)
         x = tl.zeros_like(q)
@@ -217,10 +227,10 @@ def _two_term_row(logp, p, q, spread, U, u_y, n_classes, a, b, SCHEME: tl.conste
     With Lambda = sum_k u_k (-log P_k) = U (-log p) + spread, A = p dL/dp and
     l = dL/dLambda: alpha = q (U l - A), beta = -l, gamma = q A + l (U p - u_y).
     """
-    tl.static_assert(SCHEME == 10 or SCHEME == 11, "not a two-term scheme id")
+    tl.static_assert(SCHEME == _CCE_LS or SCHEME == _NCE, "not a two-term scheme id with the spread")
     nlp = -logp
     lam = U * nlp + spread
-    if SCHEME == 10:  # label smoothing: (1 - eps) u_y (-log p) + (eps / C) Lambda, eps = a
+    if SCHEME == _CCE_LS:  # label smoothing: (1 - eps) u_y (-log p) + (eps / C) Lambda, eps = a
         sm = a / n_classes
         hard = (1.0 - a) * u_y
         x = hard * nlp + tl.where(a == 0.0, 0.0, sm * lam)  # eps = 0 is plain CE even where Lambda = inf
@@ -313,6 +323,8 @@ def rows_kernel(
     b_hi,
     b_lo,
     SCHEME: tl.constexpr,
+    SPREAD: tl.constexpr,
+    P_FORM: tl.constexpr,
     NORMALISED: tl.constexpr,
     HAS_U: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -320,7 +332,10 @@ def rows_kernel(
 ):
     """rows[i] = (lse_nt, log w, x, alpha, beta, gamma) for BLOCK_N rows; (-inf, -inf, 0, 0, 0, 0) if ignored.
 
-    NFL (SCHEME 12) writes (lse, log w, x, alpha, beta, gamma): P-form, see the module docstring.
+    SPREAD and P_FORM are the id classes of SCHEME (``Kernel.needs_spread``,
+    ``Kernel.p_form``): the two-term schemes with the spread reduction (label
+    smoothing, NCE), and NFL, which writes (lse, log w, x, alpha, beta, gamma):
+    P-form, see the module docstring.
 
     The scheme parameters arrive as float32 pairs (hi + lo) because Triton
     passes Python floats as float32; their sum carries 48 bits, enough for the
@@ -345,7 +360,7 @@ def rows_kernel(
     # Online logsumexp over the non-target lanes: running max m and sum s of
     # exp(z - m). NaN / +inf lanes are recorded in `bad` and kept out of m and s,
     # so max and sum never see a NaN (whose handling differs between backends).
-    m = tl.full([BLOCK_N], _NEG_INF, acc)
+    m = tl.full([BLOCK_N], float("-inf"), acc)
     s = tl.zeros([BLOCK_N], acc)
     bad = tl.zeros([BLOCK_N], tl.int32)
     # Two-term schemes: spread = sum_k u_k (z_y - z_k) over every class and U = sum_k u_k.
@@ -355,8 +370,8 @@ def rows_kernel(
         cols = start + tl.arange(0, BLOCK_C).to(tl.int64)
         col_ok = cols < n_cols
         mask = live[:, None] & col_ok[None, :]
-        z = tl.load(row_base[:, None] + cols[None, :], mask=mask, other=_NEG_INF).to(acc)
-        if SCHEME == 10 or SCHEME == 11:  # two-term with the spread
+        z = tl.load(row_base[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(acc)
+        if SPREAD:
             diff = z_y[:, None] - z
             if HAS_U:
                 u = tl.load(u_ptr + cols, mask=col_ok, other=0.0).to(acc)
@@ -367,32 +382,32 @@ def rows_kernel(
                 term = tl.where(mask, diff, 0.0)
             spread += tl.sum(term, axis=1)
         non_target = cols[None, :] != y_safe[:, None]
-        not_finite_above = (z != z) | (z == _POS_INF)
+        not_finite_above = (z != z) | (z == float("inf"))
         bad = tl.maximum(bad, tl.max((not_finite_above & non_target).to(tl.int32), axis=1))
-        z = tl.where(non_target & ~not_finite_above, z, _NEG_INF)
+        z = tl.where(non_target & ~not_finite_above, z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))
         # While the running max is still -inf nothing has been summed, and
         # exp(-inf - (-inf)) would be NaN: guard both the rescale and the terms.
-        alpha = tl.where(m_new == _NEG_INF, 0.0, tl.exp(m - m_new))
-        e = tl.where(z == _NEG_INF, 0.0, tl.exp(z - m_new[:, None]))
+        alpha = tl.where(m_new == float("-inf"), 0.0, tl.exp(m - m_new))
+        e = tl.where(z == float("-inf"), 0.0, tl.exp(z - m_new[:, None]))
         s = s * alpha + tl.sum(e, axis=1)
         m = m_new
-    lse_nt = tl.where(m == _NEG_INF, _NEG_INF, m + tl.log(s))
+    lse_nt = tl.where(m == float("-inf"), float("-inf"), m + tl.log(s))
     lse_nt = tl.where(bad != 0, float("nan"), lse_nt)
 
     # SPEC §6: a NaN or +inf target logit makes the whole row NaN.
-    lse_nt = tl.where((z_y != z_y) | (z_y == _POS_INF), float("nan"), lse_nt)
+    lse_nt = tl.where((z_y != z_y) | (z_y == float("inf")), float("nan"), lse_nt)
     logp, logq, p, q = _row_prob(z_y, lse_nt)
-    if SCHEME == 12:
+    if P_FORM:
         # NFL: lse = lse_nt - log q (z_y where no non-target logit is finite: log q
         # = -inf there), then sum F and h over the non-target classes.
-        lse = tl.where(lse_nt == _NEG_INF, z_y, lse_nt - logq)
+        lse = tl.where(lse_nt == float("-inf"), z_y, lse_nt - logq)
         sum_F = tl.zeros([BLOCK_N], acc)
         sum_h = tl.zeros([BLOCK_N], acc)
         for start in range(0, n_cols, BLOCK_C):
             cols = start + tl.arange(0, BLOCK_C).to(tl.int64)
             mask = live[:, None] & (cols < n_cols)[None, :]
-            z = tl.load(row_base[:, None] + cols[None, :], mask=mask, other=_NEG_INF).to(acc)
+            z = tl.load(row_base[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(acc)
             _, F, h = _focal_terms_of_logit(a, z, lse[:, None])
             take = mask & (cols[None, :] != y_safe[:, None])
             sum_F += tl.sum(tl.where(take, F, 0.0), axis=1)
@@ -400,7 +415,7 @@ def rows_kernel(
         x, g_alpha, g_beta, g_gamma = _nfl_row(a, b, logp, p, q, sum_F, sum_h)
         lw = tl.log(2.0 * tl.abs(g_gamma))
         lse_nt = lse  # column 0 holds lse (P-form)
-    elif SCHEME >= 10:
+    elif SPREAD:
         if HAS_U:
             u_y = tl.load(u_ptr + y_safe, mask=live, other=0.0).to(acc)
         else:
@@ -417,12 +432,12 @@ def rows_kernel(
         if NORMALISED:
             g_alpha = tl.zeros_like(lw)
         else:
-            g_alpha = tl.where(lse_nt == _NEG_INF, 0.0, 0.5 * tl.exp(lw))
+            g_alpha = tl.where(lse_nt == float("-inf"), 0.0, 0.5 * tl.exp(lw))
         g_beta = tl.zeros_like(g_alpha)
         g_gamma = -g_alpha
 
-    lse_nt = tl.where(valid, tl.where(in_range, lse_nt, float("nan")), _NEG_INF)
-    lw = tl.where(valid, tl.where(in_range, lw, float("nan")), _NEG_INF)
+    lse_nt = tl.where(valid, tl.where(in_range, lse_nt, float("nan")), float("-inf"))
+    lw = tl.where(valid, tl.where(in_range, lw, float("nan")), float("-inf"))
     x = tl.where(valid, tl.where(in_range, x, float("nan")), 0.0)
     g_alpha = tl.where(valid, tl.where(in_range, g_alpha, float("nan")), 0.0)
     g_beta = tl.where(valid, tl.where(in_range, g_beta, float("nan")), 0.0)
@@ -440,7 +455,7 @@ def rows_kernel(
 def _ratio(z, lse_nt):
     """r = exp(z - lse_nt) on a tile, 0 for rows with lse_nt = -inf (no finite non-target logit)."""
     r = tl.exp(z - lse_nt[:, None])
-    return tl.where((lse_nt == _NEG_INF)[:, None], 0.0, r)
+    return tl.where((lse_nt == float("-inf"))[:, None], 0.0, r)
 
 
 @triton.jit
@@ -493,7 +508,7 @@ def backward_kernel(
     z = tl.load(
         logits_ptr + rows[:, None] * stride_row + cols[None, :],
         mask=valid[:, None] & col_ok[None, :],
-        other=_NEG_INF,
+        other=float("-inf"),
     ).to(acc)
     if P_FORM:
         gam = tl.cast(a_hi, acc) + tl.cast(a_lo, acc)

@@ -1,0 +1,174 @@
+"""What every backend shares: kernel ids, reductions, dtypes, the target check, and ``KernelSpec``.
+
+Nothing here computes a loss. This module holds the vocabulary that the API,
+the backends, the fused linear layer and the distributed paths speak, once:
+
+* ``Kernel``: the kernel-formula ids (the one Python table; the C++ table is
+  ``csrc/include/robustloss/schemes.h`` and a test reads it back against this
+  one), with the named classes of ids the code branches on;
+* ``Reduction``: the reduction codes of the op schemas;
+* ``acc_dtype``: the accumulation dtype rule (spec §6);
+* ``check_target`` and ``bad_target_message``: the host-side target check of
+  spec §6 and its one wording (the C++ ops use the same words,
+  ``ROBUSTLOSS_BAD_TARGET_MSG`` in ``checks.h``);
+* ``KernelSpec``: the one immutable value computed from a scheme and the
+  loss's flags (``functional.kernel_spec``) and handed to every backend.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "Kernel",
+    "Reduction",
+    "KernelSpec",
+    "acc_dtype",
+    "bad_target_message",
+    "check_target",
+    "NORMALIZE_TWO_TERM_MSG",
+]
+
+
+class Kernel(enum.IntEnum):
+    """Kernel-formula ids (spec §4, §7, §8). Several schemes share one formula:
+    ``IMAE(T)`` is ``DM`` with ``(1, T)``, ``RCE``/``SCE``/``Poly1`` are ``POLY``."""
+
+    CCE = 0  # L = -log p                      w = 2q
+    MAE = 1  # L = q                           w = 2pq
+    MSE = 2  # L = q^2                         w = 4pq^2
+    GCE = 3  # L = (1 - p^a) / a               w = 2 p^a q
+    DM = 4  # w = exp(b p^a q)                 derivative-defined
+    DM_NORMAL = 5  # w = exp(-b p (p - 2a))    derivative-defined
+    DM_BETA = 6  # w = p^(a-1) q^(b-1)         derivative-defined
+    POLY = 7  # L = -a log p + b q             w = 2q (a + b p)
+    FOCAL = 8  # L = -q^a log p
+    TAYLOR = 9  # L = sum_{k <= a} q^k / k
+    CCE_LS = 10  # label smoothing: (1 - a) u_y (-log p) + (a / C) Lambda   (the label_smoothing= keyword)
+    NCE = 11  # L = a (-log p) / Lambda + b q
+    NFL = 12  # L = FL(p) / sum_k FL(P_k) + b q, FL(P) = -(1 - P)^a log P
+
+    @property
+    def loss_defined(self) -> bool:
+        """An ordinary loss L whose exact gradient the kernels write (not a designed emphasis)."""
+        return self not in (Kernel.DM, Kernel.DM_NORMAL, Kernel.DM_BETA)
+
+    @property
+    def two_term(self) -> bool:
+        """Depends on the whole distribution: gradient ``alpha r + beta u`` off the target, no emphasis w(p)."""
+        return self in (Kernel.CCE_LS, Kernel.NCE, Kernel.NFL)
+
+    @property
+    def needs_spread(self) -> bool:
+        """Needs the second row reduction ``spread = sum_k u_k (z_y - z_k)``."""
+        return self in (Kernel.CCE_LS, Kernel.NCE)
+
+    @property
+    def p_form(self) -> bool:
+        """Rows and stats carry ``lse`` (not ``lse_nt``) and the gradient has a per-class term (NFL)."""
+        return self is Kernel.NFL
+
+    @property
+    def weight_in_rows(self) -> bool:
+        """The class weights weigh every class of the row's sum (label smoothing, as in F.cross_entropy)."""
+        return self is Kernel.CCE_LS
+
+
+class Reduction(enum.IntEnum):
+    """The ``reduction`` codes of the op schemas."""
+
+    NONE = 0
+    MEAN = 1
+    SUM = 2
+
+    @classmethod
+    def parse(cls, name) -> "Reduction":
+        if name == "none":
+            return cls.NONE
+        if name == "mean":
+            return cls.MEAN
+        if name == "sum":
+            return cls.SUM
+        raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {name!r}")
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Spec §6: float64 accumulates in float64, every other dtype in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+NORMALIZE_TWO_TERM_MSG = (
+    "derivative normalisation (normalize=True) is defined for schemes whose gradient is w(p) (softmax - onehot) / 2; "
+    "label smoothing and NCE/NFL/APL have a second gradient term: use normalize=False"
+)
+
+
+def bad_target_message(value: int, position: int, num_classes: int, ignore_index: int) -> str:
+    """The one wording of a bad target (the C++ ops' ROBUSTLOSS_BAD_TARGET_MSG says the same)."""
+    return (
+        f"robust_cross_entropy: target value {value} (at flat position {position}) is out of bounds for "
+        f"{num_classes} classes; expected 0..{num_classes - 1} or ignore_index={ignore_index}"
+    )
+
+
+def check_target(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """Raise IndexError naming the first target outside [0, C) that is not ``ignore_index``.
+
+    Reads one flag back from the target's device: free on the CPU, a
+    synchronisation on a GPU (which is why the GPU backends do not call it on
+    their default path; see ``robust_cross_entropy(check_targets=...)``).
+    """
+    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if bool(bad.any()):
+        pos = int(bad.nonzero()[0, 0])
+        raise IndexError(bad_target_message(int(target[pos]), pos, num_classes, ignore_index))
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """Everything a backend needs to know about a loss besides its tensors.
+
+    Built once per call from the scheme and the flags (``functional.kernel_spec``)
+    and passed unchanged to the backend, the fused linear layer and the
+    distributed paths; at an op boundary it is unpacked into the op's schema
+    arguments in one place per backend.
+
+    ``kernel``, ``a``, ``b``: the kernel formula and its two parameters.
+    ``scale``: a constant factor on the loss applied once outside the kernels
+    (APL's ``alpha`` with NFL, whose formula already takes two parameters; 1
+    for every other scheme). ``reduction``, ``normalize``, ``ignore_index``:
+    as in the API (``normalize`` matters for ``"mean"`` only).
+    """
+
+    kernel: Kernel
+    a: float = 0.0
+    b: float = 0.0
+    scale: float = 1.0
+    reduction: Reduction = Reduction.MEAN
+    normalize: bool = False
+    ignore_index: int = -100
+
+    @property
+    def normalised(self) -> bool:
+        """Derivative normalisation is in effect: ``"mean"`` with ``normalize=True`` (spec §5)."""
+        return self.reduction == Reduction.MEAN and self.normalize
+
+    @property
+    def two_term(self) -> bool:
+        return self.kernel.two_term
+
+    @property
+    def p_form(self) -> bool:
+        return self.kernel.p_form
+
+    @property
+    def weight_in_rows(self) -> bool:
+        """The class weights enter the rows (label smoothing) instead of the row scale s_i."""
+        return self.kernel.weight_in_rows
+
+    def smooth_weight(self, weight):
+        """The class weights as the rows' ``u`` (label smoothing), else None."""
+        return weight if self.kernel.weight_in_rows else None
