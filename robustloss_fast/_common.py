@@ -18,6 +18,7 @@ the backends, the fused linear layer and the distributed paths speak, once:
 from __future__ import annotations
 
 import enum
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -29,8 +30,12 @@ __all__ = [
     "acc_dtype",
     "bad_target_message",
     "check_target",
+    "real_scalar",
+    "int64_scalar",
     "NORMALIZE_TWO_TERM_MSG",
 ]
+
+_INT64 = (-(2**63), 2**63 - 1)
 
 
 class Kernel(enum.IntEnum):
@@ -98,6 +103,38 @@ class Reduction(enum.IntEnum):
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Spec §6: float64 accumulates in float64, every other dtype in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def real_scalar(value, what: str) -> float:
+    """``value`` as a float, taking every real scalar PyTorch users pass; errors name ``what``.
+
+    Python ints and floats, NumPy real scalars and one-element real tensors
+    (as ``F.cross_entropy`` takes ``label_smoothing``) are accepted; bools,
+    complex numbers, strings and larger tensors are a TypeError, and a value
+    beyond the float range (``2**1100``) a ValueError. Finiteness is the
+    caller's rule.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.dtype.is_complex:
+            raise TypeError(f"{what} must be a real number, got a tensor of shape {tuple(value.shape)} and {value.dtype}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{what} must be a real number, got {value!r}")
+    try:
+        return float(value)
+    except OverflowError:
+        shown = f"an integer of {int(value).bit_length()} bits" if isinstance(value, numbers.Integral) else repr(value)
+        raise ValueError(f"{what} must be finite, got {shown} (beyond the float range)") from None
+
+
+def int64_scalar(value, what: str) -> int:
+    """``value`` as a Python int that fits the int64 of the op schemas; errors name ``what``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{what} must be an int, got {value!r}")
+    value = int(value)
+    if not _INT64[0] <= value <= _INT64[1]:
+        raise ValueError(f"{what} must fit in int64, got {value}")
+    return value
 
 
 NORMALIZE_TWO_TERM_MSG = (

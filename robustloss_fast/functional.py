@@ -8,13 +8,12 @@ op (a data-dependent check here would break ``torch.compile(fullgraph=True)``).
 
 from __future__ import annotations
 
-import numbers
 from typing import Optional
 
 import torch
 
 from . import backends, distributed
-from ._common import NORMALIZE_TWO_TERM_MSG, Kernel, KernelSpec, Reduction, acc_dtype
+from ._common import NORMALIZE_TWO_TERM_MSG, Kernel, KernelSpec, Reduction, acc_dtype, int64_scalar, real_scalar
 from .schemes import CCE, DM, IMAE, Scheme
 
 __all__ = ["robust_cross_entropy", "dm_loss", "imae_loss", "available_backends", "kernel_spec"]
@@ -24,19 +23,41 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 available_backends = backends.available_backends
 
 
+#: Target dtypes: F.cross_entropy's int64 and uint8, and int32 besides (what many
+#: data pipelines produce; it is widened once, here).
+TARGET_DTYPES = (torch.int64, torch.int32, torch.uint8)
+
+
+def check_target_dtype(target: torch.Tensor) -> None:
+    if target.dtype.is_floating_point or target.dtype.is_complex:
+        raise TypeError(
+            f"target must hold integer class indices (int64, int32 or uint8), got {target.dtype}; "
+            "class-probability targets are not supported"
+        )
+    if target.dtype not in TARGET_DTYPES:
+        raise TypeError(f"target must hold class indices as int64, int32 or uint8, got {target.dtype}")
+
+
+def check_class_weight(weight, num_classes: int, device, name: str = "weight") -> None:
+    """A class-weight vector: a floating tensor of shape (C,) on the input's device (any floating dtype:
+    it is used in the accumulation dtype)."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{name} must be a floating tensor of shape ({num_classes},), got {type(weight).__name__}")
+    if not weight.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating tensor of shape ({num_classes},), got {weight.dtype}")
+    if tuple(weight.shape) != (num_classes,):
+        raise ValueError(f"{name} must have shape ({num_classes},) (one per class), got {tuple(weight.shape)}")
+    if weight.device != device:
+        raise ValueError(f"{name} is on {weight.device} but input is on {device}")
+
+
 def _canonical(input: torch.Tensor, target: torch.Tensor, sample_weight: Optional[torch.Tensor]):
     """(logits (N, C), target (N,), sample_weight (N,) or None, shape of the per-element output)."""
     if not isinstance(input, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise TypeError("input and target must be tensors")
     if input.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"input must be float16, bfloat16, float32 or float64 logits, got {input.dtype}")
-    if target.dtype.is_floating_point or target.dtype.is_complex:
-        raise TypeError(
-            f"target must hold integer class indices (int64 or int32), got {target.dtype}; "
-            "class-probability targets are not supported"
-        )
-    if target.dtype == torch.bool:
-        raise TypeError("target must hold integer class indices, got torch.bool")
+    check_target_dtype(target)
     if input.device != target.device:
         raise ValueError(f"input is on {input.device} but target is on {target.device}")
     if input.dim() == 0:
@@ -103,11 +124,8 @@ def kernel_spec(
         normalize = scheme.default_normalize
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool or None, got {normalize!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real):
-        raise TypeError(f"label_smoothing must be a float, got {label_smoothing!r}")
-    label_smoothing = float(label_smoothing)
+    ignore_index = int64_scalar(ignore_index, "ignore_index")
+    label_smoothing = real_scalar(label_smoothing, "label_smoothing")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be in [0.0, 1.0], got {label_smoothing!r}")
     if label_smoothing > 0:
@@ -190,10 +208,11 @@ def robust_cross_entropy(
     Args:
         input: logits ``(N, C)``, ``(C,)`` or ``(N, C, d1, ..., dk)``; float16,
             bfloat16, float32 or float64; any strides.
-        target: class indices ``(N,)``, ``()`` or ``(N, d1, ..., dk)``; int64
-            or int32, each in ``[0, C)`` or ``ignore_index``.
+        target: class indices ``(N,)``, ``()`` or ``(N, d1, ..., dk)``; int64,
+            int32 or uint8, each in ``[0, C)`` or ``ignore_index``.
         scheme: a scheme from :mod:`robustloss_fast.schemes`.
-        weight: per-class weights ``(C,)``.
+        weight: per-class weights ``(C,)``, any floating dtype (used in the
+            accumulation dtype).
         sample_weight: per-element weights shaped like ``target`` (negative
             values allowed: gradient ascent on those examples).
         ignore_index: target value that contributes nothing.
@@ -248,12 +267,7 @@ def robust_cross_entropy(
         if class_offset is not None:
             raise ValueError("class_offset is only used with vocab_parallel=True")
         if weight is not None:
-            if not isinstance(weight, torch.Tensor) or not weight.dtype.is_floating_point:
-                raise TypeError("weight must be a floating tensor of shape (C,)")
-            if tuple(weight.shape) != (c,):
-                raise ValueError(f"weight must have shape ({c},) (one per class), got {tuple(weight.shape)}")
-            if weight.device != input.device:
-                raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
+            check_class_weight(weight, c, input.device)
             weight = weight.to(acc_dtype(input.dtype)).contiguous()
         if process_group is not None:
             value = distributed.robust_cross_entropy_rows(be, logits, rows_target, spec, weight, rows_sw, process_group)

@@ -81,7 +81,7 @@ from dataclasses import replace
 
 from . import _finalize, backends
 from ._common import KernelSpec, Reduction, acc_dtype, check_target
-from .functional import check_not_differentiable, kernel_spec, scale_loss
+from .functional import check_class_weight, check_not_differentiable, check_target_dtype, kernel_spec, scale_loss
 from .schemes import Scheme
 
 __all__ = ["linear_robust_cross_entropy", "LinearRobustCrossEntropyLoss"]
@@ -306,8 +306,7 @@ def _check(hidden, weight, bias, target, class_weight, sample_weight):
         raise ValueError("weight must have at least one row (V >= 1 classes)")
     if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],)):
         raise ValueError(f"bias must have shape ({weight.shape[0]},)")
-    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
-        raise TypeError(f"target must hold integer class indices (int64 or int32), got {target.dtype}")
+    check_target_dtype(target)
     if tuple(target.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(
             f"target shape {tuple(target.shape)} must equal hidden.shape[:-1] = {tuple(hidden.shape[:-1])}"
@@ -317,8 +316,7 @@ def _check(hidden, weight, bias, target, class_weight, sample_weight):
         if x is not None and x.device != hidden.device:
             raise ValueError(f"{name} is on {x.device} but hidden is on {hidden.device}")
     if class_weight is not None:
-        if not class_weight.dtype.is_floating_point or tuple(class_weight.shape) != (weight.shape[0],):
-            raise ValueError(f"class_weight must be a floating tensor of shape ({weight.shape[0]},)")
+        check_class_weight(class_weight, weight.shape[0], hidden.device, "class_weight")
     if sample_weight is not None:
         if not sample_weight.dtype.is_floating_point or tuple(sample_weight.shape) != tuple(target.shape):
             raise ValueError(f"sample_weight must be a floating tensor shaped like target {tuple(target.shape)}")

@@ -25,7 +25,7 @@ import warnings
 from dataclasses import dataclass
 from typing import ClassVar, Optional, Tuple
 
-from ._common import Kernel
+from ._common import Kernel, int64_scalar, real_scalar
 
 __all__ = [
     "Scheme",
@@ -61,9 +61,7 @@ def __getattr__(name):
 
 
 def _real(cls: str, name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{cls}: {name} must be a real number, got {value!r}")
-    value = float(value)
+    value = real_scalar(value, f"{cls}: {name}")
     if not math.isfinite(value):
         raise ValueError(f"{cls}: {name} must be finite, got {value!r}")
     return value
@@ -466,8 +464,7 @@ class TaylorCE(Scheme):
     order: int = 2
 
     def __post_init__(self):
-        if isinstance(self.order, bool) or not isinstance(self.order, int):
-            raise TypeError(f"TaylorCE: order must be an int, got {self.order!r}")
+        object.__setattr__(self, "order", int64_scalar(self.order, "TaylorCE: order"))
         if not 1 <= self.order <= 64:
             raise ValueError(f"TaylorCE: order must be in 1..64, got {self.order!r}")
 

@@ -498,7 +498,7 @@ def test_module_argument_errors():
         (lambda: DM(beta="8"), TypeError, "beta"),
         (lambda: DM(lam=True), TypeError, "lam"),
         (lambda: IMAE(T=None), TypeError, "T"),
-        (lambda: GCE(q=torch.tensor(0.5)), TypeError, "q"),
+        (lambda: GCE(q=torch.tensor([0.5, 0.6])), TypeError, "q"),
     ],
 )
 def test_scheme_validation(make, exc, regex):
