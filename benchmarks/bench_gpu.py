@@ -471,6 +471,8 @@ def logits_variant(name, dry_run):
         return _ours("DM", "auto", **{kw: True}), "dm", (1, 0)
     if name.startswith("ours "):
         _, scheme, backend = name.split()
+        if dry_run and backend == "cuda":
+            raise Skip("dry run on the CPU: backend 'cuda' runs on CUDA tensors")
         return _ours(scheme, backend), scheme.lower() if scheme == "DM" else "ce", (3, 0)
     raise ValueError(f"unknown variant {name!r}")
 
@@ -857,7 +859,8 @@ def _mib(b):
 
 
 def _why(rec):
-    return f"{rec['status']}: {rec.get('reason', '')}"
+    reason = str(rec.get("reason", "")).replace("|", "/")
+    return f"{rec['status']}: {reason[:160]}{'...' if len(reason) > 160 else ''}"
 
 
 def format_tables(result):

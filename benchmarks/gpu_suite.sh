@@ -96,11 +96,14 @@ for name in ("torch", "triton", "xdist", "pytest_timeout", "matplotlib"):
         print(f"{name}:", getattr(importlib.import_module(name), "__version__", "present"))
     except Exception as exc:  # noqa: BLE001
         print(f"{name}: absent ({type(exc).__name__})")
+import sysconfig
+print("python's C++ compiler (setuptools' default):", sysconfig.get_config_var("CXX"))
 import torch
 print("torch cuda:", torch.version.cuda, "device:", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
 EOF
     echo "nvcc: $(nvcc --version 2>/dev/null | tail -n 1)"
-    echo "c++: $(${CXX:-c++} --version 2>/dev/null | head -n 1) ($(command -v "${CXX:-c++}"))"
+    echo "c++: $(${CXX:-c++} --version 2>/dev/null | head -n 1) ($(command -v "${CXX:-c++}"); CXX=${CXX:-unset})"
+    echo "g++: $(g++ --version 2>/dev/null | head -n 1) ($(command -v g++))"
     echo "compute-sanitizer: $(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)"
     echo "git commit: $(git rev-parse HEAD 2>/dev/null || echo "${GIT_COMMIT:-unknown (no .git here; set GIT_COMMIT)}")"
   } >"$LOGS/env.txt" 2>&1
@@ -130,7 +133,7 @@ pw=""
 start_prewarm() {
   local dry=()
   [ "$DRY_RUN" = 1 ] && dry=(--dry-run)
-  TORCHINDUCTOR_COMPILE_THREADS=${PREWARM_THREADS:-4} timeout -k 5 $((BUILD_TIMEOUT + CHECKS_TIMEOUT)) \
+  TORCHINDUCTOR_COMPILE_THREADS=${PREWARM_THREADS:-8} timeout -k 5 $((BUILD_TIMEOUT + CHECKS_TIMEOUT)) \
     "$PY" benchmarks/bench_gpu.py --prewarm ${dry[@]+"${dry[@]}"} >"$LOGS/prewarm.log" 2>&1 &
   pw=$!
 }
@@ -232,8 +235,10 @@ sanitize_one() {
   if [ "$tool" = none ]; then
     timeout -k 10 "$limit" "$@" >"$log" 2>&1
   else
+    # Only the Python process: a child that never calls CUDA (a compiler Triton runs) would end
+    # "before first instrumented API call", which the tool reports as an error.
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 10 "$limit" "$SANITIZER" --tool "$tool" --error-exitcode 86 \
-      --print-limit 100 "$@" >"$log" 2>&1
+      --print-limit 100 --target-processes application-only "$@" >"$log" 2>&1
   fi
   rc=$?
   echo "exit status: $rc" >>"$log"

@@ -133,7 +133,10 @@ def summary(logs, out, dry_run):
     m = (bench or {}).get("machine") or {}
     gpu = (m.get("gpu") or {}).get("name")
     env = _read(os.path.join(logs, "env.txt"))
-    title = gpu or ("dry run on " + (m.get("cpu") or "the CPU") if dry_run else "GPU suite")
+    device = re.search(r"^torch cuda: .* device: (.+)$", env, re.M)
+    if gpu is None and device and device.group(1) != "None":
+        gpu = device.group(1)
+    title = gpu or ("dry run on " + (m.get("cpu") or "the CPU") if dry_run else "no GPU seen")
     lines.append(f"# GPU suite: {title}" + (" (DRY RUN: no GPU, numbers mean nothing)" if dry_run else ""))
     lines.append("")
     if m:
@@ -159,10 +162,10 @@ def summary(logs, out, dry_run):
     else:
         lines.append(f"{counts['passed']} passed, {counts['failures']} failed, {counts['errors']} errors, "
                      f"{counts['skipped']} skipped (of {counts['tests']})")
-        for name in counts["failed_tests"][:40]:
+        for name in counts["failed_tests"][:25]:
             lines.append(f"- {name}")
-        if len(counts["failed_tests"]) > 40:
-            lines.append(f"- ... and {len(counts['failed_tests']) - 40} more (junit.xml)")
+        if len(counts["failed_tests"]) > 25:
+            lines.append(f"- ... and {len(counts['failed_tests']) - 25} more (junit.xml)")
     tail = _read(os.path.join(logs, "pytest.log")).strip().splitlines()
     if tail:
         lines.append(f"\npytest's last line: `{tail[-1]}`")
