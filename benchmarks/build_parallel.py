@@ -106,7 +106,10 @@ def main(argv=None) -> int:
     try:
         runpy.run_path(os.path.join(ROOT, "setup.py"), run_name="__main__")
     except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if isinstance(exc.code, int) or exc.code is None:
+            return exc.code or 0
+        print(exc.code, file=sys.stderr)  # setuptools' error message, which Python would have printed
+        return 1
     return 0
 
 
