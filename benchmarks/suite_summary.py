@@ -121,6 +121,11 @@ def _read(path, default=""):
         return default
 
 
+def _field(text, key):
+    hit = re.search(rf"^{re.escape(key)}: (.*)$", text, re.M)
+    return hit.group(1) if hit else None
+
+
 def summary(logs, out, dry_run):
     lines = []
     bench = None
@@ -145,10 +150,13 @@ def summary(logs, out, dry_run):
         git = m.get("git") or {}
         lines.append(f"- code: commit {git.get('commit')} ({git.get('commit_from')}), source digest {m.get('source_digest')}")
         lines.append(f"- peers: liger-kernel {m['peers'].get('liger_kernel')}, cut-cross-entropy {m['peers'].get('cut_cross_entropy')}")
+    else:  # no benchmark JSON: what the setup stage saw
+        smi = re.search(r"Driver Version: (\S+)", _read(os.path.join(logs, "nvidia-smi.txt")))
+        lines.append(f"- machine: {gpu}, driver {smi.group(1) if smi else None}, torch {_field(env, 'torch')}, "
+                     f"{_field(env, 'date')}")
     for key in ("nvcc", "c++", "git commit"):
-        hit = re.search(rf"^{re.escape(key)}: (.*)$", env, re.M)
-        if hit:
-            lines.append(f"- {key}: {hit.group(1)}")
+        if _field(env, key):
+            lines.append(f"- {key}: {_field(env, key)}")
     lines += ["", "## Stages", "", "| stage | status | seconds | note |", "|---|---|---|---|"]
     for row in _read(os.path.join(logs, "stages.tsv")).splitlines():
         cells = (row.split("\t") + ["", "", "", ""])[:4]
