@@ -62,6 +62,14 @@ the gradient chunk too), the ``(N, 3)`` row statistics, and -- for
 (which fp32 accumulation requires); with ``grad_in_forward`` also a float32
 ``N x H`` ``grad_hidden``.
 
+Soft-capping
+------------
+``softcap=c`` computes the loss of ``c * tanh(z / c)`` (Gemma 2's final
+logit soft-capping) instead of ``z``. Each chunk of logits is capped in place
+before its row op; its gradient chunk ``G_k`` (with respect to the capped
+logits) is multiplied by ``dz_c / dz = 1 - (z_c / c)^2`` before the matmuls,
+on both paths. No extra chunk is held.
+
 ``torch.compile(fullgraph=True)`` traces both paths without a graph break
 (tested with ``backend="aot_eager"``); the chunk loop is unrolled, so the
 graph grows with ``N / chunk_size``. Host synchronisation on GPUs: the
@@ -180,6 +188,16 @@ def _add_grad_weight(
         acc[v0:v1].add_(torch.mm(gl[:, v0:v1].t(), h))
 
 
+def _softcap_(z: torch.Tensor, cap: float) -> torch.Tensor:
+    """z <- cap * tanh(z / cap) in place (in the order Gemma 2 rounds it)."""
+    return z.div_(cap).tanh_().mul_(cap)
+
+
+def _softcap_grad_(gl: torch.Tensor, zc: torch.Tensor, cap: float) -> None:
+    """gl <- gl * (1 - (zc / cap)^2), the chain rule through the cap; overwrites zc."""
+    gl.mul_(zc.div_(cap).square_().neg_().add_(1))
+
+
 def _chunks(n: int, chunk: int):
     return [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
 
@@ -195,7 +213,8 @@ def _finalize_all(rows, target, cw, sw, ignore_index, red, normalize, group, smo
 class _LinearRobustCE(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx, hidden, weight, bias, target, cw, sw, kid, a, b, ignore_index, red, normalize, chunk, name, group, gif
+        ctx, hidden, weight, bias, target, cw, sw, kid, a, b, ignore_index, red, normalize, chunk, name, group, gif,
+        cap,
     ):
         ops = _OPS[name]
         n = hidden.shape[0]
@@ -219,6 +238,8 @@ class _LinearRobustCE(torch.autograd.Function):
 
         for s, e in _chunks(n, chunk):
             z = _logits(hidden[s:e], weight, bias)
+            if cap is not None:
+                _softcap_(z, cap)
             t = target[s:e]
             rows_k = ops.rows(z, t, kid, a, b, ignore_index, normalised, u)
             rows[s:e] = rows_k
@@ -248,6 +269,8 @@ class _LinearRobustCE(torch.autograd.Function):
                 _, st = _finalize.finalize(rows_k, t, cw, sw_k, ignore_index, SUM, False, weight_in_rows=smooth)
                 decay = None
             gl = ops.grad(one, z, t, st, ignore_index, kid, a, u)
+            if cap is not None:
+                _softcap_grad_(gl, z, cap)
             del z
             if gh is not None:
                 gh[s:e] = torch.mm(gl, weight)
@@ -264,6 +287,7 @@ class _LinearRobustCE(torch.autograd.Function):
         ctx.kid, ctx.a = kid, a
         ctx.chunk = chunk
         ctx.name = name
+        ctx.cap = cap
         if gif:
             if normalised:
                 if gh is not None:
@@ -298,8 +322,12 @@ class _LinearRobustCE(torch.autograd.Function):
         gb = torch.zeros(weight.shape[:1], dtype=acc, device=weight.device) if needs_b else None
         for s, e in _chunks(hidden.shape[0], ctx.chunk):
             z = _logits(hidden[s:e], weight, bias)
+            if ctx.cap is not None:
+                _softcap_(z, ctx.cap)
             g = grad[s:e] if grad.dim() == 1 else grad
             gl = ops.grad(g, z, target[s:e], stats[s:e], ctx.ignore_index, ctx.kid, ctx.a, u)
+            if ctx.cap is not None:
+                _softcap_grad_(gl, z, ctx.cap)
             del z
             if gh is not None:
                 torch.mm(gl, weight, out=gh[s:e])
@@ -310,7 +338,7 @@ class _LinearRobustCE(torch.autograd.Function):
             del gl
         gw = None if gw is None else gw.to(weight.dtype)
         gb = None if gb is None else gb.to(weight.dtype)
-        return (gh, gw, gb) + (None,) * 13
+        return (gh, gw, gb) + (None,) * 14
 
     @staticmethod
     def _backward_stored(ctx, grad):
@@ -331,7 +359,7 @@ class _LinearRobustCE(torch.autograd.Function):
                 if not unit:
                     g.mul_(grad.to(g.dtype))
                 out.append(g.to(dt))
-        return tuple(out) + (None,) * 13
+        return tuple(out) + (None,) * 14
 
 
 def _check(hidden, weight, bias, target, class_weight, sample_weight):
@@ -389,6 +417,7 @@ def linear_robust_cross_entropy(
     process_group=None,
     grad_in_forward: Optional[bool] = None,
     label_smoothing: float = 0.0,
+    softcap: Optional[float] = None,
 ) -> torch.Tensor:
     r"""``robust_cross_entropy(hidden @ weight.T + bias, target, scheme, ...)`` without the logits.
 
@@ -427,6 +456,10 @@ def linear_robust_cross_entropy(
             may run through the graph (the stored gradients are scaled in
             place; a second backward raises autograd's in-place error).
 
+        softcap: ``None`` or a positive ``c``: the logits are
+            ``c * tanh((hidden @ weight.T + bias) / c)`` (final logit
+            soft-capping, as in Gemma 2), in value and gradient.
+
     Returns:
         The loss as :func:`robust_cross_entropy` returns it (float32 for 16-bit
         inputs; shaped like ``target`` for ``reduction="none"``).
@@ -436,6 +469,10 @@ def linear_robust_cross_entropy(
     _check(hidden, weight, bias, target, class_weight, sample_weight)
     if grad_in_forward and (red == NONE or process_group is not None):
         raise ValueError("grad_in_forward=True needs reduction 'mean' or 'sum' and no process_group")
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not 0 < softcap < math.inf:
+            raise ValueError(f"softcap must be None or a positive finite number, got {softcap!r}")
+        softcap = float(softcap)
     name = _resolve(backend, hidden.device)
 
     v, hdim = weight.shape
@@ -469,6 +506,7 @@ def linear_robust_cross_entropy(
     fn = _LinearRobustCE
     value = fn.apply(
         h2, weight, bias, t, cw, sw, kid, a, b, ignore_index, red, normalize, chunk, name, process_group, gif,
+        softcap,
     )  # fmt: skip
     if scheme.loss_scale != 1.0:  # APL's alpha with NFL (the kernels take two parameters)
         value = value * scheme.loss_scale
@@ -498,6 +536,7 @@ class LinearRobustCrossEntropyLoss(nn.Module):
         process_group=None,
         grad_in_forward: Optional[bool] = None,
         label_smoothing: float = 0.0,
+        softcap: Optional[float] = None,
     ):
         super().__init__()
         check_flags(scheme, reduction, normalize, ignore_index, label_smoothing)  # fail at construction
@@ -511,6 +550,7 @@ class LinearRobustCrossEntropyLoss(nn.Module):
         self.process_group = process_group
         self.grad_in_forward = grad_in_forward
         self.label_smoothing = label_smoothing
+        self.softcap = softcap
 
     def forward(self, hidden, weight, target, bias=None, sample_weight=None):
         return linear_robust_cross_entropy(
@@ -529,6 +569,7 @@ class LinearRobustCrossEntropyLoss(nn.Module):
             process_group=self.process_group,
             grad_in_forward=self.grad_in_forward,
             label_smoothing=self.label_smoothing,
+            softcap=self.softcap,
         )
 
     def extra_repr(self) -> str:
