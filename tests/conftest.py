@@ -39,3 +39,17 @@ def pytest_runtest_makereport(item, call):
         for key, value in item.user_properties:
             if key == "seed":
                 print(f"\n[robustloss_fast] torch seed for {item.nodeid}: {value}")
+
+
+# Imported here, after TRITON_INTERPRET is set: it imports the backends.
+from _backends import PARAMS as _BACKEND_PARAMS  # noqa: E402
+
+
+@pytest.fixture(params=_BACKEND_PARAMS)
+def backend(request):
+    """Every registered backend on its own device (tests/_backends.py): an ``OnDevice``.
+
+    A test that takes this fixture runs once per backend; one that
+    parametrises ``backend`` itself (a list of names) overrides it.
+    """
+    return request.param
