@@ -24,7 +24,6 @@ import torch
 
 from robustloss_fast import _finalize, reference
 from robustloss_fast._common import Kernel, Reduction
-
 from robustloss_fast.schemes import APL, CCE, DM
 
 from _backends import thin
@@ -39,6 +38,7 @@ from _cases import (
     assert_value,
     dtype_id,
     make_problem,
+    special_rows,
 )
 
 # The columns of robust_ce_rows that SPEC §9.3 names (more may follow them), and of the stats (§9.1).
@@ -50,13 +50,8 @@ def _stat_tol(dtype):
     return 1e-12 if dtype == torch.float64 else 2e-5
 
 
-def _specials(loss):
-    # Label smoothing's value over a masked class is +inf (SPEC §8.3): tested end to end.
-    return ("confident", "wrong") if loss.kernel is Kernel.CCE_LS else ("confident", "wrong", "masked")
-
-
 def _problem(backend, loss, dtype, config="full"):
-    return make_problem((23, 11), dtype, backend.device, config=config, special=_specials(loss))
+    return make_problem((23, 11), dtype, backend.device, config=config, special=special_rows(loss))
 
 
 def _spec(loss, reduction="none", normalize=False):

@@ -49,13 +49,9 @@ from _cases import (
     check_loss,
     dtype_id,
     make_problem,
+    special_rows,
     run,
 )
-
-
-def _specials(loss):
-    # A masked class makes label smoothing's value +inf (SPEC §8.3): its own test.
-    return ("confident", "wrong") if loss.kernel is Kernel.CCE_LS else ("confident", "wrong", "masked")
 
 
 # ---------------------------------------------------------------------------
@@ -76,7 +72,7 @@ def test_end_to_end(backend, loss, dtype):
     d, modes = DTYPES.index(dtype), loss.modes
     offset = LOSSES.index(loss) + d
     for reduction, normalize in thin(modes, backend, 1, offset):
-        problem = make_problem((23, 11), dtype, backend.device, special=_specials(loss))
+        problem = make_problem((23, 11), dtype, backend.device, special=special_rows(loss))
         check_loss(backend, problem, loss, reduction, normalize, "special rows")
     for k, (what, shape, layout, config) in thin(list(enumerate(PROBLEMS)), backend, 3, offset * 5):
         reduction, normalize = modes[(k + d) % len(modes)]
