@@ -240,7 +240,14 @@ def make_problem(
         base = torch.zeros((shape[0], c + k + pad), dtype=dtype)
         base[:, k : k + c] = z
         view = lambda b: b[:, k : k + c]  # noqa: E731
-    return Problem(base.to(device), target.to(device), weight, sample_weight, view)
+    problem = Problem(base.to(device), target.to(device), weight, sample_weight, view)
+    # ``run`` differentiates with respect to ``base`` so that these strides reach the backend
+    # (a clone of a non-dense view would be contiguous).
+    if layout == "row_strided":
+        assert problem.logits.stride() == (2 * c, 1)
+    elif layout not in ("contiguous", "transposed"):
+        assert problem.logits.stride() == (c + k + pad, 1) and problem.logits.storage_offset() == k
+    return problem
 
 
 def special_rows(loss: Loss):
