@@ -8,6 +8,9 @@ Environment that must be set before torch/Triton are imported lives here:
   do not cover the Python source of our custom ops' fake kernels and autograd
   rules, so a cache written before an op's signature changed would serve the
   old graph ("missing value for argument 'scheme'").
+
+The ``backend`` fixture runs a test once per registered backend, on that
+backend's device (tests/_backends.py); the backend suite is built on it.
 """
 
 import os
