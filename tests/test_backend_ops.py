@@ -58,10 +58,17 @@ def _spec(loss, reduction="none", normalize=False):
     return loss.spec(reduction, normalize)
 
 
-def assert_columns(got, expected, dtype, rows, what):
+# NFL's coefficients are a quotient rule, -h_y/S + F_y H/S^2 + ..., whose terms exceed the
+# result by orders of magnitude where NFL saturates (a confidently wrong row of few classes):
+# two correct float64 evaluations there agree to ~1e-9 of the column, not to 1e-12.
+P_FORM_CANCELLATION = 1e4
+
+
+def assert_columns(got, expected, dtype, rows, what, p_form=False):
     """Column by column, relative to the column's largest entry; non-finite entries must match exactly."""
     for col in range(expected.shape[1]):
-        assert_value(got[rows, col], expected[rows, col], dtype, rtol=_stat_tol(dtype), what=f"{what} column {col}")
+        rtol = _stat_tol(dtype) * (P_FORM_CANCELLATION if p_form and col in (LOG_W, ALPHA, BETA, GAMMA) else 1)
+        assert_value(got[rows, col], expected[rows, col], dtype, rtol=rtol, what=f"{what} column {col}")
 
 
 # ---------------------------------------------------------------------------
@@ -85,7 +92,7 @@ def test_rows(backend, loss):
         what = f"rows {dtype_id(dtype)} normalised={normalised} weight={w is not None}"
         assert rows.dtype == acc_of(dtype) and rows.shape == expected.shape, what
         assert rows.device.type == backend.device, what
-        assert_columns(rows, expected, dtype, valid, what)
+        assert_columns(rows, expected, dtype, valid, what, p_form=spec.p_form)
         assert torch.equal(rows[~valid], expected[~valid]), f"{what}: ignored rows"
         if not loss.two_term:
             _check_one_term_rows(rows, logits, target, loss, spec, valid, what)
