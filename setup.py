@@ -4,17 +4,22 @@ The CPU kernel is compiled once per instruction set (DEFAULT, AVX2, AVX512),
 each translation unit with its own flags, and the fastest one the running CPU
 supports is chosen at load time (csrc/cpu/dispatch.cpp), as ATen does for its
 own kernels. CUDA sources are added when torch has CUDA and nvcc is found
-(see ``_cuda_setup``). The linked library is checked for a private copy of
-the C++ runtime (see ``RUNTIME_LINK_ARGS``).
+(see ``_cuda_setup``). The translation units compile in parallel (``MAX_JOBS``
+processes, default: every CPU this process may use; see ``Build``), and the
+linked library is checked for a private copy of the C++ runtime (see
+``RUNTIME_LINK_ARGS``).
 """
 
 import glob
+import logging
 import os
 import platform
 import re
 import shutil
 import struct
+import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from setuptools import find_packages, setup
 
@@ -98,6 +103,42 @@ def _check_one_runtime(path):
     )
 
 
+def _jobs():
+    """Compiler processes to run at once: MAX_JOBS (as torch's own builds read it),
+    else one per CPU this process may use."""
+    if os.environ.get("MAX_JOBS"):
+        return max(1, int(os.environ["MAX_JOBS"]))
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _run_all(commands, jobs):
+    """Run compiler command lines, up to `jobs` at once; after a failure start no more."""
+    from setuptools.errors import CompileError
+
+    def run(command):
+        # Where setuptools logs the commands it runs (shown unless -q).
+        logging.getLogger().info(subprocess.list2cmdline(command))
+        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        # Printed whole, so that the diagnostics of two compilers do not interleave.
+        sys.stderr.write(done.stdout.decode(errors="replace"))
+        return done.returncode
+
+    pool = ThreadPoolExecutor(max_workers=max(1, min(jobs, len(commands))))
+    try:
+        started = {pool.submit(run, command): command for command in commands}
+        for future in as_completed(started):
+            status = future.result()
+            if status != 0:
+                command = started[future]
+                target = command[command.index("-o") + 1] if "-o" in command else command[-1]
+                raise CompileError(f"{command[0]} exited with status {status} building {target}")
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
 def _cuda_home_from_nvcc():
     """The toolkit folder behind the nvcc on PATH.
 
@@ -153,15 +194,30 @@ WITH_CUDA = _cuda_setup()
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
+# The compiler methods that run a command line (see Build.build_extension).
+RUNNERS = ("call", "spawn")
+
+
 class Build(BuildExtension):
-    """BuildExtension with per-source flags for the CPU capability variants."""
+    """BuildExtension with per-source flags for the CPU capability variants,
+    compiling the sources in parallel.
+
+    torch's ninja builds would apply one set of flags to every file, and its
+    other path compiles one file after another through a hook
+    (``compiler._compile``) that swaps the compiler's executable in place (nvcc
+    for .cu), so it cannot run in threads. It runs here once per source, in
+    order, with the compiler's command runner recording the command line
+    instead of running it; the recorded commands then run ``_jobs()`` at a
+    time."""
 
     def __init__(self, *args, **kwargs):
         kwargs["use_ninja"] = False  # ninja would apply one set of flags to every file
         super().__init__(*args, **kwargs)
 
     def build_extension(self, ext):
-        compile_one = self.compiler._compile
+        compiler = self.compiler
+        compile_one, compile_all = compiler._compile, compiler.compile
+        commands = []
 
         def with_capability_flags(obj, src, ext_, cc_args, extra_postargs, pp_opts):
             for suffix, flags in CAPABILITY_FLAGS.items():
@@ -172,11 +228,28 @@ class Build(BuildExtension):
                         extra_postargs = list(extra_postargs) + flags
             return compile_one(obj, src, ext_, cc_args, extra_postargs, pp_opts)
 
-        self.compiler._compile = with_capability_flags
+        def compile_parallel(*args, **kwargs):
+            commands.clear()
+            # setuptools' compilers run commands through `call` (`spawn` in
+            # older ones); both record here, and are the class's again after.
+            for runner in RUNNERS:
+                setattr(compiler, runner, lambda command, **_: commands.append(list(command)))
+            try:
+                objects = compile_all(*args, **kwargs)
+            finally:
+                for runner in RUNNERS:
+                    delattr(compiler, runner)
+            # The CUDA translation units take longest: started first, they
+            # overlap with the C++ ones instead of running alone at the end.
+            commands.sort(key=lambda command: not any(arg.endswith(".cu") for arg in command))
+            _run_all(commands, _jobs())
+            return objects
+
+        compiler._compile, compiler.compile = with_capability_flags, compile_parallel
         try:
             super().build_extension(ext)
         finally:
-            self.compiler._compile = compile_one
+            compiler._compile, compiler.compile = compile_one, compile_all
         _check_one_runtime(self.get_ext_fullpath(ext.name))
 
 

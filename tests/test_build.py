@@ -184,3 +184,54 @@ def test_a_private_runtime_is_refused_and_the_link_args_avoid_it(setup_py, tmp_p
         setup_py["_check_one_runtime"](private)
     assert not os.path.exists(private), "a refused library must not be left to import"
     setup_py["_check_one_runtime"](shared)
+
+
+def test_sources_compile_in_parallel_with_their_own_flags(setup_py, tmp_path, monkeypatch):
+    """setup.py's Build compiles through its parallel runner (not one source
+    after another inside setuptools), each ISA variant with its own flags."""
+    from setuptools import Distribution
+    from torch.utils.cpp_extension import CppExtension
+
+    names = ["a_default.cpp", "a_avx2.cpp", "a_avx512.cpp", "b.cpp"]
+    for name in names:
+        (tmp_path / name).write_text(f"int f_{name[:-4]}() {{ return {len(name)}; }}\n")
+    runs = []
+    module = setup_py["Build"].build_extension.__globals__  # the functions' own namespace
+
+    def run_all(commands, jobs):
+        runs.append([list(c) for c in commands])
+        return setup_py["_run_all"](commands, jobs)
+
+    monkeypatch.setitem(module, "_run_all", run_all)
+    monkeypatch.setenv("MAX_JOBS", "3")
+    monkeypatch.chdir(tmp_path)
+    ext = CppExtension("probe._C", names, extra_compile_args={"cxx": ["-O0"]})
+    dist = Distribution({"name": "probe", "ext_modules": [ext], "cmdclass": {"build_ext": setup_py["Build"]}})
+    cmd = dist.get_command_obj("build_ext")
+    cmd.build_lib, cmd.build_temp = str(tmp_path / "lib"), str(tmp_path / "temp")
+    cmd.ensure_finalized()
+    cmd.run()
+
+    assert len(runs) == 1 and len(runs[0]) == len(names), runs
+    flags = {name: next(c for c in runs[0] if name in c) for name in names}
+    assert "-mavx512f" in flags["a_avx512.cpp"] and "-mavx512f" not in flags["a_avx2.cpp"]
+    assert "-mavx2" in flags["a_avx2.cpp"] and "-DCPU_CAPABILITY=AVX2" in flags["a_avx2.cpp"]
+    assert "-DCPU_CAPABILITY=DEFAULT" in flags["a_default.cpp"]
+    assert not any(f.startswith(("-mavx", "-DCPU_CAPABILITY")) for f in flags["b.cpp"])
+    assert os.path.exists(cmd.get_ext_fullpath("probe._C"))
+    assert setup_py["_jobs"]() == 3
+
+
+def test_run_all_runs_commands_at_once_and_reports_a_failure(setup_py, tmp_path):
+    from setuptools.errors import CompileError
+
+    # Each command waits (10 s at most) for the other's file: both finish only
+    # when they run at the same time.
+    def meet(mine, other):
+        wait = f"i=0; while [ ! -e {other} ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done"
+        return ["sh", "-c", f"touch {mine}; {wait}; [ -e {other} ]"]
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    setup_py["_run_all"]([meet(a, b), meet(b, a)], 2)
+    with pytest.raises(CompileError, match=r"exited with status 3 building .*broken\.o"):
+        setup_py["_run_all"]([["true"], ["sh", "-c", "exit 3", "-o", "broken.o"]], 2)
