@@ -13,7 +13,9 @@
 # 3. Imports that build: built_with_cuda() is True and the three ops have CUDA
 #    kernels registered (plus CPU ones), the kernels are in the binary, each
 #    compiled in its own pass's object (csrc/cuda/<pass>.cu) only, and
-#    tests/test_cuda.py collects and skips cleanly (no device here).
+#    tests/test_cuda.py collects and skips cleanly (no device here); the
+#    library links torch's C++ runtime and its errors reach Python
+#    (tests/test_build.py).
 # 4. Runs the CUDA kernels' own code on the CPU emulator
 #    (csrc/cuda/emu/check_emu.py) against the pure-PyTorch reference.
 #
@@ -110,6 +112,9 @@ step "registration checks passed"
 
 (cd "$WORK/src" && "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py -rs 2>&1 | tail -n 5)
 step "tests/test_cuda.py collected (skips without a device)"
+
+(cd "$WORK/src" && "$PY" -m pytest -q -p no:cacheprovider tests/test_build.py 2>&1 | tail -n 5)
+step "tests/test_build.py passed: one C++ runtime, errors reach Python"
 
 (cd "$WORK/src" && "$PY" csrc/cuda/emu/check_emu.py --build-dir "$WORK/emu")
 step "emulated kernels match the reference"

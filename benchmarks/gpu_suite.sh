@@ -5,8 +5,8 @@
 #
 # Stages (all of them, in this order, when none is named):
 #   setup     machine facts; peers' wheels from .whl/ (when there) into $PEER_SITE
-#   build     the extension in place with CUDA for this GPU (benchmarks/build_parallel.py:
-#             MAX_JOBS sources at a time; the serial setup.py build if the helper itself breaks);
+#   build     the extension in place with CUDA for this GPU (setup.py build_ext --inplace:
+#             MAX_JOBS sources at a time);
 #             meanwhile bench_gpu.py --prewarm compiles the torch.compile variants into the
 #             on-disk caches, so the benchmark does not spend its time compiling
 #   test      the whole test suite (pytest-xdist: PYTEST_WORKERS, default 12; pytest-timeout
@@ -154,24 +154,16 @@ stage_build() {
   limit=$(cap "$BUILD_TIMEOUT" 200)
   if [ "$DRY_RUN" = 1 ]; then
     note "build: dry run, CPU-only (ROBUSTLOSS_NO_CUDA=1), limit ${limit}s"
-    ROBUSTLOSS_NO_CUDA=1 timeout -k 10 "$limit" "$PY" benchmarks/build_parallel.py -j "${MAX_JOBS:-2}" >"$LOGS/build.log" 2>&1
+    MAX_JOBS=${MAX_JOBS:-2} ROBUSTLOSS_NO_CUDA=1 timeout -k 10 "$limit" "$PY" setup.py build_ext --inplace \
+      >"$LOGS/build.log" 2>&1
     rc=$?
   else
     arch=$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null)
     note "build: TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} MAX_JOBS=${MAX_JOBS:-16}, limit ${limit}s"
     TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} MAX_JOBS=${MAX_JOBS:-16} timeout -k 10 "$limit" \
-      "$PY" benchmarks/build_parallel.py >"$LOGS/build.log" 2>&1
+      "$PY" setup.py build_ext --inplace >"$LOGS/build.log" 2>&1
     rc=$?
-    if [ $rc -ne 0 ] && [ $rc -ne 124 ] && ! grep -q "build_parallel: .*FAILED" "$LOGS/build.log"; then
-      # The helper broke, not a source: the plain build, with whatever time is left.
-      limit=$(cap "$BUILD_TIMEOUT" 200)
-      note "build: parallel helper failed (rc $rc) without a compile error; serial setup.py build, limit ${limit}s"
-      TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} timeout -k 10 "$limit" \
-        "$PY" setup.py build_ext --inplace >>"$LOGS/build.log" 2>&1
-      rc=$?
-    fi
   fi
-  grep "^build_parallel:" "$LOGS/build.log"
   {
     # A C++ exception thrown from the extension crashed the process on the first GPU machine:
     # which runtime the extension links and whether it carries its own unwinder say why.

@@ -56,3 +56,24 @@ def backend(request):
     parametrises ``backend`` itself (a list of names) overrides it.
     """
     return request.param
+
+
+def pytest_sessionstart(session):
+    """Stop before the first test when the built extension carries its own C++
+    runtime: every test where it raises an error would kill the interpreter
+    (or see a garbled message), and without pytest-xdist nothing after that
+    runs or is reported. tests/test_build.py says more."""
+    if hasattr(session.config, "workerinput"):  # a pytest-xdist worker: the controller checked
+        return
+    from _linkage import missing_tools, own_runtime
+    from robustloss_fast.backends import compiled as _ops
+
+    if _ops.EXT is None or missing_tools():
+        return
+    own = own_runtime(_ops.EXT.__file__)
+    if own:
+        pytest.exit(
+            f"{_ops.EXT.__file__} defines its own C++ runtime/unwinder ({', '.join(own)}): C++ errors raised "
+            "in it crash the interpreter. Rebuild it with setup.py, whose link arguments and check prevent this.",
+            returncode=1,
+        )

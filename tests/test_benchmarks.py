@@ -25,7 +25,6 @@ SUITE = BENCH / "gpu_suite.sh"
 sys.path.insert(0, str(BENCH))
 
 import bench_gpu  # noqa: E402
-import build_parallel  # noqa: E402
 import suite_summary  # noqa: E402
 
 
@@ -149,37 +148,6 @@ def test_sanitizer_verdicts_read_both_the_tool_and_the_program(tmp_path):
     assert "out-of-bounds" in rows["memcheck_bad_target_cuda"]["why"]
     assert "NOT reported" in rows["memcheck_bad_target_triton"]["why"]
     assert "time limit" in rows["memcheck_parity_timeout"]["why"]
-
-
-class _FakeCompiler:
-    """The three methods of distutils' CCompiler that the parallel compile loop calls."""
-
-    def __init__(self, fail=()):
-        self.fail = fail
-
-    def _setup_compile(self, output_dir, macros, include_dirs, sources, depends, extra_postargs):
-        objects = [os.path.join(output_dir, Path(s).stem + ".o") for s in sources]
-        return macros, objects, extra_postargs, [], {o: (s, ".c") for o, s in zip(objects, sources)}
-
-    def _get_cc_args(self, pp_opts, debug, extra_preargs):
-        return []
-
-    def _compile(self, obj, src, ext, cc_args, extra_postargs, pp_opts):
-        if Path(src).stem in self.fail:
-            raise RuntimeError(f"cannot compile {src}")
-        Path(obj).write_text(f"compiled {src} in {os.getpid()}")
-
-
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="forks a child per object")
-def test_parallel_compile_runs_every_object_and_reports_failures(tmp_path):
-    compile_ = build_parallel.parallel_compile(jobs=3)
-    sources = [f"src{i}.cpp" for i in range(5)]
-    objects = compile_(_FakeCompiler(), sources, output_dir=str(tmp_path))
-    assert [Path(o).name for o in objects] == [f"src{i}.o" for i in range(5)]
-    pids = {Path(o).read_text().split()[-1] for o in objects}
-    assert len(pids) == 5 and str(os.getpid()) not in pids  # each in a child of its own
-    with pytest.raises(RuntimeError, match="src3.cpp"):
-        compile_(_FakeCompiler(fail=("src3",)), sources, output_dir=str(tmp_path))
 
 
 @pytest.mark.parametrize("family", ["ce", "dm"])
