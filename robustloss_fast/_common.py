@@ -26,6 +26,10 @@ import torch
 __all__ = [
     "Kernel",
     "Reduction",
+    "RowCol",
+    "StatCol",
+    "ROW_COLS",
+    "STAT_COLS",
     "KernelSpec",
     "acc_dtype",
     "bad_target_message",
@@ -98,6 +102,39 @@ class Reduction(enum.IntEnum):
         if name == "sum":
             return cls.SUM
         raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {name!r}")
+
+
+class RowCol(enum.IntEnum):
+    """Columns of the row pass's output ``rows (N, ROW_COLS)`` (spec §9.3).
+
+    ``M`` and ``LS`` are the non-target log-sum-exp ``lse_nt = M + LS`` kept
+    as its two parts: ``M`` the largest finite non-target logit and ``LS`` the
+    log of the sum of ``exp(z_j - M)`` (in ``[0, log C]``). Their sum is never
+    formed: at logits of 1e8 a float32 ``M + LS`` drops ``LS`` altogether
+    (spec §2.2). P-form rows (NFL) hold ``lse = M + LS`` the same way.
+    """
+
+    M = 0
+    LS = 1
+    LOGW = 2
+    X = 3
+    ALPHA = 4
+    BETA = 5
+    GAMMA = 6
+
+
+class StatCol(enum.IntEnum):
+    """Columns of the per-row ``stats (N, STAT_COLS)`` that the gradient pass reads (spec §9.1-§9.2)."""
+
+    M = 0
+    LS = 1
+    ALPHA = 2
+    BETA = 3
+    GAMMA = 4
+
+
+ROW_COLS = len(RowCol)
+STAT_COLS = len(StatCol)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

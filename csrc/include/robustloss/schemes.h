@@ -1,7 +1,7 @@
 // The scheme math of SPEC §2-§5, once, for every C++ backend (CPU and CUDA).
 //
 // Everything here is per row and scalar: the kernels reduce a row to
-// (z_y, lse_nt), and these functions turn that into p, q, the log-emphasis
+// (z_y, lse_nt = m + ls), and these functions turn that into p, q, the log-emphasis
 // log w(p) and the per-row value. The kernel table mirrors
 // robustloss_fast/schemes.py (KERNEL_IDS) and robustloss_fast/reference.py.
 #pragma once
@@ -78,27 +78,50 @@ RL_HD T log1p_unit(T t) {
   return u == T(1) ? t : log(u) * (t / (u - T(1)));
 }
 
-// SPEC §6: a NaN or +inf target logit makes its whole row NaN. The kernels
-// reduce the non-target classes only, so they pass their lse_nt through here.
+// A log-sum-exp in its two parts, lse = m + ls (spec §2.2): m the largest
+// finite logit of the sum, ls = log sum exp(z_j - m), in [0, log C]. The sum
+// m + ls is never formed: at logits of 1e8 a float m + ls is m alone, so
+// every use subtracts m from a logit first (exact for nearby logits) and ls
+// after. A sum with no finite term is (-inf, 0); a NaN row is (NaN, NaN).
 template <typename T>
-RL_HD T row_lse_nt(T z_y, T lse_nt) {
-  return (z_y != z_y || z_y == std::numeric_limits<T>::infinity()) ? std::numeric_limits<T>::quiet_NaN() : lse_nt;
+struct LseParts {
+  T m, ls;
+};
+
+// SPEC §6: a NaN or +inf target logit makes its whole row NaN. The kernels
+// reduce the non-target classes only, so they pass lse_nt's parts through here.
+template <typename T>
+RL_HD LseParts<T> row_lse_nt(T z_y, LseParts<T> nt) {
+  if (z_y != z_y || z_y == std::numeric_limits<T>::infinity()) {
+    nt.m = nt.ls = std::numeric_limits<T>::quiet_NaN();
+  }
+  return nt;
+}
+
+// (m, ls) from a merged online (max, sum of exp(z - max)) state.
+template <typename T>
+RL_HD LseParts<T> lse_parts(T m, T s, bool bad) {
+  using std::log;
+  if (bad) return {std::numeric_limits<T>::quiet_NaN(), std::numeric_limits<T>::quiet_NaN()};
+  if (m == -std::numeric_limits<T>::infinity()) return {m, T(0)};
+  return {m, log(s)};
 }
 
 // The probabilities of one row from its target logit and lse_nt (SPEC §2).
-// With d = z_y - lse_nt (the margin): log p = -softplus(-d), log q = -softplus(d).
-// q is never formed as 1 - p, so it stays exact for margins of 100+.
+// With d = (z_y - m) - ls (the margin z_y - lse_nt): log p = -softplus(-d),
+// log q = -softplus(d). q is never formed as 1 - p, so it stays exact for
+// margins of 100+.
 template <typename T>
 struct RowProb {
   T logp, logq, p, q;
 };
 
 template <typename T>
-RL_HD RowProb<T> row_prob(T z_y, T lse_nt) {
+RL_HD RowProb<T> row_prob(T z_y, LseParts<T> nt) {
   using std::exp;
   using std::fabs;
   using std::log1p;
-  T d = z_y - lse_nt;
+  T d = (z_y - nt.m) - nt.ls;
   // A +inf target logit is not a valid input (SPEC §6: NaN for the row); the
   // margin alone would read it as p = 1.
   if (z_y == std::numeric_limits<T>::infinity()) d = std::numeric_limits<T>::quiet_NaN();
@@ -213,13 +236,13 @@ RL_HD T row_x(int64_t id, T a, T b, T logw, const RowProb<T>& r, bool derivative
 }
 
 // The per-row gradient of every scheme, before the cross-row factor: with
-// r_j = exp(z_j - lse_nt) (the softmax over the non-target classes),
+// r_j = exp((z_j - m) - ls) (the softmax over the non-target classes),
 //
 //     dL/dz_j = alpha r_j + beta u_j   (j != y),      dL/dz_y = gamma,
 //
 // and x the row's value. One-term schemes have alpha = w/2, beta = 0,
 // gamma = -w/2 (SPEC §3). The rows op writes (alpha, beta, gamma) next to
-// (lse_nt, log w, x); the cross-row step scales them by s_i / D.
+// (m, ls, log w, x); the cross-row step scales them by s_i / D.
 template <typename T>
 struct RowGrad {
   T x, alpha, beta, gamma;
@@ -233,13 +256,17 @@ struct RowGrad {
 // (-log P_k = -log p + z_y - z_k): +inf when a class with u_k > 0 is masked.
 template <typename T>
 RL_HD RowGrad<T> two_term_row(int64_t id, T a, T b, const RowProb<T>& r, T spread, T U, T u_y, T num_classes) {
+  const T inf = std::numeric_limits<T>::infinity();
   const T nlp = -r.logp;
-  const T lambda = U * nlp + spread;
+  // A masked target (p = 0) would read Lambda through the spread as inf - inf;
+  // its limit, and F.cross_entropy's value there, is +inf (spec §12).
+  const T lambda = nlp == inf ? inf : U * nlp + spread;
   RowGrad<T> g;
   if (id == kCCELS) {
     // PyTorch's label smoothing: (1 - eps) u_y CE + (eps / C) sum_k u_k (-log P_k).
+    // A zero factor adds nothing even against an infinite term (0 * inf would be NaN).
     const T eps = a, sm = a / num_classes, hard = (T(1) - a) * u_y;
-    g.x = hard * nlp + (eps == T(0) ? T(0) : sm * lambda);  // 0 * inf: eps = 0 is plain CE
+    g.x = (hard == T(0) ? T(0) : hard * nlp) + (eps == T(0) ? T(0) : sm * lambda);
     g.alpha = r.q * (U * sm + hard);
     g.beta = -sm;
     g.gamma = -r.q * hard + sm * (U * r.p - u_y);
@@ -287,20 +314,21 @@ RL_HD FocalTerms<T> focal_terms(T g, T l, T P, T Q) {
   return t;
 }
 
-// One non-target class of NFL from its logit: l = z - lse, P = e^l, Q = -expm1(l).
+// One non-target class of NFL from its logit: l = (z - m) - ls, P = e^l, Q = -expm1(l).
 template <typename T>
-RL_HD FocalTerms<T> focal_terms_of_logit(T g, T z, T lse) {
+RL_HD FocalTerms<T> focal_terms_of_logit(T g, T z, LseParts<T> lse) {
   using std::exp;
   using std::expm1;
-  const T l = z - lse;
+  const T l = (z - lse.m) - lse.ls;
   return focal_terms<T>(g, l, exp(l), -expm1(l));
 }
 
-// NFL's rows and stats hold lse (not lse_nt): lse_nt - log q, or z_y when no
-// non-target logit is finite (log q = -inf there).
+// NFL's rows and stats hold lse (not lse_nt): (m, ls - log q), or (z_y, 0)
+// when no non-target logit is finite (log q = -inf there).
 template <typename T>
-RL_HD T nfl_lse(T z_y, T lse_nt, const RowProb<T>& r) {
-  return lse_nt == -std::numeric_limits<T>::infinity() ? z_y : lse_nt - r.logq;
+RL_HD LseParts<T> nfl_lse(T z_y, LseParts<T> nt, const RowProb<T>& r) {
+  if (nt.m == -std::numeric_limits<T>::infinity()) return {z_y, T(0)};
+  return {nt.m, nt.ls - r.logq};
 }
 
 // The row of NFL (+ b q) from the row's p, q and the sums over the non-target
@@ -362,12 +390,12 @@ RL_HD T half_weight(int64_t id, T a, T b, T logw, const RowProb<T>& r) {
 // ~40% of a small-C row pass.
 template <typename T>
 RL_HD RowGrad<T> one_term_row(int64_t id, T a, T b, T logw, const RowProb<T>& r, bool derivative_normalised,
-                              T lse_nt) {
+                              LseParts<T> nt) {
   using std::exp;
   RowGrad<T> g;
   g.x = row_x<T>(id, a, b, logw, r, derivative_normalised);
-  g.alpha = (derivative_normalised || lse_nt == -std::numeric_limits<T>::infinity()) ? T(0)
-                                                                                    : half_weight(id, a, b, logw, r);
+  g.alpha = (derivative_normalised || nt.m == -std::numeric_limits<T>::infinity()) ? T(0)
+                                                                                  : half_weight(id, a, b, logw, r);
   g.beta = T(0);
   g.gamma = -g.alpha;
   return g;
