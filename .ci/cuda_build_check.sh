@@ -11,7 +11,8 @@
 #    TORCH_CUDA_ARCH_LIST defaults to "9.0" here (setup.py's default for real
 #    installs is "8.0;9.0"); each extra arch adds about as much nvcc time again.
 # 3. Imports that build: built_with_cuda() is True and the three ops have CUDA
-#    kernels registered (plus CPU ones), the kernels are in the binary, and
+#    kernels registered (plus CPU ones), the kernels are in the binary, each
+#    compiled in its own pass's object (csrc/cuda/<pass>.cu) only, and
 #    tests/test_cuda.py collects and skips cleanly (no device here).
 # 4. Runs the CUDA kernels' own code on the CPU emulator
 #    (csrc/cuda/emu/check_emu.py) against the pure-PyTorch reference.
@@ -68,6 +69,7 @@ step "build done"
 
 (cd "$WORK/src" && "$PY" - <<'EOF'
 import glob
+import os
 import torch
 import robustloss_fast
 from robustloss_fast import backends
@@ -83,8 +85,16 @@ for op in ("robust_ce_forward", "robust_ce_backward", "robust_ce_rows"):
 so = glob.glob("robustloss_fast/_C*.so")
 assert len(so) == 1, so
 blob = open(so[0], "rb").read()
-for kernel in (b"rows_kernel", b"backward_kernel", b"partials_kernel", b"apply_kernel"):
+# Each kernel is in the binary, and compiled in the object of its own pass only: a kernel
+# template instantiated in two translation units would be compiled (and shipped) twice.
+home = {b"rows_kernel": "rows.o", b"partials_kernel": "finalize.o", b"apply_kernel": "finalize.o",
+        b"backward_kernel": "backward.o"}
+objects = {os.path.basename(o): open(o, "rb").read() for o in glob.glob("build/temp*/csrc/cuda/*.o")}
+for kernel, obj in home.items():
     assert kernel in blob, f"{kernel!r} is not in {so[0]}"
+    where = sorted(name for name, data in objects.items() if kernel in data)
+    assert where == [obj], f"{kernel!r} is compiled in {where}, expected in {obj} alone"
+print(f"{so[0]}: {len(blob)} bytes; CUDA objects:", ", ".join(f"{n} {len(d)}" for n, d in sorted(objects.items())))
 reason = backends.unavailable_reason("cuda")
 print("cuda backend here:", reason or "available")
 # The CPU kernels of the same build still work.

@@ -1,219 +1,334 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, for a session lent an NVIDIA machine (H100/H200).
+# Everything that needs an NVIDIA GPU, in one call of at most 9 minutes:
 #
-#   OUT=/some/dir bash benchmarks/gpu_suite.sh [build] [test] [sanitize] [bench]
+#   OUT=/some/dir bash benchmarks/gpu_suite.sh [--dry-run] [STAGE ...]
 #
-# With no stage named, all four run in order. The stages, each writing to $OUT:
-#   build     builds the extension in place WITH CUDA for this GPU's arch
-#             (python3 setup.py build_ext --inplace) -> build.log
-#   test      the whole test suite on this machine (CUDA tests included)
-#             -> pytest.log, junit.xml; PYTEST_ARGS adds options (default: -n 4
-#             when pytest-xdist is installed)
-#   sanitize  compute-sanitizer memcheck (and racecheck) on a small parity case
-#             that also feeds bad targets -> sanitizer_memcheck.log, sanitizer_racecheck.log
-#   bench     "cuda" (and "triton" where it works) against F.cross_entropy, eager DM
-#             and compiled DM at (16384, 32000) bf16, (16384, 128256) bf16 and
-#             (65536, 10) fp32: CUDA-event medians of a forward+backward step,
-#             the fused ops alone, and achieved bandwidth against a measured
-#             device-to-device copy -> gpu_bench.json
-# One device call may run 10 minutes: name the stages in separate calls if the
-# whole suite does not fit (build products stay while the machine is warm).
-# The script exits non-zero if a stage fails, after running the stages asked for.
+# Stages (all of them, in this order, when none is named):
+#   setup     machine facts; peers' wheels from .whl/ (when there) into $PEER_SITE
+#   build     the extension in place with CUDA for this GPU (benchmarks/build_parallel.py:
+#             MAX_JOBS sources at a time; the serial setup.py build if the helper itself breaks);
+#             meanwhile bench_gpu.py --prewarm compiles the torch.compile variants into the
+#             on-disk caches, so the benchmark does not spend its time compiling
+#   test      the whole test suite (pytest-xdist: PYTEST_WORKERS, default 12; pytest-timeout
+#             per test) -> junit.xml
+#   sanitize  compute-sanitizer memcheck (4 dtypes) and racecheck (2 dtypes) on
+#             benchmarks/sanitize_case.py parity, every launch layout, both GPU backends
+#             (0 errors required), memcheck on its bad-target case per GPU backend (no
+#             out-of-bounds access, and the bad target reported clearly)
+#   bench     benchmarks/bench_gpu.py with the time that is left -> bench_gpu.json/.md/.png
+#   summary   summary.md
+# test and sanitize run side by side (correctness checks, not timings); the
+# benchmark runs alone after them.
+#
+# $OUT receives at most 6 files (a remote GPU run returns at most 8): summary.md,
+# bench_gpu.json, bench_gpu.md, bench_gpu.png, junit.xml and logs.tar.gz (every
+# log: this script's output, build, pytest, each sanitizer run, the benchmark,
+# nvidia-smi, toolchain facts), rewritten after every stage so that a run cut
+# short still returns what it did.
+#
+# Time: SUITE_BUDGET_S (default 540) for everything; each stage runs under
+# `timeout` (BUILD_TIMEOUT 240, CHECKS_TIMEOUT 180 for test and sanitize) and
+# the benchmark gets what is left less SUMMARY_RESERVE_S (20), so one stuck
+# stage cannot take the others' time. The checkout is importable
+# (PYTHONPATH=$PWD); the benchmark records GIT_COMMIT when .git is absent.
+#
+# --dry-run (or DRY_RUN=1), for a machine without a GPU: the same stages end
+# to end, with a CPU-only build, a small test subset (DRY_TESTS), the sanitizer
+# cases run directly on the CPU backend (no sanitizer), and the benchmark's
+# --dry-run. Exit status: 0 only when every stage that ran passed.
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-OUT=${OUT:-$ROOT/gpu_suite_out}
-PY=${PYTHON:-python3}
-mkdir -p "$OUT"
 cd "$ROOT"
+DRY_RUN=${DRY_RUN:-0}
+stages=()
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY_RUN=1 ;;
+    -h|--help) sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    setup|build|test|sanitize|bench|summary) stages+=("$arg") ;;
+    *) echo "gpu_suite: unknown argument $arg (stages: setup build test sanitize bench summary; --dry-run)" >&2; exit 2 ;;
+  esac
+done
+[ ${#stages[@]} -eq 0 ] && stages=(setup build test sanitize bench summary)
+want() { local s; for s in "${stages[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
+
+PY=${PYTHON:-python3}
+OUT=${OUT:-$ROOT/gpu_suite_out}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/gpu_suite.XXXXXX")
+LOGS=$SCRATCH/logs
+mkdir -p "$LOGS"
+STATUS=$LOGS/stages.tsv
+: >"$STATUS"
+PEER_SITE=${PEER_SITE:-$([ "$DRY_RUN" = 1 ] && echo "$SCRATCH/site" || echo /tmp/site)}
+SUITE_BUDGET_S=${SUITE_BUDGET_S:-540}
+BUILD_TIMEOUT=${BUILD_TIMEOUT:-240}
+CHECKS_TIMEOUT=${CHECKS_TIMEOUT:-180}
+SUMMARY_RESERVE_S=${SUMMARY_RESERVE_S:-20}
+DRY_TESTS=${DRY_TESTS:-tests/test_golden.py}
 export PYTHONUNBUFFERED=1
+export PYTHONPATH=$ROOT${PEER_SITE:+:$PEER_SITE}${PYTHONPATH:+:$PYTHONPATH}
+SECONDS=0
+exec > >(tee -a "$LOGS/suite.log") 2>&1
 
-stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(build test sanitize bench)
-status=0
-note() { echo "[gpu_suite $(date +%H:%M:%S)] $*"; }
+note() { echo "[gpu_suite $(printf '%3d' "$SECONDS")s] $*"; }
+left() { echo $((SUITE_BUDGET_S - SECONDS)); }
+# Seconds a stage may take: its own cap, or what the budget leaves after the reserve.
+cap() { local c=$1 l; l=$(($(left) - $2)); [ "$l" -lt "$c" ] && c=$l; [ "$c" -lt 10 ] && c=10; echo "$c"; }
+record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$STATUS"; }  # stage, status, seconds, note
+pack() { tar -czf "$OUT/logs.tar.gz.tmp" -C "$SCRATCH" logs 2>/dev/null && mv -f "$OUT/logs.tar.gz.tmp" "$OUT/logs.tar.gz"; }
+trap 'pack; rm -rf "$SCRATCH"' EXIT
 
-run_build() {
-  nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || true
-  local arch
-  arch=$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())')
-  note "building for TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} with $("$PY" -c 'import torch; print(torch.__version__)')"
-  TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} MAX_JOBS=${MAX_JOBS:-16} \
-    "$PY" setup.py build_ext --inplace >"$OUT/build.log" 2>&1 || { tail -n 40 "$OUT/build.log"; return 1; }
-  "$PY" -c 'from robustloss_fast import _ops; assert _ops.has_cuda_kernels(), "built without CUDA"; print("built with CUDA")'
-}
+note "root $ROOT, OUT $OUT, stages: ${stages[*]}$([ "$DRY_RUN" = 1 ] && echo ' (DRY RUN: no GPU)'), budget ${SUITE_BUDGET_S}s"
 
-run_test() {
-  local args=${PYTEST_ARGS-}
-  if [ -z "${PYTEST_ARGS+x}" ] && "$PY" -c "import xdist" 2>/dev/null; then args="-n 4"; fi
-  note "pytest $args"
-  # shellcheck disable=SC2086
-  "$PY" -m pytest -q -rs --durations=25 --junitxml="$OUT/junit.xml" $args tests 2>&1 | tee "$OUT/pytest.log" | tail -n 40
-}
-
-run_sanitize() {
-  local case_py="$OUT/sanitize_case.py"
-  cat >"$case_py" <<'EOF'
-# A small parity case over every launch layout, then bad targets: memcheck must
-# see no out-of-bounds access or uninitialised read either way.
+stage_setup() {
+  local t0=$SECONDS
+  {
+    echo "date: $(date -u +%FT%TZ)"
+    echo "host: $(uname -srm), $(nproc) cores"
+    "$PY" - <<'EOF'
+import importlib, sys
+print("python:", sys.executable, sys.version.split()[0])
+for name in ("torch", "triton", "xdist", "pytest_timeout", "matplotlib"):
+    try:
+        print(f"{name}:", getattr(importlib.import_module(name), "__version__", "present"))
+    except Exception as exc:  # noqa: BLE001
+        print(f"{name}: absent ({type(exc).__name__})")
+import sysconfig
+print("python's C++ compiler (setuptools' default):", sysconfig.get_config_var("CXX"))
 import torch
-import robustloss_fast as rf
-from robustloss_fast.schemes import DM, CCE
-
-for dtype in (torch.float32, torch.bfloat16, torch.float64, torch.float16):
-    for n, c in ((37, 3), (9, 100), (5, 1001), (3, 20001)):
-        x = (torch.randn(n, c + 1, device="cuda") * 3).to(dtype)[:, 1:]  # misaligned, strided rows
-        y = torch.randint(0, c, (n,), device="cuda")
-        y[1] = -100
-        for scheme, red in ((DM(), "mean"), (CCE(), "none")):
-            for backend in ("cuda", "torch"):
-                z = x.detach().clone().requires_grad_(True)
-                v = rf.robust_cross_entropy(z, y, scheme, reduction=red, backend=backend)
-                v.sum().backward()
-                if backend == "cuda":
-                    got = (v, z.grad)
-                else:
-                    torch.testing.assert_close(got[0], v.to(got[0].dtype), rtol=2e-2, atol=1e-4)
-                    torch.testing.assert_close(got[1].float(), z.grad.float(), rtol=2e-2, atol=1e-4)
-        bad = y.clone()
-        bad[2] = c + 3
-        try:
-            rf.robust_cross_entropy(x, bad, DM(), backend="cuda")
-            raise SystemExit("bad target not reported")
-        except IndexError:
-            pass
-        torch.ops.robustloss.robust_ce_backward(torch.ones((), device="cuda"), x, bad, torch.zeros(n, 2, device="cuda"), -100)
-torch.cuda.synchronize()
-print("sanitize case done")
+print("torch cuda:", torch.version.cuda, "device:", torch.cuda.get_device_name() if torch.cuda.is_available() else None)
 EOF
-  local rc=0
-  for tool in memcheck racecheck; do
-    note "compute-sanitizer --tool $tool"
-    compute-sanitizer --tool "$tool" --error-exitcode 1 --target-processes all "$PY" "$case_py" \
-      >"$OUT/sanitizer_$tool.log" 2>&1 || rc=1
-    tail -n 5 "$OUT/sanitizer_$tool.log"
-  done
+    echo "nvcc: $(nvcc --version 2>/dev/null | tail -n 1)"
+    echo "c++: $(${CXX:-c++} --version 2>/dev/null | head -n 1) ($(command -v "${CXX:-c++}"); CXX=${CXX:-unset})"
+    echo "g++: $(g++ --version 2>/dev/null | head -n 1) ($(command -v g++))"
+    echo "compute-sanitizer: $(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null)"
+    echo "git commit: $(git rev-parse HEAD 2>/dev/null || echo "${GIT_COMMIT:-unknown (no .git here; set GIT_COMMIT)}")"
+  } >"$LOGS/env.txt" 2>&1
+  nvidia-smi >"$LOGS/nvidia-smi.txt" 2>&1 || echo "no nvidia-smi" >"$LOGS/nvidia-smi.txt"
+  cat "$LOGS/env.txt"
+  local wheels=(.whl/*.whl) msg
+  if [ -e "${wheels[0]}" ]; then
+    if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$PEER_SITE" \
+        "${wheels[@]}" >"$LOGS/pip.log" 2>&1; then
+      msg="peers from .whl: $(cd .whl && ls -- *.whl | tr '\n' ' ')"
+    else
+      msg="pip could not install .whl/*.whl (see pip.log): peers absent"
+    fi
+  else
+    msg="no .whl/ here: the peers (Liger-Kernel, cut-cross-entropy) will be skipped unless installed"
+  fi
+  note "$msg"
+  record setup ok $((SECONDS - t0)) "$msg"
+}
+
+# The CUDA file keeps one core busy for most of the build and leaves the rest idle: meanwhile,
+# and on through the checks (which time nothing), the benchmark's torch.compile variants fill
+# Inductor's and Triton's on-disk caches. Whatever is not compiled by the time the benchmark
+# starts is compiled there, cold.
+PREWARMED=0
+pw=""
+start_prewarm() {
+  local dry=()
+  [ "$DRY_RUN" = 1 ] && dry=(--dry-run)
+  TORCHINDUCTOR_COMPILE_THREADS=${PREWARM_THREADS:-8} timeout -k 5 $((BUILD_TIMEOUT + CHECKS_TIMEOUT)) \
+    "$PY" benchmarks/bench_gpu.py --prewarm ${dry[@]+"${dry[@]}"} >"$LOGS/prewarm.log" 2>&1 &
+  pw=$!
+}
+finish_prewarm() {
+  [ -n "$pw" ] || return 0
+  if kill -0 "$pw" 2>/dev/null; then
+    note "prewarm still running: stopped (the benchmark compiles the rest itself)"
+    kill "$pw" 2>/dev/null
+  fi
+  if wait "$pw"; then PREWARMED=1; fi
+  pw=""
+  note "prewarm of the compiled variants: $([ $PREWARMED = 1 ] && echo ok || echo 'incomplete (prewarm.log)')"
+  grep "^\[prewarm\]" "$LOGS/prewarm.log" | sed 's/^/    /'
+}
+
+stage_build() {
+  local t0=$SECONDS limit rc arch
+  limit=$(cap "$BUILD_TIMEOUT" 200)
+  if [ "$DRY_RUN" = 1 ]; then
+    note "build: dry run, CPU-only (ROBUSTLOSS_NO_CUDA=1), limit ${limit}s"
+    ROBUSTLOSS_NO_CUDA=1 timeout -k 10 "$limit" "$PY" benchmarks/build_parallel.py -j "${MAX_JOBS:-2}" >"$LOGS/build.log" 2>&1
+    rc=$?
+  else
+    arch=$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null)
+    note "build: TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} MAX_JOBS=${MAX_JOBS:-16}, limit ${limit}s"
+    TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} MAX_JOBS=${MAX_JOBS:-16} timeout -k 10 "$limit" \
+      "$PY" benchmarks/build_parallel.py >"$LOGS/build.log" 2>&1
+    rc=$?
+    if [ $rc -ne 0 ] && [ $rc -ne 124 ] && ! grep -q "build_parallel: .*FAILED" "$LOGS/build.log"; then
+      # The helper broke, not a source: the plain build, with whatever time is left.
+      limit=$(cap "$BUILD_TIMEOUT" 200)
+      note "build: parallel helper failed (rc $rc) without a compile error; serial setup.py build, limit ${limit}s"
+      TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} timeout -k 10 "$limit" \
+        "$PY" setup.py build_ext --inplace >>"$LOGS/build.log" 2>&1
+      rc=$?
+    fi
+  fi
+  grep "^build_parallel:" "$LOGS/build.log"
+  {
+    # A C++ exception thrown from the extension crashed the process on the first GPU machine:
+    # which runtime the extension links and whether it carries its own unwinder say why.
+    echo "--- toolchain of the built extension"
+    for so in robustloss_fast/_C*.so; do
+      [ -e "$so" ] || continue
+      echo "$so"; ldd "$so" 2>&1 | grep -E "libstdc|libgcc|libc10|libtorch" || true
+      nm -D --defined-only "$so" 2>/dev/null | grep -E " (__cxa_throw|_Unwind_RaiseException)$" || echo "(no unwinder symbols defined in it)"
+    done
+    ${CXX:-c++} -v 2>&1 | tail -n 3
+  } >>"$LOGS/build.log" 2>&1
+  local backends
+  backends=$("$PY" -c 'import robustloss_fast as rf; print(" ".join(rf.available_backends()))' 2>&1 | tail -n 1)
+  if [ $rc -ne 0 ]; then
+    tail -n 30 "$LOGS/build.log"
+    note "build FAILED (rc $rc$([ $rc -eq 124 ] && echo ', time limit')); backends now: $backends"
+    record build FAILED $((SECONDS - t0)) "rc $rc; backends: $backends"
+    return 1
+  fi
+  if [ "$DRY_RUN" != 1 ] && [[ " $backends " != *" cuda "* ]]; then
+    note "build FAILED: the extension has no CUDA kernels (backends: $backends)"
+    record build FAILED $((SECONDS - t0)) "built without CUDA; backends: $backends"
+    return 1
+  fi
+  note "build ok in $((SECONDS - t0))s; backends: $backends"
+  record build ok $((SECONDS - t0)) "backends: $backends"
+}
+
+
+stage_test() {
+  local t0=$SECONDS limit=$1 args=() rc
+  if [ "$DRY_RUN" = 1 ]; then
+    # shellcheck disable=SC2206
+    args=(${DRY_TESTS})
+  else
+    if "$PY" -c "import xdist" 2>/dev/null; then args+=(-n "${PYTEST_WORKERS:-12}"); fi
+    if "$PY" -c "import pytest_timeout" 2>/dev/null; then args+=(--timeout "${PYTEST_TEST_TIMEOUT:-150}"); fi
+    args+=(tests)
+  fi
+  # shellcheck disable=SC2206
+  args+=(${PYTEST_ARGS:-})
+  note "test: pytest ${args[*]}, limit ${limit}s"
+  # SIGINT first: pytest then stops like on ^C and still writes its summary and junit.xml.
+  timeout -s INT -k 20 "$limit" "$PY" -m pytest -q -rfE --durations=15 -p no:cacheprovider \
+    --junitxml="$OUT/junit.xml" "${args[@]}" >"$LOGS/pytest.log" 2>&1
+  rc=$?
+  local counts
+  counts=$(tail -n 1 "$LOGS/pytest.log")
+  note "test: rc $rc: $counts"
+  # pytest: 0 all passed, 1 some failed, 5 none collected; 124/130 = cut by the time limit
+  if [ $rc -eq 0 ]; then record test ok $((SECONDS - t0)) "$counts"; else record test FAILED $((SECONDS - t0)) "rc $rc: $counts"; fi
   return $rc
 }
 
-run_bench() {
-  note "benchmark"
-  "$PY" - "$OUT/gpu_bench.json" <<'EOF'
-import json, statistics, sys
-import torch
-import torch.nn.functional as F
-import robustloss_fast as rf
-from robustloss_fast.schemes import DM
-from robustloss_fast._bench import eager_dm  # the same plain-PyTorch DM the CPU benchmarks use
-
-dev = torch.device("cuda")
-REPS, WARM = 25, 5
-
-
-def cuda_median(fn, reps=REPS, warm=WARM):
-    """Median and quartiles (ms) of fn() timed with CUDA events, one event pair per call."""
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    q = statistics.quantiles(times, n=4)
-    return {"median_ms": statistics.median(times), "q1_ms": q[0], "q3_ms": q[2]}
-
-
-def robust(backend):
-    scheme = DM()
-    return lambda z, y: rf.robust_cross_entropy(z, y, scheme, backend=backend)
-
-
-variants = {"F.cross_entropy": F.cross_entropy, "eager DM": eager_dm}
-avail = rf.available_backends()
-for b in ("cuda", "triton"):
-    if b in avail:
-        variants[f"robustloss[{b}]"] = robust(b)
-
-result = {
-    "device": torch.cuda.get_device_name(),
-    "torch": torch.__version__,
-    "available_backends": avail,
-    "method": "CUDA-event median of %d steps after %d warm-ups; a step = zero grad + forward + backward" % (REPS, WARM),
-    "cases": [],
-}
-for n, c, dtype in ((16384, 32000, torch.bfloat16), (16384, 128256, torch.bfloat16), (65536, 10, torch.float32)):
-    torch.manual_seed(0)
-    z0 = (torch.randn(n, c, device=dev) * 3).to(dtype)
-    y = torch.randint(0, c, (n,), device=dev)
-    nbytes = z0.numel() * z0.element_size()
-    dst = torch.empty_like(z0)
-    copy = cuda_median(lambda: dst.copy_(z0))
-    del dst
-    copy_bw = 2 * nbytes / (copy["median_ms"] * 1e-3)  # read + write
-    case = {"shape": [n, c], "dtype": str(dtype), "logits_bytes": nbytes, "copy": copy, "copy_GBps": copy_bw / 1e9,
-            "variants": {}}
-    fns = dict(variants)
-    fns["compiled DM"] = torch.compile(eager_dm, dynamic=False)
-    z = z0.detach().clone().requires_grad_(True)
-    ref_grad = None  # eager DM's gradient (it runs before the fused variants), to check theirs against
-    for name, fn in fns.items():
-        def step():
-            z.grad = None
-            fn(z, y).backward()
-        try:
-            timing = cuda_median(step)
-        except Exception as exc:  # a variant that cannot run here is reported, not fatal
-            case["variants"][name] = {"error": repr(exc)[:300]}
-            continue
-        timing["floor_fraction"] = copy["median_ms"] / timing["median_ms"]  # 1 read + 1 write floor
-        case["variants"][name] = timing
-        if name == "eager DM":
-            ref_grad = z.grad.float()
-        elif name.startswith("robustloss") and ref_grad is not None:
-            timing["grad_rel_l1_vs_eager_DM"] = float((z.grad.float() - ref_grad).abs().sum() / ref_grad.abs().sum())
-        torch.cuda.empty_cache()
-    base = case["variants"].get("F.cross_entropy", {}).get("median_ms")
-    for name, t in case["variants"].items():
-        if base and "median_ms" in t:
-            t["time_vs_cross_entropy"] = t["median_ms"] / base
-    del ref_grad
-    # The fused ops alone: forward reads the logits once; backward reads them and writes the gradient.
-    if "cuda" in avail:
-        ops = torch.ops.robustloss
-        kid, (a, b) = DM().kernel_id, DM().kernel_params
-        fwd = cuda_median(lambda: ops.robust_ce_forward(z0, y, kid, a, b, None, None, -100, 1, True))
-        _, stats = ops.robust_ce_forward(z0, y, kid, a, b, None, None, -100, 1, True)
-        g = torch.ones((), device=dev)
-        bwd = cuda_median(lambda: ops.robust_ce_backward(g, z0, y, stats, -100))
-        case["cuda_ops"] = {
-            "forward": fwd, "forward_GBps": nbytes / (fwd["median_ms"] * 1e-3) / 1e9,
-            "backward": bwd, "backward_GBps": 2 * nbytes / (bwd["median_ms"] * 1e-3) / 1e9,
-            "note": "GBps = logits bytes read (+ gradient bytes written) / median time; compare copy_GBps",
-        }
-    result["cases"].append(case)
-    print(json.dumps({k: case[k] for k in ("shape", "dtype", "copy_GBps")}),
-          {k: round(v.get("median_ms", float("nan")), 3) for k, v in case["variants"].items()}, flush=True)
-    del z, z0
-    torch.cuda.empty_cache()
-
-with open(sys.argv[1], "w") as f:
-    json.dump(result, f, indent=1)
-print("wrote", sys.argv[1])
-EOF
+# One sanitizer run: tool ("none": the program alone), case name, time limit, then the command.
+# Its log is sanitizer_<tool>_<case>.log, closed by the exit status; suite_summary.py judges it.
+sanitize_one() {
+  local tool=$1 name=$2 limit=$3 rc log
+  shift 3
+  log="$LOGS/sanitizer_${tool}_$name.log"
+  if [ "$tool" = none ]; then
+    timeout -k 10 "$limit" "$@" >"$log" 2>&1
+  else
+    # Only the Python process: a child that never calls CUDA (a compiler Triton runs) would end
+    # "before first instrumented API call", which the tool reports as an error.
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 10 "$limit" "$SANITIZER" --tool "$tool" --error-exitcode 86 \
+      --print-limit 100 --target-processes application-only "$@" >"$log" 2>&1
+  fi
+  rc=$?
+  echo "exit status: $rc" >>"$log"
 }
 
-for stage in "${stages[@]}"; do
-  case "$stage" in
-    build) run_build || { status=1; note "build FAILED"; break; } ;;
-    test) run_test || { status=1; note "tests FAILED"; } ;;
-    sanitize) run_sanitize || { status=1; note "sanitizer FAILED"; } ;;
-    bench) run_bench || { status=1; note "benchmark FAILED"; } ;;
-    *) echo "unknown stage $stage (build, test, sanitize, bench)" >&2; exit 2 ;;
-  esac
-done
-note "done, status $status"
+stage_sanitize() {
+  local t0=$SECONDS limit=$1 pids=() dev=cuda mem=memcheck race=racecheck backends quick=() verdicts rc
+  SANITIZER=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  backends=$("$PY" -c 'import robustloss_fast as rf; print(",".join(b for b in ("cuda", "triton") if b in rf.available_backends()))' 2>/dev/null)
+  if [ "$DRY_RUN" = 1 ]; then
+    note "sanitize: dry run, no GPU and no sanitizer: the cases run directly on the CPU backend (--quick)"
+    dev=cpu mem=none race="" backends=cpu quick=(--quick)
+  elif [ ! -x "$SANITIZER" ]; then
+    note "sanitize FAILED: compute-sanitizer not found"
+    record sanitize FAILED $((SECONDS - t0)) "compute-sanitizer not found"
+    return 1
+  elif [ -z "$backends" ]; then
+    note "sanitize FAILED: neither GPU backend is available"
+    record sanitize FAILED $((SECONDS - t0)) "no GPU backend"
+    return 1
+  fi
+  note "sanitize: $mem${race:+ + $race} on parity ($backends); $mem on bad targets per backend; limit ${limit}s"
+  # Side by side: each is one process on the GPU, mostly waiting on the instrumented kernels.
+  sanitize_one "$mem" parity "$limit" "$PY" benchmarks/sanitize_case.py parity --device $dev --backends "$backends" ${quick[@]+"${quick[@]}"} &
+  pids+=($!)
+  if [ -n "$race" ]; then
+    # racecheck costs more per launch; two dtypes still cover every launch layout
+    sanitize_one "$race" parity "$limit" "$PY" benchmarks/sanitize_case.py parity --device $dev --backends "$backends" --quick &
+    pids+=($!)
+  fi
+  for b in ${backends//,/ }; do
+    sanitize_one "$mem" "bad_target_$b" "$limit" "$PY" benchmarks/sanitize_case.py bad-target --device $dev --backend "$b" &
+    pids+=($!)
+  done
+  wait "${pids[@]}"
+  verdicts=$("$PY" benchmarks/suite_summary.py sanitizers --logs "$LOGS")
+  rc=$?
+  echo "$verdicts" | sed 's/^/    /'
+  note "sanitize $([ $rc -eq 0 ] && echo ok || echo FAILED) in $((SECONDS - t0))s"
+  record sanitize "$([ $rc -eq 0 ] && echo ok || echo FAILED)" $((SECONDS - t0)) "$(echo "$verdicts" | tr '\n' ';')"
+  return $rc
+}
+
+stage_bench() {
+  local t0=$SECONDS budget rc args=()
+  budget=$(($(left) - SUMMARY_RESERVE_S))
+  if [ "$budget" -lt 30 ]; then
+    note "bench skipped: ${budget}s left in the budget"
+    record bench skipped 0 "only ${budget}s left"
+    return 0
+  fi
+  [ "$DRY_RUN" = 1 ] && args+=(--dry-run)
+  [ "$PREWARMED" = 1 ] && args+=(--compile-reserve-s 20)
+  note "bench: bench_gpu.py ${args[*]+${args[*]}} --budget-s $budget (hard limit $((budget + 30))s)"
+  # The budget stops new work; the hard limit catches one step that never ends.
+  timeout -k 10 $((budget + 30)) "$PY" benchmarks/bench_gpu.py ${args[@]+"${args[@]}"} --out "$OUT" --budget-s "$budget" \
+    >"$LOGS/bench.log" 2>&1
+  rc=$?
+  grep -E "^\[bench_gpu|^bench_gpu:" "$LOGS/bench.log"
+  if [ $rc -eq 0 ]; then record bench ok $((SECONDS - t0)) "see bench_gpu.md"; else
+    tail -n 20 "$LOGS/bench.log"
+    # The JSON is rewritten after every case: tables and plot from what was measured.
+    [ -f "$OUT/bench_gpu.json" ] && "$PY" benchmarks/bench_gpu.py --replot "$OUT/bench_gpu.json" >>"$LOGS/bench.log" 2>&1
+    record bench FAILED $((SECONDS - t0)) "rc $rc$([ $rc -eq 124 ] && echo ', time limit')"
+  fi
+  return $rc
+}
+
+status=0
+if want setup; then stage_setup || status=1; pack; fi
+if want build; then
+  want bench && start_prewarm
+  stage_build || status=1
+  pack
+fi
+if want test || want sanitize; then
+  limit=$(cap "$CHECKS_TIMEOUT" 120)
+  pt="" ps=""
+  if want test; then stage_test "$limit" & pt=$!; fi
+  if want sanitize; then stage_sanitize "$limit" & ps=$!; fi
+  if [ -n "$pt" ]; then wait "$pt" || status=1; fi
+  if [ -n "$ps" ]; then wait "$ps" || status=1; fi
+  pack
+fi
+if want bench; then finish_prewarm; stage_bench || status=1; pack; fi
+if want summary; then
+  "$PY" benchmarks/suite_summary.py summary --logs "$LOGS" --out "$OUT" $([ "$DRY_RUN" = 1 ] && echo --dry-run) \
+    || { status=1; note "summary FAILED"; }
+  pack
+  cat "$OUT/summary.md" 2>/dev/null
+fi
+note "done in ${SECONDS}s, status $status; files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
 exit $status

@@ -62,6 +62,14 @@ the gradient chunk too), the ``(N, 7)`` row statistics, and -- for
 (which fp32 accumulation requires); with ``grad_in_forward`` also a float32
 ``N x H`` ``grad_hidden``.
 
+Soft-capping
+------------
+``softcap=c`` computes the loss of ``c * tanh(z / c)`` (Gemma 2's final
+logit soft-capping) instead of ``z``. Each chunk of logits is capped in place
+before its row op; its gradient chunk ``G_k`` (with respect to the capped
+logits) is multiplied by ``dz_c / dz = 1 - (z_c / c)^2`` before the matmuls,
+on both paths. No extra chunk is held.
+
 ``torch.compile(fullgraph=True)`` traces both paths without a graph break
 (tested with ``backend="aot_eager"``); the chunk loop is unrolled, so the
 graph grows with ``N / chunk_size``. Host synchronisation on GPUs: the
@@ -80,7 +88,7 @@ from torch import nn
 from dataclasses import replace
 
 from . import _finalize, backends
-from ._common import ROW_COLS, KernelSpec, Reduction, RowCol, StatCol, acc_dtype, check_target
+from ._common import ROW_COLS, KernelSpec, Reduction, RowCol, StatCol, acc_dtype, check_target, real_scalar
 from .functional import check_class_weight, check_not_differentiable, check_target_dtype, kernel_spec, scale_loss
 from .schemes import Scheme
 
@@ -137,6 +145,16 @@ def _add_grad_weight(
         acc[v0:v1].add_(torch.mm(gl[:, v0:v1].t(), h))
 
 
+def _softcap_(z: torch.Tensor, cap: float) -> torch.Tensor:
+    """z <- cap * tanh(z / cap) in place (in the order Gemma 2 rounds it)."""
+    return z.div_(cap).tanh_().mul_(cap)
+
+
+def _softcap_grad_(gl: torch.Tensor, zc: torch.Tensor, cap: float) -> None:
+    """gl <- gl * (1 - (zc / cap)^2), the chain rule through the cap; overwrites zc."""
+    gl.mul_(zc.div_(cap).square_().neg_().add_(1))
+
+
 def _chunks(n: int, chunk: int):
     return [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
 
@@ -151,7 +169,7 @@ def _finalize_all(rows, target, spec, cw, sw, group):
 
 class _LinearRobustCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, cw, sw, spec: KernelSpec, chunk, backend, group, gif):
+    def forward(ctx, hidden, weight, bias, target, cw, sw, spec: KernelSpec, chunk, backend, group, gif, cap):
         n = hidden.shape[0]
         v, hdim = weight.shape
         acc = acc_dtype(hidden.dtype)
@@ -173,6 +191,8 @@ class _LinearRobustCE(torch.autograd.Function):
 
         for s, e in _chunks(n, chunk):
             z = _logits(hidden[s:e], weight, bias)
+            if cap is not None:
+                _softcap_(z, cap)
             t = target[s:e]
             rows_k = backend.rows(z, t, spec, cw)
             rows[s:e] = rows_k
@@ -202,6 +222,8 @@ class _LinearRobustCE(torch.autograd.Function):
                 _, st = _finalize.finalize(rows_k, t, chunk_sum, cw, sw_k)
                 decay = None
             gl = backend.grad(one, z, t, st, spec, cw)
+            if cap is not None:
+                _softcap_grad_(gl, z, cap)
             del z
             if gh is not None:
                 gh[s:e] = torch.mm(gl, weight)
@@ -217,6 +239,7 @@ class _LinearRobustCE(torch.autograd.Function):
         ctx.spec = spec
         ctx.chunk = chunk
         ctx.backend = backend
+        ctx.cap = cap
         if gif:
             if spec.normalised:
                 if gh is not None:
@@ -250,8 +273,12 @@ class _LinearRobustCE(torch.autograd.Function):
         gb = torch.zeros(weight.shape[:1], dtype=acc, device=weight.device) if needs_b else None
         for s, e in _chunks(hidden.shape[0], ctx.chunk):
             z = _logits(hidden[s:e], weight, bias)
+            if ctx.cap is not None:
+                _softcap_(z, ctx.cap)
             g = grad[s:e] if grad.dim() == 1 else grad
             gl = ctx.backend.grad(g, z, target[s:e], stats[s:e], ctx.spec, u)
+            if ctx.cap is not None:
+                _softcap_grad_(gl, z, ctx.cap)
             del z
             if gh is not None:
                 torch.mm(gl, weight, out=gh[s:e])
@@ -262,7 +289,7 @@ class _LinearRobustCE(torch.autograd.Function):
             del gl
         gw = None if gw is None else gw.to(weight.dtype)
         gb = None if gb is None else gb.to(weight.dtype)
-        return (gh, gw, gb) + (None,) * 8
+        return (gh, gw, gb) + (None,) * 9
 
     @staticmethod
     def _backward_stored(ctx, grad):
@@ -283,7 +310,7 @@ class _LinearRobustCE(torch.autograd.Function):
                 if not unit:
                     g.mul_(grad.to(g.dtype))
                 out.append(g.to(dt))
-        return tuple(out) + (None,) * 8
+        return tuple(out) + (None,) * 9
 
 
 def _check(hidden, weight, bias, target, class_weight, sample_weight):
@@ -339,6 +366,7 @@ def linear_robust_cross_entropy(
     process_group=None,
     grad_in_forward: Optional[bool] = None,
     label_smoothing: float = 0.0,
+    softcap: Optional[float] = None,
 ) -> torch.Tensor:
     r"""``robust_cross_entropy(hidden @ weight.T + bias, target, scheme, ...)`` without the logits.
 
@@ -377,6 +405,10 @@ def linear_robust_cross_entropy(
             may run through the graph (the stored gradients are scaled in
             place; a second backward raises autograd's in-place error).
 
+        softcap: ``None`` or a positive ``c``: the logits are
+            ``c * tanh((hidden @ weight.T + bias) / c)`` (final logit
+            soft-capping, as in Gemma 2), in value and gradient.
+
     Returns:
         The loss as :func:`robust_cross_entropy` returns it (float32 for 16-bit
         inputs; shaped like ``target`` for ``reduction="none"``).
@@ -386,6 +418,11 @@ def linear_robust_cross_entropy(
     _check(hidden, weight, bias, target, class_weight, sample_weight)
     if grad_in_forward and (spec.reduction == Reduction.NONE or process_group is not None):
         raise ValueError("grad_in_forward=True needs reduction 'mean' or 'sum' and no process_group")
+    if softcap is not None:
+        # A cap given as any real scalar (a NumPy or one-element tensor included), named if not.
+        softcap = real_scalar(softcap, "softcap")
+        if not 0 < softcap < math.inf:
+            raise ValueError(f"softcap must be None or a positive finite number, got {softcap!r}")
     be = backends.resolve(backend, hidden.device)
 
     v, hdim = weight.shape
@@ -418,7 +455,7 @@ def linear_robust_cross_entropy(
         grad_in_forward = spec.reduction != Reduction.NONE and process_group is None
     gif = bool(grad_in_forward) and needs_grad
 
-    value = _LinearRobustCE.apply(h2, weight, bias, t, cw, sw, spec, chunk, be, process_group, gif)
+    value = _LinearRobustCE.apply(h2, weight, bias, t, cw, sw, spec, chunk, be, process_group, gif, softcap)
     value = scale_loss(value, spec)
     if spec.reduction == Reduction.NONE:
         value = value.reshape(target.shape)
@@ -446,6 +483,7 @@ class LinearRobustCrossEntropyLoss(nn.Module):
         process_group=None,
         grad_in_forward: Optional[bool] = None,
         label_smoothing: float = 0.0,
+        softcap: Optional[float] = None,
     ):
         super().__init__()
         kernel_spec(scheme, reduction, normalize, ignore_index, label_smoothing)  # fail at construction
@@ -459,6 +497,7 @@ class LinearRobustCrossEntropyLoss(nn.Module):
         self.process_group = process_group
         self.grad_in_forward = grad_in_forward
         self.label_smoothing = label_smoothing
+        self.softcap = softcap
 
     def forward(self, hidden, weight, target, bias=None, sample_weight=None):
         return linear_robust_cross_entropy(
@@ -477,6 +516,7 @@ class LinearRobustCrossEntropyLoss(nn.Module):
             process_group=self.process_group,
             grad_in_forward=self.grad_in_forward,
             label_smoothing=self.label_smoothing,
+            softcap=self.softcap,
         )
 
     def extra_repr(self) -> str:

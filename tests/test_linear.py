@@ -343,3 +343,85 @@ def test_nan_stays_in_its_row_without_normaliser(grad_in_forward):
     (gh,) = torch.autograd.grad(out, hidden)
     assert torch.isnan(out)
     assert torch.isnan(gh).any(1).tolist() == [i == 3 for i in range(10)]
+
+
+def _capped_reference(hidden, weight, bias, target, scheme, cw, sw, cap, **kw):
+    logits = hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
+    logits = cap * torch.tanh(logits / cap)
+    return rf.robust_cross_entropy(logits, target, scheme, weight=cw, sample_weight=sw, backend="torch", **kw)
+
+
+def _softcap_both(dtype, scheme, cap, reduction, grad_in_forward, backend="auto", scale=4.0, **kw):
+    # scale spreads the logits well past the cap, where tanh bends.
+    hidden, weight, bias, target, cw, sw = _inputs(29, 6, 13, dtype)
+    hidden = (hidden.detach() * scale).requires_grad_()
+    params = (hidden, weight, bias)
+    out = linear_robust_cross_entropy(hidden, weight, target, scheme, bias=bias, class_weight=cw, sample_weight=sw,
+                                      reduction=reduction, chunk_size=5, grad_in_forward=grad_in_forward,
+                                      backend=backend, softcap=cap, **kw)
+    ref = _capped_reference(hidden, weight, bias, target, scheme, cw, sw, cap, reduction=reduction, **kw)
+    g = torch.randn_like(ref)
+    return (out, torch.autograd.grad(out, params, g)), (ref, torch.autograd.grad(ref, params, g))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grad_in_forward", [None, False])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("scheme", [schemes.CCE(), schemes.GCE(q=0.6), schemes.DM(lam=0.5, beta=6.0)], ids=repr)
+def test_softcap_parity_float64(scheme, reduction, grad_in_forward, backend):
+    got, want = _softcap_both(torch.float64, scheme, 3.0, reduction, grad_in_forward, backend)
+    _close(got, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("grad_in_forward", [None, False])
+def test_softcap_parity_label_smoothing(grad_in_forward):
+    got, want = _softcap_both(torch.float64, schemes.CCE(), 2.5, "mean", grad_in_forward, label_smoothing=0.2)
+    _close(got, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("grad_in_forward", [None, False])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+def test_softcap_parity_low_precision(dtype, tol, grad_in_forward):
+    got, want = _softcap_both(dtype, schemes.DM(), 5.0, "mean", grad_in_forward)
+    _close(got, want, rtol=tol, atol=tol)
+
+
+def test_softcap_changes_the_loss_and_is_validated():
+    # A cap far above every logit is the identity to float64 rounding; a small
+    # one must change the value (so the parity tests above cannot pass vacuously).
+    hidden, weight, bias, target, _, _ = _inputs(16, 4, 7, torch.float64)
+    kw = dict(bias=bias, chunk_size=5)
+    plain = linear_robust_cross_entropy(hidden, weight, target, schemes.CCE(), **kw)
+    far = linear_robust_cross_entropy(hidden, weight, target, schemes.CCE(), softcap=1e6, **kw)
+    near = linear_robust_cross_entropy(hidden, weight, target, schemes.CCE(), softcap=0.5, **kw)
+    torch.testing.assert_close(far, plain, rtol=1e-9, atol=1e-12)
+    assert abs(near.item() - plain.item()) > 1e-2
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="softcap"):
+            linear_robust_cross_entropy(hidden, weight, target, schemes.CCE(), softcap=bad)
+    for bad in (True, "30"):  # not a number at all: a TypeError, as for every scalar argument
+        with pytest.raises(TypeError, match="softcap"):
+            linear_robust_cross_entropy(hidden, weight, target, schemes.CCE(), softcap=bad)
+    torch.testing.assert_close(
+        linear_robust_cross_entropy(hidden, weight, target, schemes.CCE(), softcap=torch.tensor(0.5), **kw), near
+    )
+    module = LinearRobustCrossEntropyLoss(schemes.CCE(), chunk_size=5, softcap=0.5)
+    torch.testing.assert_close(module(hidden, weight, target, bias=bias), near)
+
+
+@pytest.mark.parametrize("grad_in_forward", [None, False])
+def test_softcap_compile_fullgraph(grad_in_forward):
+    # The in-place cap and its chain rule must trace without a graph break.
+    hidden, weight, _, target, _, _ = _inputs(20, 6, 9, torch.float32, bias=False)
+
+    def f(h, w, t):
+        return linear_robust_cross_entropy(h, w, t, schemes.DM(), chunk_size=8, softcap=1.5,
+                                           grad_in_forward=grad_in_forward)
+
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(hidden, weight, target)
+    g = torch.autograd.grad(out, (hidden, weight))
+    ref = _capped_reference(hidden, weight, None, target, schemes.DM(), None, None, 1.5)
+    gr = torch.autograd.grad(ref, (hidden, weight))
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(g, gr):
+        torch.testing.assert_close(a, b)

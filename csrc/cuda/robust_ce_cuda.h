@@ -1,7 +1,7 @@
 // Interface between the CUDA op layer (robust_ce_cuda_ops.cpp, host compiler)
-// and the CUDA kernels (robust_ce_cuda.cu, nvcc). Plain pointers only, as in
-// csrc/cpu/kernel.h: no at::Tensor crosses this line, so the .cu file needs no
-// ATen headers and nvcc compiles it quickly.
+// and the CUDA kernels (rows.cu, finalize.cu, backward.cu, nvcc). Plain
+// pointers only, as in csrc/cpu/kernel.h: no at::Tensor crosses this line, so
+// the .cu files need no ATen headers and nvcc compiles them quickly.
 #pragma once
 
 #include <c10/core/ScalarType.h>
@@ -17,7 +17,7 @@ namespace cuda {
 using robustloss::BackwardArgs;
 using robustloss::RowsArgs;
 
-// The cross-row step (SPEC §5) on the device: (value, stats) from rows (n, 6)
+// The cross-row step (SPEC §5; finalize.cu) on the device: (value, stats) from rows (n, 6)
 // = (lse_nt, log w, x, alpha, beta, gamma).
 struct FinalizeArgs {
   bool is_double;  // accumulator type of rows/weights/value/stats
@@ -37,7 +37,8 @@ struct FinalizeArgs {
 // Doubles of scratch the finalize step needs for n rows (0 for n == 0).
 int64_t finalize_workspace_size(int64_t n);
 
-// Each launches on `stream` and checks the launch; n must be > 0.
+// Each launches on `stream` and checks the launch; n must be > 0. One per
+// pass: rows.cu, finalize.cu, backward.cu.
 void launch_rows(const RowsArgs& args, cudaStream_t stream);
 void launch_finalize(const FinalizeArgs& args, cudaStream_t stream);
 void launch_backward(const BackwardArgs& args, cudaStream_t stream);

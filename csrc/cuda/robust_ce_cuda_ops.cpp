@@ -1,9 +1,9 @@
 // CUDA implementations of the robustloss ops: argument checks, device guard,
-// stream, launches of the kernels in robust_ce_cuda.cu, and the bad-target
-// read-back. Autograd and fake kernels are registered once, in Python
+// stream, launches of the kernels (rows.cu, finalize.cu, backward.cu), and the
+// bad-target read-back. Autograd and fake kernels are registered once, in Python
 // (robustloss_fast/_ops.py), for every dispatch key.
 //
-// Cost of the target check (see the header of robust_ce_cuda.cu): the forward
+// Cost of the target check (see "Bad targets" in common.cuh): the forward
 // and rows ops each copy one int64 back to the host and synchronise the
 // current stream once; the backward op never synchronises.
 #include <ATen/ATen.h>

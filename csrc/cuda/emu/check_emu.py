@@ -1,12 +1,14 @@
 """Run the CUDA kernels of csrc/cuda on a CPU emulator and check them against the reference.
 
 Without a GPU, nvcc proves the kernels compile; this proves they compute the
-right thing. The kernel file itself (robust_ce_cuda.cu) and the op layer
+right thing. The kernel files themselves (common.cuh and the .cu file of each
+pass: rows.cu, finalize.cu, backward.cu) and the op layer
 (robust_ce_cuda_ops.cpp) are turned into host C++ by three mechanical edits
 (includes swapped for shim.h / cuda_stubs.h, ``k<<<grid, block, 0, stream>>>(p)``
 turned into ``emu::launch(k, grid, block, p)``, the CUDA dispatch key into a
-CPU library ``robustloss_emu``) and built with the host compiler; see shim.h
-for what the emulator models. Every op runs end to end on CPU tensors and is
+CPU library ``robustloss_emu``) and built with the host compiler, one
+translation unit per .cu file as in the real build; see shim.h for what the
+emulator models. Every op runs end to end on CPU tensors and is
 compared with robustloss_fast.reference, across all four row layouts of each
 dtype, misaligned and strided rows, grid-stride loops (EMU_MAX_GRID=2), every
 scheme and reduction (the two-term schemes too: label smoothing with and
@@ -38,23 +40,47 @@ CUDA_DIR = os.path.dirname(HERE)
 ROOT = os.path.dirname(os.path.dirname(CUDA_DIR))
 
 LAUNCH = re.compile(r"(\w+<[^;<>]*>)<<<(.+), (\w+), 0, stream>>>\((\w+)\);")
+# The kernel files, each with the number of launches it holds: a launch the regex missed would
+# stay CUDA syntax, and a .cu file missing here would go unchecked, so both stop the run.
+KERNEL_FILES = {"rows.cu": 1, "finalize.cu": 2, "backward.cu": 1}
+SHARED_HEADER = "common.cuh"
+
+
+def host_cuda(text: str) -> str:
+    """The CUDA runtime headers swapped for the emulator's."""
+    text = text.replace("#include <c10/cuda/CUDAException.h>\n", "")
+    return text.replace("#include <cuda_runtime.h>\n", '#include "shim.h"\n')
 
 
 def generate(out_dir: str) -> list:
-    """Host C++ versions of the kernel and op files; fails loudly if the CUDA files changed shape."""
-    with open(os.path.join(CUDA_DIR, "robust_ce_cuda.cu")) as f:
-        cu = f.read()
-    cu = cu.replace("#include <c10/cuda/CUDAException.h>\n", "")
-    cu = cu.replace("#include <cuda_runtime.h>\n", '#include "shim.h"\n')
-    cu = cu.replace("*reinterpret_cast<uint4*>(p) = raw;", "emu_check_store(p);\n  *reinterpret_cast<uint4*>(p) = raw;")
+    """Host C++ versions of the kernel and op files; fails loudly if the CUDA files changed shape.
+
+    Each .cu file stays its own translation unit, as in the nvcc build, and includes the edited
+    copy of common.cuh written next to it (a quoted include looks in the includer's folder
+    first)."""
+    on_disk = sorted(os.path.basename(p) for p in glob.glob(os.path.join(CUDA_DIR, "*.cu")))
+    if on_disk != sorted(KERNEL_FILES):
+        raise SystemExit(f"check_emu: csrc/cuda holds {on_disk}, the emulator knows {sorted(KERNEL_FILES)}")
+
+    with open(os.path.join(CUDA_DIR, SHARED_HEADER)) as f:
+        common = host_cuda(f.read())
+    store = "*reinterpret_cast<uint4*>(p) = raw;"
+    if '#include "shim.h"' not in common or common.count(store) != 1 or "<<<" in common:
+        raise SystemExit(f"check_emu: {SHARED_HEADER} no longer has the expected shape")
+    common = common.replace(store, "emu_check_store(p);\n  " + store)
+    texts = {SHARED_HEADER: common}
 
     def launch(m):
         exact = "true" if m.group(1).startswith("partials_kernel") else "false"  # indexes blocks directly
         return f"emu::launch({m.group(1)}, {m.group(2)}, {m.group(3)}, {m.group(4)}, {exact});"
 
-    cu, launches = LAUNCH.subn(launch, cu)
-    if launches != 4 or "<<<" in cu or "emu_check_store" not in cu:
-        raise SystemExit(f"check_emu: robust_ce_cuda.cu no longer has the expected shape ({launches} launches)")
+    for name, expected in KERNEL_FILES.items():
+        with open(os.path.join(CUDA_DIR, name)) as f:
+            cu = host_cuda(f.read())
+        cu, launches = LAUNCH.subn(launch, cu)
+        if launches != expected or "<<<" in cu or f'#include "{SHARED_HEADER}"' not in cu:
+            raise SystemExit(f"check_emu: {name} no longer has the expected shape ({launches} launches)")
+        texts["emu_" + name.replace(".cu", ".cpp")] = cu
 
     with open(os.path.join(CUDA_DIR, "robust_ce_cuda_ops.cpp")) as f:
         ops = f.read()
@@ -66,12 +92,12 @@ def generate(out_dir: str) -> list:
     ops = ops.replace(cuda_includes, '#include "cuda_stubs.h"\n').replace(".is_cuda()", ".is_cpu()")
     # Own library with schemas inferred from the C++ signatures.
     ops = ops.replace("TORCH_LIBRARY_IMPL(robustloss, CUDA, m)", "TORCH_LIBRARY(robustloss_emu, m)").replace("m.impl(", "m.def(")
+    texts["emu_ops.cpp"] = ops
 
-    paths = [os.path.join(out_dir, "emu_kernels.cpp"), os.path.join(out_dir, "emu_ops.cpp")]
-    for path, text in zip(paths, (cu, ops)):
-        with open(path, "w") as f:
+    for name, text in texts.items():
+        with open(os.path.join(out_dir, name), "w") as f:
             f.write(text)
-    return paths
+    return [os.path.join(out_dir, name) for name in texts if name.endswith(".cpp")]
 
 
 def cuda_runtime_include() -> str:

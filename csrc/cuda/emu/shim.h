@@ -1,5 +1,5 @@
-// A CPU emulation of the parts of the CUDA execution model that
-// csrc/cuda/robust_ce_cuda.cu uses, so that the kernels' own code runs (and is
+// A CPU emulation of the parts of the CUDA execution model that the kernels of
+// csrc/cuda (*.cu, common.cuh) use, so that their own code runs (and is
 // checked against the reference) on machines without a GPU. Not part of the
 // extension: setup.py compiles only csrc/cuda/*.cu and csrc/cuda/*.cpp.
 //

@@ -1,6 +1,6 @@
 // The arguments of the row and gradient kernels, shared by the CPU and CUDA
 // backends. Plain pointers only: no at::Tensor crosses this line, so the
-// capability-specific CPU objects and the .cu file need no ATen headers.
+// capability-specific CPU objects and the .cu files need no ATen headers.
 // The op layers fill them with make_rows_args / make_backward_args (checks.h).
 #pragma once
 

@@ -1,0 +1,185 @@
+// The gradient pass (SPEC §3; the op robust_ce_backward of SPEC §9.2): one
+// kernel reads each row of logits once and writes its gradient once, from the
+// row's stats (N, 4) that the forward's cross-row step (finalize.cu) left.
+//
+// backward_kernel -- g (alpha r_j + beta u_j) off the target and g gamma at it
+// (SPEC §8.1), r_j = exp(z_j - lse_nt), with the row pass's row-to-threads
+// layout (common.cuh) and 16-byte stores aligned on the output row. NFL (its
+// own instantiation) writes g (alpha P_j + beta h_j) with P_j = exp(z_j - lse)
+// and h_j its focal term, lse from the stats' column 0 (P-form, SPEC §8.5). A
+// row with a bad target gets NaN: this op never synchronises to report it.
+#include "common.cuh"
+
+namespace robustloss {
+namespace cuda {
+namespace {
+
+template <typename T>
+struct BackwardParams {
+  using acc_t = typename AccOf<T>::type;
+  const T* logits;
+  int64_t n, c, row_stride;
+  const int64_t* target;
+  int64_t ignore_index;
+  const acc_t* stats;  // (n, 4): lse_nt, alpha, beta, gamma (NFL: lse, alpha, beta, gamma)
+  const acc_t* u;      // smooth weight (c,), or nullptr (all 1)
+  const acc_t* grad;
+  bool grad_per_row;
+  T* out;
+  acc_t a;  // NFL's gamma (the focal exponent)
+};
+
+// Every element of an output row set to v.
+template <typename T, int TPR>
+__device__ __forceinline__ void fill_row(T* out, int64_t c, T v, int lane) {
+  constexpr int K = Pack<T>::kVec;
+  const int64_t head = head_count(out, c);
+  for (int64_t j = lane; j < head; j += TPR) out[j] = v;
+  const int64_t npack = (c - head) / K;
+  Pack<T> pk;
+#pragma unroll
+  for (int k = 0; k < K; ++k) pk.v[k] = v;
+  for (int64_t q = lane; q < npack; q += TPR) store_pack(out + head + q * K, pk);
+  for (int64_t j = head + npack * K + lane; j < c; j += TPR) out[j] = v;
+}
+
+// NFL (P-form stats, a per-class h_j) is its own instantiation, as in the row pass.
+template <typename T, int TPR, int BLOCK, bool NFL>
+__global__ void __launch_bounds__(BLOCK) backward_kernel(const BackwardParams<T> p) {
+  using acc_t = typename AccOf<T>::type;
+  constexpr int K = Pack<T>::kVec;
+  constexpr int kGroups = BLOCK / TPR;
+  const int lane = static_cast<int>(threadIdx.x) % TPR;
+  const int group = static_cast<int>(threadIdx.x) / TPR;
+
+  // Rows are independent here (no shuffles, no barriers): a group may skip.
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * kGroups; base < p.n;
+       base += static_cast<int64_t>(gridDim.x) * kGroups) {
+    const int64_t i = base + group;
+    if (i >= p.n) continue;
+    T* out = p.out + i * p.c;
+    const int64_t y = p.target[i];
+    if (y == p.ignore_index) {
+      fill_row<T, TPR>(out, p.c, static_cast<T>(acc_t(0)), lane);
+      continue;
+    }
+    if (y < 0 || y >= p.c) {  // only reachable by calling the op directly with a bad target
+      fill_row<T, TPR>(out, p.c, static_cast<T>(nan<acc_t>()), lane);
+      continue;
+    }
+    const acc_t* st = p.stats + 4 * i;
+    const acc_t lse_nt = st[0];  // NFL: lse
+    if (lse_nt != lse_nt) {  // a NaN row (SPEC §6): NaN everywhere, as the CPU kernel writes it
+      fill_row<T, TPR>(out, p.c, static_cast<T>(lse_nt), lane);
+      continue;
+    }
+    const acc_t g = p.grad_per_row ? p.grad[i] : p.grad[0];
+    const acc_t ga = g * st[1], gb = g * st[2], gy = g * st[3];
+    // r = 0 when no non-target logit is finite (SPEC §3); one-term rows have
+    // beta = 0 and skip the load of u. (NFL has no such case: every P_j is
+    // exp(z_j - lse), as on the CPU.)
+    [[maybe_unused]] const bool with_r = lse_nt != -inf<acc_t>();
+    [[maybe_unused]] const bool with_u = gb != acc_t(0);
+    const T* in = p.logits + i * p.row_stride;
+    auto grad_of = [&](int64_t j, acc_t z) -> T {
+      if (j == y) return static_cast<T>(gy);
+      if constexpr (NFL) {
+        // g (alpha P_j + beta h_j), P_j = exp(z_j - lse), h_j of focal_terms_of_logit (schemes.h).
+        const acc_t l = z - lse_nt;
+        const acc_t P = dexp(l);
+        return static_cast<T>(ga * P + gb * focal_terms<acc_t>(p.a, l, P, -dexpm1(l)).h);
+      } else {
+        acc_t v = with_r ? ga * dexp(z - lse_nt) : acc_t(0);
+        if (with_u) v += gb * (p.u ? p.u[j] : acc_t(1));
+        return static_cast<T>(v);
+      }
+    };
+
+    // Packs are aligned on the output row; the input shares that alignment
+    // when its row starts at the same offset modulo 16 bytes (always for
+    // contiguous logits), else its elements are loaded one by one.
+    const int64_t head = head_count(out, p.c);
+    const bool in_packed = head_count(in, p.c) == head &&
+                           (reinterpret_cast<uintptr_t>(in) % kPackBytes) == (reinterpret_cast<uintptr_t>(out) % kPackBytes);
+    for (int64_t j = lane; j < head; j += TPR) out[j] = grad_of(j, static_cast<acc_t>(in[j]));
+    const int64_t npack = (p.c - head) / K;
+    auto emit = [&](const Pack<T>& x, int64_t q) {
+      const int64_t j0 = head + q * K;
+      Pack<T> pk;
+#pragma unroll
+      for (int k = 0; k < K; ++k) pk.v[k] = grad_of(j0 + k, static_cast<acc_t>(x.v[k]));
+      store_pack(out + j0, pk);
+    };
+    if (in_packed) {
+      constexpr int kU = NFL ? kFocalUnroll : kUnroll;
+      int64_t q = lane;
+      for (; q + (kU - 1) * TPR < npack; q += kU * TPR) {
+        Pack<T> x[kU];
+#pragma unroll
+        for (int u = 0; u < kU; ++u) x[u] = load_pack(in + head + (q + u * TPR) * K);
+#pragma unroll
+        for (int u = 0; u < kU; ++u) emit(x[u], q + u * TPR);
+      }
+      if constexpr (kU > 1) {
+        for (; q < npack; q += TPR) emit(load_pack(in + head + q * K), q);
+      }
+    } else {
+      for (int64_t q = lane; q < npack; q += TPR) {
+        Pack<T> x;
+#pragma unroll
+        for (int k = 0; k < K; ++k) x.v[k] = in[head + q * K + k];
+        emit(x, q);
+      }
+    }
+    for (int64_t j = head + npack * K + lane; j < p.c; j += TPR) out[j] = grad_of(j, static_cast<acc_t>(in[j]));
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Launch
+
+template <typename T, int TPR, int BLOCK, bool NFL>
+void backward_launch_kernel(const BackwardParams<T>& p, cudaStream_t stream) {
+  backward_kernel<T, TPR, BLOCK, NFL><<<grid_for(ceil_div(p.n, BLOCK / TPR)), BLOCK, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int TPR, int BLOCK>
+void backward_launch(const BackwardParams<T>& p, bool nfl, cudaStream_t stream) {
+  if (nfl) {
+    backward_launch_kernel<T, TPR, BLOCK, true>(p, stream);
+  } else {
+    backward_launch_kernel<T, TPR, BLOCK, false>(p, stream);
+  }
+}
+
+template <typename T>
+void backward_typed(const BackwardArgs& a, cudaStream_t stream) {
+  using acc_t = typename AccOf<T>::type;
+  BackwardParams<T> p;
+  p.logits = static_cast<const T*>(a.logits);
+  p.n = a.n;
+  p.c = a.c;
+  p.row_stride = a.row_stride;
+  p.target = a.target;
+  p.ignore_index = a.ignore_index;
+  p.stats = static_cast<const acc_t*>(a.stats);
+  p.u = static_cast<const acc_t*>(a.smooth_weight);
+  p.grad = static_cast<const acc_t*>(a.grad);
+  p.grad_per_row = a.grad_per_row;
+  p.out = static_cast<T*>(a.out);
+  p.a = static_cast<acc_t>(a.a);
+  const bool nfl = is_p_form(a.scheme);
+  with_layout<T>(a.c, [&](auto tpr, auto block) {
+    backward_launch<T, decltype(tpr)::value, decltype(block)::value>(p, nfl, stream);
+  });
+}
+
+}  // namespace
+
+void launch_backward(const BackwardArgs& args, cudaStream_t stream) {
+  dispatch_logits_dtype(args.dtype, [&](auto tag) { backward_typed<typename decltype(tag)::type>(args, stream); });
+}
+
+}  // namespace cuda
+}  // namespace robustloss

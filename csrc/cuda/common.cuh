@@ -1,0 +1,287 @@
+// What the three CUDA passes of robustloss (SPEC §2-§6) share, for float32,
+// float16, bfloat16 (float32 accumulation) and float64 logits. Each pass is
+// its own translation unit, so nvcc compiles them in parallel and a change to
+// one recompiles only that one:
+//
+//   rows.cu      rows_kernel: the row statistics and coefficients, rows (N, 6)
+//   finalize.cu  partials_kernel + apply_kernel: the cross-row step, stats (N, 4)
+//   backward.cu  backward_kernel: the gradient
+//
+// None holds anything of size N x C. This header defines no kernel, so no
+// kernel is compiled twice: its device functions are inlined into the kernels
+// of the file that includes it, and its host helpers are inline (one copy in
+// the binary).
+//
+// Determinism (SPEC §6.3): no atomics take part in any value. The order of
+// every sum is fixed by (N, C, the row's address modulo 16 bytes): the same
+// tensors give bitwise the same outputs, run after run. The one atomic
+// (atomicMin on the bad-target slot) computes a minimum, whose result does
+// not depend on order.
+//
+// Bad targets (SPEC §6.4): the kernels check every target themselves; a row
+// whose target is neither ignore_index nor in [0, C) is skipped (never read or
+// written out of bounds): the row kernel writes NaN statistics and atomicMin's
+// the row index into a one-int64 device slot preset to N; finalize counts such
+// a row nowhere; backward writes a NaN row. The forward and rows ops
+// (robust_ce_cuda_ops.cpp) then read the slot back -- one 8-byte
+// device-to-host copy and one stream synchronisation per call, which also
+// means the host cannot queue the next kernels before the forward finishes (a
+// few microseconds of launch latency exposed per step). If the slot is below N
+// they read the bad value (a second copy, on the error path only) and raise
+// IndexError through TORCH_CHECK_INDEX with ROBUSTLOSS_BAD_TARGET_MSG. Under
+// CUDA-graph capture the read-back is skipped (a sync is illegal there): bad
+// rows then give NaN silently. The backward op never synchronises.
+//
+// Offsets: every row offset and column index is int64, so N * C past 2^31
+// elements is fine.
+//
+// Without a GPU, csrc/cuda/emu/check_emu.py runs these files' code on a CPU
+// emulation of blocks, warps and shuffles and compares every op with the
+// reference (.ci/cuda_build_check.sh runs it after the nvcc build);
+// tests/test_cuda.py is the on-device half.
+#pragma once
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "robust_ce_cuda.h"
+#include "robustloss/schemes.h"
+
+namespace robustloss {
+namespace cuda {
+
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
+template <typename T>
+__device__ __forceinline__ T inf() {
+  return std::numeric_limits<T>::infinity();
+}
+template <typename T>
+__device__ __forceinline__ T nan() {
+  return std::numeric_limits<T>::quiet_NaN();
+}
+
+// Full-precision exp/log (not the approximate intrinsics): the gradient entries
+// r_j far below 1 keep their relative accuracy.
+__device__ __forceinline__ float dexp(float x) { return expf(x); }
+__device__ __forceinline__ double dexp(double x) { return exp(x); }
+__device__ __forceinline__ float dlog(float x) { return logf(x); }
+__device__ __forceinline__ double dlog(double x) { return log(x); }
+__device__ __forceinline__ float dexpm1(float x) { return expm1f(x); }
+__device__ __forceinline__ double dexpm1(double x) { return expm1(x); }
+
+// ---------------------------------------------------------------------------
+// 16-byte packs and row alignment
+
+constexpr int kPackBytes = 16;
+
+template <typename T>
+struct Pack {
+  static constexpr int kVec = kPackBytes / static_cast<int>(sizeof(T));
+  T v[kVec];
+};
+
+template <typename T>
+__device__ __forceinline__ Pack<T> load_pack(const T* p) {  // p is 16-byte aligned
+  const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+  Pack<T> out;
+  memcpy(&out, &raw, kPackBytes);
+  return out;
+}
+
+template <typename T>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T>& pk) {  // p is 16-byte aligned
+  uint4 raw;
+  memcpy(&raw, &pk, kPackBytes);
+  *reinterpret_cast<uint4*>(p) = raw;
+}
+
+// Elements before the first 16-byte boundary of a row (all of them when the
+// pointer is not even element-aligned, so nothing is ever loaded misaligned).
+template <typename T>
+__device__ __forceinline__ int64_t head_count(const T* p, int64_t c) {
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(p);
+  if (addr % sizeof(T) != 0) return c;
+  const int64_t h = static_cast<int64_t>(((kPackBytes - (addr % kPackBytes)) % kPackBytes) / sizeof(T));
+  return h < c ? h : c;
+}
+
+// ---------------------------------------------------------------------------
+// Online logsumexp over the non-target classes
+
+template <typename acc_t>
+struct Lse {
+  acc_t m;  // running max of the finite values (-inf: none yet)
+  acc_t s;  // sum of exp(value - m)
+  int bad;  // saw NaN or +inf: the row's lse_nt is NaN (SPEC §6)
+};
+
+template <typename acc_t>
+__device__ __forceinline__ Lse<acc_t> lse_identity() {
+  return Lse<acc_t>{-inf<acc_t>(), acc_t(0), 0};
+}
+
+template <typename acc_t>
+__device__ __forceinline__ void lse_add(Lse<acc_t>& st, acc_t x) {
+  if (x != x || x == inf<acc_t>()) {
+    st.bad = 1;
+  } else if (x > st.m) {  // also the first finite value: s * exp(-inf) = 0
+    st.s = st.s * dexp(st.m - x) + acc_t(1);
+    st.m = x;
+  } else if (x != -inf<acc_t>()) {
+    st.s += dexp(x - st.m);
+  }
+}
+
+// A pack at once: one rescale per pack instead of one per element.
+template <typename acc_t, int K>
+__device__ __forceinline__ void lse_add_pack(Lse<acc_t>& st, acc_t (&x)[K]) {
+  acc_t vmax = -inf<acc_t>();
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    if (x[k] != x[k] || x[k] == inf<acc_t>()) {
+      st.bad = 1;
+      x[k] = -inf<acc_t>();
+    }
+    vmax = x[k] > vmax ? x[k] : vmax;
+  }
+  if (vmax == -inf<acc_t>()) return;  // every lane masked: nothing to add (and -inf - -inf is NaN)
+  if (vmax > st.m) {
+    st.s *= dexp(st.m - vmax);
+    st.m = vmax;
+  }
+#pragma unroll
+  for (int k = 0; k < K; ++k) st.s += dexp(x[k] - st.m);  // exp(-inf) = 0 for masked lanes
+}
+
+template <typename acc_t>
+__device__ __forceinline__ void lse_merge(Lse<acc_t>& a, const Lse<acc_t>& b) {
+  a.bad |= b.bad;
+  if (b.m == -inf<acc_t>()) return;
+  if (a.m == -inf<acc_t>()) {
+    a.m = b.m;
+    a.s = b.s;
+  } else if (b.m > a.m) {
+    a.s = a.s * dexp(a.m - b.m) + b.s;
+    a.m = b.m;
+  } else {
+    a.s += b.s * dexp(b.m - a.m);
+  }
+}
+
+// Butterfly over WIDTH lanes; every lane of the warp must call it. Lane 0 of
+// each WIDTH-group ends with a result whose merge order is fixed.
+template <int WIDTH, typename acc_t>
+__device__ __forceinline__ Lse<acc_t> lse_warp_reduce(Lse<acc_t> v) {
+#pragma unroll
+  for (int off = WIDTH / 2; off > 0; off >>= 1) {
+    Lse<acc_t> o;
+    o.m = __shfl_xor_sync(0xffffffffu, v.m, off, WIDTH);
+    o.s = __shfl_xor_sync(0xffffffffu, v.s, off, WIDTH);
+    o.bad = __shfl_xor_sync(0xffffffffu, v.bad, off, WIDTH);
+    lse_merge(v, o);
+  }
+  return v;
+}
+
+// The sum pair of the two-term schemes' second pass: spread = sum_k u_k (z_y
+// - z_k) and U = sum_k u_k (U only with a smooth weight: else it is C); for
+// NFL, (sum F_k, sum h_k) over the non-target classes.
+template <typename acc_t>
+struct Spread {
+  acc_t s, u;
+};
+
+template <int WIDTH, typename acc_t>
+__device__ __forceinline__ Spread<acc_t> spread_warp_reduce(Spread<acc_t> v) {
+#pragma unroll
+  for (int off = WIDTH / 2; off > 0; off >>= 1) {
+    v.s += __shfl_xor_sync(0xffffffffu, v.s, off, WIDTH);
+    v.u += __shfl_xor_sync(0xffffffffu, v.u, off, WIDTH);
+  }
+  return v;
+}
+
+// Whole-block reduction (TPR == BLOCK > 32) through one warp's shuffle tree
+// per level; every thread must call it. The result is valid in thread 0.
+template <int BLOCK, typename V, typename WarpReduce>
+__device__ __forceinline__ V block_reduce(V v, V* smem, const V& identity, WarpReduce warp_reduce) {
+  constexpr int kWarps = BLOCK / 32;
+  v = warp_reduce(v);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < kWarps ? smem[lane] : identity;
+    v = warp_reduce(v);
+  }
+  __syncthreads();  // smem is reused by the block's next row
+  return v;
+}
+
+// Number of packs each thread loads before it uses any: bytes in flight.
+constexpr int kUnroll = 4;
+// NFL's passes (forward and backward) evaluate exp, expm1, log, a power and a
+// division per element, so they should be bound by arithmetic rather than by
+// bytes in flight (not yet timed on a GPU): one pack at a time. Unrolled by 4
+// their inlined math doubled nvcc's time for the kernels.
+constexpr int kFocalUnroll = 1;
+
+// ---------------------------------------------------------------------------
+// Launch configuration (host)
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline int grid_for(int64_t blocks) {
+  constexpr int64_t kMaxGrid = 2147483647;  // gridDim.x limit; the kernels loop past it
+  return static_cast<int>(blocks < kMaxGrid ? blocks : kMaxGrid);
+}
+
+// The row and gradient passes give each row a group of TPR threads: 4 or 32
+// lanes of a warp for small C, so a block holds several rows, or a whole block
+// of 128 or 512 threads for large C. TPR follows the row's length in 16-byte
+// packs, about 2 to 32 packs per thread.
+enum class Layout { kQuad, kWarp, kBlock128, kBlock512 };
+
+template <typename T>
+Layout layout_for(int64_t c) {
+  const int64_t packs = ceil_div(c, Pack<T>::kVec);
+  if (packs <= 8) return Layout::kQuad;
+  if (packs <= 128) return Layout::kWarp;
+  if (packs <= 2048) return Layout::kBlock128;
+  return Layout::kBlock512;
+}
+
+// f(TPR, BLOCK) as integral constants for the layout of rows of c classes:
+// the one switch over layouts, shared by the row and backward launchers.
+template <typename T, typename F>
+void with_layout(int64_t c, F&& f) {
+  using std::integral_constant;
+  switch (layout_for<T>(c)) {
+    case Layout::kQuad:
+      return f(integral_constant<int, 4>{}, integral_constant<int, 128>{});
+    case Layout::kWarp:
+      return f(integral_constant<int, 32>{}, integral_constant<int, 128>{});
+    case Layout::kBlock128:
+      return f(integral_constant<int, 128>{}, integral_constant<int, 128>{});
+    case Layout::kBlock512:
+      return f(integral_constant<int, 512>{}, integral_constant<int, 512>{});
+  }
+}
+
+}  // namespace cuda
+}  // namespace robustloss

@@ -1,0 +1,197 @@
+"""The GPU suite's scripts work before a GPU ever sees them.
+
+A GPU run is one call with no second chance, so everything it runs is run
+here first, on the CPU: the suite's dry run of its benchmark and summary
+stages (the JSON schema and the PNG are checked), the sanitizer cases on the
+CPU backend, the verdicts on sanitizer logs written to look like the real
+tool's, the parallel compile loop, and the float64 reference the benchmark
+checks every gradient against.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+SUITE = BENCH / "gpu_suite.sh"
+sys.path.insert(0, str(BENCH))
+
+import bench_gpu  # noqa: E402
+import build_parallel  # noqa: E402
+import suite_summary  # noqa: E402
+
+
+def _env(**extra):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    env.update(PYTHON=sys.executable, **extra)
+    return env
+
+
+def test_suite_script_parses_and_refuses_unknown_stages():
+    assert subprocess.run(["bash", "-n", str(SUITE)]).returncode == 0
+    helped = subprocess.run(["bash", str(SUITE), "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0 and "--dry-run" in helped.stdout
+    wrong = subprocess.run(["bash", str(SUITE), "benchmark"], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "unknown argument" in wrong.stderr
+
+
+def _check_variants(cases, names, where):
+    assert cases, f"no {where} cases"
+    for case in cases:
+        assert set(case["variants"]) == set(names), (where, case["label"])
+        for name, rec in case["variants"].items():
+            if rec["status"] == "ok":
+                assert rec["median_ms"] > 0 and rec["reps"] >= 2, (where, name)
+                assert len(rec["round_medians_ms"]) == 2
+            else:
+                assert rec["status"] in ("skipped", "error") and rec["reason"], (where, name, rec)
+                # a wrong call of a peer's API would show as one of these: never acceptable
+                assert rec.get("exception") not in ("TypeError", "NameError", "UnboundLocalError"), (where, name, rec)
+
+
+def test_suite_dry_run_bench_and_summary(tmp_path):
+    out = tmp_path / "out"
+    done = subprocess.run(
+        ["bash", str(SUITE), "--dry-run", "setup", "bench", "summary"],
+        env=_env(OUT=str(out), PEER_SITE=str(tmp_path / "site")),
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert files == ["bench_gpu.json", "bench_gpu.md", "bench_gpu.png", "logs.tar.gz", "summary.md"], files
+    assert (out / "bench_gpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        logs = {Path(n).name for n in tar.getnames()}
+    assert {"suite.log", "bench.log", "env.txt", "stages.tsv"} <= logs
+
+    result = json.loads((out / "bench_gpu.json").read_text())
+    assert result["schema"] == bench_gpu.SCHEMA and result["complete"] is True
+    m = result["machine"]
+    for key in ("date", "torch", "cuda", "triton", "python", "git", "source_digest", "gpu", "driver", "peers",
+                "available_backends"):
+        assert key in m, key
+    assert m["dry_run"] is True and m["source_digest"] == bench_gpu.source_digest()
+    names = result["variants"]
+    assert names["logits"][: len(bench_gpu.LOGITS_VARIANTS)] == bench_gpu.LOGITS_VARIANTS
+    assert names["linear"] == bench_gpu.LINEAR_VARIANTS
+    _check_variants(result["logits"]["cases"], names["logits"], "logits")
+    _check_variants(result["linear"]["cases"], names["linear"], "linear")
+    logits = {name: rec for case in result["logits"]["cases"] for name, rec in case["variants"].items()}
+    # What runs on any CPU must have run, and its gradient must match the float64 reference.
+    for name in ("F.cross_entropy", "eager DM", "compile DM", "compile F.cross_entropy", "ours DM auto", "ours CCE auto"):
+        assert logits[name]["status"] == "ok", (name, logits[name])
+    for case in result["logits"]["cases"]:
+        tol = 2e-2 if case["dtype"] == "bfloat16" else 1e-5
+        for name in ("F.cross_entropy", "eager DM", "ours DM auto", "ours CCE auto"):
+            rec = case["variants"][name]
+            assert rec["grad_finite"] and rec["grad_rel_l1"] < tol, (case["label"], name, rec["grad_rel_l1"])
+        assert case["copy"]["median_ms"] > 0
+    assert logits["ours DM cuda"]["status"] == "skipped"  # no CUDA build here
+    for case in result["linear"]["cases"]:
+        for name in ("eager CE", "eager DM", "compile CE", "ours DM", "ours CCE"):
+            assert case["variants"][name]["status"] == "ok", (case["label"], name)
+        for name in ("ours DM", "ours CCE"):
+            rec = case["variants"][name]
+            assert rec["grad_rel_l1_hidden"] < 2e-2 and rec["grad_rel_l1_weight"] < 2e-2, rec
+        assert case["floor_ms"] > 0
+    summary = (out / "summary.md").read_text()
+    assert "DRY RUN" in summary and "| bench | ok |" in summary and "#### Logits" in summary
+
+
+def test_sanitizer_cases_run_on_the_cpu_backend():
+    bad = subprocess.run([sys.executable, str(BENCH / "sanitize_case.py"), "bad-target", "--device", "cpu", "--backend", "cpu"],
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 0, bad.stdout + bad.stderr
+    assert bad.stdout.count("reported: IndexError") == 2 and "NOT reported" not in bad.stdout
+
+
+def _log(tmp_path, name, text):
+    (tmp_path / f"sanitizer_{name}.log").write_text(text)
+
+
+def test_sanitizer_verdicts_read_both_the_tool_and_the_program(tmp_path):
+    ok_mem = "PARITY ok: 540 of 540 cases match the reference\n========= ERROR SUMMARY: 0 errors\nexit status: 0\n"
+    _log(tmp_path, "memcheck_parity", ok_mem)
+    _log(tmp_path, "racecheck_parity",
+         "PARITY ok: 1 of 1\n========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 2 warnings)\nexit status: 0\n")
+    _log(tmp_path, "memcheck_bad_target_cuda",
+         "BAD-TARGET 103 reported: IndexError: target value 103 is out of bounds for 100 classes\n"
+         "BAD-TARGET -5 reported: IndexError: target value -5 is out of bounds\n"
+         "========= ERROR SUMMARY: 0 errors\nexit status: 0\n")
+    _log(tmp_path, "memcheck_bad_target_triton",
+         "BAD-TARGET 103 reported: device-side assertion: CUDA error: device-side assert triggered\n"
+         "========= ERROR SUMMARY: 1 error\nexit status: 86\n")
+    rows = {r["run"]: r for r in suite_summary.sanitizer_verdicts(tmp_path)}
+    assert all(r["verdict"] == "ok" for r in rows.values()), rows
+    assert rows["racecheck_parity"]["race_warnings"] == 2
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    _log(bad, "memcheck_parity", ok_mem.replace("0 errors", "3 errors"))
+    _log(bad, "racecheck_parity", "PARITY ok\nexit status: -11\n")  # crashed before the tool's summary
+    _log(bad, "memcheck_bad_target_cuda",
+         "BAD-TARGET 103 reported: IndexError: ...\n"
+         "========= Invalid __global__ read of size 4 bytes\n========= ERROR SUMMARY: 1 error\nexit status: 86\n")
+    _log(bad, "memcheck_bad_target_triton", "BAD-TARGET 103 NOT reported: the loss ran (2.5)\nexit status: 3\n")
+    _log(bad, "memcheck_parity_timeout", "exit status: 124\n")
+    rows = {r["run"]: r for r in suite_summary.sanitizer_verdicts(bad)}
+    assert all(r["verdict"] == "FAILED" for r in rows.values()), rows
+    assert "3 memcheck errors" in rows["memcheck_parity"]["why"]
+    assert "no RACECHECK SUMMARY" in rows["racecheck_parity"]["why"]
+    assert "out-of-bounds" in rows["memcheck_bad_target_cuda"]["why"]
+    assert "NOT reported" in rows["memcheck_bad_target_triton"]["why"]
+    assert "time limit" in rows["memcheck_parity_timeout"]["why"]
+
+
+class _FakeCompiler:
+    """The three methods of distutils' CCompiler that the parallel compile loop calls."""
+
+    def __init__(self, fail=()):
+        self.fail = fail
+
+    def _setup_compile(self, output_dir, macros, include_dirs, sources, depends, extra_postargs):
+        objects = [os.path.join(output_dir, Path(s).stem + ".o") for s in sources]
+        return macros, objects, extra_postargs, [], {o: (s, ".c") for o, s in zip(objects, sources)}
+
+    def _get_cc_args(self, pp_opts, debug, extra_preargs):
+        return []
+
+    def _compile(self, obj, src, ext, cc_args, extra_postargs, pp_opts):
+        if Path(src).stem in self.fail:
+            raise RuntimeError(f"cannot compile {src}")
+        Path(obj).write_text(f"compiled {src} in {os.getpid()}")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="forks a child per object")
+def test_parallel_compile_runs_every_object_and_reports_failures(tmp_path):
+    compile_ = build_parallel.parallel_compile(jobs=3)
+    sources = [f"src{i}.cpp" for i in range(5)]
+    objects = compile_(_FakeCompiler(), sources, output_dir=str(tmp_path))
+    assert [Path(o).name for o in objects] == [f"src{i}.o" for i in range(5)]
+    pids = {Path(o).read_text().split()[-1] for o in objects}
+    assert len(pids) == 5 and str(os.getpid()) not in pids  # each in a child of its own
+    with pytest.raises(RuntimeError, match="src3.cpp"):
+        compile_(_FakeCompiler(fail=("src3",)), sources, output_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("family", ["ce", "dm"])
+def test_logits_reference_is_the_exact_gradient(family):
+    z = (3 * torch.randn(37, 11, dtype=torch.float64)).requires_grad_(True)
+    y = torch.randint(0, 11, (37,))
+    if family == "ce":
+        F.cross_entropy(z, y).backward()
+        tol = 1e-12
+    else:
+        bench_gpu.eager_dm(z, y).backward()
+        tol = 1e-5  # eager DM's 1e-6 in 2 (1 - p) + 1e-6
+    ref = bench_gpu.LogitsReference(z.detach(), y, chunk_bytes=8 * 11 * 5)  # rows in chunks of 5
+    err, finite = bench_gpu._rel_l1(z.grad, ref.chunks(family))
+    assert finite and err < tol, err
