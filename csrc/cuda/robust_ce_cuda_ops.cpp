@@ -58,7 +58,7 @@ at::Tensor rows_cuda(const at::Tensor& logits_in, const at::Tensor& target_in, i
   check_normalisable(scheme, normalised);
   const auto u = check_weight(smooth_weight_in, logits);
   const int64_t n = logits.size(0);
-  at::Tensor rows = at::empty({n, 6}, logits.options().dtype(acc_dtype(logits)));
+  at::Tensor rows = at::empty({n, kRowCols}, logits.options().dtype(acc_dtype(logits)));
   if (n == 0) return rows;
   at::Tensor slot = bad_target_slot(target);
   launch_rows_for(logits, target, scheme, a, b, u, ignore_index, normalised, rows, slot);
@@ -87,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& logits_in, con
   const bool smooth = weight_in_rows(scheme);
   const c10::optional<at::Tensor> u = smooth ? weight : c10::nullopt;
 
-  at::Tensor stats = at::empty({n, 4}, logits.options().dtype(acc));
+  at::Tensor stats = at::empty({n, kStatCols}, logits.options().dtype(acc));
   if (n == 0) {  // SPEC §5: an empty batch has value 0
     at::Tensor value = reduction == kNone ? at::empty({0}, logits.options().dtype(acc))
                                           : at::zeros({}, logits.options().dtype(acc));
@@ -95,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& logits_in, con
   }
   at::Tensor value = reduction == kNone ? at::empty({n}, logits.options().dtype(acc))
                                         : at::empty({}, logits.options().dtype(acc));
-  at::Tensor rows = at::empty({n, 6}, logits.options().dtype(acc));
+  at::Tensor rows = at::empty({n, kRowCols}, logits.options().dtype(acc));
   at::Tensor slot = bad_target_slot(target);
   launch_rows_for(logits, target, scheme, a, b, u, ignore_index, normalised, rows, slot);
 
