@@ -34,6 +34,8 @@ __all__ = [
     "acc_dtype",
     "bad_target_message",
     "check_target",
+    "set_validate_targets",
+    "validating_targets",
     "real_scalar",
     "int64_scalar",
     "NORMALIZE_TWO_TERM_MSG",
@@ -188,12 +190,45 @@ def bad_target_message(value: int, position: int, num_classes: int, ignore_index
     )
 
 
+#: The device-side assertion's words (the kernels cannot format the value; see set_validate_targets).
+BAD_TARGET_ASSERT_MSG = (
+    "robust_cross_entropy: target out of bounds: expected 0 <= target < num_classes or target == "
+    "ignore_index (robustloss_fast.set_validate_targets(True) names the value and its position)"
+)
+
+_VALIDATE_TARGETS = False
+
+
+def set_validate_targets(enabled: bool) -> bool:
+    """Check every target on the host before the loss runs; returns the previous setting.
+
+    On the CPU the targets are always checked (it costs nothing there) and a bad
+    one raises ``IndexError`` naming its value and position. On a GPU the
+    kernels check them on the device instead and stop with a device-side
+    assertion, as ``F.cross_entropy`` does: no step waits for the device. With
+    validation on, a GPU call first reads the targets' check back too (one
+    device-to-host synchronisation per call) and raises the same
+    ``IndexError`` as on the CPU, which leaves the CUDA context usable. Off by
+    default; traced calls (``torch.compile``) never validate on the host.
+    """
+    global _VALIDATE_TARGETS
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    previous, _VALIDATE_TARGETS = _VALIDATE_TARGETS, enabled
+    return previous
+
+
+def validating_targets() -> bool:
+    """Whether ``set_validate_targets(True)`` is in effect."""
+    return _VALIDATE_TARGETS
+
+
 def check_target(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     """Raise IndexError naming the first target outside [0, C) that is not ``ignore_index``.
 
     Reads one flag back from the target's device: free on the CPU, a
-    synchronisation on a GPU (which is why the GPU backends do not call it on
-    their default path; see ``robust_cross_entropy(check_targets=...)``).
+    synchronisation on a GPU (which is why the GPU paths call it only when
+    ``set_validate_targets(True)`` asks for it).
     """
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     if bool(bad.any()):

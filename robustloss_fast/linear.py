@@ -88,7 +88,17 @@ from torch import nn
 from dataclasses import replace
 
 from . import _finalize, backends
-from ._common import ROW_COLS, KernelSpec, Reduction, RowCol, StatCol, acc_dtype, check_target, real_scalar
+from ._common import (
+    ROW_COLS,
+    KernelSpec,
+    Reduction,
+    RowCol,
+    StatCol,
+    acc_dtype,
+    check_target,
+    real_scalar,
+    validating_targets,
+)
 from .functional import check_class_weight, check_not_differentiable, check_target_dtype, kernel_spec, scale_loss
 from .schemes import Scheme
 
@@ -443,9 +453,9 @@ def linear_robust_cross_entropy(
     acc = acc_dtype(hidden.dtype)
     cw = None if class_weight is None else class_weight.to(acc).contiguous()
     sw = None if sample_weight is None else sample_weight.reshape(-1).to(acc).contiguous()
-    if t.device.type == "cpu" and not torch.compiler.is_compiling():
-        # Free on the CPU, and it names the position in the whole batch (a
-        # backend's own check sees one chunk at a time).
+    if (t.device.type == "cpu" or validating_targets()) and not torch.compiler.is_compiling():
+        # Free on the CPU (a GPU pays one sync: opt-in), and it names the position
+        # in the whole batch (a backend's own check sees one chunk at a time).
         check_target(t, v, ignore_index)
 
     needs_grad = torch.is_grad_enabled() and any(

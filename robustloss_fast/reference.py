@@ -266,7 +266,10 @@ def rows(logits, target, spec: KernelSpec, u=None):
     ``u`` is the op's ``smooth_weight``: the class weights of label smoothing
     (or any ``u`` of the two-term formulas with the spread), None for all 1.
     """
-    if not torch.compiler.is_compiling():
+    # On the CPU the check is free; on an accelerator it would be a host sync
+    # (indexing with a bad target fails there with PyTorch's own device-side
+    # assertion instead, or earlier where set_validate_targets asks for it).
+    if target.device.type == "cpu" and not torch.compiler.is_compiling():
         check_target(target, logits.shape[1], spec.ignore_index)
     if spec.two_term and spec.normalised:
         raise ValueError(NORMALIZE_TWO_TERM_MSG)

@@ -20,8 +20,8 @@
 // non-target classes, merged by the same trees. Lane 0 then evaluates the
 // scheme math of robustloss/schemes.h -- the same functions the CPU kernel
 // calls -- and writes the row; NFL writes lse in columns 0-1 ("P-form", SPEC
-// §8.5). A row with a bad target gets NaN statistics and lowers the
-// bad-target slot (common.cuh).
+// §8.5). A row with a bad target stops the kernel with a device-side
+// assertion (common.cuh: bad targets).
 #include "common.cuh"
 
 namespace robustloss {
@@ -146,7 +146,6 @@ struct RowsParams {
   bool normalised;
   const acc_t* u;  // smooth weight (c,), or nullptr (all 1)
   acc_t* rows;
-  long long* first_bad;
 };
 
 // The row's lse_nt = m + ls, in its two parts, from its merged online state
@@ -236,7 +235,7 @@ __global__ void __launch_bounds__(BLOCK) rows_kernel(const RowsParams<T> p) {
         out[kRowM] = out[kRowLogW] = -inf<acc_t>();
         out[kRowLs] = out[kRowX] = out[kRowAlpha] = out[kRowBeta] = out[kRowGamma] = acc_t(0);
       } else if (!in_range) {
-        atomicMin(p.first_bad, static_cast<long long>(i));
+        RL_DEVICE_ASSERT(false, RL_BAD_TARGET_ASSERT_MSG);
 #pragma unroll
         for (int k = 0; k < kRowCols; ++k) out[k] = nan<acc_t>();
       } else {
@@ -305,7 +304,6 @@ void rows_typed(const RowsArgs& a, cudaStream_t stream) {
   p.normalised = a.normalised;
   p.u = static_cast<const acc_t*>(a.smooth_weight);
   p.rows = static_cast<acc_t*>(a.rows);
-  p.first_bad = reinterpret_cast<long long*>(a.first_bad);
   with_layout<T>(a.c, [&](auto tpr, auto block) {
     rows_launch<T, decltype(tpr)::value, decltype(block)::value>(p, stream);
   });

@@ -44,14 +44,13 @@ struct RowsArgs {
   c10::ScalarType dtype;  // of the logits
   const void* logits;     // (n, c), classes contiguous, rows `row_stride` elements apart
   int64_t n, c, row_stride;
-  const int64_t* target;  // (n,); the CPU checks it before the kernel, CUDA inside it
+  const int64_t* target;  // (n,); the CPU checks it before the kernel, CUDA inside it (a device assertion)
   int64_t ignore_index;
   int64_t scheme;
   double a, b;
   bool normalised;                // derivative-normalised "mean": x = -log p
   const void* smooth_weight;      // (c,) accumulator type: u of label smoothing; nullptr = all 1
   void* rows;                     // (n, kRowCols) accumulator type
-  int64_t* first_bad = nullptr;   // CUDA: device slot preset to n, lowered to the first bad row
 };
 
 // The gradient pass, one row at a time: out_j = g (alpha r_j + beta u_j) for

@@ -350,8 +350,8 @@ def rows_kernel(
 
     The scheme parameters arrive as float32 pairs (hi + lo) because Triton
     passes Python floats as float32; their sum carries 48 bits, enough for the
-    float64 path. A target outside [0, C) (possible only where the eager check
-    was traced away) gives a NaN row and reads nothing. ``u_ptr`` (the smoothing
+    float64 path. A target outside [0, C) (GPU tensors: nothing checks it on the
+    host) gives a NaN row marked with ls = +inf and reads nothing. ``u_ptr`` (the smoothing
     weights u, accumulator type) is read only when HAS_U, by two-term schemes.
     """
     acc = rows_ptr.dtype.element_ty
@@ -451,8 +451,11 @@ def rows_kernel(
         g_beta = tl.zeros_like(g_alpha)
         g_gamma = -g_alpha
 
+    # A bad target (possible only where the host check is off: GPU tensors) reads
+    # nothing and marks its row with ls = +inf, which no valid row has; the op
+    # turns the mark into a device-side assertion.
     m = tl.where(valid, tl.where(in_range, m, float("nan")), float("-inf"))
-    ls = tl.where(valid, tl.where(in_range, ls, float("nan")), 0.0)
+    ls = tl.where(valid, tl.where(in_range, ls, float("inf")), 0.0)
     lw = tl.where(valid, tl.where(in_range, lw, float("nan")), float("-inf"))
     x = tl.where(valid, tl.where(in_range, x, float("nan")), 0.0)
     g_alpha = tl.where(valid, tl.where(in_range, g_alpha, float("nan")), 0.0)

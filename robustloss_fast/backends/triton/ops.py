@@ -38,12 +38,14 @@ from torch.library import wrap_triton
 
 from ... import _finalize
 from ..._common import (
+    BAD_TARGET_ASSERT_MSG,
     NORMALIZE_TWO_TERM_MSG,
     ROW_COLS,
     STAT_COLS,
     Kernel,
     KernelSpec,
     Reduction,
+    RowCol,
     acc_dtype,
     check_target,
 )
@@ -98,6 +100,25 @@ def _is_real(t: torch.Tensor) -> bool:
     from torch._subclasses.fake_tensor import is_fake
 
     return not is_fake(t)
+
+
+def _check_targets_here(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """CPU tensors (the interpreter): the host check is free, and names the value (IndexError)."""
+    if target.device.type == "cpu" and _is_real(target):
+        check_target(target, num_classes, ignore_index)
+
+
+def _assert_targets_on_device(rows: torch.Tensor) -> None:
+    """A bad target stops the stream with a device-side assertion, as F.cross_entropy does.
+
+    The row kernel marks such a row with ``ls = +inf`` (no valid row has it:
+    ``ls`` lies in ``[0, log C]`` or is NaN). The assertion is queued like a
+    kernel, so the host never waits for it; it fires before anything reads
+    the row's class weight.
+    """
+    if rows.device.type != "cpu" and rows.shape[0] > 0:
+        bad = rows[:, RowCol.LS] == float("inf")
+        torch._assert_async(~bad.any(), BAD_TARGET_ASSERT_MSG)
 
 
 def _kernel(scheme: int, normalised: bool) -> Kernel:
@@ -173,9 +194,10 @@ def triton_rows(
     normalised: bool,
 ) -> torch.Tensor:
     _kernel(scheme, normalised)
-    if _is_real(target):
-        check_target(target, logits.shape[1], ignore_index)
-    return _rows_impl(logits, target, scheme, a, b, smooth_weight, ignore_index, normalised)
+    _check_targets_here(target, logits.shape[1], ignore_index)
+    rows = _rows_impl(logits, target, scheme, a, b, smooth_weight, ignore_index, normalised)
+    _assert_targets_on_device(rows)
+    return rows
 
 
 def triton_forward(
@@ -194,9 +216,9 @@ def triton_forward(
         raise ValueError(f"reduction must be 0 (none), 1 (mean) or 2 (sum), got {reduction}")
     spec = KernelSpec(_kernel(scheme, False), a, b, 1.0, Reduction(reduction), normalize, ignore_index)
     _kernel(scheme, spec.normalised)
-    if _is_real(target):
-        check_target(target, logits.shape[1], ignore_index)
+    _check_targets_here(target, logits.shape[1], ignore_index)
     rows = _rows_impl(logits, target, scheme, a, b, spec.smooth_weight(weight), ignore_index, spec.normalised)
+    _assert_targets_on_device(rows)
     return _finalize.finalize(rows, target, spec, weight, sample_weight)
 
 
