@@ -209,12 +209,12 @@ class Recipe:
         else:  # unit, scaled, offset
             z = normal(rows_n, c) * self.scale + self.offset
         target = torch.randint(0, c, (n,), generator=gen)
-        if self.explicit:
-            z, target = torch.tensor(self.explicit, dtype=F64), torch.tensor(self.targets)
         if self.boost and self.layout != "broadcast":
             easy = unif(n) < 0.5
             z.scatter_add_(1, target[:, None], (easy * self.boost).to(F64)[:, None])
         z = z.clamp(-fmax, fmax).to(dtype)  # the inputs, rounded: the float64 truth starts from these
+        if self.explicit:  # given as they are, infinities included
+            z, target = torch.tensor(self.explicit, dtype=F64).to(dtype), torch.tensor(self.targets)
         special = {"-inf": -INF, "+inf": INF, "nan": math.nan, "max": fmax, "-max": -fmax}
         for row, col, what in self.specials:
             row %= rows_n
@@ -1292,6 +1292,10 @@ KNOWN = {
     # 2. Non-finite inputs: a -inf target logit with label smoothing (F.cross_entropy: +inf).
     "label_smoothing_masked_target": Recipe(
         shape=(1, 4), explicit=((-INF, 0.5, -0.3, 1.2),), targets=(0,), label_smoothing=0.1
+    ),
+    # The target logit at -max instead: the float64 value is finite (~3.1e38).
+    "label_smoothing_target_at_-max": Recipe(
+        shape=(1, 4), explicit=((-_F32MAX, 0.5, -0.3, 1.2),), targets=(0,), label_smoothing=0.1
     ),
     # Two logits at float32 max with label smoothing: the float64 value is finite (~3.2e38).
     "label_smoothing_two_logits_at_max": Recipe(
