@@ -45,6 +45,14 @@ def sample_scale(
     return valid, s, cw
 
 
+def normalised_term(s, e, x, lw):
+    """A row's term ``s e x`` of the derivative-normalised value (schemes.h ``normalised_term``):
+    an infinite ``x`` keeps its infinity where ``e`` underflowed to 0 (any ``w > 0`` times inf
+    is inf, whatever precision this step runs in); only an exact ``w = 0`` gives NaN."""
+    keep = torch.isinf(x) & (lw > float("-inf")) & (e == 0)
+    return torch.where(keep, torch.where(s > 0, x, -x), s * e * x)
+
+
 def finalize(
     rows: torch.Tensor,
     target: torch.Tensor,
@@ -88,7 +96,7 @@ def finalize(
             e = torch.where(active, torch.exp(lw - m), zero)
         ok = denom != 0
         safe = torch.where(ok, denom, torch.ones_like(denom))
-        value = torch.where(ok, torch.where(active, s * e * x, zero).sum() / safe, zero)
+        value = torch.where(ok, torch.where(active, normalised_term(s, e, x, lw), zero).sum() / safe, zero)
         # G = 0 for a row with no finite non-target logit (SPEC §3); it still counts in D.
         coef = torch.where(ok & active & (row_max != float("-inf")), s * e / (2 * safe), zero)
         if across is not None:

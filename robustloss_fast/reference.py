@@ -70,7 +70,8 @@ def _log_weight(kernel_id: int, a: float, b: float, logp, logq, p, q) -> torch.T
         return t1 + t2
     # Loss-defined peers: log of w = 2q (-p L'(p)).
     if kernel_id == K.POLY:
-        return ln2 + logq + torch.log(a + b * p)
+        # a + b p from the smaller of p and q: exact as p -> 1 when b = -a, as p -> 0 when a = 0.
+        return ln2 + logq + torch.log(torch.where(p >= q, (a + b) - b * q, a + b * p))
     if kernel_id == K.FOCAL:
         # p >= q: w = 2 q^(g+1) (1 + g p (-log p) / q) in logs (q may underflow, log q does not);
         # p < q: w = 2 q^g (q - g p log p).
@@ -84,6 +85,14 @@ def _log_weight(kernel_id: int, a: float, b: float, logp, logq, p, q) -> torch.T
     raise ValueError(f"unknown kernel id {kernel_id}")
 
 
+def neglogp_minus_q(logp, q):
+    """-log p - q = sum_{k >= 2} q^k / k: the series below q = 1/4 (the difference cancels to q^2/2)."""
+    h = torch.full_like(q, 1.0 / 32)
+    for k in range(31, 1, -1):
+        h = 1.0 / k + q * h
+    return torch.where(q < 0.25, q * q * h, -logp - q)
+
+
 def loss_value(kernel_id: int, a: float, b: float, logp, logq, p, q) -> torch.Tensor:
     """L(p) of a loss-defined scheme, accurate as p -> 1."""
     if kernel_id == K.CCE:
@@ -95,7 +104,8 @@ def loss_value(kernel_id: int, a: float, b: float, logp, logq, p, q) -> torch.Te
     if kernel_id == K.GCE:
         return -torch.expm1(a * logp) / a
     if kernel_id == K.POLY:
-        return (torch.zeros_like(logp) if a == 0 else -a * logp) + b * q
+        # -a log p + b q = a (-log p - q) + (a + b) q, the first term without cancellation.
+        return (torch.zeros_like(logp) if a == 0 else a * neglogp_minus_q(logp, q)) + (a + b) * q
     if kernel_id == K.FOCAL:
         return -logp if a == 0 else -torch.exp(a * logq) * logp
     if kernel_id == K.TAYLOR:
@@ -260,6 +270,10 @@ def nfl_rows(a, b, z, y, valid, m, ls, logp, logq, p, q):
     return _pack_rows(valid, m_p, ls_p, torch.log(2 * gamma.abs()), x, alpha, beta, gamma)
 
 
+def _rounded(v: float, dtype: torch.dtype) -> float:
+    return float(torch.tensor(v, dtype=torch.float64).to(dtype))
+
+
 def rows(logits, target, spec: KernelSpec, u=None):
     """The op ``robust_ce_rows`` in tensor ops (checks the targets outside ``torch.compile``).
 
@@ -273,10 +287,13 @@ def rows(logits, target, spec: KernelSpec, u=None):
         check_target(target, logits.shape[1], spec.ignore_index)
     if spec.two_term and spec.normalised:
         raise ValueError(NORMALIZE_TWO_TERM_MSG)
-    kernel_id, a, b = spec.kernel, spec.a, spec.b
+    acc = acc_dtype(logits.dtype)
+    # The parameters as the kernels see them: rounded to the accumulation dtype
+    # (label_smoothing = 1e-134 is 0 in float32, and is then plain CE).
+    kernel_id, a, b = spec.kernel, _rounded(spec.a, acc), _rounded(spec.b, acc)
     valid = target != spec.ignore_index
     y = torch.where(valid, target, torch.zeros_like(target))
-    z = logits.to(acc_dtype(logits.dtype))
+    z = logits.to(acc)
     _, m, ls, logp, logq, p, q = row_probs(z, y)
     if spec.p_form:
         return nfl_rows(a, b, z, y, valid, m, ls, logp, logq, p, q)
@@ -321,7 +338,10 @@ def forward(logits, target, spec: KernelSpec, weight=None, sample_weight=None):
         denom = (s.abs() * e).sum()
         ok = denom != 0
         safe = torch.where(ok, denom, torch.ones_like(denom))
-        value = torch.where(ok, (torch.where(counts, s * e * x, zero)).sum() / safe, zero)
+        # An infinite x keeps its infinity where its weight underflowed (only an exact w = 0 gives NaN).
+        keep = torch.isinf(x) & (lw > -math.inf) & (e == 0)
+        terms = torch.where(keep, torch.where(s > 0, x, -x), s * e * x)
+        value = torch.where(ok, (torch.where(counts, terms, zero)).sum() / safe, zero)
         # G = 0 for a row with no finite non-target logit (SPEC §3); it still counts in D.
         coef = torch.where(ok & counts & (row_max != -math.inf), s * e / (2 * safe), zero)
         coefs = torch.stack([coef, torch.zeros_like(coef), -coef], dim=1)
@@ -361,7 +381,7 @@ def backward(grad, logits, target, stats, spec: KernelSpec, u=None):
     if spec.p_form:
         logP = shifted
         P = logP.exp()
-        _, h = focal_terms(spec.a, logP, P, -torch.expm1(logP))
+        _, h = focal_terms(_rounded(spec.a, acc), logP, P, -torch.expm1(logP))
         off = alpha[:, None] * P + beta[:, None] * h
     else:
         # r_y is excluded by selection, not by multiplying with 0: its exp may be inf.

@@ -699,6 +699,11 @@ class Truth:
     # For the invariants (one-term schemes): per-row expected L1 norm of the gradient, and which rows it binds.
     l1: Optional[torch.Tensor] = None
     l1_rows: Optional[torch.Tensor] = None
+    # Where a row's value, or a sum it is made of (label smoothing's and NCE's Lambda), lies past the
+    # accumulation dtype's range (spec §12.1): the value may read +-inf there (NaN where rows overflow
+    # to both signs) although the float64 result, a mean say, is representable. +1 / -1 / 0 per
+    # element of the value: the sign of the overflow, 2 where both signs overflow.
+    overflow: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -834,10 +839,13 @@ def truth(prob: Problem) -> Optional[Truth]:
     l1 = l1_rows = None
     terms = coef = None
 
+    acc_max = torch.finfo(acc_dtype(prob.dtype)).max
+    over_row = torch.zeros(n, dtype=torch.bool)
     if prob.normalised:  # spec §5.3, in the log domain
         lw = ot.log_w(logp, logq, p, q, dd)
         x = -logp
         act = counting & ~bad
+        over_row = act & (x.abs() > acc_max)
         if bool((counting & bad).any()):  # a counting NaN row makes M and D NaN (spec §12.2)
             value = torch.tensor(math.nan, dtype=F64)
             vscale = torch.tensor(0.0, dtype=F64)
@@ -882,6 +890,11 @@ def truth(prob: Problem) -> Optional[Truth]:
             x, parts = two_term_loss(prob, zs, rf_.y, rf_.onehot, d, rf_.masked_target)
             f = torch.where(rf_.fin | rf_.masked_target, x, zero)
             x = x.detach()
+            # Lambda = sum_k u_k (-log P_k): its size, whatever the scheme makes of it.
+            nls_d = parts[1].detach()
+            lam_size = torch.where(torch.isfinite(nls_d), nls_d.abs(), 0.0).sum(1)
+            u_max = 1.0 if prob.weight is None else float(class_weight(prob).abs().max())
+            over_row = counting & ~bad & (lam_size * max(u_max, 1.0) > acc_max)
         x = torch.where(bad, nan, x)
         scale = s
         big_d = 1.0
@@ -889,6 +902,7 @@ def truth(prob: Problem) -> Optional[Truth]:
             big_d = float(torch.where(valid, rf_.cw, zero).sum())
             scale = s / big_d if big_d != 0 else zero
         sx = torch.where(counting, s * x, zero)
+        over_row = over_row | (counting & ~bad & torch.isfinite(sx) & ((s * x).abs() > acc_max))
         if prob.reduction == "none":
             value, vscale = sx, sx.abs()
         elif big_d == 0:
@@ -921,7 +935,15 @@ def truth(prob: Problem) -> Optional[Truth]:
     if terms is not None:
         grad_scale = torch.maximum(finite, torch.where(torch.isfinite(terms), terms, 0.0))
         grad_atol = 2 * tiny * torch.where(torch.isfinite(coef), coef, 0.0)[:, None]
-    return Truth(value.detach(), grad.detach(), grow_free, vscale.detach(), grad_scale, grad_atol, rtol, l1, l1_rows)
+    sign = torch.sign(torch.where(over_row, s * torch.where(torch.isfinite(x), x, 0.0), zero))
+    sign = torch.where(over_row & (sign == 0), 1.0, sign)
+    if value.dim() == 0:
+        signs = set(sign[over_row].tolist())
+        overflow = torch.tensor(0.0 if not signs else (2.0 if len(signs) > 1 else signs.pop()), dtype=F64)
+    else:
+        overflow = sign
+    return Truth(value.detach(), grad.detach(), grow_free, vscale.detach(), grad_scale, grad_atol, rtol, l1, l1_rows,
+                 overflow)  # fmt: skip
 
 
 def term_scale(surrogate, parts, onehot):
@@ -1047,6 +1069,11 @@ def check_against_float64(name: str, prob: Problem, recipe=None):
     assert out.value_dtype == acc, f"(a) loss dtype {out.value_dtype}, spec §6.1 says {acc}\n{head}"
     assert out.grad_dtype == prob.dtype, f"(a) gradient dtype {out.grad_dtype} != input {prob.dtype}\n{head}"
     bad, tol = mismatches(out.value, tru.value, None, tru.rtol, tru.value_scale, acc)
+    if tru.overflow is not None:  # spec §12.1: past the range the value may read as its limit
+        ov = tru.overflow
+        allowed = ((ov == 1) & torch.isposinf(out.value)) | ((ov == -1) & torch.isneginf(out.value))
+        allowed = allowed | ((ov == 2) & ~torch.isfinite(out.value))
+        bad = bad & ~allowed
     ok = not bool(bad.any())
     assert ok, _describe("(a) value vs float64", bad, out.value, tru.value, tol) + "\n" + head
     free = tru.grad_free[:, None].expand_as(tru.grad)

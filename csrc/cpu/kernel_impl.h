@@ -172,14 +172,15 @@ inline LseParts<acc_t> lse_non_target(const scalar_t* row, int64_t c, int64_t y)
   return lse_parts(m, reduce_sum(vsum), false);
 }
 
-// sum_k u_k (z_y - z_k) over the whole row, the two-term schemes' extra
-// reduction (u = 1 when u == nullptr). A class with u_k = 0 adds 0 even when
-// masked (0 * inf would be NaN); lanes past the end read as z_y and add 0.
+// sum_k u_k (ref - z_k) over the whole row, the two-term schemes' extra
+// reduction (u = 1 when u == nullptr), ref = schemes.h's spread_ref. A class
+// with u_k = 0 adds 0 even when masked (0 * inf would be NaN); lanes past the
+// end read as ref and add 0.
 template <typename scalar_t, typename acc_t>
-inline acc_t spread_sum(const scalar_t* row, int64_t c, acc_t z_y, const acc_t* u) {
+inline acc_t spread_sum(const scalar_t* row, int64_t c, acc_t ref, const acc_t* u) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t K = Vec::size();
-  const Vec vy(z_y), zero(acc_t(0));
+  const Vec vy(ref), zero(acc_t(0));
   Vec a0(acc_t(0)), a1(acc_t(0));
   auto term = [&](const Vec& z, const acc_t* uj, int64_t count) {
     Vec d = vy - z;
@@ -294,8 +295,9 @@ void rows_typed(const RowsArgs& args) {
         g = nfl_row<acc_t>(a, b, pr, sum_F, sum_h);
         lw = two_term_log_weight(g);
       } else if (two_term) {
-        const acc_t spread = spread_sum<scalar_t, acc_t>(row, args.c, z_y, u);
-        g = two_term_row<acc_t>(args.scheme, a, b, pr, spread, U, u ? u[y] : acc_t(1), static_cast<acc_t>(args.c));
+        const acc_t spread = spread_sum<scalar_t, acc_t>(row, args.c, spread_ref(nt, z_y), u);
+        const acc_t lambda = two_term_lambda(pr, nt, z_y, spread, U);
+        g = two_term_row<acc_t>(args.scheme, a, b, pr, lambda, U, u ? u[y] : acc_t(1), static_cast<acc_t>(args.c));
         lw = two_term_log_weight(g);
       } else {
         lw = log_weight<acc_t>(args.scheme, a, b, pr);

@@ -87,9 +87,10 @@ void finalize(const at::Tensor& rows_t, const at::Tensor& target_t, const c10::o
         if (s == 0.0) continue;
         // exp in the accumulator type (expf for float input: several times
         // cheaper than exp in double, and as exact as the row statistics).
-        const double se = s * static_cast<double>(std::exp(static_cast<acc_t>(row(i, kRowLogW) - static_cast<acc_t>(m))));
+        const double e = static_cast<double>(std::exp(static_cast<acc_t>(row(i, kRowLogW) - static_cast<acc_t>(m))));
+        const double se = s * e;
         denom += std::fabs(se);
-        num += se * static_cast<double>(row(i, kRowX));
+        num += normalised_term(s, e, static_cast<double>(row(i, kRowX)), static_cast<double>(row(i, kRowLogW)));
         stat(i, kStatAlpha) = static_cast<acc_t>(se);
       }
     }

@@ -206,8 +206,8 @@ __device__ __forceinline__ Lse<acc_t> lse_warp_reduce(Lse<acc_t> v) {
   return v;
 }
 
-// The sum pair of the two-term schemes' second pass: spread = sum_k u_k (z_y
-// - z_k) and U = sum_k u_k (U only with a smooth weight: else it is C); for
+// The sum pair of the two-term schemes' second pass: spread = sum_k u_k (M
+// - z_k) (schemes.h: spread_ref) and U = sum_k u_k (U only with a smooth weight: else it is C); for
 // NFL, (sum F_k, sum h_k) over the non-target classes.
 template <typename acc_t>
 struct Spread {

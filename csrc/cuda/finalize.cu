@@ -121,7 +121,8 @@ __global__ void __launch_bounds__(kFinBlock) partials_kernel(const FinParams<acc
         if (!r.valid || r.s == 0.0) continue;
         const double e = exp(static_cast<double>(p.rows[kRowCols * i + kRowLogW]) - m);
         d += fabs(r.s) * e;
-        num += r.s * e * static_cast<double>(p.rows[kRowCols * i + kRowX]);
+        num += normalised_term(r.s, e, static_cast<double>(p.rows[kRowCols * i + kRowX]),
+                               static_cast<double>(p.rows[kRowCols * i + kRowLogW]));
       }
     }
     d = block_sum(d, buf);

@@ -13,7 +13,8 @@
 // merged by a fixed shuffle tree (and, for a block, a fixed tree through
 // shared memory). Two-term schemes (label smoothing, NCE/APL; their own kernel
 // instantiations) take a second pass of the same shape over the whole row for
-// spread = sum_k u_k (z_y - z_k) and U = sum_k u_k (SPEC §8.2), merged by the
+// spread = sum_k u_k (M - z_k) and U = sum_k u_k (SPEC §8.2), M the row's
+// largest logit handed from lane 0 (schemes.h: spread_ref), merged by the
 // same trees. NFL (its own instantiation too) first hands the row's lse =
 // nfl_lse(z_y, lse_nt), both its parts, from lane 0 to the group (shuffles, or
 // shared memory for a block), then its second pass sums the focal terms (F_k, h_k) of the
@@ -68,21 +69,22 @@ __device__ __forceinline__ void lse_row_share(Lse<acc_t>& st, const T* row, int6
       });
 }
 
-// This thread's share of (spread, U) over the whole row, target included (as
+// This thread's share of (spread, U) over the whole row, target included, the
+// spread taken from ref = schemes.h's spread_ref (as
 // the CPU kernel: its term is 0 for a finite z_y). A class with u_k = 0 adds 0
 // even when masked (0 * inf would be NaN). u is read one element at a time:
 // its alignment is not the row's.
 template <typename T, int TPR, typename acc_t>
-__device__ __forceinline__ void spread_row_share(Spread<acc_t>& st, const T* row, int64_t c, acc_t z_y,
+__device__ __forceinline__ void spread_row_share(Spread<acc_t>& st, const T* row, int64_t c, acc_t ref,
                                                  const acc_t* u, int lane) {
   constexpr int K = Pack<T>::kVec;
   auto add = [&](int64_t j, acc_t z) {
     if (u == nullptr) {
-      st.s += z_y - z;
+      st.s += ref - z;
     } else {
       const acc_t w = u[j];
       st.u += w;
-      if (w != acc_t(0)) st.s += w * (z_y - z);
+      if (w != acc_t(0)) st.s += w * (ref - z);
     }
   };
   row_share<T, TPR>(
@@ -179,7 +181,7 @@ __global__ void __launch_bounds__(BLOCK) rows_kernel(const RowsParams<T> p) {
   constexpr int kSmem = TPR > 32 ? BLOCK / 32 : 1;
   __shared__ Lse<acc_t> smem[kSmem];
   __shared__ Spread<acc_t> smem_spread[kSmem];
-  __shared__ acc_t smem_lse[2];  // NFL, block layouts: the row's lse (m, ls) for every thread
+  __shared__ acc_t smem_lse[2];  // block layouts: NFL's lse (m, ls), the spread's reference, for every thread
   const int lane = static_cast<int>(threadIdx.x) % TPR;
   const int group = static_cast<int>(threadIdx.x) / TPR;
 
@@ -208,7 +210,15 @@ __global__ void __launch_bounds__(BLOCK) rows_kernel(const RowsParams<T> p) {
     LseParts<acc_t> lse{acc_t(0), acc_t(0)};  // NFL: the row's logsumexp over all classes
     if constexpr (PASS != kNoPass) {
       if constexpr (PASS == kSpreadPass) {
-        if (work) spread_row_share<T, TPR>(sp, row, p.c, static_cast<acc_t>(row[y]), p.u, lane);
+        // The merged state is lane 0's (block layouts: thread 0's): it hands the
+        // spread's reference to the group, as NFL's pass below hands its lse.
+        acc_t ref = acc_t(0);
+        if (lane == 0 && work) {
+          const acc_t z_y = static_cast<acc_t>(row[y]);
+          ref = spread_ref(nt_of(st, z_y), z_y);
+        }
+        ref = group_broadcast<TPR>(ref, smem_lse);
+        if (work) spread_row_share<T, TPR>(sp, row, p.c, ref, p.u, lane);
       } else {
         LseParts<acc_t> head{acc_t(0), acc_t(0)};
         if (lane == 0 && work) {
@@ -249,7 +259,8 @@ __global__ void __launch_bounds__(BLOCK) rows_kernel(const RowsParams<T> p) {
           lw = two_term_log_weight(g);
         } else if constexpr (PASS == kSpreadPass) {
           const acc_t U = p.u ? sp.u : static_cast<acc_t>(p.c);
-          g = two_term_row<acc_t>(p.scheme, p.a, p.b, pr, sp.s, U, p.u ? p.u[y] : acc_t(1), static_cast<acc_t>(p.c));
+          const acc_t lambda = two_term_lambda(pr, nt, z_y, sp.s, U);
+          g = two_term_row<acc_t>(p.scheme, p.a, p.b, pr, lambda, U, p.u ? p.u[y] : acc_t(1), static_cast<acc_t>(p.c));
           lw = two_term_log_weight(g);
         } else {
           lw = log_weight<acc_t>(p.scheme, p.a, p.b, pr);

@@ -141,6 +141,41 @@ RL_HD RowProb<T> row_prob(T z_y, LseParts<T> nt) {
   return r;
 }
 
+// a + b p, the Poly formula's factor of w = 2q (a + b p), from the smaller of p
+// and q: as (a + b) - b q for p >= 1/2, exact as p -> 1 when b = -a (Poly-1
+// with epsilon = -1, whose factor is q); directly for p < 1/2, exact as
+// p -> 0 when a = 0 (RCE, whose factor is b p).
+template <typename T>
+RL_HD T poly_factor(T a, T b, const RowProb<T>& r) {
+  return r.p >= r.q ? (a + b) - b * r.q : a + b * r.p;
+}
+
+// -log p - q = sum_{k >= 2} q^k / k >= 0. Formed directly it cancels to q^2/2
+// as p -> 1 (Poly-1 with epsilon = -1 is all of it), so for q < 1/4 the series
+// is summed instead, to the type's precision (0.25^14 < float's epsilon,
+// 0.25^30 < double's); above, the subtraction loses at most 3 bits.
+template <typename T>
+RL_HD T neglogp_minus_q(const RowProb<T>& r) {
+  if (!(r.q < T(0.25))) return -r.logp - r.q;  // NaN too
+  constexpr int kTerms = sizeof(T) == 4 ? 16 : 32;
+  T h = T(1) / T(kTerms);
+  for (int k = kTerms - 1; k >= 2; --k) h = T(1) / T(k) + r.q * h;
+  return r.q * r.q * h;
+}
+
+// A row's term s e x of the derivative-normalised value (SPEC §5.3), e its
+// normalised weight. An infinite x (-log p of a masked target) keeps its
+// infinity even where e underflowed to 0 in the accumulation type: any
+// weight w > 0 times +inf is +inf, so the value's limit does not depend on
+// the precision the cross-row step runs in; only an exact w = 0 (log w =
+// -inf) gives 0 * inf = NaN.
+template <typename T>
+RL_HD T normalised_term(T s, T e, T x, T logw) {
+  const T inf = std::numeric_limits<T>::infinity();
+  if ((x == inf || x == -inf) && logw > -inf && e == T(0)) return s > T(0) ? x : -x;  // s != 0: it counts
+  return s * e * x;
+}
+
 // log w(p): the log of the emphasis. Normalised weights are a softmax over the
 // batch of these, so they never overflow (SPEC §5).
 template <typename T>
@@ -171,7 +206,7 @@ RL_HD T log_weight(int64_t id, T a, T b, const RowProb<T>& r) {
     case kDMBeta:
       return (a == T(1) ? T(0) : (a - T(1)) * r.logp) + (b == T(1) ? T(0) : (b - T(1)) * r.logq);
     case kPoly:
-      return ln2 + r.logq + log(a + b * r.p);
+      return ln2 + r.logq + log(poly_factor(a, b, r));
     case kFocal: {
       if (r.p >= r.q) {
         // w = 2 q^(g+1) (1 + g p (-log p) / q), all in logs: q underflows at
@@ -205,7 +240,8 @@ RL_HD T loss_value(int64_t id, T a, T b, const RowProb<T>& r) {
     case kGCE:
       return -expm1(a * r.logp) / a;
     case kPoly:
-      return (a == T(0) ? T(0) : -a * r.logp) + b * r.q;
+      // -a log p + b q = a (-log p - q) + (a + b) q: the first term without cancellation.
+      return (a == T(0) ? T(0) : a * neglogp_minus_q(r)) + (a + b) * r.q;
     case kFocal:
       return a == T(0) ? -r.logp : -exp(a * r.logq) * r.logp;
     case kTaylor: {
@@ -248,19 +284,34 @@ struct RowGrad {
   T x, alpha, beta, gamma;
 };
 
+// The reference the spread is taken from: the row's largest finite logit, the
+// target's included (M = max(m, z_y); z_y where no non-target logit is finite).
+template <typename T>
+RL_HD T spread_ref(LseParts<T> nt, T z_y) {
+  return z_y > nt.m ? z_y : nt.m;
+}
+
+// Lambda = sum_k u_k (-log P_k) (SPEC §8.2) from spread = sum_k u_k (M - z_k),
+// M = spread_ref: with lseM = log sum_j exp(z_j - M) in [0, log C],
+// -log P_k = (M - z_k) + lseM, so Lambda = spread + U lseM is a sum of
+// non-negative terms: no cancellation, and no overflow before Lambda itself
+// leaves the float range. lseM is -log p where the target is the max, else
+// ls - log q (both exact). A masked class with u_k > 0 (the target's too)
+// makes the spread, and Lambda, +inf.
+template <typename T>
+RL_HD T two_term_lambda(const RowProb<T>& r, LseParts<T> nt, T z_y, T spread, T U) {
+  const T lse_m = z_y > nt.m ? -r.logp : nt.ls - r.logq;
+  return spread + (U == T(0) ? T(0) : U * lse_m);
+}
+
 // A two-term scheme's row. For L(p, Lambda) with Lambda = sum_k u_k (-log P_k),
 // a = p dL/dp and l = dL/dLambda (U = sum_k u_k):
 //   alpha = q (U l - a),  beta = -l,  gamma = q a + l (U p - u_y),
 // from dp/dz_j = p (e_y - P)_j, dLambda/dz_j = U P_j - u_j and P_j = q r_j.
-// `spread` = sum_k u_k (z_y - z_k), so Lambda = U (-log p) + spread exactly
-// (-log P_k = -log p + z_y - z_k): +inf when a class with u_k > 0 is masked.
+// `lambda` comes from two_term_lambda.
 template <typename T>
-RL_HD RowGrad<T> two_term_row(int64_t id, T a, T b, const RowProb<T>& r, T spread, T U, T u_y, T num_classes) {
-  const T inf = std::numeric_limits<T>::infinity();
+RL_HD RowGrad<T> two_term_row(int64_t id, T a, T b, const RowProb<T>& r, T lambda, T U, T u_y, T num_classes) {
   const T nlp = -r.logp;
-  // A masked target (p = 0) would read Lambda through the spread as inf - inf;
-  // its limit, and F.cross_entropy's value there, is +inf (spec §12).
-  const T lambda = nlp == inf ? inf : U * nlp + spread;
   RowGrad<T> g;
   if (id == kCCELS) {
     // PyTorch's label smoothing: (1 - eps) u_y CE + (eps / C) sum_k u_k (-log P_k).
@@ -375,7 +426,7 @@ RL_HD T half_weight(int64_t id, T a, T b, T logw, const RowProb<T>& r) {
     case kGCE:
       return exp(a * r.logp) * r.q;
     case kPoly:
-      return r.q * (a + b * r.p);
+      return r.q * poly_factor(a, b, r);
     case kTaylor:
       return -r.q * expm1(a * r.logq);
     default:

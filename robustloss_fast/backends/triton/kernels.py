@@ -179,7 +179,9 @@ def _log_weight(logp, logq, p, q, a, b, SCHEME: tl.constexpr):
         t2 = tl.where(b == 1.0, 0.0, (b - 1.0) * logq)
         lw = t1 + t2
     elif SCHEME == _POLY:  # Poly (Poly-1, RCE, SCE): L = -a log p + b q, w = 2q (a + b p)
-        lw = _LN2 + logq + tl.log(a + b * p)
+        # a + b p from the smaller of p and q (schemes.h ``poly_factor``): exact as p -> 1
+        # when b = -a (Poly-1 with epsilon = -1) and as p -> 0 when a = 0 (RCE).
+        lw = _LN2 + logq + tl.log(tl.where(p >= q, (a + b) - b * q, a + b * p))
     elif SCHEME == _FOCAL:  # Focal(gamma = a)
         # p >= q: w = 2 q^(g+1) (1 + g p (-log p) / q) in logs (q may underflow, log q does not);
         # p < q: w = 2 q^g (q - g p log p), p log p -> 0 at p = 0.
@@ -214,7 +216,8 @@ def _row_x(lw, logp, logq, q, a, b, SCHEME: tl.constexpr, NORMALISED: tl.constex
     elif SCHEME == _GCE:
         x = -_expm1(a * logp) / a
     elif SCHEME == _POLY:
-        x = tl.where(a == 0.0, 0.0, -a * logp) + b * q
+        # -a log p + b q = a (-log p - q) + (a + b) q: the first term without cancellation.
+        x = tl.where(a == 0.0, 0.0, a * _neglogp_minus_q(logp, q)) + (a + b) * q
     elif SCHEME == _FOCAL:
         x = tl.where(a == 0.0, -logp, -tl.exp(a * logq) * logp)
     elif SCHEME == _TAYLOR:
@@ -229,17 +232,30 @@ def _row_x(lw, logp, logq, q, a, b, SCHEME: tl.constexpr, NORMALISED: tl.constex
 
 
 @triton.jit
-def _two_term_row(logp, p, q, spread, U, u_y, n_classes, a, b, SCHEME: tl.constexpr):
+def _neglogp_minus_q(logp, q):
+    """-log p - q = sum_{k >= 2} q^k / k (schemes.h ``neglogp_minus_q``).
+
+    Formed directly it cancels to q^2/2 as p -> 1, so for q < 1/4 the series is
+    summed (30 terms: 0.25^30 is below double's epsilon); above, the subtraction
+    loses at most 3 bits.
+    """
+    h = tl.zeros_like(q) + 1.0 / 32.0
+    k = tl.zeros_like(q) + 31.0  # the divisor in q's dtype (float64 keeps its 1/k exact)
+    for _ in range(0, 30):
+        h = 1.0 / k + q * h
+        k -= 1.0
+    return tl.where(q < 0.25, q * q * h, -logp - q)
+
+
+@triton.jit
+def _two_term_row(logp, p, q, lam, U, u_y, n_classes, a, b, SCHEME: tl.constexpr):
     """(x, alpha, beta, gamma) of a two-term scheme (schemes.h ``two_term_row``).
 
-    With Lambda = sum_k u_k (-log P_k) = U (-log p) + spread, A = p dL/dp and
+    With Lambda = sum_k u_k (-log P_k) (``lam``, see rows_kernel), A = p dL/dp and
     l = dL/dLambda: alpha = q (U l - A), beta = -l, gamma = q A + l (U p - u_y).
     """
     tl.static_assert(SCHEME == _CCE_LS or SCHEME == _NCE, "not a two-term scheme id with the spread")
     nlp = -logp
-    # A masked target (p = 0) would read Lambda through the spread as inf - inf;
-    # its limit, and F.cross_entropy's value there, is +inf (spec §12).
-    lam = tl.where(nlp == float("inf"), float("inf"), U * nlp + spread)
     if SCHEME == _CCE_LS:  # label smoothing: (1 - eps) u_y (-log p) + (eps / C) Lambda, eps = a
         sm = a / n_classes
         hard = (1.0 - a) * u_y
@@ -374,24 +390,11 @@ def rows_kernel(
     m = tl.full([BLOCK_N], float("-inf"), acc)
     s = tl.zeros([BLOCK_N], acc)
     bad = tl.zeros([BLOCK_N], tl.int32)
-    # Two-term schemes: spread = sum_k u_k (z_y - z_k) over every class and U = sum_k u_k.
-    spread = tl.zeros([BLOCK_N], acc)
-    U = tl.sum(tl.zeros([BLOCK_C], acc), axis=0)
     for start in range(0, n_cols, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C).to(tl.int64)
         col_ok = cols < n_cols
         mask = live[:, None] & col_ok[None, :]
         z = tl.load(row_base[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(acc)
-        if SPREAD:
-            diff = z_y[:, None] - z
-            if HAS_U:
-                u = tl.load(u_ptr + cols, mask=col_ok, other=0.0).to(acc)
-                U += tl.sum(u, axis=0)
-                # u_k = 0 adds 0 even for a masked class (0 * inf would be NaN).
-                term = tl.where(mask & (u[None, :] != 0.0), u[None, :] * diff, 0.0)
-            else:
-                term = tl.where(mask, diff, 0.0)
-            spread += tl.sum(term, axis=1)
         non_target = cols[None, :] != y_safe[:, None]
         not_finite_above = (z != z) | (z == float("inf"))
         bad = tl.maximum(bad, tl.max((not_finite_above & non_target).to(tl.int32), axis=1))
@@ -431,12 +434,35 @@ def rows_kernel(
         m = m_p  # columns 0-1 hold lse (P-form)
         ls = ls_p
     elif SPREAD:
+        # Lambda = sum_k u_k (-log P_k) = spread + U lseM with spread = sum_k u_k (M - z_k),
+        # M = max(m, z_y) and lseM = log sum_j exp(z_j - M) in [0, log C] (schemes.h
+        # two_term_lambda): non-negative terms, no cancellation. A second pass over the
+        # row, since M is known only now. U = sum_k u_k.
+        ref = tl.where(z_y > m, z_y, m)
+        spread = tl.zeros([BLOCK_N], acc)
+        U = tl.sum(tl.zeros([BLOCK_C], acc), axis=0)
+        for start in range(0, n_cols, BLOCK_C):
+            cols = start + tl.arange(0, BLOCK_C).to(tl.int64)
+            col_ok = cols < n_cols
+            mask = live[:, None] & col_ok[None, :]
+            z = tl.load(row_base[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(acc)
+            diff = ref[:, None] - z
+            if HAS_U:
+                u = tl.load(u_ptr + cols, mask=col_ok, other=0.0).to(acc)
+                U += tl.sum(u, axis=0)
+                # u_k = 0 adds 0 even for a masked class (0 * inf would be NaN).
+                term = tl.where(mask & (u[None, :] != 0.0), u[None, :] * diff, 0.0)
+            else:
+                term = tl.where(mask, diff, 0.0)
+            spread += tl.sum(term, axis=1)
         if HAS_U:
             u_y = tl.load(u_ptr + y_safe, mask=live, other=0.0).to(acc)
         else:
             U = tl.cast(n_cols, acc)
             u_y = tl.full([BLOCK_N], 1.0, acc)
-        x, g_alpha, g_beta, g_gamma = _two_term_row(logp, p, q, spread, U, u_y, tl.cast(n_cols, acc), a, b, SCHEME)
+        lse_m = tl.where(z_y > m, -logp, ls - logq)
+        lam = spread + tl.where(U == 0.0, 0.0, U * lse_m)
+        x, g_alpha, g_beta, g_gamma = _two_term_row(logp, p, q, lam, U, u_y, tl.cast(n_cols, acc), a, b, SCHEME)
         # log w = twice the target's gradient magnitude (= w for a one-term scheme).
         lw = tl.log(2.0 * tl.abs(g_gamma))
     else:
