@@ -8,6 +8,9 @@ Environment that must be set before torch/Triton are imported lives here:
   do not cover the Python source of our custom ops' fake kernels and autograd
   rules, so a cache written before an op's signature changed would serve the
   old graph ("missing value for argument 'scheme'").
+
+The ``backend`` fixture runs a test once per registered backend, on that
+backend's device (tests/_backends.py); the backend suite is built on it.
 """
 
 import os
@@ -39,3 +42,17 @@ def pytest_runtest_makereport(item, call):
         for key, value in item.user_properties:
             if key == "seed":
                 print(f"\n[robustloss_fast] torch seed for {item.nodeid}: {value}")
+
+
+# Imported here, after TRITON_INTERPRET is set: it imports the backends.
+from _backends import PARAMS as _BACKEND_PARAMS  # noqa: E402
+
+
+@pytest.fixture(params=_BACKEND_PARAMS)
+def backend(request):
+    """Every registered backend on its own device (tests/_backends.py): an ``OnDevice``.
+
+    A test that takes this fixture runs once per backend; one that
+    parametrises ``backend`` itself (a list of names) overrides it.
+    """
+    return request.param

@@ -9,6 +9,8 @@ from robustloss_fast import schemes
 from robustloss_fast._common import ROW_COLS
 from robustloss_fast.linear import LinearRobustCrossEntropyLoss, linear_robust_cross_entropy
 
+from _backends import thin
+
 ALL_SCHEMES = [
     schemes.CCE(),
     schemes.MAE(),
@@ -23,15 +25,16 @@ ALL_SCHEMES = [
 BACKENDS = ["torch"] + (["cpu"] if "cpu" in rf.available_backends() else [])
 
 
-def _inputs(n, h, v, dtype, *, bias=True, extras=True):
-    hidden = torch.randn(n, h, dtype=torch.float64).to(dtype).requires_grad_()
-    weight = (torch.randn(v, h, dtype=torch.float64) / h**0.5).to(dtype).requires_grad_()
-    b = torch.randn(v, dtype=torch.float64).to(dtype).requires_grad_() if bias else None
+def _inputs(n, h, v, dtype, *, bias=True, extras=True, device="cpu"):
+    """Drawn on the CPU, then moved to ``device`` (the same numbers on every device)."""
+    hidden = torch.randn(n, h, dtype=torch.float64).to(dtype).to(device).requires_grad_()
+    weight = (torch.randn(v, h, dtype=torch.float64) / h**0.5).to(dtype).to(device).requires_grad_()
+    b = torch.randn(v, dtype=torch.float64).to(dtype).to(device).requires_grad_() if bias else None
     target = torch.randint(0, v, (n,))
     target[torch.rand(n) < 0.2] = -100
     cw = torch.rand(v, dtype=torch.float64) + 0.5 if extras else None
     sw = torch.randn(n, dtype=torch.float64) if extras else None
-    return hidden, weight, b, target, cw, sw
+    return hidden, weight, b, target.to(device), None if cw is None else cw.to(device), None if sw is None else sw.to(device)
 
 
 def _materialised(hidden, weight, bias, target, scheme, cw, sw, **kw):
@@ -59,17 +62,17 @@ def _close(got, want, rtol, atol):
         torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("grad_in_forward", [None, False])
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("scheme", ALL_SCHEMES, ids=repr)
-def test_parity_every_scheme_float64(scheme, reduction, grad_in_forward, backend):
+def test_parity_every_scheme_float64(backend, scheme):
+    # Every registered backend on its own device (the ``backend`` fixture, tests/_backends.py).
     # N = 23 rows in chunks of 5 (the last chunk is short), ignored rows,
     # class and (signed) sample weights, bias, random upstream gradient.
-    hidden, weight, bias, target, cw, sw = _inputs(23, 7, 11, torch.float64)
-    got, want = _both(hidden, weight, bias, target, scheme, cw, sw, lambda r: torch.randn_like(r),
-                      reduction=reduction, chunk_size=5, grad_in_forward=grad_in_forward, backend=backend)
-    _close(got, want, rtol=1e-9, atol=1e-12)
+    combos = [(r, gif) for r in ("mean", "sum", "none") for gif in (None, False)]
+    for reduction, grad_in_forward in thin(combos, backend, 2, ALL_SCHEMES.index(scheme)):
+        hidden, weight, bias, target, cw, sw = _inputs(23, 7, 11, torch.float64, device=backend.device)
+        got, want = _both(hidden, weight, bias, target, scheme, cw, sw, lambda r: torch.randn_like(r),
+                          reduction=reduction, chunk_size=5, grad_in_forward=grad_in_forward, backend=backend.name)
+        _close(got, want, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("normalize", [True, False])
@@ -277,15 +280,14 @@ def test_compile_fullgraph_with_ignored_targets(grad_in_forward):
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.skipif("triton" not in rf.available_backends(), reason="Triton is not importable here")
 @pytest.mark.parametrize("grad_in_forward", [None, False])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_parity_triton_backend(reduction, grad_in_forward):
-    # On CPU this runs the Triton kernels under the interpreter (conftest sets
-    # TRITON_INTERPRET=1 without a GPU): tiny sizes, the same contract.
-    hidden, weight, bias, target, cw, sw = _inputs(11, 4, 9, torch.float32)
+def test_parity_float32_every_backend(backend, reduction, grad_in_forward):
+    # Each backend's tensors on the device the registry gives it: Triton's on CUDA with a GPU, on
+    # the CPU under its interpreter (conftest sets TRITON_INTERPRET=1 without one): tiny sizes.
+    hidden, weight, bias, target, cw, sw = _inputs(11, 4, 9, torch.float32, device=backend.device)
     got, want = _both(hidden, weight, bias, target, schemes.DM(), cw, sw, lambda r: torch.randn_like(r),
-                      reduction=reduction, chunk_size=4, grad_in_forward=grad_in_forward, backend="triton")
+                      reduction=reduction, chunk_size=4, grad_in_forward=grad_in_forward, backend=backend.name)
     _close(got, want, rtol=2e-5, atol=2e-6)
 
 

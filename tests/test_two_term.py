@@ -1,10 +1,10 @@
 """Peer losses of the whole distribution: label smoothing, NCE and APL (issue 7).
 
-Their gradient has a second term (``alpha r + beta u`` off the target), so
-besides the parity with the float64 reference they are checked against their
-definitions written in plain autograd, and label smoothing against PyTorch's
-own ``F.cross_entropy(label_smoothing=...)``, with every ``weight`` /
-``ignore_index`` / ``reduction`` / shape convention.
+Their gradient has a second term (``alpha r + beta u`` off the target). Their
+parity with the float64 reference, with their definitions written in autograd
+and with ``F.cross_entropy(label_smoothing=...)`` runs on every backend in the
+backend suite (tests/test_backends.py). Here: gradcheck, their limits, the
+module, errors and defaults, torch.compile, the fused linear layer and the CLI.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import robustloss_fast as rf
 from robustloss_fast import backends
 from robustloss_fast.schemes import APL, CCE, DM, MAE, NCE, NFL
 
-from test_parity import DTYPES, IGNORE, SHAPES, acc_of, acc_rtol, assert_near, make_case
+from _cases import IGNORE
 
 BACKENDS = [b for b in ("torch", "cpu") if backends.unavailable_reason(b) is None]
 TWO_TERM = [
@@ -53,75 +53,7 @@ def _upstream(target, reduction):
 
 
 # ---------------------------------------------------------------------------
-# label smoothing == F.cross_entropy
-
-
-SMOOTH_SHAPES = [((13, 7), (13,)), ((9,), ()), ((4, 5, 3, 2), (4, 3, 2)), ((6, 1), (6,)), ((3, 1000), (3,))]
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("eps", [0.05, 0.3, 1.0])
-def test_label_smoothing_equals_torch_float64(eps, reduction, backend):
-    for shape, tshape in SMOOTH_SHAPES:
-        c = shape[0] if len(shape) == 1 else shape[1]
-        for with_weight in (False, True):
-            logits = torch.randn(shape, dtype=torch.float64) * 3
-            target = torch.randint(0, c, tshape)
-            if target.dim() > 0:
-                target.view(-1)[0] = IGNORE
-            weight = torch.rand(c, dtype=torch.float64) + 0.2 if with_weight else None
-            upstream = _upstream(target, reduction)
-            x = logits.clone().requires_grad_()
-            want = F.cross_entropy(x, target, weight=weight, reduction=reduction, label_smoothing=eps)
-            (want_g,) = torch.autograd.grad(want, x, upstream)
-            v, g = _run(backend, logits, target, CCE(), reduction, upstream, weight, label_smoothing=eps)
-            what = f"{shape} weight={with_weight}"
-            torch.testing.assert_close(v, want.detach(), rtol=1e-10, atol=1e-12, msg=f"value {what}")
-            torch.testing.assert_close(g, want_g, rtol=1e-10, atol=1e-12, msg=f"grad {what}")
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=_id)
-def test_label_smoothing_equals_torch_low_precision(dtype, backend):
-    """Against F.cross_entropy in float64 on the same rounded logits (torch's own low-precision path is no oracle)."""
-    for reduction in REDUCTIONS:
-        logits = (torch.randn(33, 50, dtype=torch.float64) * 3).to(dtype)
-        target = torch.randint(0, 50, (33,))
-        target[::5] = IGNORE
-        weight = torch.rand(50, dtype=acc_of(dtype)) + 0.5
-        upstream = _upstream(target, reduction)
-        x = logits.double().requires_grad_()
-        want = F.cross_entropy(x, target, weight=weight.double(), reduction=reduction, label_smoothing=0.1)
-        (want_g,) = torch.autograd.grad(want, x, upstream)
-        v, g = _run(backend, logits, target, CCE(), reduction, upstream, weight, label_smoothing=0.1)
-        assert v.dtype == acc_of(dtype) and g.dtype == dtype
-        assert_near(v, want.detach(), 2e-5, v.dtype, what=f"{reduction} value")
-        assert_near(g, want_g, 2e-5, dtype, what=f"{reduction} gradient")
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_label_smoothing_masked_class_like_torch(backend):
-    """A -inf logit: PyTorch's smoothed value is +inf and its gradient is finite (-eps/C there); so is ours."""
-    logits = torch.randn(4, 6, dtype=torch.float64)
-    target = torch.tensor([0, 1, 2, 3])
-    logits[0, 5] = -math.inf
-    x = logits.clone().requires_grad_()
-    want = F.cross_entropy(x, target, reduction="none", label_smoothing=0.2)
-    (want_g,) = torch.autograd.grad(want.sum(), x)
-    v, g = _run(backend, logits, target, CCE(), "none", torch.ones(4, dtype=torch.float64), label_smoothing=0.2)
-    assert math.isinf(float(v[0])) and float(v[0]) > 0
-    torch.testing.assert_close(v[1:], want[1:].detach(), rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(g, want_g, rtol=1e-10, atol=1e-12)
-    assert float(g[0, 5]) == pytest.approx(-0.2 / 6)
-
-
-def test_label_smoothing_zero_is_plain_cce():
-    logits, target = torch.randn(8, 5), torch.randint(0, 5, (8,))
-    for backend in BACKENDS:
-        a = rf.robust_cross_entropy(logits, target, CCE(), backend=backend)
-        b = rf.robust_cross_entropy(logits, target, CCE(), label_smoothing=0.0, backend=backend)
-        assert torch.equal(a, b)
+# the module, gradcheck, limits
 
 
 def test_label_smoothing_module_matches_nn():
@@ -131,61 +63,6 @@ def test_label_smoothing_module_matches_nn():
     theirs = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=0.25)
     torch.testing.assert_close(ours(logits, target), theirs(logits, target), rtol=1e-5, atol=1e-6)
     assert "label_smoothing=0.25" in repr(ours)
-
-
-# ---------------------------------------------------------------------------
-# NCE / NFL / APL from their definitions
-
-
-def _normalized(ls, y, gamma):
-    """FL(p_y) / sum_k FL(P_k) with FL(P) = -(1 - P)^gamma log P (gamma = 0: NCE)."""
-    fl = -((1 - ls.exp()) ** gamma) * ls if gamma else -ls
-    return fl.gather(1, y[:, None]).squeeze(1) / fl.sum(1)
-
-
-def nce_apl_definition(logits, target, scheme, weight=None, sw=None, reduction="mean"):
-    """alpha active + beta passive (NCE = log p / sum_k log P_k, NFL), in plain autograd (float64)."""
-    ls = torch.log_softmax(logits, dim=1)
-    valid = target != IGNORE
-    y = torch.where(valid, target, torch.zeros_like(target))
-    logp = ls.gather(1, y[:, None]).squeeze(1)
-    if isinstance(scheme, (NCE, NFL)):
-        x = _normalized(ls, y, 0.0 if isinstance(scheme, NCE) else scheme.gamma)
-    else:
-        active = _normalized(ls, y, scheme.gamma if scheme.active == "nfl" else 0.0)
-        passive = (1 - logp.exp()) * (-scheme.A if scheme.passive == "rce" else 1.0)
-        x = scheme.alpha * active + scheme.beta * passive
-    s = torch.where(valid, torch.ones_like(x), torch.zeros_like(x))
-    if weight is not None:
-        s = s * weight[y]
-    if sw is not None:
-        s = s * sw
-    sx = torch.where(valid, s * x, torch.zeros_like(x))
-    if reduction == "none":
-        return sx
-    if reduction == "sum":
-        return sx.sum()
-    return sx.sum() / (weight[y] if weight is not None else torch.ones_like(x))[valid].sum()
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("scheme", TWO_TERM, ids=_id)
-def test_nce_apl_equal_their_definition(scheme, reduction, backend):
-    for n, c in ((17, 5), (8, 2), (3, 300)):
-        for extras in (False, True):
-            logits = torch.randn(n, c, dtype=torch.float64) * 3
-            target = torch.randint(0, c, (n,))
-            target[0] = IGNORE
-            weight = torch.rand(c, dtype=torch.float64) + 0.5 if extras else None
-            sw = torch.randn(n, dtype=torch.float64) if extras else None
-            upstream = _upstream(target, reduction)
-            x = logits.clone().requires_grad_()
-            want = nce_apl_definition(x, target, scheme, weight, sw, reduction)
-            (want_g,) = torch.autograd.grad(want, x, upstream)
-            v, g = _run(backend, logits, target, scheme, reduction, upstream, weight, sw)
-            torch.testing.assert_close(v, want.detach(), rtol=1e-10, atol=1e-12)
-            torch.testing.assert_close(g, want_g, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -257,48 +134,6 @@ def test_masked_target_is_the_limit(scheme, backend):
 
 
 # ---------------------------------------------------------------------------
-# every dtype, shape family and flag vs the float64 reference
-
-
-def _check(scheme, logits, target, weight, sw, reduction, what, **kw):
-    dtype = logits.dtype
-    c = logits.shape[0] if logits.dim() == 1 else logits.shape[1]
-    upstream = _upstream(target, reduction)
-    ref_v, ref_g = _run("torch", logits.double(), target, scheme, reduction, upstream,
-                        None if weight is None else weight.double(), None if sw is None else sw.double(), **kw)  # fmt: skip
-    vscale = None
-    if sw is not None and reduction != "none":
-        vscale = float(_run("torch", logits.double(), target, scheme, reduction, upstream,
-                            None if weight is None else weight.double(), sw.double().abs(), **kw)[0].abs())  # fmt: skip
-    for backend in BACKENDS:
-        v, g = _run(backend, logits, target, scheme, reduction, upstream, weight, sw, **kw)
-        tag = f"{what} {backend}"
-        assert v.dtype == acc_of(dtype) and g.dtype == dtype, tag
-        assert_near(v, ref_v, acc_rtol(dtype, c), v.dtype, vscale, f"{tag} value")
-        assert_near(g, ref_g, acc_rtol(dtype, c), dtype, None, f"{tag} gradient")
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=_id)
-@pytest.mark.parametrize("scheme", TWO_TERM + ["smoothing"], ids=_id)
-def test_parity_every_shape(scheme, dtype):
-    kw = {"label_smoothing": 0.1} if scheme == "smoothing" else {}
-    scheme = CCE() if scheme == "smoothing" else scheme
-    for k, (shape, layout, configs) in enumerate(SHAPES):
-        for config in configs:
-            reduction = REDUCTIONS[k % 3]
-            logits, target, weight, sw = make_case(shape, dtype, config, layout)
-            _check(scheme, logits, target, weight, sw, reduction, f"{shape} {layout} {config} {reduction}", **kw)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_id)
-def test_parity_large_vocabulary(dtype):
-    for k, (scheme, kw) in enumerate([(NCE(), {}), (APL(), {}), (CCE(), {"label_smoothing": 0.1}), (NFL(), {})]):
-        logits, target, weight, sw = make_case((3, 50257), dtype, "full")
-        target[0] = 50256
-        _check(scheme, logits, target, weight, sw, REDUCTIONS[k % 3], f"{scheme} {kw}", **kw)
-
-
-# ---------------------------------------------------------------------------
 # flags and errors
 
 
@@ -352,14 +187,6 @@ def test_defaults_and_params():
         APL(active="gce")
     with pytest.raises(ValueError, match="gamma"):
         NFL(gamma=-1.0)
-
-
-def test_nfl_gamma_zero_is_nce():
-    logits, target = torch.randn(9, 5, dtype=torch.float64), torch.randint(0, 5, (9,))
-    for backend in BACKENDS:
-        a = rf.robust_cross_entropy(logits, target, NFL(gamma=0.0), reduction="none", backend=backend)
-        b = rf.robust_cross_entropy(logits, target, NCE(), reduction="none", backend=backend)
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the compiled extension is not importable")
