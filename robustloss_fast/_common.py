@@ -74,7 +74,7 @@ class Kernel(enum.IntEnum):
 
     @property
     def needs_spread(self) -> bool:
-        """Needs the second row reduction ``spread = sum_k u_k (z_y - z_k)``."""
+        """Needs the second row reduction ``spread = sum_k u_k (M - z_k)``, M the row's largest logit (spec §8.2)."""
         return self in (Kernel.CCE_LS, Kernel.NCE)
 
     @property

@@ -700,7 +700,7 @@ class Truth:
     l1: Optional[torch.Tensor] = None
     l1_rows: Optional[torch.Tensor] = None
     # Where a row's value, or a sum it is made of (label smoothing's and NCE's Lambda), lies past the
-    # accumulation dtype's range (spec §12.1): the value may read +-inf there (NaN where rows overflow
+    # accumulation dtype's range (spec §12.3): the value may read +-inf there (NaN where rows overflow
     # to both signs) although the float64 result, a mean say, is representable. +1 / -1 / 0 per
     # element of the value: the sign of the overflow, 2 where both signs overflow.
     overflow: Optional[torch.Tensor] = None
@@ -879,7 +879,7 @@ def truth(prob: Problem) -> Optional[Truth]:
                 x = ot.loss(logp, logq, p, q)
                 auto = rf_.fin & ~rf_.dead
                 f_auto = ot.loss(*margin_terms(torch.where(auto, d, 0.0)))
-                # A masked target: G with w(0) (spec §12.2), as the designed gradient.
+                # A masked target: G with w(0) (spec §12.4), as the designed gradient.
                 f_w = -(w / 2) * torch.where(rf_.masked_target, d, 0.0)
                 f = torch.where(auto, f_auto, torch.where(rf_.masked_target, f_w, zero))
             else:  # derivative-defined: the designed gradient (w/2)(r - e_y) = -(w/2) grad d
@@ -902,7 +902,9 @@ def truth(prob: Problem) -> Optional[Truth]:
             big_d = float(torch.where(valid, rf_.cw, zero).sum())
             scale = s / big_d if big_d != 0 else zero
         sx = torch.where(counting, s * x, zero)
-        over_row = over_row | (counting & ~bad & torch.isfinite(sx) & ((s * x).abs() > acc_max))
+        # The row's own value past the range (its s may bring the product back into it), or s x.
+        xf = torch.where(torch.isfinite(x), x, 0.0)
+        over_row = over_row | (counting & ~bad & ((xf.abs() > acc_max) | ((s * xf).abs() > acc_max)))
         if prob.reduction == "none":
             value, vscale = sx, sx.abs()
         elif big_d == 0:
@@ -1069,7 +1071,7 @@ def check_against_float64(name: str, prob: Problem, recipe=None):
     assert out.value_dtype == acc, f"(a) loss dtype {out.value_dtype}, spec §6.1 says {acc}\n{head}"
     assert out.grad_dtype == prob.dtype, f"(a) gradient dtype {out.grad_dtype} != input {prob.dtype}\n{head}"
     bad, tol = mismatches(out.value, tru.value, None, tru.rtol, tru.value_scale, acc)
-    if tru.overflow is not None:  # spec §12.1: past the range the value may read as its limit
+    if tru.overflow is not None:  # spec §12.3: past the range the value may read as its limit
         ov = tru.overflow
         allowed = ((ov == 1) & torch.isposinf(out.value)) | ((ov == -1) & torch.isneginf(out.value))
         allowed = allowed | ((ov == 2) & ~torch.isfinite(out.value))
