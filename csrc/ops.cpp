@@ -9,21 +9,23 @@
 #include "robustloss/schemes.h"
 
 TORCH_LIBRARY(robustloss, m) {
-  // Fused forward: (value, stats); stats (N, 4) = (lse_nt, alpha, beta, gamma)
-  // per row. value is (N,) for reduction 0 (none), a scalar for 1 (mean) and 2
-  // (sum). For label smoothing (scheme 10) `weight` also weighs the classes of
-  // the smoothing sum, as in F.cross_entropy.
+  // Fused forward: (value, stats); stats (N, 5) = (m, ls, alpha, beta, gamma)
+  // per row, lse_nt = m + ls in its two parts (kernel_args.h: StatCol). value
+  // is (N,) for reduction 0 (none), a scalar for 1 (mean) and 2 (sum). For
+  // label smoothing (kCCELS) `weight` also weighs the classes of the smoothing
+  // sum, as in F.cross_entropy.
   m.def(
       "robust_ce_forward(Tensor logits, Tensor target, int scheme, float a, float b, Tensor? weight, "
       "Tensor? sample_weight, int ignore_index, int reduction, bool normalize) -> (Tensor, Tensor)");
   // grad_logits[i, j] = g (alpha r_j + beta u_j) for j != y, g gamma at y;
-  // u = smooth_weight (all 1 when None). scheme and a: the forward's; NFL (12)
+  // u = smooth_weight (all 1 when None). scheme and a: the forward's; NFL
   // reads its stats in P-form, g (alpha P_j + beta h_a(P_j)) (schemes.h).
   m.def(
       "robust_ce_backward(Tensor grad, Tensor logits, Tensor target, Tensor stats, Tensor? smooth_weight, "
       "int ignore_index, int scheme, float a) -> Tensor");
-  // The row pass alone: (N, 6) = (lse_nt, log w, x, alpha, beta, gamma) per row
-  // (schemes.h: RowGrad); smooth_weight is u of label smoothing (scheme 10).
+  // The row pass alone: (N, 7) = (m, ls, log w, x, alpha, beta, gamma) per row
+  // (kernel_args.h: RowCol; schemes.h: RowGrad); smooth_weight is u of label
+  // smoothing (kCCELS).
   m.def(
       "robust_ce_rows(Tensor logits, Tensor target, int scheme, float a, float b, Tensor? smooth_weight, "
       "int ignore_index, bool normalised) -> Tensor");

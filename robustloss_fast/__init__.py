@@ -5,6 +5,7 @@ with fused C++ (CPU), CUDA and Triton kernels behind one API.
 """
 
 from . import distributed, schemes
+from ._common import set_validate_targets, validating_targets
 from .backends import available_backends
 from .elr import ELRLoss
 from .analysis import EmphasisStats, ExampleWeights, emphasis_stats, example_weights
@@ -44,6 +45,8 @@ __all__ = [
     "IMAELoss",
     "ELRLoss",
     "available_backends",
+    "set_validate_targets",
+    "validating_targets",
     "example_weights",
     "ExampleWeights",
     "emphasis_stats",

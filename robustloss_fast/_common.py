@@ -26,10 +26,16 @@ import torch
 __all__ = [
     "Kernel",
     "Reduction",
+    "RowCol",
+    "StatCol",
+    "ROW_COLS",
+    "STAT_COLS",
     "KernelSpec",
     "acc_dtype",
     "bad_target_message",
     "check_target",
+    "set_validate_targets",
+    "validating_targets",
     "real_scalar",
     "int64_scalar",
     "NORMALIZE_TWO_TERM_MSG",
@@ -68,7 +74,7 @@ class Kernel(enum.IntEnum):
 
     @property
     def needs_spread(self) -> bool:
-        """Needs the second row reduction ``spread = sum_k u_k (z_y - z_k)``."""
+        """Needs the second row reduction ``spread = sum_k u_k (M - z_k)``, M the row's largest logit (spec §8.2)."""
         return self in (Kernel.CCE_LS, Kernel.NCE)
 
     @property
@@ -98,6 +104,39 @@ class Reduction(enum.IntEnum):
         if name == "sum":
             return cls.SUM
         raise ValueError(f"reduction must be one of 'none', 'mean', 'sum', got {name!r}")
+
+
+class RowCol(enum.IntEnum):
+    """Columns of the row pass's output ``rows (N, ROW_COLS)`` (spec §9.3).
+
+    ``M`` and ``LS`` are the non-target log-sum-exp ``lse_nt = M + LS`` kept
+    as its two parts: ``M`` the largest finite non-target logit and ``LS`` the
+    log of the sum of ``exp(z_j - M)`` (in ``[0, log C]``). Their sum is never
+    formed: at logits of 1e8 a float32 ``M + LS`` drops ``LS`` altogether
+    (spec §2.2). P-form rows (NFL) hold ``lse = M + LS`` the same way.
+    """
+
+    M = 0
+    LS = 1
+    LOGW = 2
+    X = 3
+    ALPHA = 4
+    BETA = 5
+    GAMMA = 6
+
+
+class StatCol(enum.IntEnum):
+    """Columns of the per-row ``stats (N, STAT_COLS)`` that the gradient pass reads (spec §9.1-§9.2)."""
+
+    M = 0
+    LS = 1
+    ALPHA = 2
+    BETA = 3
+    GAMMA = 4
+
+
+ROW_COLS = len(RowCol)
+STAT_COLS = len(StatCol)
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -151,12 +190,45 @@ def bad_target_message(value: int, position: int, num_classes: int, ignore_index
     )
 
 
+#: The device-side assertion's words (the kernels cannot format the value; see set_validate_targets).
+BAD_TARGET_ASSERT_MSG = (
+    "robust_cross_entropy: target out of bounds: expected 0 <= target < num_classes or target == "
+    "ignore_index (robustloss_fast.set_validate_targets(True) names the value and its position)"
+)
+
+_VALIDATE_TARGETS = False
+
+
+def set_validate_targets(enabled: bool) -> bool:
+    """Check every target on the host before the loss runs; returns the previous setting.
+
+    On the CPU the targets are always checked (it costs nothing there) and a bad
+    one raises ``IndexError`` naming its value and position. On a GPU the
+    kernels check them on the device instead and stop with a device-side
+    assertion, as ``F.cross_entropy`` does: no step waits for the device. With
+    validation on, a GPU call first reads the targets' check back too (one
+    device-to-host synchronisation per call) and raises the same
+    ``IndexError`` as on the CPU, which leaves the CUDA context usable. Off by
+    default; traced calls (``torch.compile``) never validate on the host.
+    """
+    global _VALIDATE_TARGETS
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    previous, _VALIDATE_TARGETS = _VALIDATE_TARGETS, enabled
+    return previous
+
+
+def validating_targets() -> bool:
+    """Whether ``set_validate_targets(True)`` is in effect."""
+    return _VALIDATE_TARGETS
+
+
 def check_target(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     """Raise IndexError naming the first target outside [0, C) that is not ``ignore_index``.
 
     Reads one flag back from the target's device: free on the CPU, a
-    synchronisation on a GPU (which is why the GPU backends do not call it on
-    their default path; see ``robust_cross_entropy(check_targets=...)``).
+    synchronisation on a GPU (which is why the GPU paths call it only when
+    ``set_validate_targets(True)`` asks for it).
     """
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
     if bool(bad.any()):

@@ -2,13 +2,13 @@
 
 The fused ops do this step inside the kernel call. Callers that produce the
 row statistics in several calls -- chunks of a fused linear layer, shards of a
-distributed batch, the Triton backend -- concatenate the ``rows`` ``(N, 6) =
-(lse_nt, log w, x, alpha, beta, gamma)`` from ``robust_ce_rows`` and finish
+distributed batch, the Triton backend -- concatenate the ``rows`` ``(N, 7) =
+(m, ls, log w, x, alpha, beta, gamma)`` from ``robust_ce_rows`` and finish
 here. It is written without data-dependent Python branches, so it traces under
 ``torch.compile(fullgraph=True)``.
 
 Returns ``(value, stats)`` exactly as ``robust_ce_forward`` does:
-``stats (N, 4) = (lse_nt, alpha, beta, gamma)``, the row's gradient
+``stats (N, 5) = (m, ls, alpha, beta, gamma)``, the row's gradient
 ``g (alpha r_j + beta u_j)`` off the target and ``g gamma`` at it.
 """
 
@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from ._common import KernelSpec, Reduction
+from ._common import KernelSpec, Reduction, RowCol
 
 
 def sample_scale(
@@ -45,6 +45,14 @@ def sample_scale(
     return valid, s, cw
 
 
+def normalised_term(s, e, x, lw):
+    """A row's term ``s e x`` of the derivative-normalised value (schemes.h ``normalised_term``):
+    an infinite ``x`` keeps its infinity where ``e`` underflowed to 0 (any ``w > 0`` times inf
+    is inf, whatever precision this step runs in); only an exact ``w = 0`` gives NaN."""
+    keep = torch.isinf(x) & (lw > float("-inf")) & (e == 0)
+    return torch.where(keep, torch.where(s > 0, x, -x), s * e * x)
+
+
 def finalize(
     rows: torch.Tensor,
     target: torch.Tensor,
@@ -54,7 +62,7 @@ def finalize(
     *,
     across=None,
 ):
-    """(value, stats) from per-row ``rows = (lse_nt, log w, x, alpha, beta, gamma)``; see the module docstring.
+    """(value, stats) from per-row ``rows = (m, ls, log w, x, alpha, beta, gamma)``; see the module docstring.
 
     The reduction, derivative normalisation, ``ignore_index`` and where the
     class weights go come from ``spec``.
@@ -69,7 +77,8 @@ def finalize(
     Without it nothing changes.
     """
     dtype = rows.dtype
-    lse_nt, lw, x = rows[:, 0], rows[:, 1], rows[:, 2]
+    row_max, lw, x = rows[:, RowCol.M], rows[:, RowCol.LOGW], rows[:, RowCol.X]
+    lse_parts = rows[:, : RowCol.LS + 1]  # (m, ls): passed through to the stats
     valid, s, cw = sample_scale(target, weight, sample_weight, spec, dtype)
     zero = torch.zeros((), dtype=dtype, device=rows.device)
 
@@ -87,12 +96,12 @@ def finalize(
             e = torch.where(active, torch.exp(lw - m), zero)
         ok = denom != 0
         safe = torch.where(ok, denom, torch.ones_like(denom))
-        value = torch.where(ok, torch.where(active, s * e * x, zero).sum() / safe, zero)
+        value = torch.where(ok, torch.where(active, normalised_term(s, e, x, lw), zero).sum() / safe, zero)
         # G = 0 for a row with no finite non-target logit (SPEC §3); it still counts in D.
-        coef = torch.where(ok & active & (lse_nt != float("-inf")), s * e / (2 * safe), zero)
+        coef = torch.where(ok & active & (row_max != float("-inf")), s * e / (2 * safe), zero)
         if across is not None:
             value, coef = value * across.scale, coef * across.scale
-        return value, torch.stack([lse_nt, coef, torch.zeros_like(coef), -coef], dim=1)
+        return value, torch.cat([lse_parts, torch.stack([coef, torch.zeros_like(coef), -coef], dim=1)], dim=1)
 
     # Rows with s = 0 contribute 0, even where their raw weight overflowed (0 * inf).
     counts = valid & (s != 0)
@@ -110,5 +119,5 @@ def finalize(
         scale = torch.where(ok, s / safe, zero)
     if across is not None:
         value, scale = value * across.scale, scale * across.scale
-    coefs = torch.where(counts[:, None], scale[:, None] * rows[:, 3:6], zero)
-    return value, torch.cat([lse_nt[:, None], coefs], dim=1)
+    coefs = torch.where(counts[:, None], scale[:, None] * rows[:, RowCol.ALPHA :], zero)
+    return value, torch.cat([lse_parts, coefs], dim=1)

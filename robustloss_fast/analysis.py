@@ -12,7 +12,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import backends
-from ._common import Kernel, KernelSpec, Reduction, acc_dtype
+from ._common import Kernel, KernelSpec, Reduction, RowCol, acc_dtype
 from .functional import _canonical
 from .schemes import Scheme
 
@@ -48,7 +48,7 @@ def log_emphasis(scheme: Scheme, p: torch.Tensor, backend: str = "auto") -> torc
     )
     target = torch.zeros(p.shape, dtype=torch.long, device=p.device)
     rows = backends.resolve(backend, p.device).rows(pair, target, spec, None)
-    return rows[:, 1].reshape(p.shape)
+    return rows[:, RowCol.LOGW].reshape(p.shape)
 
 
 class ExampleWeights(NamedTuple):
@@ -81,10 +81,10 @@ def example_weights(
     rows = backends.resolve("auto", logits.device).rows(logits, tgt, spec, None)
     valid = tgt != ignore_index
     y = torch.where(valid, tgt, torch.zeros_like(tgt))
-    # Spec §2: p is the sigmoid of the margin z_y - lse_nt (NaN rows stay NaN).
+    # Spec §2: p is the sigmoid of the margin (z_y - m) - ls (NaN rows stay NaN).
     z_y = logits.gather(1, y[:, None]).squeeze(1).to(acc_dtype(logits.dtype))
-    p = torch.sigmoid(z_y - rows[:, 0])
-    lw = torch.where(valid, rows[:, 1], torch.full_like(rows[:, 1], -math.inf))
+    p = torch.sigmoid((z_y - rows[:, RowCol.M]) - rows[:, RowCol.LS])
+    lw = torch.where(valid, rows[:, RowCol.LOGW], torch.full_like(rows[:, RowCol.LOGW], -math.inf))
     if normalize:
         w = torch.softmax(lw, dim=0) if bool(valid.any()) else torch.zeros_like(lw)
     else:

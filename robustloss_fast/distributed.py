@@ -58,7 +58,7 @@ from typing import Optional
 import torch
 
 from . import _finalize
-from ._common import KernelSpec, acc_dtype
+from ._common import KernelSpec, RowCol, StatCol, acc_dtype
 
 try:
     import torch.distributed as dist
@@ -123,11 +123,11 @@ def finalize_distributed(
 ):
     """``_finalize.finalize`` with the normaliser of the whole group's batch (data parallel).
 
-    ``rows`` (N, 6) are this rank's rows (a backend's ``rows`` with the same
+    ``rows`` (N, 7) are this rank's rows (a backend's ``rows`` with the same
     ``spec``).
     Returns ``(value, stats)`` like ``robust_ce_forward``, scaled by the world
     size ``W`` (see the module docstring): ``value`` is ``W`` times this rank's
-    share of the global loss and ``stats[:, 1:]`` (the gradient's
+    share of the global loss and the stats' ``(alpha, beta, gamma)`` (the gradient's
     coefficients) carry the same factor, so the backward op's gradient is ready for DDP's
     averaging. ``"none"``/``"sum"`` communicate nothing; ``"mean"`` issues one small
     collective (all ranks must call it). Not differentiable itself: wrap it
@@ -183,7 +183,7 @@ def _local_target(logits, target, ignore_index, class_offset):
 
 
 def vocab_parallel_rows(backend, logits, target, spec: KernelSpec, class_offset, process_group):
-    """Rows (N, 6) of the full-vocabulary logits (one-term schemes), from this rank's class slice.
+    """Rows (N, 7) of the full-vocabulary logits (one-term schemes), from this rank's class slice.
 
     Identical on every rank of ``process_group``. Two ``all_reduce`` calls:
     MAX of (largest local non-target logit, bad-row flag), then SUM of
@@ -191,10 +191,10 @@ def vocab_parallel_rows(backend, logits, target, spec: KernelSpec, class_offset,
     owned, 1 where owned). A valid target owned by no rank or several (out of
     range, or overlapping slices) is an error.
 
-    A one-term row depends on its logits only through ``(z_y, lse_nt)``
-    (spec §2), so the scheme math is the backend's own row pass run on the
-    two-class rows ``[z_y, lse_nt]`` with target 0: their non-target
-    log-sum-exp is ``lse_nt`` itself.
+    A one-term row depends on its logits only through its margin
+    ``d = (z_y - m) - ls`` (spec §2), so the scheme math is the backend's own
+    row pass run on the two-class rows ``[z_y - m, ls]`` with target 0 (their
+    margin is ``d``); the rows then get the true ``(m, ls)`` back.
     """
     acc = acc_dtype(logits.dtype)
     z = logits.to(acc)
@@ -226,11 +226,15 @@ def vocab_parallel_rows(backend, logits, target, spec: KernelSpec, class_offset,
     else:
         # No host sync on accelerators: the check fails at a later synchronisation.
         torch._assert_async(~wrong.any(), "robust_cross_entropy(vocab_parallel=True): a target is in no rank's slice")
-    lse_nt = torch.where(m == -math.inf, m, m_safe + torch.log(sum_nt))
-    lse_nt = torch.where(bad, torch.full_like(lse_nt, math.nan), lse_nt)
-    pair = torch.stack([z_y, lse_nt], dim=1)
+    dead = m == -math.inf
+    nan = torch.full_like(m, math.nan)
+    ls = torch.where(dead, torch.zeros_like(m), torch.log(sum_nt))
+    m, ls = torch.where(bad, nan, m), torch.where(bad, nan, ls)
+    # The pair's own "m" is ls (or -inf when no non-target logit is finite).
+    pair = torch.stack([z_y - m_safe, torch.where(dead, m, ls)], dim=1)
     pair_target = torch.where(valid, torch.zeros_like(target), target)
-    return backend.rows(pair, pair_target, spec, None)
+    rows = backend.rows(pair, pair_target, spec, None)
+    return torch.cat([torch.stack([m, ls], dim=1), rows[:, RowCol.LOGW :]], dim=1)
 
 
 def _vocab_parallel_backward(grad, logits, target, stats, ignore_index, class_offset):
@@ -241,11 +245,12 @@ def _vocab_parallel_backward(grad, logits, target, stats, ignore_index, class_of
     acc = stats.dtype
     z = logits.to(acc)
     valid, owned, col = _local_target(z, target, ignore_index, class_offset)
-    lse_nt, alpha, gamma = stats[:, 0], stats[:, 1], stats[:, 3]
+    m, ls = stats[:, StatCol.M], stats[:, StatCol.LS]
+    alpha, gamma = stats[:, StatCol.ALPHA], stats[:, StatCol.GAMMA]
     is_target = torch.zeros(z.shape, dtype=torch.bool, device=z.device)
     is_target.scatter_(1, col[:, None], owned[:, None])
-    r = torch.exp(z - lse_nt[:, None])
-    r = torch.where((lse_nt == -math.inf)[:, None], torch.zeros_like(r), r)
+    r = torch.exp((z - m[:, None]) - ls[:, None])
+    r = torch.where((m == -math.inf)[:, None], torch.zeros_like(r), r)
     direction = torch.where(is_target, gamma[:, None].expand_as(z), alpha[:, None] * r)
     g = grad.to(acc)
     g = g[:, None] if g.dim() == 1 else g

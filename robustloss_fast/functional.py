@@ -13,7 +13,17 @@ from typing import Optional
 import torch
 
 from . import backends, distributed
-from ._common import NORMALIZE_TWO_TERM_MSG, Kernel, KernelSpec, Reduction, acc_dtype, int64_scalar, real_scalar
+from ._common import (
+    NORMALIZE_TWO_TERM_MSG,
+    Kernel,
+    KernelSpec,
+    Reduction,
+    acc_dtype,
+    check_target,
+    int64_scalar,
+    real_scalar,
+    validating_targets,
+)
 from .schemes import CCE, DM, IMAE, Scheme
 
 __all__ = ["robust_cross_entropy", "dm_loss", "imae_loss", "available_backends", "kernel_spec"]
@@ -266,6 +276,9 @@ def robust_cross_entropy(
     else:
         if class_offset is not None:
             raise ValueError("class_offset is only used with vocab_parallel=True")
+        if validating_targets() and not torch.compiler.is_compiling():
+            # Opt-in: the host names a bad value before a GPU kernel asserts on it (one sync).
+            check_target(rows_target, c, spec.ignore_index)
         if weight is not None:
             check_class_weight(weight, c, input.device)
             weight = weight.to(acc_dtype(input.dtype)).contiguous()

@@ -12,7 +12,7 @@ The cross-row normaliser
 SPEC §5's ``"mean"`` with ``normalize=True`` divides every row's gradient by
 ``D = sum_i |s_i| w_i``, which needs every row's weight. Two exact ways are
 implemented; both see each logit chunk only through the row op
-(``robust_ce_rows``: ``(lse_nt, log w, x)`` per row) and the gradient op
+(``robust_ce_rows``: ``(m, ls, log w, x)`` per row, ``lse_nt = m + ls``) and the gradient op
 (``robust_ce_backward``: ``g * coef * (r - e_y)``), so the scheme math is the
 backend's, not repeated here.
 
@@ -37,9 +37,9 @@ backend's, not repeated here.
 * **Recompute** (``grad_in_forward=False``; always for ``reduction="none"``,
   whose upstream gradient is per element and unknown in forward, and with a
   ``process_group``). Forward: per chunk ``z_k`` (matmul 1) and its rows;
-  then the cross-row step over all rows gives exact ``(lse_nt, coef)`` per
-  row; only ``hidden``, ``weight``, ``target`` and these ``(N, 2)`` stats
-  are saved. Backward: per chunk recompute ``z_k`` (matmul 2), write
+  then the cross-row step over all rows gives exact ``(m, ls, alpha, beta,
+  gamma)`` per row; only ``hidden``, ``weight``, ``target`` and these
+  ``(N, 5)`` stats are saved. Backward: per chunk recompute ``z_k`` (matmul 2), write
   ``G_k = g_k * coef * (r - e_y)`` with the per-row upstream gradient
   ``g_k``, then ``grad_h_k = G_k W`` (matmul 3) and ``grad_W += G_k^T h_k``
   (matmul 4). **Cost: 4 matmuls**, one more than eager, and nothing but the
@@ -57,7 +57,7 @@ allocated.
 
 Memory beyond the inputs and the returned gradients: two chunks of
 ``chunk_size x V`` logits (on CPU, for 16-bit inputs, a float32 copy of
-the gradient chunk too), the ``(N, 3)`` row statistics, and -- for
+the gradient chunk too), the ``(N, 7)`` row statistics, and -- for
 16-bit weights -- the float32 ``V x H`` accumulator of ``grad_weight``
 (which fp32 accumulation requires); with ``grad_in_forward`` also a float32
 ``N x H`` ``grad_hidden``.
@@ -88,7 +88,17 @@ from torch import nn
 from dataclasses import replace
 
 from . import _finalize, backends
-from ._common import KernelSpec, Reduction, acc_dtype, check_target, real_scalar
+from ._common import (
+    ROW_COLS,
+    KernelSpec,
+    Reduction,
+    RowCol,
+    StatCol,
+    acc_dtype,
+    check_target,
+    real_scalar,
+    validating_targets,
+)
 from .functional import check_class_weight, check_not_differentiable, check_target_dtype, kernel_spec, scale_loss
 from .schemes import Scheme
 
@@ -178,7 +188,7 @@ class _LinearRobustCE(torch.autograd.Function):
         chunk_normalised = replace(spec, reduction=Reduction.MEAN, normalize=True)
         chunk_sum = replace(spec, reduction=Reduction.SUM, normalize=False)
         needs_h, needs_w, needs_b = ctx.needs_input_grad[:3]
-        rows = torch.empty((n, 6), dtype=acc, device=hidden.device)
+        rows = torch.empty((n, ROW_COLS), dtype=acc, device=hidden.device)
 
         if gif:
             gh = torch.empty((n, hdim), dtype=acc, device=hidden.device) if needs_h else None
@@ -205,13 +215,13 @@ class _LinearRobustCE(torch.autograd.Function):
                 _, st = _finalize.finalize(rows_k, t, chunk_normalised, cw, sw_k)
                 valid, s_k, _ = _finalize.sample_scale(t, cw, sw_k, spec, acc)
                 active = valid & (s_k != 0)
-                lw_s = torch.where(active, rows_k[:, 1] + s_k.abs().log(), ninf)
+                lw_s = torch.where(active, rows_k[:, RowCol.LOGW] + s_k.abs().log(), ninf)
                 l_k = torch.logsumexp(torch.cat([lw_s, ninf.reshape(1)]), 0)
                 l_new = torch.logaddexp(l_run, l_k)
                 dead = l_new == -math.inf
                 f_k = torch.where(dead | (l_k == -math.inf), torch.zeros_like(l_k), torch.exp(l_k - l_new))
                 f_old = torch.where(dead | (l_run == -math.inf), torch.zeros_like(l_k), torch.exp(l_run - l_new))
-                st = torch.cat([st[:, :1], st[:, 1:] * f_k], dim=1)
+                st = torch.cat([st[:, : StatCol.ALPHA], st[:, StatCol.ALPHA :] * f_k], dim=1)
                 decay = f_old
                 if gb is not None:
                     gb.mul_(f_old)
@@ -443,9 +453,9 @@ def linear_robust_cross_entropy(
     acc = acc_dtype(hidden.dtype)
     cw = None if class_weight is None else class_weight.to(acc).contiguous()
     sw = None if sample_weight is None else sample_weight.reshape(-1).to(acc).contiguous()
-    if t.device.type == "cpu" and not torch.compiler.is_compiling():
-        # Free on the CPU, and it names the position in the whole batch (a
-        # backend's own check sees one chunk at a time).
+    if (t.device.type == "cpu" or validating_targets()) and not torch.compiler.is_compiling():
+        # Free on the CPU (a GPU pays one sync: opt-in), and it names the position
+        # in the whole batch (a backend's own check sees one chunk at a time).
         check_target(t, v, ignore_index)
 
     needs_grad = torch.is_grad_enabled() and any(

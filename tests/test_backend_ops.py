@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from robustloss_fast import _finalize, reference
-from robustloss_fast._common import Kernel, Reduction
+from robustloss_fast._common import Kernel, Reduction, RowCol, StatCol
 from robustloss_fast.schemes import APL, CCE, DM
 
 from _backends import thin
@@ -41,9 +41,9 @@ from _cases import (
     special_rows,
 )
 
-# The columns of robust_ce_rows that SPEC §9.3 names (more may follow them), and of the stats (§9.1).
-LSE_NT, LOG_W, X, ALPHA, BETA, GAMMA = range(6)
-S_LSE, S_ALPHA, S_BETA, S_GAMMA = range(4)
+# The columns of robust_ce_rows (SPEC §9.3) and of the stats (§9.1), as the library names them.
+M, LS, LOG_W, X, ALPHA, BETA, GAMMA = RowCol
+S_M, S_LS, S_ALPHA, S_BETA, S_GAMMA = StatCol
 
 
 def _stat_tol(dtype):
@@ -64,10 +64,11 @@ def _spec(loss, reduction="none", normalize=False):
 P_FORM_CANCELLATION = 1e4
 
 
-def assert_columns(got, expected, dtype, rows, what, p_form=False):
-    """Column by column, relative to the column's largest entry; non-finite entries must match exactly."""
+def assert_columns(got, expected, dtype, rows, what, cancelling=()):
+    """Column by column, relative to the column's largest entry; non-finite entries must match exactly.
+    ``cancelling``: the columns of NFL's quotient-rule coefficients (see P_FORM_CANCELLATION)."""
     for col in range(expected.shape[1]):
-        rtol = _stat_tol(dtype) * (P_FORM_CANCELLATION if p_form and col in (LOG_W, ALPHA, BETA, GAMMA) else 1)
+        rtol = _stat_tol(dtype) * (P_FORM_CANCELLATION if col in cancelling else 1)
         assert_value(got[rows, col], expected[rows, col], dtype, rtol=rtol, what=f"{what} column {col}")
 
 
@@ -92,7 +93,7 @@ def test_rows(backend, loss):
         what = f"rows {dtype_id(dtype)} normalised={normalised} weight={w is not None}"
         assert rows.dtype == acc_of(dtype) and rows.shape == expected.shape, what
         assert rows.device.type == backend.device, what
-        assert_columns(rows, expected, dtype, valid, what, p_form=spec.p_form)
+        assert_columns(rows, expected, dtype, valid, what, (LOG_W, ALPHA, BETA, GAMMA) if spec.p_form else ())
         assert torch.equal(rows[~valid], expected[~valid]), f"{what}: ignored rows"
         if not loss.two_term:
             _check_one_term_rows(rows, logits, target, loss, spec, valid, what)
@@ -104,12 +105,12 @@ def _check_one_term_rows(rows, logits, target, loss, spec, valid, what):
     (alpha, beta, gamma) = (w/2, 0, -w/2), or 0 where no non-target logit is finite and when normalised."""
     dtype = logits.dtype
     y = torch.where(valid, target, torch.zeros_like(target))
-    _, lse_nt, logp, logq, p, q = reference.row_probs(logits.to(acc_of(dtype)), y)
+    _, m, ls, logp, logq, p, q = reference.row_probs(logits.to(acc_of(dtype)), y)
     lw = reference.log_weight(spec.kernel, spec.a, spec.b, logp, logq, p, q)
     x = -logp if spec.normalised else reference.forward(logits, target, dataclasses.replace(spec, reduction=Reduction.NONE))[0]
-    for col, want in ((LSE_NT, lse_nt), (LOG_W, lw), (X, x)):
+    for col, want in ((M, m), (LS, ls), (LOG_W, lw), (X, x)):
         assert_value(rows[valid, col], want[valid], dtype, rtol=_stat_tol(dtype), what=f"{what} piece {col}")
-    half = torch.where(spec.normalised | (rows[:, LSE_NT] == -math.inf), 0.0, rows[:, LOG_W].exp() / 2)
+    half = torch.where(spec.normalised | (rows[:, M] == -math.inf), 0.0, rows[:, LOG_W].exp() / 2)
     assert_value(rows[valid, ALPHA], half[valid], dtype, rtol=_stat_tol(dtype), what=f"{what} alpha = w / 2")
     assert (rows[:, BETA] == 0).all() and torch.equal(rows[:, GAMMA], -rows[:, ALPHA]), f"{what}: (w/2, 0, -w/2)"
 
@@ -145,11 +146,14 @@ def _forward_op(name, logits, target, spec, weight, sample_weight):
               int(spec.reduction), spec.normalize)  # fmt: skip
 
 
-def _check_stats(got, expected, valid, dtype, what):
+def _check_stats(got, expected, valid, dtype, what, p_form=False):
     assert got.dtype == expected.dtype and got.shape == expected.shape, what
-    # lse_nt of an ignored row is not specified; its coefficients must be exactly 0.
-    assert_value(got[valid, S_LSE], expected[valid, S_LSE], dtype, rtol=_stat_tol(dtype), what=f"{what} lse_nt")
-    assert_columns(got[:, S_ALPHA:], expected[:, S_ALPHA:], dtype, slice(None), f"{what} coefficients")
+    # lse_nt = m + ls of an ignored row is not specified; its coefficients must be exactly 0.
+    for col in (S_M, S_LS):
+        assert_value(got[valid, col], expected[valid, col], dtype, rtol=_stat_tol(dtype), what=f"{what} lse_nt {col}")
+    coefs = range(len(StatCol) - S_ALPHA)
+    assert_columns(got[:, S_ALPHA:], expected[:, S_ALPHA:], dtype, slice(None), f"{what} coefficients",
+                   coefs if p_form else ())  # fmt: skip
     assert (got[~valid, S_ALPHA:] == 0).all(), f"{what}: a nonzero coefficient on an ignored row"
 
 
@@ -183,12 +187,12 @@ def test_loss_and_finalize(backend, loss):
         rows = backend.impl.rows(logits, target, spec, weight)
         fin_value, fin_stats = _finalize.finalize(rows, target, spec, weight, sw)
         assert_value(fin_value, ref_value, dtype, scale=vscale, rtol=tol, what=f"{what} value (finalize)")
-        _check_stats(fin_stats, ref_stats, valid, dtype, f"{what} stats (finalize)")
+        _check_stats(fin_stats, ref_stats, valid, dtype, f"{what} stats (finalize)", spec.p_form)
 
         if backend.name in FORWARD_OPS:
             op_value, op_stats = _forward_op(backend.name, logits, target, spec, weight, sw)
             assert_value(op_value, ref_value, dtype, scale=vscale, rtol=tol, what=f"{what} value (forward op)")
-            _check_stats(op_stats, ref_stats, valid, dtype, f"{what} stats (forward op)")
+            _check_stats(op_stats, ref_stats, valid, dtype, f"{what} stats (forward op)", spec.p_form)
 
 
 # ---------------------------------------------------------------------------
@@ -255,7 +259,7 @@ def test_grad_of_the_reference_stats(backend, loss, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16], ids=dtype_id)
 @pytest.mark.parametrize("loss", GRAD_LOSSES, ids=str)
 def test_grad_of_arbitrary_stats(backend, loss, dtype):
-    """SPEC §9.2 for any stats: g (alpha r + beta u) off the target, g gamma at it; r = 0 where lse_nt = -inf;
+    """SPEC §9.2 for any stats: g (alpha r + beta u) off the target, g gamma at it; r = 0 where m = -inf;
     a NaN statistic makes its row NaN in every column; ignored rows 0. NFL (P-form): g (alpha P + beta h(P))
     with P = exp(z - lse), P rounding to 1 (Q = 0) and a masked class (P = 0, h = -1) included."""
     n, c = 7, 6
@@ -268,16 +272,20 @@ def test_grad_of_arbitrary_stats(backend, loss, dtype):
     shape = reference.forward(logits, target, spec, weight)[1].shape
     stats = torch.randn(shape, dtype=torch.float64).to(acc).to(backend.device)
     z = logits.to(acc)
+    # lse = m + ls: m a row's largest logit, ls in [0, log C] (here drawn rather than computed).
     if spec.p_form:
         logits[5, 2] = -math.inf
         z = logits.to(acc)
-        stats[:, S_LSE] = torch.logsumexp(z, dim=1) + torch.rand(n, dtype=acc).to(backend.device)
-        stats[1, S_LSE] = torch.logsumexp(z[1], dim=0)  # P of the largest class may round to 1: Q = 0
+        stats[:, S_M] = z.amax(dim=1)
+        stats[:, S_LS] = torch.log(torch.exp(z - stats[:, S_M, None]).sum(1)) + torch.rand(n, dtype=acc).to(backend.device)
+        stats[1, S_LS] = torch.log(torch.exp(z[1] - stats[1, S_M]).sum())  # P of the largest may round to 1: Q = 0
     else:
-        stats[:, S_LSE] += 3.0
-        stats[1, S_LSE] = -math.inf  # no finite non-target: r = 0
+        stats[:, S_M] = z.amax(dim=1) + 3.0
+        stats[:, S_LS] = torch.rand(n, dtype=acc).to(backend.device) * math.log(c)
+        stats[1, S_M] = -math.inf  # no finite non-target: r = 0
+        stats[1, S_LS] = 0.0
         stats[3, S_BETA] = 0.0  # a one-term row
-    stats[2, S_LSE] = math.nan
+    stats[2, S_M] = math.nan
     if weight is not None:
         weight[2] = 0.0  # label smoothing: a class with no smoothing weight
     keep = torch.arange(n).to(backend.device) != 2

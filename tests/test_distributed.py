@@ -20,7 +20,7 @@ import torch
 
 import robustloss_fast as rl
 from robustloss_fast import _finalize, backends, distributed, reference
-from robustloss_fast._common import Kernel, KernelSpec, Reduction
+from robustloss_fast._common import Kernel, KernelSpec, Reduction, StatCol
 
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available() or not dist.is_gloo_available():  # pragma: no cover
@@ -211,16 +211,17 @@ def _check(data, world, out_dir):
             r_all = _fin_rows(data["z_hard"], data["y"], red, norm)
             value, stats = _finalize.finalize(r_all, data["y"], _fin_spec(red, norm), data["weight"], data["sw"])
             got_stats = torch.cat([res[r][f"fin/{red}/{norm}/stats"] for r in range(world)])
-            # coef carries the factor W; lse_nt is per row and unscaled.
-            _close(got_stats[:, 1] / world, stats[:, 1], f"finalize coef red={red} norm={norm}")
-            assert torch.equal(got_stats[:, 0], stats[:, 0])
+            # coef carries the factor W; lse_nt = m + ls is per row and unscaled.
+            alpha, lse = StatCol.ALPHA, slice(StatCol.M, StatCol.LS + 1)
+            _close(got_stats[:, alpha] / world, stats[:, alpha], f"finalize coef red={red} norm={norm}")
+            assert torch.equal(got_stats[:, lse], stats[:, lse])
             if red == 0:
                 got = torch.cat([res[r][f"fin/{red}/{norm}/value"] for r in range(world)]) / world
             else:
                 got = sum(res[r][f"fin/{red}/{norm}/value"] for r in range(world)) / world
             _close(got, value, f"finalize value red={red} norm={norm}")
             if red == 1 and norm:
-                assert (stats[:, 1] != 0).any(), "large |beta| underflowed every weight: the case tests nothing"
+                assert (stats[:, alpha] != 0).any(), "large |beta| underflowed every weight: the case tests nothing"
 
     for name, scheme, reduction, normalize, use_cw, use_sw in DP_CASES:
         z = data["z"].clone().requires_grad_(True)

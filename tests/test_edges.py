@@ -15,6 +15,7 @@ import torch
 
 import robustloss_fast as rf
 from robustloss_fast import backends
+from robustloss_fast._common import STAT_COLS
 from robustloss_fast.schemes import CCE, DM, GCE, IMAE, MAE, MSE, DMBeta, DMExponential, DMNormal, Focal, Scheme
 
 from _cases import SCHEMES  # noqa: E402
@@ -376,7 +377,7 @@ def test_bad_target_value_in_the_ops():
     """The ops themselves validate targets: a direct call can never read out of bounds."""
     logits = torch.randn(3, 4)
     target = torch.tensor([0, 4, 1])
-    stats = torch.zeros(3, 4)
+    stats = torch.zeros(3, STAT_COLS)
     ops = torch.ops.robustloss
     with pytest.raises(IndexError, match=r"\b4\b"):
         ops.robust_ce_forward(logits, target, 4, 1.0, 8.0, None, None, -100, 1, True)

@@ -15,21 +15,23 @@ from pathlib import Path
 
 import pytest
 
-from robustloss_fast._common import Kernel, Reduction
+from robustloss_fast._common import Kernel, Reduction, RowCol, StatCol
 
-HEADER = Path(__file__).resolve().parents[1] / "csrc" / "include" / "robustloss" / "schemes.h"
+INCLUDE = Path(__file__).resolve().parents[1] / "csrc" / "include" / "robustloss"
+HEADER = INCLUDE / "schemes.h"
+ARGS_HEADER = INCLUDE / "kernel_args.h"
 
 
 def _enum(text: str, name: str) -> dict:
-    body = re.search(r"enum\s+" + name + r"\s*:\s*int64_t\s*\{(.*?)\};", text, re.S)
-    assert body, f"enum {name} not found in {HEADER}"
+    body = re.search(r"enum\s+" + name + r"\s*:\s*\w+\s*\{(.*?)\};", text, re.S)
+    assert body, f"enum {name} not found"
     code = re.sub(r"//[^\n]*", "", body.group(1))
     return {k: int(v) for k, v in re.findall(r"(k\w+)\s*=\s*(\d+)", code)}
 
 
-def _key(name: str) -> str:
+def _key(name: str, prefix: str = "") -> str:
     """C++ kCCELS / kDMNormal and Python CCE_LS / DM_NORMAL name the same id: compare without case or '_'."""
-    return re.sub(r"^k(?=[A-Z])", "", name).replace("_", "").upper()
+    return re.sub(r"^k" + prefix + r"(?=[A-Z])", "", name).replace("_", "").upper()
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +44,14 @@ def test_ids_agree(header):
     count = cpp.pop("kNumSchemes")
     assert count == len(Kernel), f"kNumSchemes = {count}, Python has {len(Kernel)} kernels"
     assert {_key(k): v for k, v in cpp.items()} == {_key(k.name): int(k) for k in Kernel}
+
+
+@pytest.mark.parametrize("cpp,prefix,py", [("RowCol", "Row", RowCol), ("StatCol", "Stat", StatCol)])
+def test_row_and_stat_layouts_agree(cpp, prefix, py):
+    """The columns of rows and stats: kernel_args.h's enums against _common's (spec §9)."""
+    cols = _enum(ARGS_HEADER.read_text(), cpp)
+    assert cols.pop(f"k{prefix}Cols") == len(py)
+    assert {_key(k, prefix): v for k, v in cols.items()} == {_key(c.name): int(c) for c in py}
 
 
 def test_reductions_agree(header):

@@ -6,6 +6,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import robustloss_fast as rf
 from robustloss_fast import schemes
+from robustloss_fast._common import ROW_COLS
 from robustloss_fast.linear import LinearRobustCrossEntropyLoss, linear_robust_cross_entropy
 
 from _backends import thin
@@ -326,7 +327,7 @@ def test_process_group_uses_distributed_finalize(monkeypatch):
     got, want = _both(hidden, weight, bias, target, schemes.DM(), cw, sw, lambda r: torch.randn_like(r),
                       chunk_size=4, process_group=group)
     _close(got, want, rtol=1e-10, atol=1e-13)
-    assert calls == [((10, 6), 1, True, group)]
+    assert calls == [((10, ROW_COLS), 1, True, group)]
     with pytest.raises(ValueError, match="process_group"):
         linear_robust_cross_entropy(hidden, weight, target, schemes.DM(), process_group=group, grad_in_forward=True)
 

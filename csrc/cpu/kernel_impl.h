@@ -4,13 +4,13 @@
 //
 // Forward (rows): per row, the statistics of SPEC §2 over the non-target
 // classes only -- a max pass then a sum-of-exp pass over the row, the target
-// lane masked to -inf -- so q = exp(lse_nt - lse) needs no 1 - p. Then the
-// scheme math of schemes.h gives (lse_nt, log w, x). Nothing of size N x C is
-// written.
+// lane masked to -inf -- so q = exp(lse_nt - lse) needs no 1 - p. lse_nt stays
+// in its two parts (m, ls) (schemes.h: LseParts). Then the scheme math of
+// schemes.h gives (m, ls, log w, x, ...). Nothing of size N x C is written.
 //
 // Backward: per row, one pass writing g_i (alpha_i r + beta_i u) straight from
-// the logits, r_j = exp(z_j - lse_nt), then g_i gamma_i at the target; the
-// coefficients already carry the cross-row factor.
+// the logits, r_j = exp((z_j - m) - ls) = exp(z_j - m) exp(-ls), then g_i
+// gamma_i at the target; the coefficients already carry the cross-row factor.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -148,40 +148,39 @@ inline acc_t reduce_sum(const Vectorized<acc_t>& v) {
       [](const Vectorized<acc_t>& x, const Vectorized<acc_t>& z) { return x + z; }, v);
 }
 
-// logsumexp over the non-target classes (-inf when there is none, NaN when a
-// non-target logit is NaN or +inf).
+// logsumexp over the non-target classes as (m, ls): (-inf, 0) when there is
+// none, NaN when a non-target logit is NaN or +inf.
 template <typename scalar_t, typename acc_t>
-inline acc_t lse_non_target(const scalar_t* row, int64_t c, int64_t y) {
+inline LseParts<acc_t> lse_non_target(const scalar_t* row, int64_t c, int64_t y) {
   using Vec = Vectorized<acc_t>;
   constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
   if (c <= Vec::size()) {
     // Small C: the whole row is one vector, loaded once.
     const Vec v = masked_vector<scalar_t, acc_t>(row, c, y, 0);
     const acc_t m = reduce_max(v);
-    if (m != m || m == kInf) return std::numeric_limits<acc_t>::quiet_NaN();
-    if (m == kNegInf<acc_t>) return m;
-    return m + std::log(reduce_sum(vexp(v - Vec(m))));
+    if (m == kNegInf<acc_t>) return lse_parts(m, acc_t(0), false);
+    return lse_parts(m, m != m || m == kInf ? acc_t(0) : reduce_sum(vexp(v - Vec(m))), m != m || m == kInf);
   }
   // Two passes (max, then sum of exp): the second reads the row from cache.
   auto vmax_of = [](const Vec& x, const Vec& v) { return at::vec::maximum(x, v); };
   const acc_t m = reduce_max(fold_non_target<scalar_t, acc_t>(row, c, y, Vec(kNegInf<acc_t>), vmax_of, vmax_of));
-  if (m != m || m == kInf) return std::numeric_limits<acc_t>::quiet_NaN();
-  if (m == kNegInf<acc_t>) return m;
+  if (m != m || m == kInf || m == kNegInf<acc_t>) return lse_parts(m, acc_t(0), m != m || m == kInf);
   const Vec vm(m);
   const Vec vsum = fold_non_target<scalar_t, acc_t>(
       row, c, y, Vec(acc_t(0)), [&](const Vec& x, const Vec& v) { return x + vexp(v - vm); },
       [](const Vec& x, const Vec& v) { return x + v; });
-  return m + std::log(reduce_sum(vsum));
+  return lse_parts(m, reduce_sum(vsum), false);
 }
 
-// sum_k u_k (z_y - z_k) over the whole row, the two-term schemes' extra
-// reduction (u = 1 when u == nullptr). A class with u_k = 0 adds 0 even when
-// masked (0 * inf would be NaN); lanes past the end read as z_y and add 0.
+// sum_k u_k (ref - z_k) over the whole row, the two-term schemes' extra
+// reduction (u = 1 when u == nullptr), ref = schemes.h's spread_ref. A class
+// with u_k = 0 adds 0 even when masked (0 * inf would be NaN); lanes past the
+// end read as ref and add 0.
 template <typename scalar_t, typename acc_t>
-inline acc_t spread_sum(const scalar_t* row, int64_t c, acc_t z_y, const acc_t* u) {
+inline acc_t spread_sum(const scalar_t* row, int64_t c, acc_t ref, const acc_t* u) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t K = Vec::size();
-  const Vec vy(z_y), zero(acc_t(0));
+  const Vec vy(ref), zero(acc_t(0));
   Vec a0(acc_t(0)), a1(acc_t(0));
   auto term = [&](const Vec& z, const acc_t* uj, int64_t count) {
     Vec d = vy - z;
@@ -236,16 +235,17 @@ inline void vfocal_terms(const Vectorized<acc_t>& l, acc_t g, Vectorized<acc_t>&
 
 // NFL's sums over the non-target classes of F and h (a third pass over the row).
 template <typename scalar_t, typename acc_t>
-inline void focal_sums(const scalar_t* row, int64_t c, int64_t y, acc_t lse, acc_t g, acc_t& sum_F, acc_t& sum_h) {
+inline void focal_sums(const scalar_t* row, int64_t c, int64_t y, LseParts<acc_t> lse, acc_t g, acc_t& sum_F,
+                       acc_t& sum_h) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t K = Vec::size();
-  const Vec zero(acc_t(0)), vlse(lse), lane = Vec::arange(acc_t(0), acc_t(1));
+  const Vec zero(acc_t(0)), vm(lse.m), vls(lse.ls), lane = Vec::arange(acc_t(0), acc_t(1));
   Vec sF(acc_t(0)), sH(acc_t(0));
   for (int64_t j = 0; j < c; j += K) {
     const int64_t count = std::min<int64_t>(K, c - j);
-    const Vec z = vload_fill<scalar_t, acc_t>(row + j, count, vlse);
+    const Vec z = vload_fill<scalar_t, acc_t>(row + j, count, vm);
     Vec P, F, h;
-    vfocal_terms<acc_t>(z - vlse, g, P, F, h);
+    vfocal_terms<acc_t>((z - vm) - vls, g, P, F, h);
     Vec skip = lane >= Vec(acc_t(count));
     if (y >= j && y < j + K) skip = skip | (lane == Vec(acc_t(y - j)));
     sF = sF + Vec::blendv(F, zero, skip);
@@ -275,39 +275,41 @@ void rows_typed(const RowsArgs& args) {
   at::parallel_for(0, args.n, grain(args.c), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t y = args.target[i];
-      acc_t* o = out + 6 * i;
+      acc_t* o = out + kRowCols * i;
       if (y == args.ignore_index) {
-        o[0] = kNegInf<acc_t>;
-        o[1] = kNegInf<acc_t>;
-        o[2] = o[3] = o[4] = o[5] = 0;
+        o[kRowM] = o[kRowLogW] = kNegInf<acc_t>;
+        o[kRowLs] = o[kRowX] = o[kRowAlpha] = o[kRowBeta] = o[kRowGamma] = 0;
         continue;
       }
       const scalar_t* row = logits + i * args.row_stride;
       const acc_t z_y = static_cast<acc_t>(row[y]);
-      const acc_t lse_nt = row_lse_nt(z_y, lse_non_target<scalar_t, acc_t>(row, args.c, y));
-      const RowProb<acc_t> pr = row_prob<acc_t>(z_y, lse_nt);
+      const LseParts<acc_t> nt = row_lse_nt(z_y, lse_non_target<scalar_t, acc_t>(row, args.c, y));
+      const RowProb<acc_t> pr = row_prob<acc_t>(z_y, nt);
       RowGrad<acc_t> g;
-      acc_t lw, col0 = lse_nt;
+      acc_t lw;
+      LseParts<acc_t> cols01 = nt;
       if (is_p_form(args.scheme)) {
-        col0 = nfl_lse(z_y, lse_nt, pr);  // P-form: the backward needs P_j = exp(z_j - lse)
+        cols01 = nfl_lse(z_y, nt, pr);  // P-form: the backward needs P_j = exp((z_j - m) - ls)
         acc_t sum_F, sum_h;
-        focal_sums<scalar_t, acc_t>(row, args.c, y, col0, a, sum_F, sum_h);
+        focal_sums<scalar_t, acc_t>(row, args.c, y, cols01, a, sum_F, sum_h);
         g = nfl_row<acc_t>(a, b, pr, sum_F, sum_h);
         lw = two_term_log_weight(g);
       } else if (two_term) {
-        const acc_t spread = spread_sum<scalar_t, acc_t>(row, args.c, z_y, u);
-        g = two_term_row<acc_t>(args.scheme, a, b, pr, spread, U, u ? u[y] : acc_t(1), static_cast<acc_t>(args.c));
+        const acc_t spread = spread_sum<scalar_t, acc_t>(row, args.c, spread_ref(nt, z_y), u);
+        const acc_t lambda = two_term_lambda(pr, nt, z_y, spread, U);
+        g = two_term_row<acc_t>(args.scheme, a, b, pr, lambda, U, u ? u[y] : acc_t(1), static_cast<acc_t>(args.c));
         lw = two_term_log_weight(g);
       } else {
         lw = log_weight<acc_t>(args.scheme, a, b, pr);
-        g = one_term_row<acc_t>(args.scheme, a, b, lw, pr, args.normalised, lse_nt);
+        g = one_term_row<acc_t>(args.scheme, a, b, lw, pr, args.normalised, nt);
       }
-      o[0] = col0;
-      o[1] = lw;
-      o[2] = g.x;
-      o[3] = g.alpha;
-      o[4] = g.beta;
-      o[5] = g.gamma;
+      o[kRowM] = cols01.m;
+      o[kRowLs] = cols01.ls;
+      o[kRowLogW] = lw;
+      o[kRowX] = g.x;
+      o[kRowAlpha] = g.alpha;
+      o[kRowBeta] = g.beta;
+      o[kRowGamma] = g.gamma;
     }
   });
 }
@@ -333,49 +335,54 @@ void backward_typed(const BackwardArgs& args) {
         std::fill(o, o + c, scalar_t(0));
         continue;
       }
-      const acc_t* st = stats + 4 * i;
-      const acc_t lse_nt = st[0];
+      const acc_t* st = stats + kStatCols * i;
+      const acc_t m = st[kStatM], ls = st[kStatLs];
       const acc_t g = args.grad_per_row ? grad[i] : grad[0];
-      const acc_t ga = g * st[1], gb = g * st[2], gy = g * st[3];
-      if (lse_nt != lse_nt) {
+      const acc_t gb = g * st[kStatBeta], gy = g * st[kStatGamma];
+      if (m != m || ls != ls) {
         // A NaN row (SPEC §6). Written directly: the fast vector exp clamps
         // its input and would turn NaN into a finite or infinite number.
-        std::fill(o, o + c, static_cast<scalar_t>(lse_nt));
+        std::fill(o, o + c, static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN()));
         continue;
       }
       const scalar_t* row = logits + i * args.row_stride;
       if (nfl) {
-        // P-form (schemes.h, nfl_row): out = g (alpha P + beta h(P)), P = exp(z - lse).
-        const Vec va(ga), vb(gb), vl(lse_nt);
+        // P-form (schemes.h, nfl_row): out = g (alpha P + beta h(P)), P = exp((z - m) - ls).
+        const Vec va(g * st[kStatAlpha]), vb(gb), vm(m), vls(ls);
         for (int64_t j = 0; j < c; j += K) {
           const int64_t count = std::min<int64_t>(K, c - j);
-          const Vec z = vload_fill<scalar_t, acc_t>(row + j, count, vl);
+          const Vec z = vload_fill<scalar_t, acc_t>(row + j, count, vm);
           Vec P, F, h;
-          vfocal_terms<acc_t>(z - vl, gamma_f, P, F, h);
+          vfocal_terms<acc_t>((z - vm) - vls, gamma_f, P, F, h);
           vstore<scalar_t, acc_t>(o + j, va * P + vb * h, count);
         }
-      } else if (lse_nt == kNegInf<acc_t>) {
+      } else if (m == kNegInf<acc_t>) {
         // No finite non-target logit: r = 0 (SPEC §3), only the beta term is left.
         for (int64_t j = 0; j < c; ++j) o[j] = static_cast<scalar_t>(gb * (u ? u[j] : acc_t(1)));
-      } else if (gb == acc_t(0)) {
-        // One-term rows (every SPEC §4 scheme): out = g alpha r.
-        const Vec vg(ga), vl(lse_nt);
-        int64_t j = 0;
-        for (; j + K <= c; j += K) vstore<scalar_t, acc_t>(o + j, vg * vexp(vload<scalar_t, acc_t>(row + j) - vl), K);
-        if (j < c) {
-          const int64_t count = c - j;
-          const Vec v = vload_fill<scalar_t, acc_t>(row + j, count, Vec(kNegInf<acc_t>));
-          vstore<scalar_t, acc_t>(o + j, vg * vexp(v - vl), count);
-        }
       } else {
-        // Two-term rows: out = g (alpha r + beta u).
-        const Vec vg(ga), vb(gb), vl(lse_nt);
-        int64_t j = 0;
-        for (; j < c; j += K) {
-          const int64_t count = std::min<int64_t>(K, c - j);
-          const Vec v = vload_fill<scalar_t, acc_t>(row + j, count, Vec(kNegInf<acc_t>));
-          const Vec uj = u == nullptr ? Vec(acc_t(1)) : vload_fill<acc_t, acc_t>(u + j, count, Vec(acc_t(0)));
-          vstore<scalar_t, acc_t>(o + j, at::vec::fmadd(vb, uj, vg * vexp(v - vl)), count);
+        // r_j = exp(z_j - m) exp(-ls): z_j - m is exact for nearby logits at any
+        // offset, and exp(-ls) in [1/C, 1] folds into the row's factor (one
+        // scalar exp per row instead of a second subtraction per logit).
+        const acc_t ga = g * st[kStatAlpha] * std::exp(-ls);
+        const Vec vg(ga), vm(m);
+        if (gb == acc_t(0)) {
+          // One-term rows (every SPEC §4 scheme): out = g alpha r.
+          int64_t j = 0;
+          for (; j + K <= c; j += K) vstore<scalar_t, acc_t>(o + j, vg * vexp(vload<scalar_t, acc_t>(row + j) - vm), K);
+          if (j < c) {
+            const int64_t count = c - j;
+            const Vec v = vload_fill<scalar_t, acc_t>(row + j, count, Vec(kNegInf<acc_t>));
+            vstore<scalar_t, acc_t>(o + j, vg * vexp(v - vm), count);
+          }
+        } else {
+          // Two-term rows: out = g (alpha r + beta u).
+          const Vec vb(gb);
+          for (int64_t j = 0; j < c; j += K) {
+            const int64_t count = std::min<int64_t>(K, c - j);
+            const Vec v = vload_fill<scalar_t, acc_t>(row + j, count, Vec(kNegInf<acc_t>));
+            const Vec uj = u == nullptr ? Vec(acc_t(1)) : vload_fill<acc_t, acc_t>(u + j, count, Vec(acc_t(0)));
+            vstore<scalar_t, acc_t>(o + j, at::vec::fmadd(vb, uj, vg * vexp(v - vm)), count);
+          }
         }
       }
       o[y] = static_cast<scalar_t>(gy);

@@ -34,8 +34,9 @@ at::Tensor check_target(const at::Tensor& target_in, const at::Tensor& logits, i
 }
 
 // The cross-row step of SPEC §5, in double, sequentially (deterministic and
-// O(N): small next to the O(N C) row pass). rows = (lse_nt, log w, x, alpha,
-// beta, gamma); stats = (lse_nt, alpha, beta, gamma) scaled by s_i / D.
+// O(N): small next to the O(N C) row pass). rows = (m, ls, log w, x, alpha,
+// beta, gamma); stats = (m, ls, alpha, beta, gamma), the coefficients scaled
+// by s_i / D (kernel_args.h: RowCol, StatCol).
 // weight_in_rows (label smoothing): the rows already carry the class weights,
 // so s_i is the sample weight alone; the mean's D is still sum weight[y_i].
 template <typename acc_t>
@@ -57,9 +58,12 @@ void finalize(const at::Tensor& rows_t, const at::Tensor& target_t, const c10::o
     if (sw) s *= static_cast<double>(sw[i]);
     return s;
   };
+  auto row = [&](int64_t i, int col) { return rows[kRowCols * i + col]; };
+  auto stat = [&](int64_t i, int col) -> acc_t& { return stats[kStatCols * i + col]; };
   for (int64_t i = 0; i < n; ++i) {
-    stats[4 * i] = rows[6 * i];
-    stats[4 * i + 1] = stats[4 * i + 2] = stats[4 * i + 3] = 0;
+    stat(i, kStatM) = row(i, kRowM);
+    stat(i, kStatLs) = row(i, kRowLs);
+    stat(i, kStatAlpha) = stat(i, kStatBeta) = stat(i, kStatGamma) = 0;
   }
 
   if (reduction == kMean && normalize) {
@@ -69,7 +73,7 @@ void finalize(const at::Tensor& rows_t, const at::Tensor& target_t, const c10::o
     bool saw_nan = false;
     for (int64_t i = 0; i < n; ++i) {
       if (target[i] == ignore_index || s_of(i) == 0.0) continue;
-      const double lw = rows[6 * i + 1];
+      const double lw = row(i, kRowLogW);
       if (std::isnan(lw)) saw_nan = true;
       else m = std::max(m, lw);
     }
@@ -83,10 +87,11 @@ void finalize(const at::Tensor& rows_t, const at::Tensor& target_t, const c10::o
         if (s == 0.0) continue;
         // exp in the accumulator type (expf for float input: several times
         // cheaper than exp in double, and as exact as the row statistics).
-        const double se = s * static_cast<double>(std::exp(static_cast<acc_t>(rows[6 * i + 1] - static_cast<acc_t>(m))));
+        const double e = static_cast<double>(std::exp(static_cast<acc_t>(row(i, kRowLogW) - static_cast<acc_t>(m))));
+        const double se = s * e;
         denom += std::fabs(se);
-        num += se * static_cast<double>(rows[6 * i + 2]);
-        stats[4 * i + 1] = static_cast<acc_t>(se);
+        num += normalised_term(s, e, static_cast<double>(row(i, kRowX)), static_cast<double>(row(i, kRowLogW)));
+        stat(i, kStatAlpha) = static_cast<acc_t>(se);
       }
     }
     if (denom != 0.0) {  // NaN passes too: it must reach every row
@@ -94,13 +99,13 @@ void finalize(const at::Tensor& rows_t, const at::Tensor& target_t, const c10::o
       for (int64_t i = 0; i < n; ++i) {
         if (target[i] == ignore_index || s_of(i) == 0.0) continue;  // rows that do not count keep coef 0
         // G = 0 for a row with no finite non-target logit (SPEC §3); it still counts in D.
-        const acc_t coef = rows[6 * i] == -static_cast<acc_t>(inf) ? acc_t(0) : static_cast<acc_t>(stats[4 * i + 1] * scale);
-        stats[4 * i + 1] = coef;
-        stats[4 * i + 3] = -coef;
+        const acc_t coef = row(i, kRowM) == -static_cast<acc_t>(inf) ? acc_t(0) : static_cast<acc_t>(stat(i, kStatAlpha) * scale);
+        stat(i, kStatAlpha) = coef;
+        stat(i, kStatGamma) = -coef;
       }
       value[0] = static_cast<acc_t>(num / denom);
     } else {
-      for (int64_t i = 0; i < n; ++i) stats[4 * i + 1] = 0;  // D = 0: no gradient at all (SPEC §5)
+      for (int64_t i = 0; i < n; ++i) stat(i, kStatAlpha) = 0;  // D = 0: no gradient at all (SPEC §5)
       value[0] = 0;
     }
     return;
@@ -115,9 +120,9 @@ void finalize(const at::Tensor& rows_t, const at::Tensor& target_t, const c10::o
     denom += weight ? static_cast<double>(weight[target[i]]) : 1.0;
     const double s = s_of(i);
     // A row with s = 0 contributes 0, even where its raw weight overflowed (0 * inf).
-    const double sx = s == 0.0 ? 0.0 : s * static_cast<double>(rows[6 * i + 2]);
-    for (int k = 1; k <= 3; ++k)
-      stats[4 * i + k] = s == 0.0 ? acc_t(0) : static_cast<acc_t>(s * static_cast<double>(rows[6 * i + 2 + k]));
+    const double sx = s == 0.0 ? 0.0 : s * static_cast<double>(row(i, kRowX));
+    for (int k = 0; k < 3; ++k)
+      stat(i, kStatAlpha + k) = s == 0.0 ? acc_t(0) : static_cast<acc_t>(s * static_cast<double>(row(i, kRowAlpha + k)));
     if (reduction == kNone) value[i] = static_cast<acc_t>(sx);
     total += sx;
   }
@@ -127,8 +132,8 @@ void finalize(const at::Tensor& rows_t, const at::Tensor& target_t, const c10::o
     // PyTorch's rule: divide by the summed class weights of the valid rows.
     value[0] = denom != 0.0 ? static_cast<acc_t>(total / denom) : acc_t(0);
     for (int64_t i = 0; i < n; ++i)
-      for (int k = 1; k <= 3; ++k)
-        stats[4 * i + k] = denom != 0.0 ? static_cast<acc_t>(stats[4 * i + k] / denom) : acc_t(0);
+      for (int k = kStatAlpha; k < kStatCols; ++k)
+        stat(i, k) = denom != 0.0 ? static_cast<acc_t>(stat(i, k) / denom) : acc_t(0);
   }
 }
 
@@ -158,7 +163,7 @@ at::Tensor rows_cpu(const at::Tensor& logits_in, const at::Tensor& target_in, in
   check_scheme(scheme);
   check_normalisable(scheme, normalised);
   const auto u = check_weight(smooth_weight_in, logits);
-  at::Tensor rows = at::empty({logits.size(0), 6}, logits.options().dtype(acc_dtype(logits)));
+  at::Tensor rows = at::empty({logits.size(0), kRowCols}, logits.options().dtype(acc_dtype(logits)));
   cpu::kernels().rows(make_rows_args(logits, target, scheme, a, b, u, ignore_index, normalised, rows));
   return rows;
 }
@@ -182,12 +187,12 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& logits_in, cons
   const bool smooth = weight_in_rows(scheme);
   const c10::optional<at::Tensor> u = smooth ? weight : c10::nullopt;
 
-  at::Tensor rows = at::empty({n, 6}, logits.options().dtype(acc));
+  at::Tensor rows = at::empty({n, kRowCols}, logits.options().dtype(acc));
   cpu::kernels().rows(make_rows_args(logits, target, scheme, a, b, u, ignore_index, normalised, rows));
 
   at::Tensor value = reduction == kNone ? at::empty({n}, logits.options().dtype(acc))
                                         : at::empty({}, logits.options().dtype(acc));
-  at::Tensor stats = at::empty({n, 4}, logits.options().dtype(acc));
+  at::Tensor stats = at::empty({n, kStatCols}, logits.options().dtype(acc));
   if (acc == at::kDouble) {
     finalize<double>(rows, target, weight, sw, ignore_index, reduction, normalize, smooth, value, stats);
   } else {

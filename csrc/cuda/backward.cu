@@ -1,12 +1,15 @@
 // The gradient pass (SPEC §3; the op robust_ce_backward of SPEC §9.2): one
 // kernel reads each row of logits once and writes its gradient once, from the
-// row's stats (N, 4) that the forward's cross-row step (finalize.cu) left.
+// row's stats (N, 5) = (m, ls, alpha, beta, gamma) that the forward's
+// cross-row step (finalize.cu) left.
 //
 // backward_kernel -- g (alpha r_j + beta u_j) off the target and g gamma at it
-// (SPEC §8.1), r_j = exp(z_j - lse_nt), with the row pass's row-to-threads
-// layout (common.cuh) and 16-byte stores aligned on the output row. NFL (its
-// own instantiation) writes g (alpha P_j + beta h_j) with P_j = exp(z_j - lse)
-// and h_j its focal term, lse from the stats' column 0 (P-form, SPEC §8.5). A
+// (SPEC §8.1), r_j = exp((z_j - m) - ls) = exp(z_j - m) exp(-ls) (SPEC §2.2:
+// z_j - m is exact for nearby logits at any offset; exp(-ls) folds into the
+// row's factor), with the row pass's row-to-threads layout (common.cuh) and
+// 16-byte stores aligned on the output row. NFL (its own instantiation) writes
+// g (alpha P_j + beta h_j) with P_j = exp((z_j - m) - ls) and h_j its focal
+// term, lse = m + ls from the stats' columns 0-1 (P-form, SPEC §8.5). A
 // row with a bad target gets NaN: this op never synchronises to report it.
 #include "common.cuh"
 
@@ -21,7 +24,7 @@ struct BackwardParams {
   int64_t n, c, row_stride;
   const int64_t* target;
   int64_t ignore_index;
-  const acc_t* stats;  // (n, 4): lse_nt, alpha, beta, gamma (NFL: lse, alpha, beta, gamma)
+  const acc_t* stats;  // (n, kStatCols): m, ls, alpha, beta, gamma (NFL: lse's m, ls, then alpha, beta, gamma)
   const acc_t* u;      // smooth weight (c,), or nullptr (all 1)
   const acc_t* grad;
   bool grad_per_row;
@@ -67,29 +70,31 @@ __global__ void __launch_bounds__(BLOCK) backward_kernel(const BackwardParams<T>
       fill_row<T, TPR>(out, p.c, static_cast<T>(nan<acc_t>()), lane);
       continue;
     }
-    const acc_t* st = p.stats + 4 * i;
-    const acc_t lse_nt = st[0];  // NFL: lse
-    if (lse_nt != lse_nt) {  // a NaN row (SPEC §6): NaN everywhere, as the CPU kernel writes it
-      fill_row<T, TPR>(out, p.c, static_cast<T>(lse_nt), lane);
+    const acc_t* st = p.stats + kStatCols * i;
+    const acc_t m = st[kStatM], ls = st[kStatLs];  // NFL: lse's parts
+    if (m != m || ls != ls) {  // a NaN row (SPEC §6): NaN everywhere, as the CPU kernel writes it
+      fill_row<T, TPR>(out, p.c, static_cast<T>(nan<acc_t>()), lane);
       continue;
     }
     const acc_t g = p.grad_per_row ? p.grad[i] : p.grad[0];
-    const acc_t ga = g * st[1], gb = g * st[2], gy = g * st[3];
+    const acc_t gb = g * st[kStatBeta], gy = g * st[kStatGamma];
+    // NFL multiplies P_j itself; the others fold exp(-ls) of r_j into alpha.
+    const acc_t ga = NFL ? g * st[kStatAlpha] : g * st[kStatAlpha] * dexp(-ls);
     // r = 0 when no non-target logit is finite (SPEC §3); one-term rows have
     // beta = 0 and skip the load of u. (NFL has no such case: every P_j is
-    // exp(z_j - lse), as on the CPU.)
-    [[maybe_unused]] const bool with_r = lse_nt != -inf<acc_t>();
+    // exp((z_j - m) - ls), as on the CPU.)
+    [[maybe_unused]] const bool with_r = m != -inf<acc_t>();
     [[maybe_unused]] const bool with_u = gb != acc_t(0);
     const T* in = p.logits + i * p.row_stride;
     auto grad_of = [&](int64_t j, acc_t z) -> T {
       if (j == y) return static_cast<T>(gy);
       if constexpr (NFL) {
-        // g (alpha P_j + beta h_j), P_j = exp(z_j - lse), h_j of focal_terms_of_logit (schemes.h).
-        const acc_t l = z - lse_nt;
+        // g (alpha P_j + beta h_j), P_j = exp((z_j - m) - ls), h_j of focal_terms_of_logit (schemes.h).
+        const acc_t l = (z - m) - ls;
         const acc_t P = dexp(l);
         return static_cast<T>(ga * P + gb * focal_terms<acc_t>(p.a, l, P, -dexpm1(l)).h);
       } else {
-        acc_t v = with_r ? ga * dexp(z - lse_nt) : acc_t(0);
+        acc_t v = with_r ? ga * dexp(z - m) : acc_t(0);
         if (with_u) v += gb * (p.u ? p.u[j] : acc_t(1));
         return static_cast<T>(v);
       }

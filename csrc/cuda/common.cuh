@@ -3,8 +3,8 @@
 // its own translation unit, so nvcc compiles them in parallel and a change to
 // one recompiles only that one:
 //
-//   rows.cu      rows_kernel: the row statistics and coefficients, rows (N, 6)
-//   finalize.cu  partials_kernel + apply_kernel: the cross-row step, stats (N, 4)
+//   rows.cu      rows_kernel: the row statistics and coefficients, rows (N, 7)
+//   finalize.cu  partials_kernel + apply_kernel: the cross-row step, stats (N, 5)
 //   backward.cu  backward_kernel: the gradient
 //
 // None holds anything of size N x C. This header defines no kernel, so no
@@ -14,23 +14,19 @@
 //
 // Determinism (SPEC §6.3): no atomics take part in any value. The order of
 // every sum is fixed by (N, C, the row's address modulo 16 bytes): the same
-// tensors give bitwise the same outputs, run after run. The one atomic
-// (atomicMin on the bad-target slot) computes a minimum, whose result does
-// not depend on order.
+// tensors give bitwise the same outputs, run after run.
 //
 // Bad targets (SPEC §6.4): the kernels check every target themselves; a row
-// whose target is neither ignore_index nor in [0, C) is skipped (never read or
-// written out of bounds): the row kernel writes NaN statistics and atomicMin's
-// the row index into a one-int64 device slot preset to N; finalize counts such
-// a row nowhere; backward writes a NaN row. The forward and rows ops
-// (robust_ce_cuda_ops.cpp) then read the slot back -- one 8-byte
-// device-to-host copy and one stream synchronisation per call, which also
-// means the host cannot queue the next kernels before the forward finishes (a
-// few microseconds of launch latency exposed per step). If the slot is below N
-// they read the bad value (a second copy, on the error path only) and raise
-// IndexError through TORCH_CHECK_INDEX with ROBUSTLOSS_BAD_TARGET_MSG. Under
-// CUDA-graph capture the read-back is skipped (a sync is illegal there): bad
-// rows then give NaN silently. The backward op never synchronises.
+// whose target is neither ignore_index nor in [0, C) is never read or written
+// out of bounds. The row kernel stops with a device-side assertion naming the
+// condition (RL_DEVICE_ASSERT below), as PyTorch's own CUDA losses do: the
+// host never waits for the device to learn about it, so a training step
+// issues no device-to-host synchronisation (and CUDA-graph capture needs no
+// special case). Where the assertion cannot stop the kernel (the emulator
+// records it and raises after the launch), the row's statistics are NaN;
+// finalize counts such a row nowhere and backward writes a NaN row. The
+// host-side check that names the value and its position is opt-in
+// (robustloss_fast.set_validate_targets): it costs one synchronisation.
 //
 // Offsets: every row offset and column index is int64, so N * C past 2^31
 // elements is fine.
@@ -53,6 +49,18 @@
 
 #include "robust_ce_cuda.h"
 #include "robustloss/schemes.h"
+
+// A device-side assertion that NDEBUG does not remove (c10's CUDA_KERNEL_ASSERT_MSG):
+// the kernel stops and the next CUDA call reports it. The emulator defines its own.
+#ifndef RL_DEVICE_ASSERT
+#define RL_DEVICE_ASSERT(cond, msg) CUDA_KERNEL_ASSERT_MSG(cond, msg)
+#endif
+
+// What a bad target's assertion says (ROBUSTLOSS_BAD_TARGET_MSG's words, without
+// the value: the device has no formatted message).
+#define RL_BAD_TARGET_ASSERT_MSG                                                                    \
+  "robust_cross_entropy: target out of bounds: expected 0 <= target < num_classes or target == "  \
+  "ignore_index (robustloss_fast.set_validate_targets(True) names the value and its position)"
 
 namespace robustloss {
 namespace cuda {
@@ -198,8 +206,8 @@ __device__ __forceinline__ Lse<acc_t> lse_warp_reduce(Lse<acc_t> v) {
   return v;
 }
 
-// The sum pair of the two-term schemes' second pass: spread = sum_k u_k (z_y
-// - z_k) and U = sum_k u_k (U only with a smooth weight: else it is C); for
+// The sum pair of the two-term schemes' second pass: spread = sum_k u_k (M
+// - z_k) (schemes.h: spread_ref) and U = sum_k u_k (U only with a smooth weight: else it is C); for
 // NFL, (sum F_k, sum h_k) over the non-target classes.
 template <typename acc_t>
 struct Spread {

@@ -1,8 +1,8 @@
 // The cross-row step (SPEC §5, §9.4) on the device, in double: from the
-// row pass's rows (N, 6) = (lse_nt, log w, x, alpha, beta, gamma), the target
-// and the weights, the forward op's value and stats (N, 4) = (lse_nt, alpha,
+// row pass's rows (N, 7) = (m, ls, log w, x, alpha, beta, gamma), the target
+// and the weights, the forward op's value and stats (N, 5) = (m, ls, alpha,
 // beta, gamma), the same as robustloss_fast/_finalize.py computes in tensor
-// ops.
+// ops (column names: kernel_args.h, RowCol and StatCol).
 //
 // For "mean"/"sum", partials_kernel cuts the N rows into at most 256 chunks
 // (the cut depends only on N) and reduces each with a fixed tree: (max log w,
@@ -108,7 +108,7 @@ __global__ void __launch_bounds__(kFinBlock) partials_kernel(const FinParams<acc
     for (int64_t i = lo + threadIdx.x; i < hi; i += kFinBlock) {
       const RowScale r = row_scale(p, i);
       if (!r.valid || r.s == 0.0) continue;
-      const double lw = static_cast<double>(p.rows[6 * i + 1]);
+      const double lw = static_cast<double>(p.rows[kRowCols * i + kRowLogW]);
       if (lw != lw) saw_nan = 1.0;
       else m = fmax(m, lw);
     }
@@ -119,9 +119,10 @@ __global__ void __launch_bounds__(kFinBlock) partials_kernel(const FinParams<acc
       for (int64_t i = lo + threadIdx.x; i < hi; i += kFinBlock) {
         const RowScale r = row_scale(p, i);
         if (!r.valid || r.s == 0.0) continue;
-        const double e = exp(static_cast<double>(p.rows[6 * i + 1]) - m);
+        const double e = exp(static_cast<double>(p.rows[kRowCols * i + kRowLogW]) - m);
         d += fabs(r.s) * e;
-        num += r.s * e * static_cast<double>(p.rows[6 * i + 2]);
+        num += normalised_term(r.s, e, static_cast<double>(p.rows[kRowCols * i + kRowX]),
+                               static_cast<double>(p.rows[kRowCols * i + kRowLogW]));
       }
     }
     d = block_sum(d, buf);
@@ -137,7 +138,7 @@ __global__ void __launch_bounds__(kFinBlock) partials_kernel(const FinParams<acc
       const RowScale r = row_scale(p, i);
       if (!r.valid) continue;
       // A row with s = 0 adds 0 even where its raw value overflowed (0 * inf).
-      if (r.s != 0.0) total += r.s * static_cast<double>(p.rows[6 * i + 2]);
+      if (r.s != 0.0) total += r.s * static_cast<double>(p.rows[kRowCols * i + kRowX]);
       den += r.cw;
     }
     total = block_sum(total, buf);
@@ -166,7 +167,7 @@ __device__ __forceinline__ void merge_normalised(double& m, double& d, double& n
 }
 
 // Merge the partials (same fixed tree in every block), then per row: stats =
-// (lse_nt, alpha, beta, gamma) and, for "none", the value. Normalised: (coef,
+// (m, ls, alpha, beta, gamma) and, for "none", the value. Normalised: (coef,
 // 0, -coef) with coef = s e / (2 D); else s_i / D times the row's (alpha,
 // beta, gamma).
 template <typename acc_t>
@@ -207,27 +208,31 @@ __global__ void __launch_bounds__(kFinBlock) apply_kernel(const FinParams<acc_t>
        i += static_cast<int64_t>(gridDim.x) * kFinBlock) {
     const RowScale r = row_scale(p, i);
     const bool counts = r.valid && r.s != 0.0;
-    const acc_t* row = p.rows + 6 * i;
-    acc_t* st = p.stats + 4 * i;
-    st[0] = row[0];
+    const acc_t* row = p.rows + kRowCols * i;
+    acc_t* st = p.stats + kStatCols * i;
+    st[kStatM] = row[kRowM];
+    st[kStatLs] = row[kRowLs];
     if (p.normalised) {
       // D = g1 (NaN passes the test: it must reach every row that counts). G
       // = 0 for a row with no finite non-target logit (SPEC §3); it still
       // counts in D.
       double coef = 0.0;
-      if (counts && g1 != 0.0 && row[0] != -inf<acc_t>())
-        coef = r.s * exp(static_cast<double>(row[1]) - g0) / (2.0 * g1);
-      st[1] = static_cast<acc_t>(coef);
-      st[2] = acc_t(0);
-      st[3] = static_cast<acc_t>(-coef);
+      if (counts && g1 != 0.0 && row[kRowM] != -inf<acc_t>())
+        coef = r.s * exp(static_cast<double>(row[kRowLogW]) - g0) / (2.0 * g1);
+      st[kStatAlpha] = static_cast<acc_t>(coef);
+      st[kStatBeta] = acc_t(0);
+      st[kStatGamma] = static_cast<acc_t>(-coef);
     } else {
       // PyTorch's mean: D = sum weight[y] over the valid rows.
       double scale = counts ? r.s : 0.0;
       if (p.reduction == kMean) scale = g1 != 0.0 ? scale / g1 : 0.0;
 #pragma unroll
-      for (int k = 1; k <= 3; ++k) st[k] = scale == 0.0 ? acc_t(0) : static_cast<acc_t>(scale * static_cast<double>(row[2 + k]));
+      for (int k = 0; k < 3; ++k) {
+        st[kStatAlpha + k] =
+            scale == 0.0 ? acc_t(0) : static_cast<acc_t>(scale * static_cast<double>(row[kRowAlpha + k]));
+      }
     }
-    if (p.reduction == kNone) p.value[i] = counts ? static_cast<acc_t>(r.s * static_cast<double>(row[2])) : acc_t(0);
+    if (p.reduction == kNone) p.value[i] = counts ? static_cast<acc_t>(r.s * static_cast<double>(row[kRowX])) : acc_t(0);
   }
 
   if (blockIdx.x == 0 && t == 0 && p.reduction != kNone) {

@@ -18,7 +18,7 @@ using robustloss::BackwardArgs;
 using robustloss::RowsArgs;
 
 // The cross-row step (SPEC §5; finalize.cu) on the device: (value, stats) from rows (n, 6)
-// = (lse_nt, log w, x, alpha, beta, gamma).
+// = (m, ls, log w, x, alpha, beta, gamma).
 struct FinalizeArgs {
   bool is_double;  // accumulator type of rows/weights/value/stats
   const void* rows;
@@ -31,7 +31,7 @@ struct FinalizeArgs {
   bool weight_in_rows;  // label smoothing: rows already carry `weight`, so s_i is the sample weight alone
   double* workspace;    // finalize_workspace_size(n) doubles
   void* value;          // (n,) for reduction none, else one element
-  void* stats;          // (n, 4): lse_nt (NFL: lse, copied from rows), alpha, beta, gamma
+  void* stats;          // (n, kStatCols): m, ls (NFL: of lse, copied from rows), alpha, beta, gamma
 };
 
 // Doubles of scratch the finalize step needs for n rows (0 for n == 0).

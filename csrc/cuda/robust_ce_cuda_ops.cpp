@@ -1,13 +1,12 @@
 // CUDA implementations of the robustloss ops: argument checks, device guard,
-// stream, launches of the kernels (rows.cu, finalize.cu, backward.cu), and the
-// bad-target read-back. Autograd and fake kernels are registered once, in Python
-// (robustloss_fast/_ops.py), for every dispatch key.
+// stream and the launches of the kernels (rows.cu, finalize.cu, backward.cu).
+// Autograd is registered once in C++ (ops.cpp), the fake kernels in Python
+// (robustloss_fast/backends/compiled.py), for every dispatch key.
 //
-// Cost of the target check (see "Bad targets" in common.cuh): the forward
-// and rows ops each copy one int64 back to the host and synchronise the
-// current stream once; the backward op never synchronises.
+// No op reads anything back from the device: a bad target stops the row
+// kernel with a device-side assertion ("Bad targets" in common.cuh), so a
+// training step never synchronises the host with the stream.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -23,28 +22,10 @@ void check_on_cuda(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda(), "robustloss: the CUDA kernel got ", name, " on ", t.device());
 }
 
-// A device slot for the first row with a bad target: starts at n ("none").
-at::Tensor bad_target_slot(const at::Tensor& target) {
-  return at::full({1}, target.size(0), target.options());
-}
-
-// Reads the slot back (one small copy, one sync) and raises IndexError naming
-// the bad value. Skipped while the stream is captured into a CUDA graph, where
-// a sync is illegal: the kernels skipped the bad rows, which then hold NaN.
-void raise_if_bad_target(const at::Tensor& slot, const at::Tensor& target, int64_t c, int64_t ignore_index) {
-  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) return;
-  const int64_t pos = slot.item<int64_t>();
-  if (pos < target.size(0)) {
-    const int64_t value = target[pos].item<int64_t>();
-    TORCH_CHECK_INDEX(false, ROBUSTLOSS_BAD_TARGET_MSG(value, pos, c, ignore_index));
-  }
-}
-
 void launch_rows_for(const at::Tensor& logits, const at::Tensor& target, int64_t scheme, double a, double b,
                      const c10::optional<at::Tensor>& smooth_weight, int64_t ignore_index, bool normalised,
-                     at::Tensor& rows, at::Tensor& slot) {
+                     at::Tensor& rows) {
   RowsArgs args = make_rows_args(logits, target, scheme, a, b, smooth_weight, ignore_index, normalised, rows);
-  args.first_bad = slot.data_ptr<int64_t>();
   cuda::launch_rows(args, c10::cuda::getCurrentCUDAStream());
 }
 
@@ -58,11 +39,9 @@ at::Tensor rows_cuda(const at::Tensor& logits_in, const at::Tensor& target_in, i
   check_normalisable(scheme, normalised);
   const auto u = check_weight(smooth_weight_in, logits);
   const int64_t n = logits.size(0);
-  at::Tensor rows = at::empty({n, 6}, logits.options().dtype(acc_dtype(logits)));
+  at::Tensor rows = at::empty({n, kRowCols}, logits.options().dtype(acc_dtype(logits)));
   if (n == 0) return rows;
-  at::Tensor slot = bad_target_slot(target);
-  launch_rows_for(logits, target, scheme, a, b, u, ignore_index, normalised, rows, slot);
-  raise_if_bad_target(slot, target, logits.size(1), ignore_index);
+  launch_rows_for(logits, target, scheme, a, b, u, ignore_index, normalised, rows);
   return rows;
 }
 
@@ -87,7 +66,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& logits_in, con
   const bool smooth = weight_in_rows(scheme);
   const c10::optional<at::Tensor> u = smooth ? weight : c10::nullopt;
 
-  at::Tensor stats = at::empty({n, 4}, logits.options().dtype(acc));
+  at::Tensor stats = at::empty({n, kStatCols}, logits.options().dtype(acc));
   if (n == 0) {  // SPEC §5: an empty batch has value 0
     at::Tensor value = reduction == kNone ? at::empty({0}, logits.options().dtype(acc))
                                           : at::zeros({}, logits.options().dtype(acc));
@@ -95,9 +74,8 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& logits_in, con
   }
   at::Tensor value = reduction == kNone ? at::empty({n}, logits.options().dtype(acc))
                                         : at::empty({}, logits.options().dtype(acc));
-  at::Tensor rows = at::empty({n, 6}, logits.options().dtype(acc));
-  at::Tensor slot = bad_target_slot(target);
-  launch_rows_for(logits, target, scheme, a, b, u, ignore_index, normalised, rows, slot);
+  at::Tensor rows = at::empty({n, kRowCols}, logits.options().dtype(acc));
+  launch_rows_for(logits, target, scheme, a, b, u, ignore_index, normalised, rows);
 
   at::Tensor workspace = at::empty({cuda::finalize_workspace_size(n)}, logits.options().dtype(at::kDouble));
   cuda::FinalizeArgs fin;
@@ -117,7 +95,6 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& logits_in, con
   fin.stats = stats.data_ptr();
   cuda::launch_finalize(fin, c10::cuda::getCurrentCUDAStream());
 
-  raise_if_bad_target(slot, target, logits.size(1), ignore_index);
   return {value, stats};
 }
 

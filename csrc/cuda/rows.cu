@@ -1,7 +1,7 @@
 // The row pass (SPEC §2, §4; the two-term schemes of SPEC §8; the op
 // robust_ce_rows of SPEC §9.3): one kernel reads each row of logits and writes
-// its statistics and gradient coefficients, rows (N, 6) = (lse_nt, log w, x,
-// alpha, beta, gamma). The forward op hands them to the cross-row step
+// its statistics and gradient coefficients, rows (N, 7) = (m, ls, log w, x,
+// alpha, beta, gamma), lse_nt = m + ls kept in its two parts (SPEC §2.2). The forward op hands them to the cross-row step
 // (finalize.cu); robust_ce_rows returns them as they are.
 //
 // rows_kernel -- a group of TPR threads owns a row (layouts: common.cuh). Each
@@ -13,15 +13,16 @@
 // merged by a fixed shuffle tree (and, for a block, a fixed tree through
 // shared memory). Two-term schemes (label smoothing, NCE/APL; their own kernel
 // instantiations) take a second pass of the same shape over the whole row for
-// spread = sum_k u_k (z_y - z_k) and U = sum_k u_k (SPEC §8.2), merged by the
+// spread = sum_k u_k (M - z_k) and U = sum_k u_k (SPEC §8.2), M the row's
+// largest logit handed from lane 0 (schemes.h: spread_ref), merged by the
 // same trees. NFL (its own instantiation too) first hands the row's lse =
-// nfl_lse(z_y, lse_nt) from lane 0 to the group (a shuffle, or shared memory
-// for a block), then its second pass sums the focal terms (F_k, h_k) of the
+// nfl_lse(z_y, lse_nt), both its parts, from lane 0 to the group (shuffles, or
+// shared memory for a block), then its second pass sums the focal terms (F_k, h_k) of the
 // non-target classes, merged by the same trees. Lane 0 then evaluates the
 // scheme math of robustloss/schemes.h -- the same functions the CPU kernel
-// calls -- and writes the row; NFL writes lse in column 0 ("P-form", SPEC
-// §8.5). A row with a bad target gets NaN statistics and lowers the
-// bad-target slot (common.cuh).
+// calls -- and writes the row; NFL writes lse in columns 0-1 ("P-form", SPEC
+// §8.5). A row with a bad target stops the kernel with a device-side
+// assertion (common.cuh: bad targets).
 #include "common.cuh"
 
 namespace robustloss {
@@ -68,21 +69,22 @@ __device__ __forceinline__ void lse_row_share(Lse<acc_t>& st, const T* row, int6
       });
 }
 
-// This thread's share of (spread, U) over the whole row, target included (as
+// This thread's share of (spread, U) over the whole row, target included, the
+// spread taken from ref = schemes.h's spread_ref (as
 // the CPU kernel: its term is 0 for a finite z_y). A class with u_k = 0 adds 0
 // even when masked (0 * inf would be NaN). u is read one element at a time:
 // its alignment is not the row's.
 template <typename T, int TPR, typename acc_t>
-__device__ __forceinline__ void spread_row_share(Spread<acc_t>& st, const T* row, int64_t c, acc_t z_y,
+__device__ __forceinline__ void spread_row_share(Spread<acc_t>& st, const T* row, int64_t c, acc_t ref,
                                                  const acc_t* u, int lane) {
   constexpr int K = Pack<T>::kVec;
   auto add = [&](int64_t j, acc_t z) {
     if (u == nullptr) {
-      st.s += z_y - z;
+      st.s += ref - z;
     } else {
       const acc_t w = u[j];
       st.u += w;
-      if (w != acc_t(0)) st.s += w * (z_y - z);
+      if (w != acc_t(0)) st.s += w * (ref - z);
     }
   };
   row_share<T, TPR>(
@@ -98,11 +100,11 @@ __device__ __forceinline__ void spread_row_share(Spread<acc_t>& st, const T* row
 // focal_terms_of_logit(g, z_k, lse), with this file's exp/expm1). A masked
 // class adds (inf, -1), as on the CPU; the target adds nothing.
 template <typename T, int TPR, typename acc_t>
-__device__ __forceinline__ void focal_row_share(Spread<acc_t>& st, const T* row, int64_t c, int64_t y, acc_t lse,
-                                                acc_t g, int lane) {
+__device__ __forceinline__ void focal_row_share(Spread<acc_t>& st, const T* row, int64_t c, int64_t y,
+                                                LseParts<acc_t> lse, acc_t g, int lane) {
   constexpr int K = Pack<T>::kVec;
   auto add = [&](int64_t j, acc_t z) {
-    const acc_t l = z - lse;
+    const acc_t l = (z - lse.m) - lse.ls;
     const FocalTerms<acc_t> t = focal_terms<acc_t>(g, l, dexp(l), -dexpm1(l));
     const bool skip = j == y;  // a select, not a branch: the lanes of a pack stay converged
     st.s += skip ? acc_t(0) : t.F;
@@ -146,13 +148,19 @@ struct RowsParams {
   bool normalised;
   const acc_t* u;  // smooth weight (c,), or nullptr (all 1)
   acc_t* rows;
-  long long* first_bad;
 };
 
-// The row's lse_nt from its merged online state (valid in lane 0 of the group).
+// The row's lse_nt = m + ls, in its two parts, from its merged online state
+// (valid in lane 0 of the group): (-inf, 0) without a finite non-target logit.
 template <typename acc_t>
-__device__ __forceinline__ acc_t lse_nt_of(const Lse<acc_t>& st, acc_t z_y) {
-  return row_lse_nt(z_y, st.bad ? nan<acc_t>() : (st.m == -inf<acc_t>() ? st.m : st.m + dlog(st.s)));
+__device__ __forceinline__ LseParts<acc_t> nt_of(const Lse<acc_t>& st, acc_t z_y) {
+  LseParts<acc_t> nt{st.m, acc_t(0)};
+  if (st.bad) {
+    nt.m = nt.ls = nan<acc_t>();
+  } else if (st.m != -inf<acc_t>()) {
+    nt.ls = dlog(st.s);
+  }
+  return row_lse_nt(z_y, nt);
 }
 
 // The second pass over a row, after its logsumexp: none (one-term schemes),
@@ -173,7 +181,7 @@ __global__ void __launch_bounds__(BLOCK) rows_kernel(const RowsParams<T> p) {
   constexpr int kSmem = TPR > 32 ? BLOCK / 32 : 1;
   __shared__ Lse<acc_t> smem[kSmem];
   __shared__ Spread<acc_t> smem_spread[kSmem];
-  __shared__ acc_t smem_lse[1];  // NFL, block layouts: the row's lse for every thread
+  __shared__ acc_t smem_lse[2];  // block layouts: NFL's lse (m, ls), the spread's reference, for every thread
   const int lane = static_cast<int>(threadIdx.x) % TPR;
   const int group = static_cast<int>(threadIdx.x) / TPR;
 
@@ -199,18 +207,28 @@ __global__ void __launch_bounds__(BLOCK) rows_kernel(const RowsParams<T> p) {
     }
 
     Spread<acc_t> sp{acc_t(0), acc_t(0)};
-    acc_t lse = acc_t(0);  // NFL: the row's logsumexp over all classes
+    LseParts<acc_t> lse{acc_t(0), acc_t(0)};  // NFL: the row's logsumexp over all classes
     if constexpr (PASS != kNoPass) {
       if constexpr (PASS == kSpreadPass) {
-        if (work) spread_row_share<T, TPR>(sp, row, p.c, static_cast<acc_t>(row[y]), p.u, lane);
-      } else {
-        acc_t head = acc_t(0);
+        // The merged state is lane 0's (block layouts: thread 0's): it hands the
+        // spread's reference to the group, as NFL's pass below hands its lse.
+        acc_t ref = acc_t(0);
         if (lane == 0 && work) {
           const acc_t z_y = static_cast<acc_t>(row[y]);
-          const acc_t lse_nt = lse_nt_of(st, z_y);
-          head = nfl_lse(z_y, lse_nt, row_prob<acc_t>(z_y, lse_nt));
+          ref = spread_ref(nt_of(st, z_y), z_y);
         }
-        lse = group_broadcast<TPR>(head, smem_lse);
+        ref = group_broadcast<TPR>(ref, smem_lse);
+        if (work) spread_row_share<T, TPR>(sp, row, p.c, ref, p.u, lane);
+      } else {
+        LseParts<acc_t> head{acc_t(0), acc_t(0)};
+        if (lane == 0 && work) {
+          const acc_t z_y = static_cast<acc_t>(row[y]);
+          const LseParts<acc_t> nt = nt_of(st, z_y);
+          head = nfl_lse(z_y, nt, row_prob<acc_t>(z_y, nt));
+        }
+        // Two slots: the second broadcast must not overwrite a value a thread has yet to read.
+        lse.m = group_broadcast<TPR>(head.m, smem_lse);
+        lse.ls = group_broadcast<TPR>(head.ls, smem_lse + 1);
         if (work) focal_row_share<T, TPR>(sp, row, p.c, y, lse, p.a, lane);
       }
       if constexpr (TPR <= 32) {
@@ -222,19 +240,18 @@ __global__ void __launch_bounds__(BLOCK) rows_kernel(const RowsParams<T> p) {
     }
 
     if (lane == 0 && live) {
-      acc_t* out = p.rows + 6 * i;
+      acc_t* out = p.rows + kRowCols * i;
       if (ignored) {
-        out[0] = -inf<acc_t>();
-        out[1] = -inf<acc_t>();
-        out[2] = out[3] = out[4] = out[5] = acc_t(0);
+        out[kRowM] = out[kRowLogW] = -inf<acc_t>();
+        out[kRowLs] = out[kRowX] = out[kRowAlpha] = out[kRowBeta] = out[kRowGamma] = acc_t(0);
       } else if (!in_range) {
-        atomicMin(p.first_bad, static_cast<long long>(i));
+        RL_DEVICE_ASSERT(false, RL_BAD_TARGET_ASSERT_MSG);
 #pragma unroll
-        for (int k = 0; k < 6; ++k) out[k] = nan<acc_t>();
+        for (int k = 0; k < kRowCols; ++k) out[k] = nan<acc_t>();
       } else {
         const acc_t z_y = static_cast<acc_t>(row[y]);
-        const acc_t lse_nt = lse_nt_of(st, z_y);
-        const RowProb<acc_t> pr = row_prob<acc_t>(z_y, lse_nt);
+        const LseParts<acc_t> nt = nt_of(st, z_y);
+        const RowProb<acc_t> pr = row_prob<acc_t>(z_y, nt);
         RowGrad<acc_t> g;
         acc_t lw;
         if constexpr (PASS == kFocalPass) {
@@ -242,18 +259,21 @@ __global__ void __launch_bounds__(BLOCK) rows_kernel(const RowsParams<T> p) {
           lw = two_term_log_weight(g);
         } else if constexpr (PASS == kSpreadPass) {
           const acc_t U = p.u ? sp.u : static_cast<acc_t>(p.c);
-          g = two_term_row<acc_t>(p.scheme, p.a, p.b, pr, sp.s, U, p.u ? p.u[y] : acc_t(1), static_cast<acc_t>(p.c));
+          const acc_t lambda = two_term_lambda(pr, nt, z_y, sp.s, U);
+          g = two_term_row<acc_t>(p.scheme, p.a, p.b, pr, lambda, U, p.u ? p.u[y] : acc_t(1), static_cast<acc_t>(p.c));
           lw = two_term_log_weight(g);
         } else {
           lw = log_weight<acc_t>(p.scheme, p.a, p.b, pr);
-          g = one_term_row<acc_t>(p.scheme, p.a, p.b, lw, pr, p.normalised, lse_nt);
+          g = one_term_row<acc_t>(p.scheme, p.a, p.b, lw, pr, p.normalised, nt);
         }
-        out[0] = PASS == kFocalPass ? lse : lse_nt;  // NFL's rows are in P-form (schemes.h: nfl_row)
-        out[1] = lw;
-        out[2] = g.x;
-        out[3] = g.alpha;
-        out[4] = g.beta;
-        out[5] = g.gamma;
+        const LseParts<acc_t> cols01 = PASS == kFocalPass ? lse : nt;  // NFL's rows are in P-form (schemes.h: nfl_row)
+        out[kRowM] = cols01.m;
+        out[kRowLs] = cols01.ls;
+        out[kRowLogW] = lw;
+        out[kRowX] = g.x;
+        out[kRowAlpha] = g.alpha;
+        out[kRowBeta] = g.beta;
+        out[kRowGamma] = g.gamma;
       }
     }
   }
@@ -295,7 +315,6 @@ void rows_typed(const RowsArgs& a, cudaStream_t stream) {
   p.normalised = a.normalised;
   p.u = static_cast<const acc_t*>(a.smooth_weight);
   p.rows = static_cast<acc_t*>(a.rows);
-  p.first_bad = reinterpret_cast<long long*>(a.first_bad);
   with_layout<T>(a.c, [&](auto tpr, auto block) {
     rows_launch<T, decltype(tpr)::value, decltype(block)::value>(p, stream);
   });

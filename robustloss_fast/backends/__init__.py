@@ -8,11 +8,11 @@ up here and calls it through one interface, a ``Backend``:
     the differentiable loss on canonical rows ``(N, C)`` (spec §5 reduction
     included), its gradient the spec §3 one;
 ``rows(logits, target, spec, weight) -> rows``
-    the row pass alone, ``(N, 6) = (lse_nt, log w, x, alpha, beta, gamma)``
+    the row pass alone, ``(N, 7) = (m, ls, log w, x, alpha, beta, gamma)``
     (spec §9), for callers that combine rows of several calls (chunks, shards)
     before the cross-row step ``robustloss_fast._finalize.finalize``;
 ``grad(grad, logits, target, stats, spec, weight) -> grad_logits``
-    the gradient pass from the per-row ``stats (N, 4)``.
+    the gradient pass from the per-row ``stats (N, 5) = (m, ls, alpha, beta, gamma)``.
 
 ``spec`` is the call's ``KernelSpec`` (``robustloss_fast._common``); ``weight``
 is the class-weight vector, which each backend routes into the rows where the

@@ -5,14 +5,15 @@ The C++ library ``robustloss`` defines (csrc/ops.cpp; spec §9):
 ``robust_ce_forward(logits, target, scheme, a, b, weight?, sample_weight?,
 ignore_index, reduction, normalize) -> (value, stats)``
     the fused forward: row statistics, emphasis, cross-row normaliser D and
-    the reduced value; ``stats`` (N, 4) = (lse_nt, alpha, beta, gamma) per row.
+    the reduced value; ``stats`` (N, 5) = (m, ls, alpha, beta, gamma) per row,
+    ``lse_nt = m + ls`` kept as its two parts (spec §2.2).
 ``robust_ce_backward(grad, logits, target, stats, smooth_weight?, ignore_index, scheme, a) -> grad_logits``
     one pass over the logits writing ``g (alpha r_j + beta u_j)`` off the
     target and ``g gamma`` at it (``u = smooth_weight``, 1 when None);
     ``scheme``/``a`` are the forward's: NFL's stats are in P-form,
     ``g (alpha P_j + beta h(P_j))``.
 ``robust_ce_rows(logits, target, scheme, a, b, smooth_weight?, ignore_index, normalised) -> rows``
-    the row pass alone: (N, 6) = (lse_nt, log w, x, alpha, beta, gamma) per
+    the row pass alone: (N, 7) = (m, ls, log w, x, alpha, beta, gamma) per
     row, for callers that combine rows from several calls before normalising
     (chunked or distributed batches).
 
@@ -27,7 +28,7 @@ from typing import Optional
 
 import torch
 
-from .._common import KernelSpec, acc_dtype
+from .._common import ROW_COLS, STAT_COLS, KernelSpec, acc_dtype
 from . import Backend
 
 EXT = None
@@ -88,7 +89,7 @@ if EXT is not None:
         acc = acc_dtype(logits.dtype)
         n = logits.shape[0]
         value = logits.new_empty((n,) if reduction == 0 else (), dtype=acc)
-        stats = logits.new_empty((n, 4), dtype=acc)
+        stats = logits.new_empty((n, STAT_COLS), dtype=acc)
         return value, stats
 
     @torch.library.register_fake(f"{_lib}::robust_ce_backward")
@@ -97,4 +98,4 @@ if EXT is not None:
 
     @torch.library.register_fake(f"{_lib}::robust_ce_rows")
     def _rows_fake(logits, target, scheme, a, b, smooth_weight, ignore_index, normalised):
-        return logits.new_empty((logits.shape[0], 6), dtype=acc_dtype(logits.dtype))
+        return logits.new_empty((logits.shape[0], ROW_COLS), dtype=acc_dtype(logits.dtype))

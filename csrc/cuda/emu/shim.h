@@ -12,7 +12,11 @@
 // - 16-byte loads and stores abort unless 16-byte aligned, as they would fault
 //   on a GPU;
 // - EMU_MAX_GRID caps the grid of the grid-stride kernels, to exercise their
-//   loops with few rows.
+//   loops with few rows;
+// - a device-side assertion (RL_DEVICE_ASSERT) that fails is recorded, the
+//   thread goes on, and the launch raises it as a RuntimeError once the
+//   block's threads are joined (on a GPU the kernel stops and the next CUDA
+//   call fails with it).
 #pragma once
 
 #include <c10/util/Exception.h>
@@ -37,6 +41,18 @@
 #define C10_CUDA_KERNEL_LAUNCH_CHECK() \
   do {                                 \
   } while (0)
+
+namespace emu {
+
+inline std::atomic<const char*> failed_assertion{nullptr};
+
+inline void device_assert(bool cond, const char* msg) {
+  if (!cond) failed_assertion.store(msg);
+}
+
+}  // namespace emu
+
+#define RL_DEVICE_ASSERT(cond, msg) emu::device_assert(static_cast<bool>(cond), msg)
 
 namespace emu {
 
@@ -88,6 +104,9 @@ void launch(void (*kernel)(P), int grid, int block, P p, bool exact) {
     });
   }
   for (auto& t : threads) t.join();
+  if (const char* msg = failed_assertion.exchange(nullptr)) {
+    TORCH_CHECK(false, "emulated CUDA error: device-side assertion failed: ", msg);
+  }
 }
 
 }  // namespace emu

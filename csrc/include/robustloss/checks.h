@@ -70,8 +70,8 @@ inline c10::optional<at::Tensor> check_sample_weight(const c10::optional<at::Ten
 }
 
 inline at::Tensor check_stats(const at::Tensor& stats, const at::Tensor& logits) {
-  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == logits.size(0) && stats.size(1) == 4,
-              "robustloss: stats must have shape (", logits.size(0), ", 4), got ", stats.sizes());
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == logits.size(0) && stats.size(1) == kStatCols,
+              "robustloss: stats must have shape (", logits.size(0), ", ", int(kStatCols), "), got ", stats.sizes());
   TORCH_CHECK(stats.device() == logits.device(), "robustloss: stats is on ", stats.device(), " but logits are on ",
               logits.device());
   return stats.to(acc_dtype(logits)).contiguous();

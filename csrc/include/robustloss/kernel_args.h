@@ -13,37 +13,60 @@
 
 namespace robustloss {
 
-// The row pass (SPEC §2-§4): rows (n, 6) = (lse_nt, log w, x, alpha, beta,
-// gamma) per row (schemes.h: RowGrad), in the accumulator type (float, or
-// double for double logits).
+// The columns of the row pass's output, rows (n, kRowCols), and of the stats
+// the gradient pass reads, stats (n, kStatCols) (spec §9). (m, ls) is lse_nt =
+// m + ls in its two parts (schemes.h: LseParts); P-form rows hold lse there.
+// robustloss_fast/_common.py names the same columns (RowCol, StatCol), and
+// tests/test_kernel_ids.py reads these enums back against it.
+enum RowCol : int {
+  kRowM = 0,
+  kRowLs = 1,
+  kRowLogW = 2,
+  kRowX = 3,
+  kRowAlpha = 4,
+  kRowBeta = 5,
+  kRowGamma = 6,
+  kRowCols = 7,
+};
+enum StatCol : int {
+  kStatM = 0,
+  kStatLs = 1,
+  kStatAlpha = 2,
+  kStatBeta = 3,
+  kStatGamma = 4,
+  kStatCols = 5,
+};
+
+// The row pass (SPEC §2-§4): rows (n, kRowCols) = (m, ls, log w, x, alpha,
+// beta, gamma) per row (schemes.h: RowGrad), in the accumulator type (float,
+// or double for double logits).
 struct RowsArgs {
   c10::ScalarType dtype;  // of the logits
   const void* logits;     // (n, c), classes contiguous, rows `row_stride` elements apart
   int64_t n, c, row_stride;
-  const int64_t* target;  // (n,); the CPU checks it before the kernel, CUDA inside it
+  const int64_t* target;  // (n,); the CPU checks it before the kernel, CUDA inside it (a device assertion)
   int64_t ignore_index;
   int64_t scheme;
   double a, b;
   bool normalised;                // derivative-normalised "mean": x = -log p
   const void* smooth_weight;      // (c,) accumulator type: u of label smoothing; nullptr = all 1
-  void* rows;                     // (n, 6) accumulator type
-  int64_t* first_bad = nullptr;   // CUDA: device slot preset to n, lowered to the first bad row
+  void* rows;                     // (n, kRowCols) accumulator type
 };
 
 // The gradient pass, one row at a time: out_j = g (alpha r_j + beta u_j) for
-// j != y, out_y = g gamma; r_j = exp(z_j - lse_nt) (0 when lse_nt = -inf).
+// j != y, out_y = g gamma; r_j = exp((z_j - m) - ls) (0 when m = -inf).
 struct BackwardArgs {
   c10::ScalarType dtype;
   const void* logits;
   int64_t n, c, row_stride;
   const int64_t* target;
   int64_t ignore_index;
-  const void* stats;          // (n, 4) accumulator type: lse_nt, alpha, beta, gamma
+  const void* stats;          // (n, kStatCols) accumulator type: m, ls, alpha, beta, gamma
   const void* smooth_weight;  // (c,) accumulator type: u; nullptr = all 1
   const void* grad;   // accumulator type: one value, or n values
   bool grad_per_row;
   void* out;  // (n, c) contiguous, dtype of the logits
-  // NFL (kNFL) reads its stats in P-form: (lse, alpha, beta, gamma) with
+  // NFL (kNFL) reads its stats in P-form: (m, ls) of lse, then (alpha, beta, gamma), with
   // out_j = g (alpha P_j + beta h(P_j)), h of schemes.h's focal_terms(a, ...).
   int64_t scheme = -1;
   double a = 0.0;

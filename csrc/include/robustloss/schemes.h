@@ -1,7 +1,7 @@
 // The scheme math of SPEC §2-§5, once, for every C++ backend (CPU and CUDA).
 //
 // Everything here is per row and scalar: the kernels reduce a row to
-// (z_y, lse_nt), and these functions turn that into p, q, the log-emphasis
+// (z_y, lse_nt = m + ls), and these functions turn that into p, q, the log-emphasis
 // log w(p) and the per-row value. The kernel table mirrors
 // robustloss_fast/schemes.py (KERNEL_IDS) and robustloss_fast/reference.py.
 #pragma once
@@ -78,27 +78,50 @@ RL_HD T log1p_unit(T t) {
   return u == T(1) ? t : log(u) * (t / (u - T(1)));
 }
 
-// SPEC §6: a NaN or +inf target logit makes its whole row NaN. The kernels
-// reduce the non-target classes only, so they pass their lse_nt through here.
+// A log-sum-exp in its two parts, lse = m + ls (spec §2.2): m the largest
+// finite logit of the sum, ls = log sum exp(z_j - m), in [0, log C]. The sum
+// m + ls is never formed: at logits of 1e8 a float m + ls is m alone, so
+// every use subtracts m from a logit first (exact for nearby logits) and ls
+// after. A sum with no finite term is (-inf, 0); a NaN row is (NaN, NaN).
 template <typename T>
-RL_HD T row_lse_nt(T z_y, T lse_nt) {
-  return (z_y != z_y || z_y == std::numeric_limits<T>::infinity()) ? std::numeric_limits<T>::quiet_NaN() : lse_nt;
+struct LseParts {
+  T m, ls;
+};
+
+// SPEC §6: a NaN or +inf target logit makes its whole row NaN. The kernels
+// reduce the non-target classes only, so they pass lse_nt's parts through here.
+template <typename T>
+RL_HD LseParts<T> row_lse_nt(T z_y, LseParts<T> nt) {
+  if (z_y != z_y || z_y == std::numeric_limits<T>::infinity()) {
+    nt.m = nt.ls = std::numeric_limits<T>::quiet_NaN();
+  }
+  return nt;
+}
+
+// (m, ls) from a merged online (max, sum of exp(z - max)) state.
+template <typename T>
+RL_HD LseParts<T> lse_parts(T m, T s, bool bad) {
+  using std::log;
+  if (bad) return {std::numeric_limits<T>::quiet_NaN(), std::numeric_limits<T>::quiet_NaN()};
+  if (m == -std::numeric_limits<T>::infinity()) return {m, T(0)};
+  return {m, log(s)};
 }
 
 // The probabilities of one row from its target logit and lse_nt (SPEC §2).
-// With d = z_y - lse_nt (the margin): log p = -softplus(-d), log q = -softplus(d).
-// q is never formed as 1 - p, so it stays exact for margins of 100+.
+// With d = (z_y - m) - ls (the margin z_y - lse_nt): log p = -softplus(-d),
+// log q = -softplus(d). q is never formed as 1 - p, so it stays exact for
+// margins of 100+.
 template <typename T>
 struct RowProb {
   T logp, logq, p, q;
 };
 
 template <typename T>
-RL_HD RowProb<T> row_prob(T z_y, T lse_nt) {
+RL_HD RowProb<T> row_prob(T z_y, LseParts<T> nt) {
   using std::exp;
   using std::fabs;
   using std::log1p;
-  T d = z_y - lse_nt;
+  T d = (z_y - nt.m) - nt.ls;
   // A +inf target logit is not a valid input (SPEC §6: NaN for the row); the
   // margin alone would read it as p = 1.
   if (z_y == std::numeric_limits<T>::infinity()) d = std::numeric_limits<T>::quiet_NaN();
@@ -116,6 +139,41 @@ RL_HD RowProb<T> row_prob(T z_y, T lse_nt) {
   r.q = pos ? small : big;
   if (d != d) r.p = r.q = d;  // NaN margin: every output NaN (the selects above would pick a side)
   return r;
+}
+
+// a + b p, the Poly formula's factor of w = 2q (a + b p), from the smaller of p
+// and q: as (a + b) - b q for p >= 1/2, exact as p -> 1 when b = -a (Poly-1
+// with epsilon = -1, whose factor is q); directly for p < 1/2, exact as
+// p -> 0 when a = 0 (RCE, whose factor is b p).
+template <typename T>
+RL_HD T poly_factor(T a, T b, const RowProb<T>& r) {
+  return r.p >= r.q ? (a + b) - b * r.q : a + b * r.p;
+}
+
+// -log p - q = sum_{k >= 2} q^k / k >= 0. Formed directly it cancels to q^2/2
+// as p -> 1 (Poly-1 with epsilon = -1 is all of it), so for q < 1/4 the series
+// is summed instead, to the type's precision (0.25^14 < float's epsilon,
+// 0.25^30 < double's); above, the subtraction loses at most 3 bits.
+template <typename T>
+RL_HD T neglogp_minus_q(const RowProb<T>& r) {
+  if (!(r.q < T(0.25))) return -r.logp - r.q;  // NaN too
+  constexpr int kTerms = sizeof(T) == 4 ? 16 : 32;
+  T h = T(1) / T(kTerms);
+  for (int k = kTerms - 1; k >= 2; --k) h = T(1) / T(k) + r.q * h;
+  return r.q * r.q * h;
+}
+
+// A row's term s e x of the derivative-normalised value (SPEC §5.3), e its
+// normalised weight. An infinite x (-log p of a masked target) keeps its
+// infinity even where e underflowed to 0 in the accumulation type: any
+// weight w > 0 times +inf is +inf, so the value's limit does not depend on
+// the precision the cross-row step runs in; only an exact w = 0 (log w =
+// -inf) gives 0 * inf = NaN.
+template <typename T>
+RL_HD T normalised_term(T s, T e, T x, T logw) {
+  const T inf = std::numeric_limits<T>::infinity();
+  if ((x == inf || x == -inf) && logw > -inf && e == T(0)) return s > T(0) ? x : -x;  // s != 0: it counts
+  return s * e * x;
 }
 
 // log w(p): the log of the emphasis. Normalised weights are a softmax over the
@@ -148,7 +206,7 @@ RL_HD T log_weight(int64_t id, T a, T b, const RowProb<T>& r) {
     case kDMBeta:
       return (a == T(1) ? T(0) : (a - T(1)) * r.logp) + (b == T(1) ? T(0) : (b - T(1)) * r.logq);
     case kPoly:
-      return ln2 + r.logq + log(a + b * r.p);
+      return ln2 + r.logq + log(poly_factor(a, b, r));
     case kFocal: {
       if (r.p >= r.q) {
         // w = 2 q^(g+1) (1 + g p (-log p) / q), all in logs: q underflows at
@@ -182,7 +240,8 @@ RL_HD T loss_value(int64_t id, T a, T b, const RowProb<T>& r) {
     case kGCE:
       return -expm1(a * r.logp) / a;
     case kPoly:
-      return (a == T(0) ? T(0) : -a * r.logp) + b * r.q;
+      // -a log p + b q = a (-log p - q) + (a + b) q: the first term without cancellation.
+      return (a == T(0) ? T(0) : a * neglogp_minus_q(r)) + (a + b) * r.q;
     case kFocal:
       return a == T(0) ? -r.logp : -exp(a * r.logq) * r.logp;
     case kTaylor: {
@@ -213,33 +272,52 @@ RL_HD T row_x(int64_t id, T a, T b, T logw, const RowProb<T>& r, bool derivative
 }
 
 // The per-row gradient of every scheme, before the cross-row factor: with
-// r_j = exp(z_j - lse_nt) (the softmax over the non-target classes),
+// r_j = exp((z_j - m) - ls) (the softmax over the non-target classes),
 //
 //     dL/dz_j = alpha r_j + beta u_j   (j != y),      dL/dz_y = gamma,
 //
 // and x the row's value. One-term schemes have alpha = w/2, beta = 0,
 // gamma = -w/2 (SPEC §3). The rows op writes (alpha, beta, gamma) next to
-// (lse_nt, log w, x); the cross-row step scales them by s_i / D.
+// (m, ls, log w, x); the cross-row step scales them by s_i / D.
 template <typename T>
 struct RowGrad {
   T x, alpha, beta, gamma;
 };
 
+// The reference the spread is taken from: the row's largest finite logit, the
+// target's included (M = max(m, z_y); z_y where no non-target logit is finite).
+template <typename T>
+RL_HD T spread_ref(LseParts<T> nt, T z_y) {
+  return z_y > nt.m ? z_y : nt.m;
+}
+
+// Lambda = sum_k u_k (-log P_k) (SPEC §8.2) from spread = sum_k u_k (M - z_k),
+// M = spread_ref: with lseM = log sum_j exp(z_j - M) in [0, log C],
+// -log P_k = (M - z_k) + lseM, so Lambda = spread + U lseM is a sum of
+// non-negative terms: no cancellation, and no overflow before Lambda itself
+// leaves the float range. lseM is -log p where the target is the max, else
+// ls - log q (both exact). A masked class with u_k > 0 (the target's too)
+// makes the spread, and Lambda, +inf.
+template <typename T>
+RL_HD T two_term_lambda(const RowProb<T>& r, LseParts<T> nt, T z_y, T spread, T U) {
+  const T lse_m = z_y > nt.m ? -r.logp : nt.ls - r.logq;
+  return spread + (U == T(0) ? T(0) : U * lse_m);
+}
+
 // A two-term scheme's row. For L(p, Lambda) with Lambda = sum_k u_k (-log P_k),
 // a = p dL/dp and l = dL/dLambda (U = sum_k u_k):
 //   alpha = q (U l - a),  beta = -l,  gamma = q a + l (U p - u_y),
 // from dp/dz_j = p (e_y - P)_j, dLambda/dz_j = U P_j - u_j and P_j = q r_j.
-// `spread` = sum_k u_k (z_y - z_k), so Lambda = U (-log p) + spread exactly
-// (-log P_k = -log p + z_y - z_k): +inf when a class with u_k > 0 is masked.
+// `lambda` comes from two_term_lambda.
 template <typename T>
-RL_HD RowGrad<T> two_term_row(int64_t id, T a, T b, const RowProb<T>& r, T spread, T U, T u_y, T num_classes) {
+RL_HD RowGrad<T> two_term_row(int64_t id, T a, T b, const RowProb<T>& r, T lambda, T U, T u_y, T num_classes) {
   const T nlp = -r.logp;
-  const T lambda = U * nlp + spread;
   RowGrad<T> g;
   if (id == kCCELS) {
     // PyTorch's label smoothing: (1 - eps) u_y CE + (eps / C) sum_k u_k (-log P_k).
+    // A zero factor adds nothing even against an infinite term (0 * inf would be NaN).
     const T eps = a, sm = a / num_classes, hard = (T(1) - a) * u_y;
-    g.x = hard * nlp + (eps == T(0) ? T(0) : sm * lambda);  // 0 * inf: eps = 0 is plain CE
+    g.x = (hard == T(0) ? T(0) : hard * nlp) + (eps == T(0) ? T(0) : sm * lambda);
     g.alpha = r.q * (U * sm + hard);
     g.beta = -sm;
     g.gamma = -r.q * hard + sm * (U * r.p - u_y);
@@ -287,20 +365,21 @@ RL_HD FocalTerms<T> focal_terms(T g, T l, T P, T Q) {
   return t;
 }
 
-// One non-target class of NFL from its logit: l = z - lse, P = e^l, Q = -expm1(l).
+// One non-target class of NFL from its logit: l = (z - m) - ls, P = e^l, Q = -expm1(l).
 template <typename T>
-RL_HD FocalTerms<T> focal_terms_of_logit(T g, T z, T lse) {
+RL_HD FocalTerms<T> focal_terms_of_logit(T g, T z, LseParts<T> lse) {
   using std::exp;
   using std::expm1;
-  const T l = z - lse;
+  const T l = (z - lse.m) - lse.ls;
   return focal_terms<T>(g, l, exp(l), -expm1(l));
 }
 
-// NFL's rows and stats hold lse (not lse_nt): lse_nt - log q, or z_y when no
-// non-target logit is finite (log q = -inf there).
+// NFL's rows and stats hold lse (not lse_nt): (m, ls - log q), or (z_y, 0)
+// when no non-target logit is finite (log q = -inf there).
 template <typename T>
-RL_HD T nfl_lse(T z_y, T lse_nt, const RowProb<T>& r) {
-  return lse_nt == -std::numeric_limits<T>::infinity() ? z_y : lse_nt - r.logq;
+RL_HD LseParts<T> nfl_lse(T z_y, LseParts<T> nt, const RowProb<T>& r) {
+  if (nt.m == -std::numeric_limits<T>::infinity()) return {z_y, T(0)};
+  return {nt.m, nt.ls - r.logq};
 }
 
 // The row of NFL (+ b q) from the row's p, q and the sums over the non-target
@@ -347,7 +426,7 @@ RL_HD T half_weight(int64_t id, T a, T b, T logw, const RowProb<T>& r) {
     case kGCE:
       return exp(a * r.logp) * r.q;
     case kPoly:
-      return r.q * (a + b * r.p);
+      return r.q * poly_factor(a, b, r);
     case kTaylor:
       return -r.q * expm1(a * r.logq);
     default:
@@ -362,12 +441,12 @@ RL_HD T half_weight(int64_t id, T a, T b, T logw, const RowProb<T>& r) {
 // ~40% of a small-C row pass.
 template <typename T>
 RL_HD RowGrad<T> one_term_row(int64_t id, T a, T b, T logw, const RowProb<T>& r, bool derivative_normalised,
-                              T lse_nt) {
+                              LseParts<T> nt) {
   using std::exp;
   RowGrad<T> g;
   g.x = row_x<T>(id, a, b, logw, r, derivative_normalised);
-  g.alpha = (derivative_normalised || lse_nt == -std::numeric_limits<T>::infinity()) ? T(0)
-                                                                                    : half_weight(id, a, b, logw, r);
+  g.alpha = (derivative_normalised || nt.m == -std::numeric_limits<T>::infinity()) ? T(0)
+                                                                                  : half_weight(id, a, b, logw, r);
   g.beta = T(0);
   g.gamma = -g.alpha;
   return g;

@@ -12,6 +12,11 @@ Math, per row ``i`` with logits ``z``, target ``y`` and ``lse_nt = logsumexp_{j 
 * ``p = exp(z_y) / (exp(z_y) + exp(lse_nt)) = sigmoid(d)`` with the margin
   ``d = z_y - lse_nt``, hence ``log p = -softplus(-d)`` and ``log q = -softplus(d)``:
   q is never formed as ``1 - p`` and stays exact for margins of 100+.
+* ``lse_nt = m + ls`` stays in its two parts: ``m`` the row's largest non-target
+  logit, ``ls = log sum_j exp(z_j - m)`` in ``[0, log C]``. The margin is
+  ``(z_y - m) - ls`` and ``r_j = exp((z_j - m) - ls)``: each first difference is
+  exact for nearby logits, so offsets of 1e8 (where a float32 ``m + ls`` is just
+  ``m``) lose nothing.
 * A loss ``L(p)`` has ``dL/dz = L'(p) dp/dz = L'(p) p (e_y - softmax) = -L'(p) p q (r - e_y)``,
   i.e. ``(w / 2)(r - e_y)`` with the emphasis ``w = -2 L'(p) p q`` (CCE: ``L' = -1/p``,
   ``w = 2q``; MAE: ``w = 2pq``; MSE: ``w = 4pq^2``; GCE: ``w = 2 p^k q``). The
@@ -22,23 +27,23 @@ Math, per row ``i`` with logits ``z``, target ``y`` and ``lse_nt = logsumexp_{j 
   ``reduction="mean", normalize=True`` the normalised weights ``w_i / D`` are a
   softmax of ``log w`` over the batch, which is why the row pass returns ``log w``.
 
-The row pass writes ``rows[i] = (lse_nt, log w, x, alpha, beta, gamma)``: ``x`` is
+The row pass writes ``rows[i] = (m, ls, log w, x, alpha, beta, gamma)``: ``x`` is
 the per-row value the reduction scales by ``s_i`` (see ``_row_x``) and the row's
 gradient is ``alpha r_j + beta u_j`` off the target, ``gamma`` at it (schemes.h
 ``RowGrad``; one-term schemes: ``(w/2, 0, -w/2)``, or 0 under derivative
 normalisation, whose gradient the cross-row step derives from ``log w``). The two-term schemes (label
 smoothing, NCE/APL: ``_two_term_row``) reduce one more row quantity,
-``spread = sum_k u_k (z_y - z_k)``. The cross-row step (``D``, and the rows
+``spread = sum_k u_k (M - z_k)`` with M the row's largest logit (spec §8.2). The cross-row step (``D``, and the rows
 scaled by ``s_i / D``) is ``robustloss_fast._finalize.finalize``; the backward
 pass writes ``g_i (alpha_i r_ij + beta_i u_j)`` and ``g_i gamma_i`` from the
-logits and ``stats = (lse_nt, alpha, beta, gamma)``.
+logits and ``stats = (m, ls, alpha, beta, gamma)``.
 
 NFL (normalized focal loss, ``Kernel.NFL``: ``L = F_y / sum_k F_k + b q`` with
 ``F_k = -(1 - P_k)^gamma log P_k``) has a per-class gradient term
-``h_j = P_j dF/dP (P_j)``, so its rows and stats are in "P-form": column 0
-holds ``lse`` (not ``lse_nt``), the row pass makes one more pass over the
+``h_j = P_j dF/dP (P_j)``, so its rows and stats are in "P-form": columns 0-1
+hold ``lse = m + (ls - log q)`` (not ``lse_nt``), the row pass makes one more pass over the
 non-target classes for ``sum F`` and ``sum h`` (``_nfl_row``), and the backward
-pass writes ``g_i (alpha_i P_ij + beta_i h_ij)``, ``P_ij = exp(z_ij - lse_i)``,
+pass writes ``g_i (alpha_i P_ij + beta_i h_ij)``, ``P_ij = exp((z_ij - m_i) - ls_i)``,
 recomputing ``h`` per class (``_focal_terms``, the one Triton copy of schemes.h
 ``focal_terms``). It is a constexpr specialisation of both kernels.
 
@@ -137,9 +142,12 @@ def _softplus(x):
 
 
 @triton.jit
-def _row_prob(z_y, lse_nt):
-    """(log p, log q, p, q) from the margin d = z_y - lse_nt (SPEC §2)."""
-    d = z_y - lse_nt
+def _row_prob(z_y, m, ls):
+    """(log p, log q, p, q) from the margin d = (z_y - m) - ls, lse_nt = m + ls (SPEC §2).
+
+    ``m + ls`` is never formed: at logits of 1e8 it would round ``ls`` away.
+    """
+    d = (z_y - m) - ls
     # A +inf target logit is not a valid input (SPEC §6: NaN for the row); the
     # margin alone would read it as p = 1.
     d = tl.where(z_y == float("inf"), float("nan"), d)
@@ -171,7 +179,9 @@ def _log_weight(logp, logq, p, q, a, b, SCHEME: tl.constexpr):
         t2 = tl.where(b == 1.0, 0.0, (b - 1.0) * logq)
         lw = t1 + t2
     elif SCHEME == _POLY:  # Poly (Poly-1, RCE, SCE): L = -a log p + b q, w = 2q (a + b p)
-        lw = _LN2 + logq + tl.log(a + b * p)
+        # a + b p from the smaller of p and q (schemes.h ``poly_factor``): exact as p -> 1
+        # when b = -a (Poly-1 with epsilon = -1) and as p -> 0 when a = 0 (RCE).
+        lw = _LN2 + logq + tl.log(tl.where(p >= q, (a + b) - b * q, a + b * p))
     elif SCHEME == _FOCAL:  # Focal(gamma = a)
         # p >= q: w = 2 q^(g+1) (1 + g p (-log p) / q) in logs (q may underflow, log q does not);
         # p < q: w = 2 q^g (q - g p log p), p log p -> 0 at p = 0.
@@ -206,7 +216,8 @@ def _row_x(lw, logp, logq, q, a, b, SCHEME: tl.constexpr, NORMALISED: tl.constex
     elif SCHEME == _GCE:
         x = -_expm1(a * logp) / a
     elif SCHEME == _POLY:
-        x = tl.where(a == 0.0, 0.0, -a * logp) + b * q
+        # -a log p + b q = a (-log p - q) + (a + b) q: the first term without cancellation.
+        x = tl.where(a == 0.0, 0.0, a * _neglogp_minus_q(logp, q)) + (a + b) * q
     elif SCHEME == _FOCAL:
         x = tl.where(a == 0.0, -logp, -tl.exp(a * logq) * logp)
     elif SCHEME == _TAYLOR:
@@ -221,19 +232,35 @@ def _row_x(lw, logp, logq, q, a, b, SCHEME: tl.constexpr, NORMALISED: tl.constex
 
 
 @triton.jit
-def _two_term_row(logp, p, q, spread, U, u_y, n_classes, a, b, SCHEME: tl.constexpr):
+def _neglogp_minus_q(logp, q):
+    """-log p - q = sum_{k >= 2} q^k / k (schemes.h ``neglogp_minus_q``).
+
+    Formed directly it cancels to q^2/2 as p -> 1, so for q < 1/4 the series is
+    summed (30 terms: 0.25^30 is below double's epsilon); above, the subtraction
+    loses at most 3 bits.
+    """
+    h = tl.zeros_like(q) + 1.0 / 32.0
+    k = tl.zeros_like(q) + 31.0  # the divisor in q's dtype (float64 keeps its 1/k exact)
+    for _ in range(0, 30):
+        h = 1.0 / k + q * h
+        k -= 1.0
+    return tl.where(q < 0.25, q * q * h, -logp - q)
+
+
+@triton.jit
+def _two_term_row(logp, p, q, lam, U, u_y, n_classes, a, b, SCHEME: tl.constexpr):
     """(x, alpha, beta, gamma) of a two-term scheme (schemes.h ``two_term_row``).
 
-    With Lambda = sum_k u_k (-log P_k) = U (-log p) + spread, A = p dL/dp and
+    With Lambda = sum_k u_k (-log P_k) (``lam``, see rows_kernel), A = p dL/dp and
     l = dL/dLambda: alpha = q (U l - A), beta = -l, gamma = q A + l (U p - u_y).
     """
     tl.static_assert(SCHEME == _CCE_LS or SCHEME == _NCE, "not a two-term scheme id with the spread")
     nlp = -logp
-    lam = U * nlp + spread
     if SCHEME == _CCE_LS:  # label smoothing: (1 - eps) u_y (-log p) + (eps / C) Lambda, eps = a
         sm = a / n_classes
         hard = (1.0 - a) * u_y
-        x = hard * nlp + tl.where(a == 0.0, 0.0, sm * lam)  # eps = 0 is plain CE even where Lambda = inf
+        # A zero factor adds nothing even against an infinite term (0 * inf would be NaN).
+        x = tl.where(hard == 0.0, 0.0, hard * nlp) + tl.where(a == 0.0, 0.0, sm * lam)
         alpha = q * (U * sm + hard)
         beta = tl.zeros_like(q) - sm
         gamma = -q * hard + sm * (U * p - u_y)
@@ -272,9 +299,9 @@ def _focal_terms(g, l, P, Q):
 
 
 @triton.jit
-def _focal_terms_of_logit(g, z, lse):
-    """(P, F, h) of a non-target class from its logit: l = z - lse, P = e^l, Q = -expm1(l)."""
-    l = z - lse
+def _focal_terms_of_logit(g, z, m, ls):
+    """(P, F, h) of a non-target class from its logit: l = (z - m) - ls, P = e^l, Q = -expm1(l)."""
+    l = (z - m) - ls
     P = tl.exp(l)
     F, h = _focal_terms(g, l, P, -_expm1(l))
     return P, F, h
@@ -330,17 +357,17 @@ def rows_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """rows[i] = (lse_nt, log w, x, alpha, beta, gamma) for BLOCK_N rows; (-inf, -inf, 0, 0, 0, 0) if ignored.
+    """rows[i] = (m, ls, log w, x, alpha, beta, gamma) for BLOCK_N rows; (-inf, 0, -inf, 0, 0, 0, 0) if ignored.
 
     SPREAD and P_FORM are the id classes of SCHEME (``Kernel.needs_spread``,
     ``Kernel.p_form``): the two-term schemes with the spread reduction (label
-    smoothing, NCE), and NFL, which writes (lse, log w, x, alpha, beta, gamma):
+    smoothing, NCE), and NFL, which writes lse = m + ls in columns 0-1:
     P-form, see the module docstring.
 
     The scheme parameters arrive as float32 pairs (hi + lo) because Triton
     passes Python floats as float32; their sum carries 48 bits, enough for the
-    float64 path. A target outside [0, C) (possible only where the eager check
-    was traced away) gives a NaN row and reads nothing. ``u_ptr`` (the smoothing
+    float64 path. A target outside [0, C) (GPU tensors: nothing checks it on the
+    host) gives a NaN row marked with ls = +inf and reads nothing. ``u_ptr`` (the smoothing
     weights u, accumulator type) is read only when HAS_U, by two-term schemes.
     """
     acc = rows_ptr.dtype.element_ty
@@ -363,24 +390,11 @@ def rows_kernel(
     m = tl.full([BLOCK_N], float("-inf"), acc)
     s = tl.zeros([BLOCK_N], acc)
     bad = tl.zeros([BLOCK_N], tl.int32)
-    # Two-term schemes: spread = sum_k u_k (z_y - z_k) over every class and U = sum_k u_k.
-    spread = tl.zeros([BLOCK_N], acc)
-    U = tl.sum(tl.zeros([BLOCK_C], acc), axis=0)
     for start in range(0, n_cols, BLOCK_C):
         cols = start + tl.arange(0, BLOCK_C).to(tl.int64)
         col_ok = cols < n_cols
         mask = live[:, None] & col_ok[None, :]
         z = tl.load(row_base[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(acc)
-        if SPREAD:
-            diff = z_y[:, None] - z
-            if HAS_U:
-                u = tl.load(u_ptr + cols, mask=col_ok, other=0.0).to(acc)
-                U += tl.sum(u, axis=0)
-                # u_k = 0 adds 0 even for a masked class (0 * inf would be NaN).
-                term = tl.where(mask & (u[None, :] != 0.0), u[None, :] * diff, 0.0)
-            else:
-                term = tl.where(mask, diff, 0.0)
-            spread += tl.sum(term, axis=1)
         non_target = cols[None, :] != y_safe[:, None]
         not_finite_above = (z != z) | (z == float("inf"))
         bad = tl.maximum(bad, tl.max((not_finite_above & non_target).to(tl.int32), axis=1))
@@ -392,36 +406,63 @@ def rows_kernel(
         e = tl.where(z == float("-inf"), 0.0, tl.exp(z - m_new[:, None]))
         s = s * alpha + tl.sum(e, axis=1)
         m = m_new
-    lse_nt = tl.where(m == float("-inf"), float("-inf"), m + tl.log(s))
-    lse_nt = tl.where(bad != 0, float("nan"), lse_nt)
-
-    # SPEC §6: a NaN or +inf target logit makes the whole row NaN.
-    lse_nt = tl.where((z_y != z_y) | (z_y == float("inf")), float("nan"), lse_nt)
-    logp, logq, p, q = _row_prob(z_y, lse_nt)
+    # lse_nt = m + ls, kept in its two parts (no finite non-target logit: m = -inf, ls = 0).
+    ls = tl.where(m == float("-inf"), 0.0, tl.log(s))
+    # SPEC §6: a NaN or +inf logit, the target's included, makes the whole row NaN.
+    row_nan = (bad != 0) | (z_y != z_y) | (z_y == float("inf"))
+    m = tl.where(row_nan, float("nan"), m)
+    ls = tl.where(row_nan, float("nan"), ls)
+    logp, logq, p, q = _row_prob(z_y, m, ls)
     if P_FORM:
-        # NFL: lse = lse_nt - log q (z_y where no non-target logit is finite: log q
-        # = -inf there), then sum F and h over the non-target classes.
-        lse = tl.where(lse_nt == float("-inf"), z_y, lse_nt - logq)
+        # NFL: lse = m + (ls - log q) (z_y + 0 where no non-target logit is finite:
+        # log q = -inf there), then sum F and h over the non-target classes.
+        dead = m == float("-inf")
+        m_p = tl.where(dead, z_y, m)
+        ls_p = tl.where(dead, 0.0, ls - logq)
         sum_F = tl.zeros([BLOCK_N], acc)
         sum_h = tl.zeros([BLOCK_N], acc)
         for start in range(0, n_cols, BLOCK_C):
             cols = start + tl.arange(0, BLOCK_C).to(tl.int64)
             mask = live[:, None] & (cols < n_cols)[None, :]
             z = tl.load(row_base[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(acc)
-            _, F, h = _focal_terms_of_logit(a, z, lse[:, None])
+            _, F, h = _focal_terms_of_logit(a, z, m_p[:, None], ls_p[:, None])
             take = mask & (cols[None, :] != y_safe[:, None])
             sum_F += tl.sum(tl.where(take, F, 0.0), axis=1)
             sum_h += tl.sum(tl.where(take, h, 0.0), axis=1)
         x, g_alpha, g_beta, g_gamma = _nfl_row(a, b, logp, p, q, sum_F, sum_h)
         lw = tl.log(2.0 * tl.abs(g_gamma))
-        lse_nt = lse  # column 0 holds lse (P-form)
+        m = m_p  # columns 0-1 hold lse (P-form)
+        ls = ls_p
     elif SPREAD:
+        # Lambda = sum_k u_k (-log P_k) = spread + U lseM with spread = sum_k u_k (M - z_k),
+        # M = max(m, z_y) and lseM = log sum_j exp(z_j - M) in [0, log C] (schemes.h
+        # two_term_lambda): non-negative terms, no cancellation. A second pass over the
+        # row, since M is known only now. U = sum_k u_k.
+        ref = tl.where(z_y > m, z_y, m)
+        spread = tl.zeros([BLOCK_N], acc)
+        U = tl.sum(tl.zeros([BLOCK_C], acc), axis=0)
+        for start in range(0, n_cols, BLOCK_C):
+            cols = start + tl.arange(0, BLOCK_C).to(tl.int64)
+            col_ok = cols < n_cols
+            mask = live[:, None] & col_ok[None, :]
+            z = tl.load(row_base[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(acc)
+            diff = ref[:, None] - z
+            if HAS_U:
+                u = tl.load(u_ptr + cols, mask=col_ok, other=0.0).to(acc)
+                U += tl.sum(u, axis=0)
+                # u_k = 0 adds 0 even for a masked class (0 * inf would be NaN).
+                term = tl.where(mask & (u[None, :] != 0.0), u[None, :] * diff, 0.0)
+            else:
+                term = tl.where(mask, diff, 0.0)
+            spread += tl.sum(term, axis=1)
         if HAS_U:
             u_y = tl.load(u_ptr + y_safe, mask=live, other=0.0).to(acc)
         else:
             U = tl.cast(n_cols, acc)
             u_y = tl.full([BLOCK_N], 1.0, acc)
-        x, g_alpha, g_beta, g_gamma = _two_term_row(logp, p, q, spread, U, u_y, tl.cast(n_cols, acc), a, b, SCHEME)
+        lse_m = tl.where(z_y > m, -logp, ls - logq)
+        lam = spread + tl.where(U == 0.0, 0.0, U * lse_m)
+        x, g_alpha, g_beta, g_gamma = _two_term_row(logp, p, q, lam, U, u_y, tl.cast(n_cols, acc), a, b, SCHEME)
         # log w = twice the target's gradient magnitude (= w for a one-term scheme).
         lw = tl.log(2.0 * tl.abs(g_gamma))
     else:
@@ -432,30 +473,35 @@ def rows_kernel(
         if NORMALISED:
             g_alpha = tl.zeros_like(lw)
         else:
-            g_alpha = tl.where(lse_nt == float("-inf"), 0.0, 0.5 * tl.exp(lw))
+            g_alpha = tl.where(m == float("-inf"), 0.0, 0.5 * tl.exp(lw))
         g_beta = tl.zeros_like(g_alpha)
         g_gamma = -g_alpha
 
-    lse_nt = tl.where(valid, tl.where(in_range, lse_nt, float("nan")), float("-inf"))
+    # A bad target (possible only where the host check is off: GPU tensors) reads
+    # nothing and marks its row with ls = +inf, which no valid row has; the op
+    # turns the mark into a device-side assertion.
+    m = tl.where(valid, tl.where(in_range, m, float("nan")), float("-inf"))
+    ls = tl.where(valid, tl.where(in_range, ls, float("inf")), 0.0)
     lw = tl.where(valid, tl.where(in_range, lw, float("nan")), float("-inf"))
     x = tl.where(valid, tl.where(in_range, x, float("nan")), 0.0)
     g_alpha = tl.where(valid, tl.where(in_range, g_alpha, float("nan")), 0.0)
     g_beta = tl.where(valid, tl.where(in_range, g_beta, float("nan")), 0.0)
     g_gamma = tl.where(valid, tl.where(in_range, g_gamma, float("nan")), 0.0)
-    out = rows_ptr + rows * 6
-    tl.store(out, lse_nt, mask=row_ok)
-    tl.store(out + 1, lw, mask=row_ok)
-    tl.store(out + 2, x, mask=row_ok)
-    tl.store(out + 3, g_alpha, mask=row_ok)
-    tl.store(out + 4, g_beta, mask=row_ok)
-    tl.store(out + 5, g_gamma, mask=row_ok)
+    out = rows_ptr + rows * 7  # RowCol: (m, ls, log w, x, alpha, beta, gamma)
+    tl.store(out, m, mask=row_ok)
+    tl.store(out + 1, ls, mask=row_ok)
+    tl.store(out + 2, lw, mask=row_ok)
+    tl.store(out + 3, x, mask=row_ok)
+    tl.store(out + 4, g_alpha, mask=row_ok)
+    tl.store(out + 5, g_beta, mask=row_ok)
+    tl.store(out + 6, g_gamma, mask=row_ok)
 
 
 @triton.jit
-def _ratio(z, lse_nt):
-    """r = exp(z - lse_nt) on a tile, 0 for rows with lse_nt = -inf (no finite non-target logit)."""
-    r = tl.exp(z - lse_nt[:, None])
-    return tl.where((lse_nt == float("-inf"))[:, None], 0.0, r)
+def _ratio(z, m, ls):
+    """r = exp((z - m) - ls) on a tile, 0 for rows with m = -inf (no finite non-target logit)."""
+    r = tl.exp((z - m[:, None]) - ls[:, None])
+    return tl.where((m == float("-inf"))[:, None], 0.0, r)
 
 
 @triton.jit
@@ -480,16 +526,16 @@ def backward_kernel(
 ):
     """out[i, j] = g_i (alpha_i r_ij + beta_i u_j) (j != y_i), g_i gamma_i at y_i, on a BLOCK_N x BLOCK_C tile.
 
-    P_FORM (NFL, focal gamma = a_hi + a_lo): stats rows are (lse, alpha, beta,
-    gamma) and off the target out = g_i (alpha_i P_ij + beta_i h_ij) with
-    P_ij = exp(z_ij - lse_i) and h from ``_focal_terms``; u is not read.
+    P_FORM (NFL, focal gamma = a_hi + a_lo): stats rows hold lse = m + ls and
+    off the target out = g_i (alpha_i P_ij + beta_i h_ij) with
+    P_ij = exp((z_ij - m_i) - ls_i) and h from ``_focal_terms``; u is not read.
 
-    ``stats`` rows are (lse_nt, alpha, beta, gamma); ``u`` is read only when
-    HAS_U (else 1); ``grad_stride`` is 0 for a scalar upstream gradient.
-    Ignored rows are exact zeros and read no logits; a row with no finite
-    non-target logit (lse_nt = -inf: C = 1 or all masked) has r = 0; a NaN
-    lse_nt makes the whole row NaN (whatever its coefficients). The target
-    lane is selected, never multiplied: exp(z_y - lse_nt) may overflow.
+    ``stats`` rows are (m, ls, alpha, beta, gamma), lse_nt = m + ls; ``u`` is
+    read only when HAS_U (else 1); ``grad_stride`` is 0 for a scalar upstream
+    gradient. Ignored rows are exact zeros and read no logits; a row with no
+    finite non-target logit (m = -inf: C = 1 or all masked) has r = 0; a NaN
+    m makes the whole row NaN (whatever its coefficients). The target lane is
+    selected, never multiplied: its exp may overflow.
     """
     acc = stats_ptr.dtype.element_ty
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
@@ -498,12 +544,13 @@ def backward_kernel(
     col_ok = cols < n_cols
     y = tl.load(target_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
     valid = row_ok & (y != ignore_index)
-    st = stats_ptr + rows * 4
-    lse_nt = tl.load(st, mask=valid, other=0.0)
+    st = stats_ptr + rows * 5  # StatCol: (m, ls, alpha, beta, gamma)
+    m = tl.load(st, mask=valid, other=0.0)
+    ls = tl.load(st + 1, mask=valid, other=0.0)
     g = tl.load(grad_ptr + rows * grad_stride, mask=valid, other=0.0).to(acc)
-    ga = g * tl.load(st + 1, mask=valid, other=0.0)
-    gb = g * tl.load(st + 2, mask=valid, other=0.0)
-    gy = g * tl.load(st + 3, mask=valid, other=0.0)
+    ga = g * tl.load(st + 2, mask=valid, other=0.0)
+    gb = g * tl.load(st + 3, mask=valid, other=0.0)
+    gy = g * tl.load(st + 4, mask=valid, other=0.0)
 
     z = tl.load(
         logits_ptr + rows[:, None] * stride_row + cols[None, :],
@@ -512,15 +559,15 @@ def backward_kernel(
     ).to(acc)
     if P_FORM:
         gam = tl.cast(a_hi, acc) + tl.cast(a_lo, acc)
-        P, _, h = _focal_terms_of_logit(gam, z, lse_nt[:, None])
+        P, _, h = _focal_terms_of_logit(gam, z, m[:, None], ls[:, None])
         off = ga[:, None] * P + gb[:, None] * h
     elif HAS_U:
         u = tl.load(u_ptr + cols, mask=col_ok, other=0.0).to(acc)
-        off = ga[:, None] * _ratio(z, lse_nt) + gb[:, None] * u[None, :]
+        off = ga[:, None] * _ratio(z, m, ls) + gb[:, None] * u[None, :]
     else:
-        off = ga[:, None] * _ratio(z, lse_nt) + gb[:, None]
+        off = ga[:, None] * _ratio(z, m, ls) + gb[:, None]
     out = tl.where(cols[None, :] == y[:, None], gy[:, None], off)
-    out = tl.where((lse_nt != lse_nt)[:, None], float("nan"), out)
+    out = tl.where((m != m)[:, None], float("nan"), out)
     out = tl.where(valid[:, None], out, 0.0)
     tl.store(
         out_ptr + rows[:, None] * n_cols + cols[None, :],

@@ -3,15 +3,15 @@
 Ops (same contract as the C++ ``robust_ce_*`` ops, see ``robustloss_fast/backends/compiled.py``):
 
 ``robustloss::triton_rows(logits, target, scheme, a, b, smooth_weight?, ignore_index, normalised) -> rows``
-    the row pass alone: ``(N, 6) = (lse_nt, log w, x, alpha, beta, gamma)``;
+    the row pass alone: ``(N, 7) = (m, ls, log w, x, alpha, beta, gamma)``, ``lse_nt = m + ls``;
     ``smooth_weight`` is ``u`` of label smoothing and NCE (all 1 when None).
-    NFL (``Kernel.NFL``) writes ``lse`` in column 0 instead of ``lse_nt`` (P-form).
+    NFL (``Kernel.NFL``) writes ``lse`` in columns 0-1 instead of ``lse_nt`` (P-form).
 ``robustloss::triton_forward(logits, target, scheme, a, b, weight?, sample_weight?,
 ignore_index, reduction, normalize) -> (value, stats)``
     the row pass, then the cross-row step ``_finalize.finalize`` (plain tensor
     ops: O(N) next to the O(N C) row pass, and under ``torch.compile`` Inductor
-    fuses them); differentiable, with the SPEC gradient. ``stats`` is ``(N, 4) =
-    (lse_nt, alpha, beta, gamma)`` (``lse`` first for NFL); for label smoothing
+    fuses them); differentiable, with the SPEC gradient. ``stats`` is ``(N, 5) =
+    (m, ls, alpha, beta, gamma)`` (``lse`` first for NFL); for label smoothing
     (``Kernel.CCE_LS``) ``weight`` is also the rows' ``smooth_weight``, as in ``F.cross_entropy``.
 ``robustloss::triton_backward(grad, logits, target, stats, smooth_weight?, ignore_index, scheme, a) -> grad_logits``
     ``g_i (alpha_i r_ij + beta_i u_j)`` off the target, ``g_i gamma_i`` at it;
@@ -37,7 +37,18 @@ import triton
 from torch.library import wrap_triton
 
 from ... import _finalize
-from ..._common import NORMALIZE_TWO_TERM_MSG, Kernel, KernelSpec, Reduction, acc_dtype, check_target
+from ..._common import (
+    BAD_TARGET_ASSERT_MSG,
+    NORMALIZE_TWO_TERM_MSG,
+    ROW_COLS,
+    STAT_COLS,
+    Kernel,
+    KernelSpec,
+    Reduction,
+    RowCol,
+    acc_dtype,
+    check_target,
+)
 from . import kernels
 
 NS = "robustloss"
@@ -91,6 +102,25 @@ def _is_real(t: torch.Tensor) -> bool:
     return not is_fake(t)
 
 
+def _check_targets_here(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """CPU tensors (the interpreter): the host check is free, and names the value (IndexError)."""
+    if target.device.type == "cpu" and _is_real(target):
+        check_target(target, num_classes, ignore_index)
+
+
+def _assert_targets_on_device(rows: torch.Tensor) -> None:
+    """A bad target stops the stream with a device-side assertion, as F.cross_entropy does.
+
+    The row kernel marks such a row with ``ls = +inf`` (no valid row has it:
+    ``ls`` lies in ``[0, log C]`` or is NaN). The assertion is queued like a
+    kernel, so the host never waits for it; it fires before anything reads
+    the row's class weight.
+    """
+    if rows.device.type != "cpu" and rows.shape[0] > 0:
+        bad = rows[:, RowCol.LS] == float("inf")
+        torch._assert_async(~bad.any(), BAD_TARGET_ASSERT_MSG)
+
+
 def _kernel(scheme: int, normalised: bool) -> Kernel:
     """The op's scheme argument as a Kernel, refusing unknown ids and normalised two-term schemes."""
     try:
@@ -116,7 +146,7 @@ def _rows_impl(logits, target, scheme, a, b, smooth_weight, ignore_index, normal
     if logits.stride(1) != 1:
         logits = logits.contiguous()
     target = target.contiguous()
-    rows = torch.empty((n, 6), dtype=acc_dtype(logits.dtype), device=logits.device)
+    rows = torch.empty((n, ROW_COLS), dtype=acc_dtype(logits.dtype), device=logits.device)
     if n == 0:
         return rows
     kernel = Kernel(scheme)
@@ -164,9 +194,10 @@ def triton_rows(
     normalised: bool,
 ) -> torch.Tensor:
     _kernel(scheme, normalised)
-    if _is_real(target):
-        check_target(target, logits.shape[1], ignore_index)
-    return _rows_impl(logits, target, scheme, a, b, smooth_weight, ignore_index, normalised)
+    _check_targets_here(target, logits.shape[1], ignore_index)
+    rows = _rows_impl(logits, target, scheme, a, b, smooth_weight, ignore_index, normalised)
+    _assert_targets_on_device(rows)
+    return rows
 
 
 def triton_forward(
@@ -185,9 +216,9 @@ def triton_forward(
         raise ValueError(f"reduction must be 0 (none), 1 (mean) or 2 (sum), got {reduction}")
     spec = KernelSpec(_kernel(scheme, False), a, b, 1.0, Reduction(reduction), normalize, ignore_index)
     _kernel(scheme, spec.normalised)
-    if _is_real(target):
-        check_target(target, logits.shape[1], ignore_index)
+    _check_targets_here(target, logits.shape[1], ignore_index)
     rows = _rows_impl(logits, target, scheme, a, b, spec.smooth_weight(weight), ignore_index, spec.normalised)
+    _assert_targets_on_device(rows)
     return _finalize.finalize(rows, target, spec, weight, sample_weight)
 
 
@@ -244,14 +275,14 @@ def triton_backward(
 
 
 def _rows_fake(logits, target, scheme, a, b, smooth_weight, ignore_index, normalised):
-    return logits.new_empty((logits.shape[0], 6), dtype=acc_dtype(logits.dtype))
+    return logits.new_empty((logits.shape[0], ROW_COLS), dtype=acc_dtype(logits.dtype))
 
 
 def _forward_fake(logits, target, scheme, a, b, weight, sample_weight, ignore_index, reduction, normalize):
     acc = acc_dtype(logits.dtype)
     n = logits.shape[0]
     value = logits.new_empty((n,) if reduction == 0 else (), dtype=acc)
-    return value, logits.new_empty((n, 4), dtype=acc)
+    return value, logits.new_empty((n, STAT_COLS), dtype=acc)
 
 
 def _backward_fake(grad, logits, target, stats, smooth_weight, ignore_index, scheme, a):
