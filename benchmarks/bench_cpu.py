@@ -28,8 +28,8 @@ from robustloss_fast import _bench
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# O(N) buffers the fused op may keep besides the gradient: rows (N, 6),
-# stats (N, 4), value, in float32 -- 44 bytes a row; allow some slack.
+# O(N) buffers the fused op may keep besides the gradient: rows (N, ROW_COLS = 7),
+# stats (N, STAT_COLS = 5), value, in float32 -- 52 bytes a row; allow some slack.
 ROW_BYTES_ALLOWED = 64
 
 

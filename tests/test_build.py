@@ -60,7 +60,7 @@ import robustloss_fast as rf
 ops = torch.ops.robustloss
 x = torch.randn(3, 5)
 good, bad = torch.tensor([0, 4, 1]), torch.tensor([0, 7, 1])
-from robustloss_fast._common import Kernel
+from robustloss_fast._common import STAT_COLS, Kernel
 DM, NCE = int(Kernel.DM), int(Kernel.NCE)
 
 
@@ -73,7 +73,7 @@ def double_backward():
 CASES = {
     "forward_bad_target": lambda: ops.robust_ce_forward(x, bad, DM, 1.0, 8.0, None, None, -100, 1, True),
     "rows_bad_target": lambda: ops.robust_ce_rows(x, bad, DM, 1.0, 8.0, None, -100, True),
-    "backward_bad_target": lambda: ops.robust_ce_backward(torch.tensor(1.0), x, bad, torch.zeros(3, 4), None, -100, DM, 1.0),
+    "backward_bad_target": lambda: ops.robust_ce_backward(torch.tensor(1.0), x, bad, torch.zeros(3, STAT_COLS), None, -100, DM, 1.0),
     "autograd_bad_target": lambda: rf.robust_cross_entropy(x.clone().requires_grad_(), bad, rf.schemes.DM(), backend="cpu"),
     "forward_normalize_refused": lambda: ops.robust_ce_forward(x, good, NCE, 1.0, 0.0, None, None, -100, 1, True),
     "rows_normalize_refused": lambda: ops.robust_ce_rows(x, good, NCE, 1.0, 0.0, None, -100, True),
