@@ -27,6 +27,15 @@
 #include "kernel.h"
 #include "robustloss/schemes.h"
 
+// The helpers of the per-logit loops are inlined whatever the compiler's
+// size budget says: when rows_typed grew, GCC stopped inlining some of them
+// and the row pass lost 13% at every C (benchmarks/NOTES.md).
+#if defined(__GNUC__)
+#define RL_CPU_INLINE inline __attribute__((always_inline))
+#else
+#define RL_CPU_INLINE inline
+#endif
+
 namespace robustloss {
 namespace cpu {
 namespace CPU_CAPABILITY {
@@ -48,7 +57,7 @@ constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
 // exp of a whole vector: the 20-ulp polynomial for float (what ATen's own
 // softmax uses), Sleef's 1-ulp exp for double.
 template <typename acc_t>
-inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& v) {
+RL_CPU_INLINE Vectorized<acc_t> vexp(const Vectorized<acc_t>& v) {
   if constexpr (std::is_same_v<acc_t, float>) {
     return v.exp_u20();
   } else {
@@ -58,7 +67,7 @@ inline Vectorized<acc_t> vexp(const Vectorized<acc_t>& v) {
 
 // Load one full vector of acc_t from scalar_t memory.
 template <typename scalar_t, typename acc_t>
-inline Vectorized<acc_t> vload(const scalar_t* p) {
+RL_CPU_INLINE Vectorized<acc_t> vload(const scalar_t* p) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     return Vectorized<acc_t>::loadu(p);
   } else {
@@ -71,7 +80,7 @@ inline Vectorized<acc_t> vload(const scalar_t* p) {
 // Load the first `count` (< K) elements; lanes past them are unspecified.
 // Masked/partial loads never touch memory past the row.
 template <typename scalar_t, typename acc_t>
-inline Vectorized<acc_t> vload_partial(const scalar_t* p, int64_t count) {
+RL_CPU_INLINE Vectorized<acc_t> vload_partial(const scalar_t* p, int64_t count) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     return Vectorized<acc_t>::loadu(p, count);
   } else {
@@ -82,7 +91,7 @@ inline Vectorized<acc_t> vload_partial(const scalar_t* p, int64_t count) {
 
 // Store `count` lanes of v as scalar_t.
 template <typename scalar_t, typename acc_t>
-inline void vstore(scalar_t* p, const Vectorized<acc_t>& v, int64_t count) {
+RL_CPU_INLINE void vstore(scalar_t* p, const Vectorized<acc_t>& v, int64_t count) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     v.store(p, count);
   } else {
@@ -93,7 +102,7 @@ inline void vstore(scalar_t* p, const Vectorized<acc_t>& v, int64_t count) {
 
 // The first `count` (<= K) elements at p, the other lanes `fill`.
 template <typename scalar_t, typename acc_t>
-inline Vectorized<acc_t> vload_fill(const scalar_t* p, int64_t count, const Vectorized<acc_t>& fill) {
+RL_CPU_INLINE Vectorized<acc_t> vload_fill(const scalar_t* p, int64_t count, const Vectorized<acc_t>& fill) {
   if (count == Vectorized<acc_t>::size()) return vload<scalar_t, acc_t>(p);
   return Vectorized<acc_t>::set(fill, vload_partial<scalar_t, acc_t>(p, count), count);
 }
@@ -101,7 +110,7 @@ inline Vectorized<acc_t> vload_fill(const scalar_t* p, int64_t count, const Vect
 // The vector of row[j0, j0 + K) with the target's lane and the lanes past
 // the end set to -inf (exp gives 0 there, max ignores them).
 template <typename scalar_t, typename acc_t>
-inline Vectorized<acc_t> masked_vector(const scalar_t* row, int64_t c, int64_t y, int64_t j0) {
+RL_CPU_INLINE Vectorized<acc_t> masked_vector(const scalar_t* row, int64_t c, int64_t y, int64_t j0) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t K = Vec::size();
   const Vec ninf(kNegInf<acc_t>);
@@ -114,7 +123,7 @@ inline Vectorized<acc_t> masked_vector(const scalar_t* row, int64_t c, int64_t y
 // with four independent accumulators over the unmasked full vectors so the
 // loop is not bound by the latency of one dependency chain; join merges them.
 template <typename scalar_t, typename acc_t, typename Step, typename Join>
-inline Vectorized<acc_t> fold_non_target(const scalar_t* row, int64_t c, int64_t y, const Vectorized<acc_t>& init,
+RL_CPU_INLINE Vectorized<acc_t> fold_non_target(const scalar_t* row, int64_t c, int64_t y, const Vectorized<acc_t>& init,
                                          Step step, Join join) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t K = Vec::size();
@@ -137,13 +146,13 @@ inline Vectorized<acc_t> fold_non_target(const scalar_t* row, int64_t c, int64_t
 }
 
 template <typename acc_t>
-inline acc_t reduce_max(const Vectorized<acc_t>& v) {
+RL_CPU_INLINE acc_t reduce_max(const Vectorized<acc_t>& v) {
   return at::vec::vec_reduce_all<acc_t>(
       [](const Vectorized<acc_t>& x, const Vectorized<acc_t>& z) { return at::vec::maximum(x, z); }, v);
 }
 
 template <typename acc_t>
-inline acc_t reduce_sum(const Vectorized<acc_t>& v) {
+RL_CPU_INLINE acc_t reduce_sum(const Vectorized<acc_t>& v) {
   return at::vec::vec_reduce_all<acc_t>(
       [](const Vectorized<acc_t>& x, const Vectorized<acc_t>& z) { return x + z; }, v);
 }
@@ -177,7 +186,7 @@ inline LseParts<acc_t> lse_non_target(const scalar_t* row, int64_t c, int64_t y)
 // with u_k = 0 adds 0 even when masked (0 * inf would be NaN); lanes past the
 // end read as ref and add 0.
 template <typename scalar_t, typename acc_t>
-inline acc_t spread_sum(const scalar_t* row, int64_t c, acc_t ref, const acc_t* u) {
+RL_CPU_INLINE acc_t spread_sum(const scalar_t* row, int64_t c, acc_t ref, const acc_t* u) {
   using Vec = Vectorized<acc_t>;
   constexpr int64_t K = Vec::size();
   const Vec vy(ref), zero(acc_t(0));
@@ -205,7 +214,7 @@ inline acc_t spread_sum(const scalar_t* row, int64_t c, acc_t ref, const acc_t* 
 // Q^g for the focal terms: the common exponents without log/exp (the papers'
 // NFL uses g = 0.5, a square root).
 template <typename acc_t>
-inline Vectorized<acc_t> vpow_focal(const Vectorized<acc_t>& Q, acc_t g) {
+RL_CPU_INLINE Vectorized<acc_t> vpow_focal(const Vectorized<acc_t>& Q, acc_t g) {
   using Vec = Vectorized<acc_t>;
   if (g == acc_t(0)) return Vec(acc_t(1));
   if (g == acc_t(0.5)) return Q.sqrt();
@@ -218,7 +227,7 @@ inline Vectorized<acc_t> vpow_focal(const Vectorized<acc_t>& Q, acc_t g) {
 // Q = 1 - P is exact enough while P <= 1/2; only vectors holding a larger P
 // (at most one class per row) pay for expm1.
 template <typename acc_t>
-inline void vfocal_terms(const Vectorized<acc_t>& l, acc_t g, Vectorized<acc_t>& P, Vectorized<acc_t>& F,
+RL_CPU_INLINE void vfocal_terms(const Vectorized<acc_t>& l, acc_t g, Vectorized<acc_t>& P, Vectorized<acc_t>& F,
                          Vectorized<acc_t>& h) {
   using Vec = Vectorized<acc_t>;
   const Vec zero(acc_t(0)), one(acc_t(1)), half(acc_t(0.5));
@@ -328,7 +337,18 @@ void backward_typed(const BackwardArgs& args) {
   const bool nfl = is_p_form(args.scheme);
   const acc_t gamma_f = static_cast<acc_t>(args.a);
   at::parallel_for(0, args.n, grain(c), [&](int64_t begin, int64_t end) {
+    // exp(-ls) of K rows at a time, in one vector exp: a scalar std::exp per
+    // row was 60% of the whole pass at C = 10 (benchmarks/NOTES.md).
+    acc_t inv_sum[K];
     for (int64_t i = begin; i < end; ++i) {
+      if ((i - begin) % K == 0) {
+        const int64_t count = std::min<int64_t>(K, end - i);
+        for (int64_t k = 0; k < K; ++k) {
+          const acc_t ls = k < count ? stats[kStatCols * (i + k) + kStatLs] : acc_t(0);
+          inv_sum[k] = ls == ls ? -ls : acc_t(0);  // NaN rows never read it (and vexp clamps NaN)
+        }
+        vexp(Vec::loadu(inv_sum)).store(inv_sum);
+      }
       scalar_t* o = out + i * c;
       const int64_t y = args.target[i];
       if (y == args.ignore_index) {
@@ -362,8 +382,8 @@ void backward_typed(const BackwardArgs& args) {
       } else {
         // r_j = exp(z_j - m) exp(-ls): z_j - m is exact for nearby logits at any
         // offset, and exp(-ls) in [1/C, 1] folds into the row's factor (one
-        // scalar exp per row instead of a second subtraction per logit).
-        const acc_t ga = g * st[kStatAlpha] * std::exp(-ls);
+        // exp per row, K rows to a vector, instead of a second subtraction per logit).
+        const acc_t ga = g * st[kStatAlpha] * inv_sum[(i - begin) % K];
         const Vec vg(ga), vm(m);
         if (gb == acc_t(0)) {
           // One-term rows (every SPEC §4 scheme): out = g alpha r.

@@ -111,29 +111,36 @@ void finalize(const at::Tensor& rows_t, const at::Tensor& target_t, const c10::o
     return;
   }
 
-  double total = 0.0, denom = 0.0;
+  // The mean's divisor first (it needs the targets only), so each row's
+  // coefficients are scaled as they are written, in one pass over the rows.
+  double denom = 0.0;
+  if (reduction == kMean)
+    for (int64_t i = 0; i < n; ++i)
+      if (target[i] != ignore_index) denom += weight ? static_cast<double>(weight[target[i]]) : 1.0;
+  // PyTorch's rule: the mean divides by the summed class weights of the valid
+  // rows; when they sum to 0 nothing has a gradient (not 0 * inf = NaN).
+  const bool none_count = reduction == kMean && denom == 0.0;
+  const double inv = reduction == kMean && !none_count ? 1.0 / denom : 1.0;
+  double total = 0.0;
   for (int64_t i = 0; i < n; ++i) {
     if (target[i] == ignore_index) {
       if (reduction == kNone) value[i] = 0;
       continue;
     }
-    denom += weight ? static_cast<double>(weight[target[i]]) : 1.0;
     const double s = s_of(i);
     // A row with s = 0 contributes 0, even where its raw weight overflowed (0 * inf).
     const double sx = s == 0.0 ? 0.0 : s * static_cast<double>(row(i, kRowX));
+    const double scale = s * inv;
     for (int k = 0; k < 3; ++k)
-      stat(i, kStatAlpha + k) = s == 0.0 ? acc_t(0) : static_cast<acc_t>(s * static_cast<double>(row(i, kRowAlpha + k)));
+      stat(i, kStatAlpha + k) =
+          s == 0.0 || none_count ? acc_t(0) : static_cast<acc_t>(scale * static_cast<double>(row(i, kRowAlpha + k)));
     if (reduction == kNone) value[i] = static_cast<acc_t>(sx);
     total += sx;
   }
   if (reduction == kSum) {
     value[0] = static_cast<acc_t>(total);
   } else if (reduction == kMean) {
-    // PyTorch's rule: divide by the summed class weights of the valid rows.
-    value[0] = denom != 0.0 ? static_cast<acc_t>(total / denom) : acc_t(0);
-    for (int64_t i = 0; i < n; ++i)
-      for (int k = kStatAlpha; k < kStatCols; ++k)
-        stat(i, k) = denom != 0.0 ? static_cast<acc_t>(stat(i, k) / denom) : acc_t(0);
+    value[0] = none_count ? acc_t(0) : static_cast<acc_t>(total / denom);
   }
 }
 
