@@ -8,7 +8,12 @@ process so its RSS high-water mark is its own:
 * ``fused_logits``: the same logits, the library's fused CPU kernel;
 * ``linear``: ``linear_robust_cross_entropy`` (default: gradient in forward,
   3 matmuls);
-* ``linear_recompute``: the same with ``grad_in_forward=False`` (4 matmuls).
+* ``linear_recompute``: the same with ``grad_in_forward=False`` (4 matmuls);
+* ``linear_cce``: ``linear_robust_cross_entropy`` with ``CCE()`` (plain
+  cross-entropy, the default gradient placement);
+* ``torch_linear_ce``: PyTorch's own chunked ``F.linear_cross_entropy``
+  (plain cross-entropy, torch >= 2.13; skipped where torch lacks it), the
+  peer ``linear_cce`` must match in time and memory.
 
 Peak extra memory = VmHWM during the first forward + backward minus the RSS
 just before it (inputs allocated), from /proc/self/status (the high-water mark
@@ -42,7 +47,7 @@ import time
 
 SHAPES = [(2048, 512, 32000), (4096, 1024, 50257)]
 DTYPES = ["float32", "bfloat16"]
-METHODS = ["eager", "fused_logits", "linear", "linear_recompute"]
+METHODS = ["eager", "fused_logits", "linear", "linear_recompute", "linear_cce", "torch_linear_ce"]
 
 
 def _status_kib(key: str) -> int:
@@ -74,7 +79,10 @@ def run_one(method: str, n: int, hdim: int, v: int, dtype: str, repeats: int) ->
     weight = torch.randn(v, hdim).to(dt).requires_grad_()
     target = torch.randint(0, v, (n,))
     target[::17] = -100
-    scheme = rf.DM()
+    scheme = rf.CCE() if method == "linear_cce" else rf.DM()
+    if method == "torch_linear_ce" and not hasattr(torch.nn.functional, "linear_cross_entropy"):
+        return {"method": method, "N": n, "H": hdim, "V": v, "dtype": dtype,
+                "skipped": f"torch {torch.__version__} has no F.linear_cross_entropy"}  # fmt: skip
 
     def step():
         hidden.grad = None
@@ -83,6 +91,8 @@ def run_one(method: str, n: int, hdim: int, v: int, dtype: str, repeats: int) ->
             logits = hidden @ weight.t()
             be = "torch" if method == "eager" else "cpu"
             loss = rf.robust_cross_entropy(logits, target, scheme, backend=be)
+        elif method == "torch_linear_ce":
+            loss = torch.nn.functional.linear_cross_entropy(hidden, weight, target, ignore_index=-100)
         else:
             gif = None if method == "linear" else False
             loss = linear_robust_cross_entropy(hidden, weight, target, scheme, grad_in_forward=gif)
@@ -154,6 +164,9 @@ def main():
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
                 res = json.loads(out.stdout.strip().splitlines()[-1])
                 results.append(res)
+                if "skipped" in res:
+                    print(f"{dt:9s} N={n} H={h} V={v} {m:17s} skipped: {res['skipped']}", flush=True)
+                    continue
                 print(
                     f"{dt:9s} N={n} H={h} V={v} {m:17s} time {res['median_s']:7.2f} s "
                     f"(cpu {res['median_cpu_s']:7.2f} s)  "
@@ -161,8 +174,12 @@ def main():
                     f"transient {res['transient_bytes'] / 2**20:8.1f} MiB",
                     flush=True,
                 )
+    import torch
+
     meta = {
         "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "malloc_mmap_threshold": env.get("MALLOC_MMAP_THRESHOLD_"),
@@ -186,7 +203,7 @@ def plot(path: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(14, 5))
     width = 0.8 / len(METHODS)
     for k, m in enumerate(METHODS):
-        rows = {(r["N"], r["H"], r["V"], r["dtype"]): r for r in results if r["method"] == m}
+        rows = {(r["N"], r["H"], r["V"], r["dtype"]): r for r in results if r["method"] == m and "skipped" not in r}
         xs = [i + k * width for i in range(len(configs))]
         axes[0].bar(xs, [rows[c]["median_s"] if c in rows else 0 for c in configs], width, label=m)
         axes[1].bar(xs, [rows[c]["transient_bytes"] / 2**20 if c in rows else 0 for c in configs], width, label=m)
@@ -196,7 +213,7 @@ def plot(path: str) -> None:
         ax.set_title(title)
     axes[1].set_yscale("log")
     axes[0].legend()
-    fig.suptitle("DM loss after a linear layer, CPU (N x H x V)")
+    fig.suptitle("robust loss after a linear layer (DM; CCE and PyTorch's linear_cross_entropy: plain CE), CPU (N x H x V)")
     fig.tight_layout()
     png = os.path.splitext(path)[0] + ".png"
     fig.savefig(png, dpi=110)

@@ -72,9 +72,10 @@ on both paths. No extra chunk is held.
 
 ``torch.compile(fullgraph=True)`` traces both paths without a graph break
 (tested with ``backend="aot_eager"``); the chunk loop is unrolled, so the
-graph grows with ``N / chunk_size``. Host synchronisation on GPUs: the
-backends' bad-target check reads one value back per chunk (CUDA: an 8-byte
-copy; Triton: ``any()``); nothing else is read back.
+graph grows with ``N / chunk_size``. Host synchronisation on GPUs: none;
+bad targets stop the stream with the backends' device-side assertion, and
+``set_validate_targets(True)`` checks them on the host once per call (one
+synchronisation) before the first chunk.
 """
 
 from __future__ import annotations
