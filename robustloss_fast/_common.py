@@ -153,6 +153,8 @@ def real_scalar(value, what: str) -> float:
     beyond the float range (``2**1100``) a ValueError. Finiteness is the
     caller's rule.
     """
+    if type(value) is float:  # the common case, without the ABC checks below (a few us per call)
+        return value
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or value.dtype == torch.bool or value.dtype.is_complex:
             raise TypeError(f"{what} must be a real number, got a tensor of shape {tuple(value.shape)} and {value.dtype}")
@@ -168,9 +170,10 @@ def real_scalar(value, what: str) -> float:
 
 def int64_scalar(value, what: str) -> int:
     """``value`` as a Python int that fits the int64 of the op schemas; errors name ``what``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{what} must be an int, got {value!r}")
-    value = int(value)
+    if type(value) is not int:  # bool is not int here; the ABC check only for the rest
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{what} must be an int, got {value!r}")
+        value = int(value)
     if not _INT64[0] <= value <= _INT64[1]:
         raise ValueError(f"{what} must fit in int64, got {value}")
     return value

@@ -60,13 +60,19 @@ class Backend:
 # to import). Dynamo executes these imports while tracing, so they are safe
 # inside torch.compile.
 def _module(name: str):
-    if name == "torch":
-        from . import pytorch as module
-    elif name in ("cpu", "cuda"):
-        from . import compiled as module
-    else:
-        from . import triton as module
+    module = _MODULES.get(name)
+    if module is None:  # remembered: the import machinery costs microseconds on every loss call
+        if name == "torch":
+            from . import pytorch as module
+        elif name in ("cpu", "cuda"):
+            from . import compiled as module
+        else:
+            from . import triton as module
+        _MODULES[name] = module
     return module
+
+
+_MODULES: dict = {}
 
 
 def unavailable_reason(name: str) -> Optional[str]:
