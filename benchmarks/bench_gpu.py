@@ -174,19 +174,9 @@ def _nvidia_smi():
     return None
 
 
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine_info(device, dry_run):
     import robustloss_fast as rf
+    from robustloss_fast._bench import _cpu_model
 
     info = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

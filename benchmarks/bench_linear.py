@@ -11,24 +11,35 @@ process so its RSS high-water mark is its own:
 * ``linear_recompute``: the same with ``grad_in_forward=False`` (4 matmuls);
 * ``linear_cce``: ``linear_robust_cross_entropy`` with ``CCE()`` (plain
   cross-entropy, the default gradient placement);
-* ``torch_linear_ce``: PyTorch's own chunked ``F.linear_cross_entropy``
-  (plain cross-entropy, torch >= 2.13; skipped where torch lacks it), the
-  peer ``linear_cce`` must match in time and memory.
+* ``torch_linear_ce``: PyTorch's own ``F.linear_cross_entropy`` (plain
+  cross-entropy, torch >= 2.13; skipped where torch lacks it) as a user
+  calls it, ``options=None``: its reference path, which materialises the
+  logits;
+* ``torch_linear_ce_chunked``: the same with
+  ``options=LinearCrossEntropyOptions()``, PyTorch's chunked path (its CPU
+  defaults: ``acc_policy="accurate"``, ``chunking_method="aspect_ratio"``).
+  ``linear_cce`` must match both in time and memory.
 
-Peak extra memory = VmHWM during the first forward + backward minus the RSS
-just before it (inputs allocated), from /proc/self/status (the high-water mark
-is reset through /proc/self/clear_refs). ``transient`` subtracts the gradients
-that remain allocated afterwards (hidden.grad, weight.grad), which every method
-must produce. Time = median wall time of the following forward + backward runs; the
-process CPU time (all threads) is recorded too, a steadier measure when other
-jobs share the machine.
+Each (method, shape, dtype) runs in two fresh processes, so that each
+RSS high-water mark is the method's own:
 
-Every child runs with ``MALLOC_MMAP_THRESHOLD_=4194304`` (all methods alike):
-glibc's dynamic mmap threshold otherwise keeps freed blocks just under 32 MiB
-(a chunk of logits) on the heap, and the RSS high-water mark then counts
-allocator retention instead of live tensors (measured: about 6 extra chunks
-for the chunked methods; eager's blocks are larger and unaffected).
-``--malloc-default`` turns it off.
+* memory: peak extra = VmHWM during the first forward + backward minus the
+  RSS just before it (inputs allocated), from /proc/self/status (the
+  high-water mark is reset through /proc/self/clear_refs). ``transient``
+  subtracts the gradients that remain allocated afterwards (hidden.grad,
+  weight.grad), which every method must produce. This process runs with
+  ``MALLOC_MMAP_THRESHOLD_=4194304`` (all methods alike): glibc's dynamic
+  mmap threshold otherwise keeps freed blocks just under 32 MiB (a chunk of
+  logits) on the heap, and the high-water mark then counts allocator
+  retention instead of live tensors (measured: about 6 extra chunks for the
+  chunked methods; eager's blocks are larger and unaffected).
+  ``--malloc-default`` turns it off.
+* time: median wall time of the forward + backward runs after the first,
+  with glibc's default allocator settings (what a user runs with: the fixed
+  threshold makes every chunk-sized allocation a fresh mmap with its page
+  faults, which cost the chunked methods 30-60% of their time here). The
+  process CPU time (all threads) is recorded too, a steadier measure when
+  other jobs share the machine.
 
     python benchmarks/bench_linear.py [--quick] [--out benchmarks/results/linear_cpu.json]
     python benchmarks/bench_linear.py --plot benchmarks/results/linear_cpu.json
@@ -47,7 +58,9 @@ import time
 
 SHAPES = [(2048, 512, 32000), (4096, 1024, 50257)]
 DTYPES = ["float32", "bfloat16"]
-METHODS = ["eager", "fused_logits", "linear", "linear_recompute", "linear_cce", "torch_linear_ce"]
+METHODS = [
+    "eager", "fused_logits", "linear", "linear_recompute", "linear_cce", "torch_linear_ce", "torch_linear_ce_chunked",
+]
 
 
 def _status_kib(key: str) -> int:
@@ -80,7 +93,7 @@ def run_one(method: str, n: int, hdim: int, v: int, dtype: str, repeats: int) ->
     target = torch.randint(0, v, (n,))
     target[::17] = -100
     scheme = rf.CCE() if method == "linear_cce" else rf.DM()
-    if method == "torch_linear_ce" and not hasattr(torch.nn.functional, "linear_cross_entropy"):
+    if method.startswith("torch_linear_ce") and not hasattr(torch.nn.functional, "linear_cross_entropy"):
         return {"method": method, "N": n, "H": hdim, "V": v, "dtype": dtype,
                 "skipped": f"torch {torch.__version__} has no F.linear_cross_entropy"}  # fmt: skip
 
@@ -93,6 +106,9 @@ def run_one(method: str, n: int, hdim: int, v: int, dtype: str, repeats: int) ->
             loss = rf.robust_cross_entropy(logits, target, scheme, backend=be)
         elif method == "torch_linear_ce":
             loss = torch.nn.functional.linear_cross_entropy(hidden, weight, target, ignore_index=-100)
+        elif method == "torch_linear_ce_chunked":
+            opts = torch.nn.LinearCrossEntropyOptions()
+            loss = torch.nn.functional.linear_cross_entropy(hidden, weight, target, ignore_index=-100, options=opts)
         else:
             gif = None if method == "linear" else False
             loss = linear_robust_cross_entropy(hidden, weight, target, scheme, grad_in_forward=gif)
@@ -136,6 +152,12 @@ def run_one(method: str, n: int, hdim: int, v: int, dtype: str, repeats: int) ->
     }
 
 
+def _child(method, n, h, v, dtype, repeats, env) -> dict:
+    cmd = [sys.executable, __file__, "--child", method, str(n), str(h), str(v), dtype, str(repeats)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="only the small shape")
@@ -152,23 +174,26 @@ def main():
         plot(args.plot)
         return
     shapes = SHAPES[:1] if args.quick else SHAPES
-    env = dict(os.environ)
+    mem_env = dict(os.environ)
     if not args.malloc_default:
-        env["MALLOC_MMAP_THRESHOLD_"] = str(4 << 20)
+        mem_env["MALLOC_MMAP_THRESHOLD_"] = str(4 << 20)
     results = []
     for n, h, v in shapes:
         repeats = 3 if n * h * v < 1e11 else 1
         for dt in DTYPES:
             for m in METHODS:
-                cmd = [sys.executable, __file__, "--child", m, str(n), str(h), str(v), dt, str(repeats)]
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
-                res = json.loads(out.stdout.strip().splitlines()[-1])
+                res = _child(m, n, h, v, dt, repeats, dict(os.environ))
+                if "skipped" not in res:
+                    mem = _child(m, n, h, v, dt, 0, mem_env)
+                    res["default_malloc_peak_extra_bytes"] = res["peak_extra_bytes"]
+                    for key in ("peak_extra_bytes", "transient_bytes", "hwm_reset"):
+                        res[key] = mem[key]
                 results.append(res)
                 if "skipped" in res:
-                    print(f"{dt:9s} N={n} H={h} V={v} {m:17s} skipped: {res['skipped']}", flush=True)
+                    print(f"{dt:9s} N={n} H={h} V={v} {m:23s} skipped: {res['skipped']}", flush=True)
                     continue
                 print(
-                    f"{dt:9s} N={n} H={h} V={v} {m:17s} time {res['median_s']:7.2f} s "
+                    f"{dt:9s} N={n} H={h} V={v} {m:23s} time {res['median_s']:7.2f} s "
                     f"(cpu {res['median_cpu_s']:7.2f} s)  "
                     f"peak extra {res['peak_extra_bytes'] / 2**20:8.1f} MiB  "
                     f"transient {res['transient_bytes'] / 2**20:8.1f} MiB",
@@ -176,13 +201,16 @@ def main():
                 )
     import torch
 
+    from robustloss_fast._bench import _cpu_model
+
     meta = {
-        "machine": platform.processor() or platform.machine(),
+        "machine": _cpu_model(),
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
-        "malloc_mmap_threshold": env.get("MALLOC_MMAP_THRESHOLD_"),
+        "memory_malloc_mmap_threshold": mem_env.get("MALLOC_MMAP_THRESHOLD_"),
+        "time_malloc": "glibc defaults",
         "load_average_at_end": os.getloadavg(),
     }
     with open(args.out, "w") as f:

@@ -427,3 +427,20 @@ def test_softcap_compile_fullgraph(grad_in_forward):
     torch.testing.assert_close(out, ref)
     for a, b in zip(g, gr):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_cpu_16bit_grad_weight_path_follows_the_cpu(monkeypatch, fast):
+    # The default on CPU is the 16-bit GEMM exactly when the CPU multiplies
+    # bfloat16 natively, else the float32 GEMM on upcast copies.
+    from robustloss_fast import linear
+
+    monkeypatch.setitem(linear._CPU_FAST_16BIT, torch.bfloat16, fast)
+    gl, x = torch.randn(16, 9000).bfloat16(), torch.randn(16, 8).bfloat16()
+    got, want = torch.zeros(9000, 8), torch.zeros(9000, 8)
+    linear._add_grad_weight(got, gl, x)
+    linear._add_grad_weight(want, gl, x, upcast=not fast)
+    assert torch.equal(got, want)
+    other = torch.zeros(9000, 8)
+    linear._add_grad_weight(other, gl, x, upcast=fast)
+    assert not torch.equal(got, other)  # the two paths do differ: the check above can fail
