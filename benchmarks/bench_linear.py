@@ -37,7 +37,8 @@ RSS high-water mark is the method's own:
 * time: median wall time of the forward + backward runs after the first,
   with glibc's default allocator settings (what a user runs with: the fixed
   threshold makes every chunk-sized allocation a fresh mmap with its page
-  faults, which cost the chunked methods 30-60% of their time here). The
+  faults: on the AMD EPYC VM of benchmarks/NOTES.md they doubled the bf16
+  chunked methods' time at 2048 x 512 x 32000 and added 0-7% in fp32). The
   process CPU time (all threads) is recorded too, a steadier measure when
   other jobs share the machine.
 
@@ -110,7 +111,7 @@ def run_one(method: str, n: int, hdim: int, v: int, dtype: str, repeats: int) ->
             opts = torch.nn.LinearCrossEntropyOptions()
             loss = torch.nn.functional.linear_cross_entropy(hidden, weight, target, ignore_index=-100, options=opts)
         else:
-            gif = None if method == "linear" else False
+            gif = False if method == "linear_recompute" else None  # linear and linear_cce: the default
             loss = linear_robust_cross_entropy(hidden, weight, target, scheme, grad_in_forward=gif)
         loss.backward()
         return loss
