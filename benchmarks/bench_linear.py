@@ -6,6 +6,8 @@ process so its RSS high-water mark is its own:
 * ``eager``: ``logits = hidden @ W.T`` then the pure-PyTorch DM
   (``robust_cross_entropy(..., backend="torch")``), then ``backward``;
 * ``fused_logits``: the same logits, the library's fused CPU kernel;
+* ``fused_logits_inplace``: the same with ``inplace_backward=True`` (the
+  logits' gradient written over the logits);
 * ``linear``: ``linear_robust_cross_entropy`` (default: gradient in forward,
   3 matmuls);
 * ``linear_recompute``: the same with ``grad_in_forward=False`` (4 matmuls);
@@ -60,7 +62,14 @@ import time
 SHAPES = [(2048, 512, 32000), (4096, 1024, 50257)]
 DTYPES = ["float32", "bfloat16"]
 METHODS = [
-    "eager", "fused_logits", "linear", "linear_recompute", "linear_cce", "torch_linear_ce", "torch_linear_ce_chunked",
+    "eager",
+    "fused_logits",
+    "fused_logits_inplace",
+    "linear",
+    "linear_recompute",
+    "linear_cce",
+    "torch_linear_ce",
+    "torch_linear_ce_chunked",
 ]
 
 
@@ -101,10 +110,11 @@ def run_one(method: str, n: int, hdim: int, v: int, dtype: str, repeats: int) ->
     def step():
         hidden.grad = None
         weight.grad = None
-        if method in ("eager", "fused_logits"):
+        if method in ("eager", "fused_logits", "fused_logits_inplace"):
             logits = hidden @ weight.t()
             be = "torch" if method == "eager" else "cpu"
-            loss = rf.robust_cross_entropy(logits, target, scheme, backend=be)
+            inplace = method == "fused_logits_inplace"
+            loss = rf.robust_cross_entropy(logits, target, scheme, backend=be, inplace_backward=inplace)
         elif method == "torch_linear_ce":
             loss = torch.nn.functional.linear_cross_entropy(hidden, weight, target, ignore_index=-100)
         elif method == "torch_linear_ce_chunked":

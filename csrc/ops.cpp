@@ -23,6 +23,13 @@ TORCH_LIBRARY(robustloss, m) {
   m.def(
       "robust_ce_backward(Tensor grad, Tensor logits, Tensor target, Tensor stats, Tensor? smooth_weight, "
       "int ignore_index, int scheme, float a) -> Tensor");
+  // The same gradient written over the logits themselves (which must be
+  // contiguous): robust_cross_entropy(inplace_backward=True). Every kernel
+  // reads a logit before it writes that logit's gradient, in the same thread,
+  // so the one buffer serves as both.
+  m.def(
+      "robust_ce_backward_(Tensor(a!) logits, Tensor grad, Tensor target, Tensor stats, Tensor? smooth_weight, "
+      "int ignore_index, int scheme, float a) -> ()");
   // The row pass alone: (N, 7) = (m, ls, log w, x, alpha, beta, gamma) per row
   // (kernel_args.h: RowCol; schemes.h: RowGrad); smooth_weight is u of label
   // smoothing (kCCELS).

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from . import backends, distributed
+from . import _finalize, backends, distributed
 from ._common import (
     NORMALIZE_TWO_TERM_MSG,
     Kernel,
@@ -169,6 +169,60 @@ def check_not_differentiable(**tensors) -> None:
             )
 
 
+class _InplaceBackward(torch.autograd.Function):
+    """The loss of ``inplace_backward=True``: its backward writes the gradient over the logits.
+
+    Forward is the backend's row pass and the cross-row step
+    (``_finalize.finalize``), so that the per-row stats are at hand; backward
+    is the backend's ``grad_inplace``. Safety rests on autograd's version
+    counter: the saved logits are checked when backward unpacks them (a
+    retained graph's second backward is refused), and the write bumps the
+    counter they share with every view of them, so any other node that saved
+    them and runs later raises autograd's in-place error instead of reading
+    gradients as logits.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, sample_weight, backend, spec: KernelSpec):
+        rows = backend.rows(logits, target, spec, weight)
+        value, stats = _finalize.finalize(rows, target, spec, weight, sample_weight)
+        ctx.save_for_backward(logits, target, stats, weight)
+        ctx.backend, ctx.spec = backend, spec
+        return value
+
+    @staticmethod
+    def backward(ctx, grad):
+        if torch.is_grad_enabled():
+            raise RuntimeError("robustloss: double backward (create_graph=True) is not supported")
+        logits, target, stats, weight = ctx.saved_tensors
+        version = logits._version
+        ctx.backend.grad_inplace(grad, logits, target, stats, ctx.spec, weight)
+        if logits._version == version:  # a C++ op with an (a!) argument does not bump it itself
+            torch.autograd.graph.increment_version(logits)
+        return logits.detach(), None, None, None, None, None
+
+
+def _inplace_applies(input: torch.Tensor, logits: torch.Tensor, process_group, vocab_parallel: bool) -> bool:
+    """Whether ``inplace_backward=True`` writes into the logits; refuses what it cannot do safely."""
+    if process_group is not None or vocab_parallel:
+        raise ValueError("inplace_backward=True is not supported with process_group or vocab_parallel")
+    owner = input if input._base is None else input._base  # a view writes into its base
+    if owner.is_leaf and owner.requires_grad:
+        raise ValueError(
+            "inplace_backward=True writes the gradient over the logits, but these are (a view of) a leaf "
+            "tensor that requires grad (its .grad would be the overwritten logits themselves); compute "
+            "them in the graph, or leave inplace_backward off"
+        )
+    # Under torch.compile Inductor plans the buffers itself; strided rows have no
+    # contiguous storage to write into: both take the ordinary backward.
+    return (
+        torch.is_grad_enabled()
+        and logits.requires_grad
+        and logits.is_contiguous()
+        and not torch.compiler.is_compiling()
+    )
+
+
 def robust_cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -184,6 +238,7 @@ def robust_cross_entropy(
     process_group=None,
     vocab_parallel: bool = False,
     class_offset: Optional[int] = None,
+    inplace_backward: bool = False,
 ) -> torch.Tensor:
     r"""Robust cross-entropy: the ``softmax - onehot`` direction with the emphasis of ``scheme``.
 
@@ -255,6 +310,24 @@ def robust_cross_entropy(
             ``(C,)`` vector and the value is the global loss (no ``W`` factor).
         class_offset: first class of this rank's slice for ``vocab_parallel``
             (default ``rank * C_local``).
+        inplace_backward: ``True`` makes backward write the gradient over the
+            logits' storage instead of a new ``N x C`` tensor (as Liger-Kernel's
+            cross-entropy does): at an LLM vocabulary that tensor is the
+            largest allocation of the step. The logits then hold their
+            gradient after backward: read what you need from them (accuracy,
+            argmax) before it. Safe with autograd: if another operation saved
+            the same logits for its own backward and runs after this one (e.g.
+            ``logits = torch.tanh(x)``), backward raises autograd's in-place
+            error instead of computing with overwritten values, and so does a
+            second backward through a retained graph. Refused (``ValueError``)
+            for logits that are a leaf requiring grad and with
+            ``process_group``/``vocab_parallel``. Logits that are not one
+            contiguous block (a slice of a wider tensor, say) get the ordinary
+            out-of-place backward, as do calls under ``torch.compile``;
+            ``(N, C, d1, ...)`` input is copied to rows first, and the gradient
+            is written over that copy. The
+            ``"torch"`` backend computes the gradient aside and copies it in
+            (same numbers, no memory saved).
 
     Returns:
         The loss: float32 for float16/bfloat16 input, else the input's dtype.
@@ -267,6 +340,7 @@ def robust_cross_entropy(
     logits, rows_target, rows_sw, out_shape = _canonical(input, target, sample_weight)
     c = logits.shape[1]
     be = backends.resolve(backend, input.device)
+    inplace = bool(inplace_backward) and _inplace_applies(input, logits, process_group, vocab_parallel)
     if vocab_parallel:
         if process_group is None:
             raise ValueError("vocab_parallel=True needs the process_group that holds the class slices")
@@ -284,6 +358,8 @@ def robust_cross_entropy(
             weight = weight.to(acc_dtype(input.dtype)).contiguous()
         if process_group is not None:
             value = distributed.robust_cross_entropy_rows(be, logits, rows_target, spec, weight, rows_sw, process_group)
+        elif inplace:
+            value = _InplaceBackward.apply(logits, rows_target, weight, rows_sw, be, spec)
         else:
             value = be.loss(logits, rows_target, spec, weight, rows_sw)
     value = scale_loss(value, spec)

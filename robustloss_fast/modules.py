@@ -20,7 +20,8 @@ class RobustCrossEntropyLoss(nn.Module):
     as in ``nn.CrossEntropyLoss``. ``forward(input, target, sample_weight=None)``
     calls :func:`robustloss_fast.robust_cross_entropy`; see it for the math.
     ``process_group``, ``vocab_parallel`` and ``class_offset`` are passed through
-    (distributed training: :mod:`robustloss_fast.distributed`).
+    (distributed training: :mod:`robustloss_fast.distributed`), as is
+    ``inplace_backward`` (the gradient written over the logits).
     """
 
     def __init__(
@@ -35,6 +36,7 @@ class RobustCrossEntropyLoss(nn.Module):
         process_group=None,
         vocab_parallel: bool = False,
         class_offset: Optional[int] = None,
+        inplace_backward: bool = False,
     ):
         super().__init__()
         kernel_spec(scheme, reduction, normalize, ignore_index, label_smoothing)  # fail at construction
@@ -48,6 +50,7 @@ class RobustCrossEntropyLoss(nn.Module):
         self.process_group = process_group
         self.vocab_parallel = vocab_parallel
         self.class_offset = class_offset
+        self.inplace_backward = inplace_backward
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, sample_weight: Optional[torch.Tensor] = None):
         return robust_cross_entropy(
@@ -64,10 +67,12 @@ class RobustCrossEntropyLoss(nn.Module):
             process_group=self.process_group,
             vocab_parallel=self.vocab_parallel,
             class_offset=self.class_offset,
+            inplace_backward=self.inplace_backward,
         )
 
     def extra_repr(self) -> str:
         extra = f", label_smoothing={self.label_smoothing}" if self.label_smoothing else ""
+        extra += ", inplace_backward=True" if self.inplace_backward else ""
         return f"scheme={self.scheme!r}, ignore_index={self.ignore_index}, reduction={self.reduction!r}{extra}"
 
 

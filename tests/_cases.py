@@ -279,14 +279,19 @@ VOCAB_DTYPES = [torch.float32, torch.bfloat16]
 
 
 def run(backend, problem: Problem, loss: Loss, reduction, normalize, upstream, *, weight="problem", sample_weight="problem",
-        ignore_index=IGNORE):
-    """(value, gradient of the logits) of ``robust_cross_entropy`` on ``backend`` (a name), upstream gradient given."""
+        ignore_index=IGNORE, inplace_backward=False):
+    """(value, gradient of the logits) of ``robust_cross_entropy`` on ``backend`` (a name), upstream gradient given.
+
+    ``inplace_backward``: the logits are a non-leaf copy of ``base`` (the
+    option refuses leaves), laid out by the problem's view all the same."""
     w = problem.weight if weight == "problem" else weight
     sw = problem.sample_weight if sample_weight == "problem" else sample_weight
     base = problem.base.detach().clone().requires_grad_()
+    logits = problem.view(base * 1 if inplace_backward else base)
+    kw = dict(loss.kw, inplace_backward=True) if inplace_backward else loss.kw
     value = rf.robust_cross_entropy(
-        problem.view(base), problem.target, loss.scheme, weight=w, sample_weight=sw, ignore_index=ignore_index,
-        reduction=reduction, normalize=normalize, backend=backend, **loss.kw,
+        logits, problem.target, loss.scheme, weight=w, sample_weight=sw, ignore_index=ignore_index,
+        reduction=reduction, normalize=normalize, backend=backend, **kw,
     )  # fmt: skip
     (grad,) = torch.autograd.grad(value, base, upstream.to(value.dtype))
     return value.detach(), problem.view(grad)
@@ -349,7 +354,7 @@ def reference_result(ref: Problem, loss: Loss, reduction, normalize, upstream, i
 
 
 def check_loss(backend, problem: Problem, loss: Loss, reduction, normalize, what="", *, require_finite=True,
-               ignore_index=IGNORE, rtol=None):
+               ignore_index=IGNORE, rtol=None, inplace_backward=False):
     """``backend`` (an ``OnDevice``) against the float64 reference on the same rounded inputs: value and
     gradient for a random upstream gradient, dtypes and shapes. Returns (value, grad, ref_value, ref_grad)."""
     logits = problem.logits
@@ -367,7 +372,8 @@ def check_loss(backend, problem: Problem, loss: Loss, reduction, normalize, what
         abs_rows = Rows.of(ref, abs_sw)
         abs_value = reference.forward(abs_rows.logits, abs_rows.target, spec, ref.weight, abs_rows.sample_weight)[0]
         vscale = float(abs_value.abs()) * abs(spec.scale)
-    v, g = run(backend.name, problem, loss, reduction, normalize, upstream, ignore_index=ignore_index)
+    v, g = run(backend.name, problem, loss, reduction, normalize, upstream, ignore_index=ignore_index,
+               inplace_backward=inplace_backward)
     tag = f"{what} {loss} {reduction} normalize={normalize} backend={backend}"
     assert v.dtype == acc_of(dtype), f"{tag}: loss dtype {v.dtype}"  # SPEC §6.1
     assert g.dtype == dtype, f"{tag}: gradient dtype {g.dtype}"

@@ -67,6 +67,8 @@ def test_opcheck_backward_and_rows():
         # Label smoothing with class weights: stats with a beta term, u = the class weights.
         _, stats = ops.robust_ce_forward(x, t, 10, 0.1, 0.0, w, sw, -100, 0 if per_row else 1, False)
         torch.library.opcheck(ops.robust_ce_backward.default, (grad, x, t, stats, w, -100, 10, 0.1))
+        # The in-place twin: its schema must declare the write (opcheck's test_schema sees it happen).
+        torch.library.opcheck(ops.robust_ce_backward_.default, (x.clone(), grad, t, stats, w, -100, 10, 0.1))
         cases = ((4, 0.5, 12.0, None, True), (3, 0.7, 0.0, None, False), (6, 2.0, 3.0, None, False))
         cases += ((10, 0.2, 0.0, w, False), (11, 1.0, 4.0, None, False))
         for kid, a, b, u, normalised in cases:

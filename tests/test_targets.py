@@ -10,6 +10,8 @@ default and out of traced graphs.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -69,7 +71,7 @@ def test_validation_checks_before_the_backend_runs(monkeypatch, validation):
 
     def resolve(name, device):
         be = real_resolve(name, device)
-        return be.__class__(be.name, lambda *a: ran.append(1) or be.loss(*a), be.rows, be.grad)
+        return dataclasses.replace(be, loss=lambda *a: ran.append(1) or be.loss(*a))
 
     monkeypatch.setattr(backends, "resolve", resolve)
     x, t = torch.randn(4, 3), torch.tensor([0, 2, 3, 1])

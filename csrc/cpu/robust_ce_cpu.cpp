@@ -208,21 +208,34 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& logits_in, cons
   return {value, stats};
 }
 
-at::Tensor backward_cpu(const at::Tensor& grad_in, const at::Tensor& logits_in, const at::Tensor& target_in,
-                        const at::Tensor& stats_in, const c10::optional<at::Tensor>& smooth_weight_in,
-                        int64_t ignore_index, int64_t scheme, double a) {
-  const at::Tensor logits = check_logits(logits_in);
+void run_backward(const at::Tensor& grad_in, const at::Tensor& logits, const at::Tensor& target_in,
+                  const at::Tensor& stats_in, const c10::optional<at::Tensor>& smooth_weight_in, int64_t ignore_index,
+                  int64_t scheme, double a, at::Tensor& out) {
   const at::Tensor target = check_target(target_in, logits, ignore_index);
   const at::Tensor stats = check_stats(stats_in, logits);
   const at::Tensor grad = check_grad(grad_in, logits);
   const auto u = check_weight(smooth_weight_in, logits);
-  at::Tensor out = at::empty({logits.size(0), logits.size(1)}, logits.options());
-  advise_huge_pages(out);
   BackwardArgs args = make_backward_args(grad, logits, target, stats, u, ignore_index, out);
   args.scheme = scheme;
   args.a = a;
   cpu::kernels().backward(args);
+}
+
+at::Tensor backward_cpu(const at::Tensor& grad_in, const at::Tensor& logits_in, const at::Tensor& target_in,
+                        const at::Tensor& stats_in, const c10::optional<at::Tensor>& smooth_weight_in,
+                        int64_t ignore_index, int64_t scheme, double a) {
+  const at::Tensor logits = check_logits(logits_in);
+  at::Tensor out = at::empty({logits.size(0), logits.size(1)}, logits.options());
+  advise_huge_pages(out);
+  run_backward(grad_in, logits, target_in, stats_in, smooth_weight_in, ignore_index, scheme, a, out);
   return out;
+}
+
+void backward_inplace_cpu(at::Tensor& logits, const at::Tensor& grad_in, const at::Tensor& target_in,
+                          const at::Tensor& stats_in, const c10::optional<at::Tensor>& smooth_weight_in,
+                          int64_t ignore_index, int64_t scheme, double a) {
+  check_inplace_logits(logits);
+  run_backward(grad_in, logits, target_in, stats_in, smooth_weight_in, ignore_index, scheme, a, logits);
 }
 
 }  // namespace
@@ -230,6 +243,7 @@ at::Tensor backward_cpu(const at::Tensor& grad_in, const at::Tensor& logits_in, 
 TORCH_LIBRARY_IMPL(robustloss, CPU, m) {
   m.impl("robust_ce_forward", &forward_cpu);
   m.impl("robust_ce_backward", &backward_cpu);
+  m.impl("robust_ce_backward_", &backward_inplace_cpu);
   m.impl("robust_ce_rows", &rows_cpu);
 }
 

@@ -98,23 +98,38 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& logits_in, con
   return {value, stats};
 }
 
+void run_backward(const at::Tensor& grad_in, const at::Tensor& logits, const at::Tensor& target_in,
+                  const at::Tensor& stats_in, const c10::optional<at::Tensor>& smooth_weight_in, int64_t ignore_index,
+                  int64_t scheme, double a, at::Tensor& out) {
+  const at::Tensor target = check_target_shape(target_in, logits);
+  const at::Tensor stats = check_stats(stats_in, logits);
+  const at::Tensor grad = check_grad(grad_in, logits);
+  const auto u = check_weight(smooth_weight_in, logits);
+  if (logits.size(0) == 0) return;
+  BackwardArgs args = make_backward_args(grad, logits, target, stats, u, ignore_index, out);
+  args.scheme = scheme;  // NFL reads its stats in P-form, with its gamma = a
+  args.a = a;
+  cuda::launch_backward(args, c10::cuda::getCurrentCUDAStream());
+}
+
 at::Tensor backward_cuda(const at::Tensor& grad_in, const at::Tensor& logits_in, const at::Tensor& target_in,
                          const at::Tensor& stats_in, const c10::optional<at::Tensor>& smooth_weight_in,
                          int64_t ignore_index, int64_t scheme, double a) {
   check_on_cuda(logits_in, "logits");
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const at::Tensor logits = check_logits(logits_in);
-  const at::Tensor target = check_target_shape(target_in, logits);
-  const at::Tensor stats = check_stats(stats_in, logits);
-  const at::Tensor grad = check_grad(grad_in, logits);
-  const auto u = check_weight(smooth_weight_in, logits);
   at::Tensor out = at::empty({logits.size(0), logits.size(1)}, logits.options());
-  if (logits.size(0) == 0) return out;
-  BackwardArgs args = make_backward_args(grad, logits, target, stats, u, ignore_index, out);
-  args.scheme = scheme;  // NFL reads its stats in P-form, with its gamma = a
-  args.a = a;
-  cuda::launch_backward(args, c10::cuda::getCurrentCUDAStream());
+  run_backward(grad_in, logits, target_in, stats_in, smooth_weight_in, ignore_index, scheme, a, out);
   return out;
+}
+
+void backward_inplace_cuda(at::Tensor& logits, const at::Tensor& grad_in, const at::Tensor& target_in,
+                           const at::Tensor& stats_in, const c10::optional<at::Tensor>& smooth_weight_in,
+                           int64_t ignore_index, int64_t scheme, double a) {
+  check_on_cuda(logits, "logits");
+  const c10::cuda::CUDAGuard guard(logits.device());
+  check_inplace_logits(logits);
+  run_backward(grad_in, logits, target_in, stats_in, smooth_weight_in, ignore_index, scheme, a, logits);
 }
 
 }  // namespace
@@ -122,6 +137,7 @@ at::Tensor backward_cuda(const at::Tensor& grad_in, const at::Tensor& logits_in,
 TORCH_LIBRARY_IMPL(robustloss, CUDA, m) {
   m.impl("robust_ce_forward", &forward_cuda);
   m.impl("robust_ce_backward", &backward_cuda);
+  m.impl("robust_ce_backward_", &backward_inplace_cuda);
   m.impl("robust_ce_rows", &rows_cuda);
 }
 

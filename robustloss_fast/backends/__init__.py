@@ -12,7 +12,12 @@ up here and calls it through one interface, a ``Backend``:
     (spec §9), for callers that combine rows of several calls (chunks, shards)
     before the cross-row step ``robustloss_fast._finalize.finalize``;
 ``grad(grad, logits, target, stats, spec, weight) -> grad_logits``
-    the gradient pass from the per-row ``stats (N, 5) = (m, ls, alpha, beta, gamma)``.
+    the gradient pass from the per-row ``stats (N, 5) = (m, ls, alpha, beta, gamma)``;
+``grad_inplace(grad, logits, target, stats, spec, weight) -> None``
+    the same gradient written over ``logits`` (contiguous), for
+    ``inplace_backward=True``: no ``N x C`` buffer is allocated (the fused
+    kernels read each logit before writing its gradient, in place; the
+    reference computes it aside and copies it in).
 
 ``spec`` is the call's ``KernelSpec`` (``robustloss_fast._common``); ``weight``
 is the class-weight vector, which each backend routes into the rows where the
@@ -48,12 +53,13 @@ AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
 
 @dataclass(frozen=True)
 class Backend:
-    """One backend's three entry points (see the module docstring)."""
+    """One backend's four entry points (see the module docstring)."""
 
     name: str
     loss: Callable[..., torch.Tensor]
     rows: Callable[..., torch.Tensor]
     grad: Callable[..., torch.Tensor]
+    grad_inplace: Callable[..., None]
 
 
 # Each backend's module is imported on first use (Triton is optional and slow

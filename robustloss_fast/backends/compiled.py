@@ -12,6 +12,8 @@ ignore_index, reduction, normalize) -> (value, stats)``
     target and ``g gamma`` at it (``u = smooth_weight``, 1 when None);
     ``scheme``/``a`` are the forward's: NFL's stats are in P-form,
     ``g (alpha P_j + beta h(P_j))``.
+``robust_ce_backward_(logits, grad, target, stats, smooth_weight?, ignore_index, scheme, a) -> ()``
+    the same, written over ``logits`` (which must be contiguous).
 ``robust_ce_rows(logits, target, scheme, a, b, smooth_weight?, ignore_index, normalised) -> rows``
     the row pass alone: (N, 7) = (m, ls, log w, x, alpha, beta, gamma) per
     row, for callers that combine rows from several calls before normalising
@@ -74,7 +76,13 @@ def _grad(grad, logits, target, stats, spec: KernelSpec, weight):
     )
 
 
-_BACKENDS = {name: Backend(name, _loss, _rows, _grad) for name in ("cpu", "cuda")}
+def _grad_inplace(grad, logits, target, stats, spec: KernelSpec, weight):
+    torch.ops.robustloss.robust_ce_backward_(
+        logits, grad, target, stats, spec.smooth_weight(weight), spec.ignore_index, int(spec.kernel), spec.a
+    )
+
+
+_BACKENDS = {name: Backend(name, _loss, _rows, _grad, _grad_inplace) for name in ("cpu", "cuda")}
 
 
 def get(name: str) -> Backend:
@@ -95,6 +103,10 @@ if EXT is not None:
     @torch.library.register_fake(f"{_lib}::robust_ce_backward")
     def _backward_fake(grad, logits, target, stats, smooth_weight, ignore_index, scheme, a):
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake(f"{_lib}::robust_ce_backward_")
+    def _backward_inplace_fake(logits, grad, target, stats, smooth_weight, ignore_index, scheme, a):
+        return None
 
     @torch.library.register_fake(f"{_lib}::robust_ce_rows")
     def _rows_fake(logits, target, scheme, a, b, smooth_weight, ignore_index, normalised):

@@ -26,6 +26,14 @@ inline at::Tensor check_logits(const at::Tensor& logits) {
   return logits;
 }
 
+// The logits of the in-place backward: written over, so used as they are.
+inline void check_inplace_logits(const at::Tensor& logits) {
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(),
+              "robustloss: the in-place backward needs contiguous 2-D logits, got shape ", logits.sizes(),
+              " and strides ", logits.strides());
+  check_logits(logits);
+}
+
 inline at::Tensor check_target_shape(const at::Tensor& target, const at::Tensor& logits) {
   TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), "robustloss: target must have shape (",
               logits.size(0), ",), got ", target.sizes());

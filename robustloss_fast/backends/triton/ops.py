@@ -17,6 +17,9 @@ ignore_index, reduction, normalize) -> (value, stats)``
     ``g_i (alpha_i r_ij + beta_i u_j)`` off the target, ``g_i gamma_i`` at it;
     ``scheme`` and ``a`` are the forward's: for NFL the stats are in
     P-form and the off-target entries are ``g_i (alpha_i P_ij + beta_i h_a(P_ij))``.
+``robustloss::triton_backward_(logits, grad, target, stats, smooth_weight?, ignore_index, scheme, a) -> ()``
+    the same, written over ``logits`` (contiguous): each program loads its
+    tile of logits before it stores the tile's gradient.
 
 Registration. On a GPU the ops are ``torch.library.triton_op``s launching through
 ``wrap_triton``, so ``torch.compile`` sees the kernels themselves. Under the
@@ -222,19 +225,11 @@ def triton_forward(
     return _finalize.finalize(rows, target, spec, weight, sample_weight)
 
 
-def triton_backward(
-    grad: torch.Tensor,
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    stats: torch.Tensor,
-    smooth_weight: Optional[torch.Tensor],
-    ignore_index: int,
-    scheme: int,
-    a: float,
-) -> torch.Tensor:
+def _launch_backward(grad, logits, target, stats, smooth_weight, ignore_index, scheme, a, out) -> None:
+    """The backward kernel over ``logits`` into ``out`` (contiguous (n, c); may be ``logits`` itself)."""
     n, c = logits.shape
-    if logits.stride(1) != 1:
-        logits = logits.contiguous()
+    if n == 0:
+        return
     target = target.contiguous()
     stats = stats.to(acc_dtype(logits.dtype)).contiguous()
     grad = grad.to(stats.dtype)
@@ -242,9 +237,6 @@ def triton_backward(
     u = _smooth_weight(smooth_weight, logits)
     # NFL's gradient has no u term (the C++ op ignores a smooth_weight there too).
     u = None if p_form else u
-    out = torch.empty((n, c), dtype=logits.dtype, device=logits.device)
-    if n == 0:
-        return out
     block_n, block_c, warps = _tile(n, c, BACKWARD_BLOCK_C)
     # The focal gamma, read by the P-form kernel only (the others get 0, 0).
     a_hi, a_lo = _split(a) if p_form else (0.0, 0.0)
@@ -268,7 +260,41 @@ def triton_backward(
         BLOCK_C=block_c,
         num_warps=warps,
     )
+
+
+def triton_backward(
+    grad: torch.Tensor,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    stats: torch.Tensor,
+    smooth_weight: Optional[torch.Tensor],
+    ignore_index: int,
+    scheme: int,
+    a: float,
+) -> torch.Tensor:
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    _launch_backward(grad, logits, target, stats, smooth_weight, ignore_index, scheme, a, out)
     return out
+
+
+def triton_backward_(
+    logits: torch.Tensor,
+    grad: torch.Tensor,
+    target: torch.Tensor,
+    stats: torch.Tensor,
+    smooth_weight: Optional[torch.Tensor],
+    ignore_index: int,
+    scheme: int,
+    a: float,
+) -> None:
+    if logits.dim() != 2 or not logits.is_contiguous():
+        raise ValueError(
+            f"the in-place backward needs contiguous 2-D logits, got shape {tuple(logits.shape)} "
+            f"and strides {logits.stride()}"
+        )
+    _launch_backward(grad, logits, target, stats, smooth_weight, ignore_index, scheme, a, logits)
 
 
 # ---- fake kernels (used only where the ops are opaque custom_ops) ----
@@ -289,18 +315,23 @@ def _backward_fake(grad, logits, target, stats, smooth_weight, ignore_index, sch
     return logits.new_empty(logits.shape)
 
 
-def _register(name, fn, fake):
+def _backward_inplace_fake(logits, grad, target, stats, smooth_weight, ignore_index, scheme, a):
+    return None
+
+
+def _register(name, fn, fake, mutates_args=()):
     qualname = f"{NS}::{name}"
     if kernels.INTERPRETED:
-        op = torch.library.custom_op(qualname, fn, mutates_args=())
+        op = torch.library.custom_op(qualname, fn, mutates_args=mutates_args)
         op.register_fake(fake)
         return op
-    return torch.library.triton_op(qualname, fn, mutates_args=())  # pragma: no cover - needs a GPU
+    return torch.library.triton_op(qualname, fn, mutates_args=mutates_args)  # pragma: no cover - needs a GPU
 
 
 rows_op = _register("triton_rows", triton_rows, _rows_fake)
 forward_op = _register("triton_forward", triton_forward, _forward_fake)
 backward_op = _register("triton_backward", triton_backward, _backward_fake)
+backward_inplace_op = _register("triton_backward_", triton_backward_, _backward_inplace_fake, mutates_args=("logits",))
 
 
 def _setup_context(ctx, inputs, output):
@@ -342,5 +373,12 @@ def _rows(logits, target, spec: KernelSpec, weight):
 def _grad(grad, logits, target, stats, spec: KernelSpec, weight):
     return backward_op(
         grad, logits, target, stats, spec.smooth_weight(weight), int(spec.ignore_index), int(spec.kernel),
+        float(spec.a),
+    )  # fmt: skip
+
+
+def _grad_inplace(grad, logits, target, stats, spec: KernelSpec, weight):
+    backward_inplace_op(
+        logits, grad, target, stats, spec.smooth_weight(weight), int(spec.ignore_index), int(spec.kernel),
         float(spec.a),
     )  # fmt: skip

@@ -1,0 +1,164 @@
+"""``inplace_backward=True``: the gradient written over the logits' storage.
+
+Same numbers as the SPEC (the float64 reference, the suite's tolerances) on
+every backend and device, every scheme, dtype, reduction and layout; the
+gradient that reaches the graph above the loss *is* the logits' storage when
+the rows are contiguous; and autograd refuses, never miscomputes, whenever
+the overwritten logits are still needed (another node saved them, a retained
+graph runs twice), while leaves and distributed calls are refused up front.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import robustloss_fast as rf
+from robustloss_fast import backends
+from robustloss_fast._common import Kernel
+from robustloss_fast.schemes import CCE, DM, GCE, NFL
+
+from _backends import device_of, thin
+from _cases import DTYPES, LOSSES, check_loss, dtype_id, make_problem, special_rows
+from test_backends import PROBLEMS
+
+INPLACE_ERROR = "modified by an inplace operation"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("loss", LOSSES, ids=str)
+def test_inplace_backward_matches_the_reference(backend, loss, dtype):
+    """Every loss x dtype x mode on the special-rows batch, and the shape families in rotation
+    (strided and transposed layouts take the out-of-place path, which must be right too)."""
+    d, modes = DTYPES.index(dtype), loss.modes
+    for reduction, normalize in thin(modes, backend, 2, d):
+        problem = make_problem((23, 11), dtype, backend.device, special=special_rows(loss))
+        check_loss(backend, problem, loss, reduction, normalize, "special rows", inplace_backward=True)
+    offset = (LOSSES.index(loss) + d) * 3
+    for k, (what, shape, layout, config) in thin(list(enumerate(PROBLEMS)), backend, 2, offset):
+        reduction, normalize = modes[(k + d) % len(modes)]
+        problem = make_problem(shape, dtype, backend.device, config=config, layout=layout)
+        check_loss(backend, problem, loss, reduction, normalize, what, inplace_backward=True)
+
+
+def _graph(backend, n=9, c=13, dtype=torch.float32, scheme=None, **kw):
+    """A leaf ``x``, non-leaf logits ``x * 2`` (MulBackward saves nothing), the loss, and the grad hook's record."""
+    x = torch.randn(n, c, dtype=dtype, device=backend.device).requires_grad_()
+    t = torch.randint(0, c, (n,), device=backend.device)
+    t[2] = -100
+    logits = x * 2
+    seen = []
+    logits.register_hook(lambda g: seen.append(g))
+    loss = rf.robust_cross_entropy(logits, t, scheme or DM(), backend=backend.name, inplace_backward=True, **kw)
+    return x, t, logits, loss, seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_the_gradient_is_the_logits_storage(backend, dtype):
+    x, t, logits, loss, seen = _graph(backend, dtype=dtype)
+    ptr = logits.data_ptr()
+    loss.backward()
+    (g,) = seen
+    assert g.data_ptr() == ptr, "the gradient was not written over the logits"
+    assert torch.equal(logits.detach(), g)  # what the docs warn of: the logits now hold the gradient
+    # ... and it is the right gradient: x * 2 passes 2 g down.
+    x2 = x.detach().clone().requires_grad_()
+    rf.robust_cross_entropy(x2 * 2, t, DM(), backend=backend.name).backward()
+    torch.testing.assert_close(x.grad, x2.grad)  # the dtype's default tolerance: stats may differ in the last bit
+
+
+def test_strided_logits_keep_their_values(backend):
+    """A slice of a wider tensor has no contiguous block to write into: out-of-place, logits untouched."""
+    x = torch.randn(9, 20, device=backend.device).requires_grad_()
+    t = torch.randint(0, 13, (9,), device=backend.device)
+    wide = x * 2
+    logits = wide[:, :13]
+    before = logits.detach().clone()
+    seen = []
+    logits.register_hook(lambda g: seen.append(g))
+    rf.robust_cross_entropy(logits, t, GCE(), backend=backend.name, inplace_backward=True).backward()
+    assert seen[0].data_ptr() != logits.data_ptr()
+    assert torch.equal(logits.detach(), before)
+    x2 = x.detach().clone().requires_grad_()
+    rf.robust_cross_entropy((x2 * 2)[:, :13], t, GCE(), backend=backend.name).backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_a_node_that_saved_the_logits_is_refused(backend):
+    """tanh saves its output, the logits: its backward runs after the loss's and must not read gradients."""
+    x = torch.randn(7, 5, device=backend.device).requires_grad_()
+    t = torch.randint(0, 5, (7,), device=backend.device)
+    logits = torch.tanh(x) * 1  # still fine: MulBackward by a number saves nothing ...
+    rf.robust_cross_entropy(logits, t, CCE(), backend=backend.name, inplace_backward=True).backward()
+    logits = torch.tanh(x)  # ... but here the loss's logits are tanh's saved output
+    loss = rf.robust_cross_entropy(logits, t, CCE(), backend=backend.name, inplace_backward=True)
+    with pytest.raises(RuntimeError, match=INPLACE_ERROR):
+        loss.backward()
+
+
+def test_a_second_backward_through_a_retained_graph_is_refused(backend):
+    x, t, logits, loss, _ = _graph(backend, scheme=NFL(gamma=2.0), normalize=False)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match=INPLACE_ERROR):
+        loss.backward()
+
+
+def test_leaves_and_distributed_calls_are_refused(backend):
+    x = torch.randn(4, 3, device=backend.device).requires_grad_()
+    t = torch.randint(0, 3, (4,), device=backend.device)
+    with pytest.raises(ValueError, match="leaf"):
+        rf.robust_cross_entropy(x, t, DM(), backend=backend.name, inplace_backward=True)
+    with pytest.raises(ValueError, match="leaf"):  # a view of one shares its storage
+        rf.robust_cross_entropy(x.view(4, 3), t, DM(), backend=backend.name, inplace_backward=True)
+    with pytest.raises(ValueError, match="process_group or vocab_parallel"):
+        rf.robust_cross_entropy(x * 1, t, DM(), backend=backend.name, inplace_backward=True, vocab_parallel=True)
+    # A leaf that needs no gradient is just an input: nothing is written, the value is the default's.
+    z = x.detach()
+    got = rf.robust_cross_entropy(z, t, DM(), backend=backend.name, inplace_backward=True)
+    torch.testing.assert_close(got, rf.robust_cross_entropy(z, t, DM(), backend=backend.name))
+
+
+def test_module_passes_the_option():
+    loss_fn = rf.RobustCrossEntropyLoss(DM(), inplace_backward=True)
+    assert "inplace_backward=True" in repr(loss_fn)
+    x = torch.randn(6, 4, requires_grad=True)
+    logits = x + 0
+    seen = []
+    logits.register_hook(lambda g: seen.append(g.data_ptr()))
+    loss_fn(logits, torch.randint(0, 4, (6,))).backward()
+    assert seen == [logits.data_ptr()]
+
+
+def test_under_torch_compile_the_ordinary_backward_runs():
+    """Inductor plans its own buffers: the compiled step matches eager and leaves its input alone."""
+    torch._dynamo.reset()
+
+    def step(x, t):
+        return rf.robust_cross_entropy(x * 2, t, DM(), inplace_backward=True)
+
+    x = torch.randn(8, 6, requires_grad=True)
+    t = torch.randint(0, 6, (8,))
+    value = torch.compile(step, fullgraph=True, backend="aot_eager")(x, t)
+    (grad,) = torch.autograd.grad(value, x)
+    x2 = x.detach().clone().requires_grad_()
+    expected = step(x2, t)
+    (expected_grad,) = torch.autograd.grad(expected, x2)
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.triton
+@pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
+def test_triton_inplace_op_passes_opcheck():
+    """The Triton twin declares its write (``mutates_args``) and its fake kernel agrees with it."""
+    reason = backends.unavailable_reason("triton")
+    if reason is not None:
+        pytest.skip(f"backend 'triton' is unavailable here: {reason}")
+    device = device_of("triton")
+    x = torch.randn(6, 9, device=device)
+    t = torch.randint(0, 9, (6,), device=device)
+    t[1] = -100
+    dm = int(Kernel.DM)
+    _, stats = torch.ops.robustloss.triton_forward(x, t, dm, 1.0, 8.0, None, None, -100, 1, True)
+    grad = torch.tensor(0.5, device=device)
+    torch.library.opcheck(torch.ops.robustloss.triton_backward_.default, (x.clone(), grad, t, stats, None, -100, dm, 1.0))
