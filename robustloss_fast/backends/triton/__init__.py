@@ -6,9 +6,10 @@ pass ``g_i (alpha_i r_ij + beta_i u_j)`` off the target, ``g_i gamma_i`` at it
 (label smoothing and NCE/APL have ``beta != 0``; NFL writes its rows
 and stats with ``lse`` first and gets ``g_i (alpha_i P_ij + beta_i h(P_ij))`` off
 the target, ``P = softmax``: its backward needs ``scheme`` and ``a``, as the C++
-op's does); the cross-row step of SPEC §5 is
-``robustloss_fast._finalize.finalize`` (tensor ops, fused by Inductor under
-``torch.compile``). ``ops.py`` registers them as ``robustloss::triton_rows``,
+op's does); the cross-row step of SPEC §5 is a third kernel (``cross_row.py``,
+one program: ``robustloss_fast._finalize.finalize``'s function in one launch),
+so a training step is three launches and the bad-target assertion.
+``ops.py`` registers them as ``robustloss::triton_rows``,
 ``robustloss::triton_forward`` (differentiable) and
 ``robustloss::triton_backward``.
 

@@ -34,7 +34,7 @@ gradient is ``alpha r_j + beta u_j`` off the target, ``gamma`` at it (schemes.h
 normalisation, whose gradient the cross-row step derives from ``log w``). The two-term schemes (label
 smoothing, NCE/APL: ``_two_term_row``) reduce one more row quantity,
 ``spread = sum_k u_k (M - z_k)`` with M the row's largest logit (spec §8.2). The cross-row step (``D``, and the rows
-scaled by ``s_i / D``) is ``robustloss_fast._finalize.finalize``; the backward
+scaled by ``s_i / D``) is ``cross_row.py``'s kernel; the backward
 pass writes ``g_i (alpha_i r_ij + beta_i u_j)`` and ``g_i gamma_i`` from the
 logits and ``stats = (m, ls, alpha, beta, gamma)``.
 

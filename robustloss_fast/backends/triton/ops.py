@@ -8,9 +8,9 @@ Ops (same contract as the C++ ``robust_ce_*`` ops, see ``robustloss_fast/backend
     NFL (``Kernel.NFL``) writes ``lse`` in columns 0-1 instead of ``lse_nt`` (P-form).
 ``robustloss::triton_forward(logits, target, scheme, a, b, weight?, sample_weight?,
 ignore_index, reduction, normalize) -> (value, stats)``
-    the row pass, then the cross-row step ``_finalize.finalize`` (plain tensor
-    ops: O(N) next to the O(N C) row pass, and under ``torch.compile`` Inductor
-    fuses them); differentiable, with the SPEC gradient. ``stats`` is ``(N, 5) =
+    the row pass, then the cross-row step in one more kernel (``cross_row.py``:
+    ``_finalize.finalize``'s function in one launch); differentiable, with the
+    SPEC gradient. ``stats`` is ``(N, 5) =
     (m, ls, alpha, beta, gamma)`` (``lse`` first for NFL); for label smoothing
     (``Kernel.CCE_LS``) ``weight`` is also the rows' ``smooth_weight``, as in ``F.cross_entropy``.
 ``robustloss::triton_backward(grad, logits, target, stats, smooth_weight?, ignore_index, scheme, a) -> grad_logits``
@@ -39,7 +39,6 @@ import torch
 import triton
 from torch.library import wrap_triton
 
-from ... import _finalize
 from ..._common import (
     BAD_TARGET_ASSERT_MSG,
     NORMALIZE_TWO_TERM_MSG,
@@ -52,7 +51,7 @@ from ..._common import (
     acc_dtype,
     check_target,
 )
-from . import kernels
+from . import cross_row, kernels
 
 NS = "robustloss"
 
@@ -221,8 +220,44 @@ def triton_forward(
     _kernel(scheme, spec.normalised)
     _check_targets_here(target, logits.shape[1], ignore_index)
     rows = _rows_impl(logits, target, scheme, a, b, spec.smooth_weight(weight), ignore_index, spec.normalised)
-    _assert_targets_on_device(rows)
-    return _finalize.finalize(rows, target, spec, weight, sample_weight)
+    return _cross_row(rows, target.contiguous(), spec, weight, sample_weight)
+
+
+# Rows per block of the one-program cross-row kernel.
+CROSS_ROW_BLOCK = 1024
+
+
+def _cross_row(rows, target, spec: KernelSpec, weight, sample_weight):
+    """(value, stats) of ``_finalize.finalize`` in one launch (``cross_row.py``), and the bad-target assertion."""
+    n, acc = rows.shape[0], rows.dtype
+    value = torch.empty((n,) if spec.reduction == Reduction.NONE else (), dtype=acc, device=rows.device)
+    stats = torch.empty((n, STAT_COLS), dtype=acc, device=rows.device)
+    good = torch.empty((), dtype=torch.int32, device=rows.device)
+    w = None if weight is None else weight.to(acc).contiguous()
+    sw = None if sample_weight is None else sample_weight.to(acc).contiguous()
+    wrap_triton(cross_row.cross_row_kernel)[(1,)](
+        rows,
+        target,
+        rows if w is None else w,  # never read without HAS_W / HAS_SW
+        rows if sw is None else sw,
+        value,
+        stats,
+        good,
+        n,
+        spec.ignore_index,
+        NORMALISED=spec.normalised,
+        REDUCTION=int(spec.reduction),
+        HAS_W=w is not None,
+        HAS_SW=sw is not None,
+        WEIGHT_IN_ROWS=spec.weight_in_rows,
+        BLOCK_N=min(CROSS_ROW_BLOCK, triton.next_power_of_2(max(n, 1))),
+        num_warps=4,
+    )
+    if rows.device.type != "cpu":
+        # A bad target stops the stream with a device-side assertion, as F.cross_entropy does;
+        # queued like a kernel, so the host never waits (CPU tensors raised IndexError already).
+        torch._assert_async(good, BAD_TARGET_ASSERT_MSG)
+    return value, stats
 
 
 def _launch_backward(grad, logits, target, stats, smooth_weight, ignore_index, scheme, a, out) -> None:
@@ -341,6 +376,9 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(logits, target, output[1], smooth_weight)
     # The backward reads NFL's stats in P-form and needs its focal gamma (= a).
     ctx.ignore_index, ctx.scheme, ctx.a = inputs[7], scheme, inputs[3]
+    # The stats take no gradient: autograd would otherwise fill an (N, 5) tensor of zeros
+    # for them every step (one more launch on a GPU).
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_value, _grad_stats):
@@ -348,6 +386,8 @@ def _backward(ctx, grad_value, _grad_stats):
         raise RuntimeError("robustloss: double backward (create_graph=True) is not supported")
     # The SPEC gradient (weights detached, SPEC §3), not autograd through the rows.
     logits, target, stats, smooth_weight = ctx.saved_tensors
+    if grad_value is None:  # only the stats reached the loss: they carry no gradient
+        return (None,) * 10
     grad_logits = backward_op(grad_value, logits, target, stats, smooth_weight, ctx.ignore_index, ctx.scheme, ctx.a)
     return grad_logits, None, None, None, None, None, None, None, None, None
 
