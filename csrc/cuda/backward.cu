@@ -86,6 +86,9 @@ __global__ void __launch_bounds__(BLOCK) backward_kernel(const BackwardParams<T>
     [[maybe_unused]] const bool with_r = m != -inf<acc_t>();
     [[maybe_unused]] const bool with_u = gb != acc_t(0);
     const T* in = p.logits + i * p.row_stride;
+    // In place (out = logits): each element is still read before its own thread writes it,
+    // but not through the read-only cache.
+    auto load = [alias = p.out == p.logits](const T* q) { return alias ? load_pack_coherent(q) : load_pack(q); };
     auto grad_of = [&](int64_t j, acc_t z) -> T {
       if (j == y) return static_cast<T>(gy);
       if constexpr (NFL) {
@@ -121,12 +124,12 @@ __global__ void __launch_bounds__(BLOCK) backward_kernel(const BackwardParams<T>
       for (; q + (kU - 1) * TPR < npack; q += kU * TPR) {
         Pack<T> x[kU];
 #pragma unroll
-        for (int u = 0; u < kU; ++u) x[u] = load_pack(in + head + (q + u * TPR) * K);
+        for (int u = 0; u < kU; ++u) x[u] = load(in + head + (q + u * TPR) * K);
 #pragma unroll
         for (int u = 0; u < kU; ++u) emit(x[u], q + u * TPR);
       }
       if constexpr (kU > 1) {
-        for (; q < npack; q += TPR) emit(load_pack(in + head + q * K), q);
+        for (; q < npack; q += TPR) emit(load(in + head + q * K), q);
       }
     } else {
       for (int64_t q = lane; q < npack; q += TPR) {

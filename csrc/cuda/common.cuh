@@ -111,6 +111,16 @@ __device__ __forceinline__ Pack<T> load_pack(const T* p) {  // p is 16-byte alig
   return out;
 }
 
+// The same through the ordinary (coherent) path, for memory the kernel also
+// writes -- the in-place backward, where __ldg's read-only contract does not hold.
+template <typename T>
+__device__ __forceinline__ Pack<T> load_pack_coherent(const T* p) {  // p is 16-byte aligned
+  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+  Pack<T> out;
+  memcpy(&out, &raw, kPackBytes);
+  return out;
+}
+
 template <typename T>
 __device__ __forceinline__ void store_pack(T* p, const Pack<T>& pk) {  // p is 16-byte aligned
   uint4 raw;

@@ -221,6 +221,11 @@ def run_checks(E) -> Checker:
         ck.check(gl.dtype == logits.dtype and gl.is_contiguous(), "grad layout " + what)
         g_ref = ref_backward(g, logits, target, st_ref, -100, smooth, kernel_id=kid, a=a)
         close(gl, g_ref, logits.dtype, "grad " + what)
+        # The in-place op: the same kernel with out = logits (each thread reads a logit, then writes
+        # its gradient there), bit for bit the out-of-place result.
+        over = logits.contiguous().clone()
+        E.robust_ce_backward_(over, g, target, st, smooth, -100, kid, a)
+        ck.check(torch.equal(over.nan_to_num(0.5), gl.nan_to_num(0.5)), "in-place grad " + what)
         normalised = reduction == 1 and normalize
         rows = E.robust_ce_rows(logits, target, kid, a, b, smooth, -100, normalised)
         rows_ref = ref_rows(logits, target, kid, a, b, -100, normalised, smooth)
