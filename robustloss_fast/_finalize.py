@@ -41,7 +41,8 @@ def sample_scale(
     cw = weight.to(dtype)[y] if weight is not None else ones
     cw = torch.where(valid, cw, zero)
     s = torch.where(valid, ones, zero) if spec.weight_in_rows else cw
-    s = s if sample_weight is None else s * sample_weight.to(dtype)
+    # An ignored row's sample weight is never read, even a NaN one (0 * NaN would poison D).
+    s = s if sample_weight is None else torch.where(valid, s * sample_weight.to(dtype), zero)
     return valid, s, cw
 
 
@@ -61,8 +62,14 @@ def finalize(
     sample_weight: Optional[torch.Tensor] = None,
     *,
     across=None,
+    log_denominator: bool = False,
 ):
     """(value, stats) from per-row ``rows = (m, ls, log w, x, alpha, beta, gamma)``; see the module docstring.
+
+    ``log_denominator`` (derivative-normalised specs only) adds a third
+    result, ``log D = log sum_i |s_i| w_i`` (``-inf`` when no row counts), from
+    the shift and sum already made here: what the fused linear layer needs to
+    move a chunk's coefficients to a running normaliser.
 
     The reduction, derivative normalisation, ``ignore_index`` and where the
     class weights go come from ``spec``.
@@ -101,7 +108,13 @@ def finalize(
         coef = torch.where(ok & active & (row_max != float("-inf")), s * e / (2 * safe), zero)
         if across is not None:
             value, coef = value * across.scale, coef * across.scale
-        return value, torch.cat([lse_parts, torch.stack([coef, torch.zeros_like(coef), -coef], dim=1)], dim=1)
+        stats = torch.cat([lse_parts, torch.stack([coef, torch.zeros_like(coef), -coef], dim=1)], dim=1)
+        if log_denominator:
+            return value, stats, m + torch.log(denom)
+        return value, stats
+
+    if log_denominator:
+        raise ValueError("log_denominator is defined for derivative-normalised specs only")
 
     # Rows with s = 0 contribute 0, even where their raw weight overflowed (0 * inf).
     counts = valid & (s != 0)

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from . import _finalize, backends, distributed
+from . import backends, distributed
 from ._common import (
     NORMALIZE_TWO_TERM_MSG,
     Kernel,
@@ -172,8 +172,8 @@ def check_not_differentiable(**tensors) -> None:
 class _InplaceBackward(torch.autograd.Function):
     """The loss of ``inplace_backward=True``: its backward writes the gradient over the logits.
 
-    Forward is the backend's row pass and the cross-row step
-    (``_finalize.finalize``), so that the per-row stats are at hand; backward
+    Forward is the backend's row pass and its cross-row step
+    (``finalize``), so that the per-row stats are at hand; backward
     is the backend's ``grad_inplace``. Safety rests on autograd's version
     counter: the saved logits are checked when backward unpacks them (a
     retained graph's second backward is refused), and the write bumps the
@@ -185,7 +185,7 @@ class _InplaceBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, weight, sample_weight, backend, spec: KernelSpec):
         rows = backend.rows(logits, target, spec, weight)
-        value, stats = _finalize.finalize(rows, target, spec, weight, sample_weight)
+        value, stats = backend.finalize(rows, target, spec, weight, sample_weight)
         ctx.save_for_backward(logits, target, stats, weight)
         ctx.backend, ctx.spec = backend, spec
         return value
@@ -195,10 +195,12 @@ class _InplaceBackward(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError("robustloss: double backward (create_graph=True) is not supported")
         logits, target, stats, weight = ctx.saved_tensors
-        version = logits._version
+        if torch.compiler.is_compiling():  # compiled autograd: a traced graph plans its own buffers
+            return ctx.backend.grad(grad, logits, target, stats, ctx.spec, weight), None, None, None, None, None
         ctx.backend.grad_inplace(grad, logits, target, stats, ctx.spec, weight)
-        if logits._version == version:  # a C++ op with an (a!) argument does not bump it itself
-            torch.autograd.graph.increment_version(logits)
+        # A C++ op with an (a!) argument does not bump the version itself; one bump too
+        # many (the Triton custom op's own) is harmless.
+        torch.autograd.graph.increment_version(logits)
         return logits.detach(), None, None, None, None, None
 
 
@@ -214,13 +216,21 @@ def _inplace_applies(input: torch.Tensor, logits: torch.Tensor, process_group, v
             "them in the graph, or leave inplace_backward off"
         )
     # Under torch.compile Inductor plans the buffers itself; strided rows have no
-    # contiguous storage to write into: both take the ordinary backward.
+    # contiguous storage to write into; and saved-tensor hooks (save_on_cpu, checkpointing)
+    # switch off autograd's version checks, the guard this option relies on: all three
+    # take the ordinary backward.
     return (
         torch.is_grad_enabled()
         and logits.requires_grad
         and logits.is_contiguous()
         and not torch.compiler.is_compiling()
+        and not _saved_tensor_hooks_active()
     )
+
+
+def _saved_tensor_hooks_active() -> bool:
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(False) is not None
 
 
 def robust_cross_entropy(
@@ -319,13 +329,19 @@ def robust_cross_entropy(
             the same logits for its own backward and runs after this one (e.g.
             ``logits = torch.tanh(x)``), backward raises autograd's in-place
             error instead of computing with overwritten values, and so does a
-            second backward through a retained graph. Refused (``ValueError``)
-            for logits that are a leaf requiring grad and with
-            ``process_group``/``vocab_parallel``. Logits that are not one
-            contiguous block (a slice of a wider tensor, say) get the ordinary
-            out-of-place backward, as do calls under ``torch.compile``;
-            ``(N, C, d1, ...)`` input is copied to rows first, and the gradient
-            is written over that copy. The
+            second backward through a retained graph -- unless that operation
+            saved them under saved-tensor hooks (``save_on_cpu``, activation
+            checkpointing), which switch autograd's check off: with hooks active
+            at this call the ordinary backward runs, but hooks around an
+            earlier operation cannot be seen from here. Refused
+            (``ValueError``) for logits that are (a view of) a leaf requiring
+            grad and with ``process_group``/``vocab_parallel``. The gradient
+            goes wherever the rows are read from: the logits' own storage
+            (also a ``(B, C, T)`` view of a ``(B, T, C)`` tensor), or the
+            contiguous copy made of rows whose classes are not contiguous.
+            Rows that are contiguous only row by row (a slice of a wider
+            tensor) get the ordinary out-of-place backward, as do calls under
+            ``torch.compile``. The
             ``"torch"`` backend computes the gradient aside and copies it in
             (same numbers, no memory saved).
 

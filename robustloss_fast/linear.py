@@ -83,7 +83,7 @@ synchronisation) before the first chunk.
 from __future__ import annotations
 
 import math
-from typing import Callable, NamedTuple, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -95,8 +95,6 @@ from ._common import (
     ROW_COLS,
     KernelSpec,
     Reduction,
-    RowCol,
-    StatCol,
     acc_dtype,
     check_target,
     real_scalar,
@@ -117,7 +115,25 @@ _MIN_CHUNK_ROWS = 256
 # Vocabulary block of the bfloat16/float16 grad_weight product before it is
 # added to the float32 accumulator.
 _VOCAB_BLOCK = 4096
-_CPU_FAST_16BIT: dict = {}
+
+
+def _cpu_flags() -> frozenset:
+    """This CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+# Read once, at import: torch.compile cannot trace a file read inside the loss.
+_CPU_FAST_16BIT = {
+    torch.bfloat16: bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"}),
+    torch.float16: "amx_fp16" in _cpu_flags(),
+}
 
 
 def _cpu_fast_16bit_gemm(dtype: torch.dtype) -> bool:
@@ -125,23 +141,11 @@ def _cpu_fast_16bit_gemm(dtype: torch.dtype) -> bool:
 
     bfloat16 with AVX512-BF16 or AMX-BF16: measured on an AMD EPYC with
     AVX512-BF16, a (256 x 32000)^T (256 x 512) product took 0.12 s per 5 in
-    bfloat16 and 0.34 s in float32 on float32 copies. float16 without
-    AVX512-FP16/AMX-FP16 is emulated (23x slower than the upcast there), so it
-    is never picked; neither is anything on a CPU whose flags cannot be read.
+    bfloat16 and 0.34 s in float32 on float32 copies. float16 without AMX-FP16
+    is emulated (23x slower than the upcast there), so it is not picked;
+    neither is anything on a CPU whose flags cannot be read.
     """
-    if dtype not in _CPU_FAST_16BIT:
-        flags: set = set()
-        try:
-            with open("/proc/cpuinfo") as f:
-                for line in f:
-                    if line.startswith("flags"):
-                        flags = set(line.split(":", 1)[1].split())
-                        break
-        except OSError:
-            pass
-        need = {torch.bfloat16: ("avx512_bf16", "amx_bf16"), torch.float16: ("amx_fp16",)}.get(dtype, ())
-        _CPU_FAST_16BIT[dtype] = any(x in flags for x in need)
-    return _CPU_FAST_16BIT[dtype]
+    return _CPU_FAST_16BIT.get(dtype, False)
 
 
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -177,7 +181,7 @@ def _add_grad_weight(
         if decay is not None:
             acc.mul_(decay)
     if upcast is None:
-        upcast = on_cpu and not _cpu_fast_16bit_gemm(gl.dtype)
+        upcast = on_cpu and gl.dtype != acc.dtype and not _cpu_fast_16bit_gemm(gl.dtype)
     if gl.dtype != acc.dtype and upcast:
         gl, h = gl.to(acc.dtype), h.to(acc.dtype)
     if gl.dtype == acc.dtype:
@@ -206,9 +210,9 @@ def _chunks(n: int, chunk: int):
     return [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
 
 
-def _finalize_all(rows, target, spec, cw, sw, group):
+def _finalize_all(backend, rows, target, spec, cw, sw, group):
     if group is None:
-        return _finalize.finalize(rows, target, spec, cw, sw)
+        return backend.finalize(rows, target, spec, cw, sw)
     from .distributed import finalize_distributed  # lazily: torch.distributed is optional
 
     return finalize_distributed(rows, target, spec, cw, sw, group)
@@ -248,17 +252,14 @@ class _LinearRobustCE(torch.autograd.Function):
             sw_k = None if sw is None else sw[s:e]
             if spec.normalised:
                 # Provisional coef = s exp(log w - L_k) / 2 from the chunk's own
-                # normaliser, moved to the running reference L_{<=k}.
-                _, st = _finalize.finalize(rows_k, t, chunk_normalised, cw, sw_k)
-                valid, s_k, _ = _finalize.sample_scale(t, cw, sw_k, spec, acc)
-                active = valid & (s_k != 0)
-                lw_s = torch.where(active, rows_k[:, RowCol.LOGW] + s_k.abs().log(), ninf)
-                l_k = torch.logsumexp(torch.cat([lw_s, ninf.reshape(1)]), 0)
+                # normaliser L_k = log sum |s| w, moved to the running reference
+                # L_{<=k} by the factor f_k, passed to the gradient op as its
+                # upstream scalar (it multiplies every coefficient of the chunk).
+                _, st, l_k = backend.finalize(rows_k, t, chunk_normalised, cw, sw_k, log_denominator=True)
                 l_new = torch.logaddexp(l_run, l_k)
                 dead = l_new == -math.inf
                 f_k = torch.where(dead | (l_k == -math.inf), torch.zeros_like(l_k), torch.exp(l_k - l_new))
                 f_old = torch.where(dead | (l_run == -math.inf), torch.zeros_like(l_k), torch.exp(l_run - l_new))
-                st = torch.cat([st[:, : StatCol.ALPHA], st[:, StatCol.ALPHA :] * f_k], dim=1)
                 decay = f_old
                 if gb is not None:
                     gb.mul_(f_old)
@@ -266,9 +267,9 @@ class _LinearRobustCE(torch.autograd.Function):
                 l_after.append(l_new)
             else:
                 # Unnormalised: the coefficients are s times the row's own; "mean" divides at the end.
-                _, st = _finalize.finalize(rows_k, t, chunk_sum, cw, sw_k)
-                decay = None
-            gl = backend.grad(one, z, t, st, spec, cw)
+                _, st = backend.finalize(rows_k, t, chunk_sum, cw, sw_k)
+                decay, f_k = None, one
+            gl = backend.grad(f_k, z, t, st, spec, cw)
             if cap is not None:
                 _softcap_grad_(gl, z, cap)
             del z
@@ -280,7 +281,7 @@ class _LinearRobustCE(torch.autograd.Function):
                 gb.add_(gl.sum(0, dtype=acc))
             del gl
 
-        value, stats = _finalize_all(rows, target, spec, cw, sw, group)
+        value, stats = _finalize_all(backend, rows, target, spec, cw, sw, group)
         ctx.gif = gif
         ctx.dtypes = (hidden.dtype, weight.dtype, weight.dtype)
         ctx.spec = spec

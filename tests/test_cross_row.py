@@ -33,6 +33,9 @@ IGNORE = -100
 
 
 def _rows(n, dtype, device, special):
+    """Random rows; ``special``: "edges" (w = 0, m = -inf, a row whose exp underflows), "inf" (an infinite
+    value in the first block and a far larger log w in a later one: the running sums are rescaled past
+    an infinity), or "nan" (a NaN row, which makes every batch total NaN, so it gets batches of its own)."""
     rows = torch.randn(n, ROW_COLS, dtype=torch.float64)
     rows[:, RowCol.LS] = rows[:, RowCol.LS].abs()
     rows[:, RowCol.LOGW] *= 30  # normalised weights spread over many orders of magnitude
@@ -40,13 +43,17 @@ def _rows(n, dtype, device, special):
     target = torch.randint(0, 7, (n,))
     target[torch.rand(n) < 0.2] = IGNORE
     if special and n >= 8:
+        target[:4] = torch.arange(4)
+    if special == "edges" and n >= 8:
         rows[0, RowCol.LOGW] = -math.inf  # w = 0 exactly
-        rows[1, RowCol.X] = math.inf  # an infinite value with w > 0
-        rows[2, RowCol.M] = -math.inf  # no finite non-target logit: no gradient, still counts in D
-        rows[3, RowCol.LOGW] = rows[:, RowCol.LOGW].max() - 200  # its exp underflows
-        rows[3, RowCol.X] = math.inf
-        rows[4, :] = math.nan  # a NaN row
-        target[:5] = torch.arange(5)
+        rows[1, RowCol.M] = -math.inf  # no finite non-target logit: no gradient, still counts in D
+        rows[2, RowCol.LOGW] = rows[:, RowCol.LOGW].max() - 200  # its exp underflows against the batch's max
+    if special == "inf" and n >= 8:
+        rows[1, RowCol.X] = math.inf  # an infinite value with w > 0, in the first block
+        target[-1] = 3
+        rows[-1, RowCol.LOGW] = rows[:, RowCol.LOGW].max() + 300  # the rescale of block 0 underflows to 0
+    if special == "nan" and n >= 8:
+        rows[3, :] = math.nan
     return rows.to(dtype).to(device), target.to(device)
 
 
@@ -83,19 +90,33 @@ def test_kernel_matches_finalize(monkeypatch, kernel, reduction, normalize, dtyp
     monkeypatch.setattr(ops, "CROSS_ROW_BLOCK", 8)  # several blocks with small batches
     device = device_of("triton")
     spec = _spec(kernel, reduction, normalize)
-    for n, special, weights in ((0, False, True), (1, False, False), (8, True, True), (29, True, False),
-                                (37, False, True), (64, True, True)):  # fmt: skip
+    for n, special, weights in ((0, None, True), (1, None, False), (8, "edges", True), (29, "edges", False),
+                                (37, None, True), (64, "edges", True), (29, "inf", True), (64, "inf", False),
+                                (29, "nan", True)):  # fmt: skip
         rows, target = _rows(n, dtype, device, special)
         w = (torch.rand(7, dtype=dtype) + 0.5).to(device) if weights else None
         sw = torch.randn(n, dtype=dtype).to(device) if weights else None
         if weights and n > 6:
             sw[6] = 0  # a row that does not count
-        want_v, want_s = _finalize.finalize(rows, target, spec, w, sw)
-        got_v, got_s = ops._cross_row(rows, target, spec, w, sw)
+            target[5] = IGNORE
+            sw[5] = math.nan  # an ignored row's sample weight is never read
+        extra = {"log_denominator": True} if spec.normalised else {}
+        want = _finalize.finalize(rows, target, spec, w, sw, **extra)
+        got = ops._cross_row(rows, target, spec, w, sw, **extra)
         what = f"n={n} special={special} weights={weights}"
-        assert got_v.shape == want_v.shape and got_s.shape == want_s.shape, what
-        _close(got_v, want_v, dtype, f"{what} value")
-        _close(got_s, want_s, dtype, f"{what} stats")
+        assert len(got) == len(want) and all(g.shape == w_.shape for g, w_ in zip(got, want)), what
+        for name, g, w_ in zip(("value", "stats", "log D"), got, want):
+            _close(g, w_, dtype, f"{what} {name}")
+
+
+def test_log_denominator_is_for_normalised_specs_only():
+    rows, target = _rows(4, torch.float32, device_of("triton"), None)
+    spec = _spec(Kernel.DM, Reduction.SUM, False)
+    from robustloss_fast.backends.triton import ops
+
+    for fn in (_finalize.finalize, ops._cross_row):
+        with pytest.raises(ValueError, match="normalised"):
+            fn(rows, target, spec, None, None, log_denominator=True)
 
 
 def test_the_kernel_counts_every_block(monkeypatch):

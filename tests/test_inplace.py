@@ -10,6 +10,8 @@ graph runs twice), while leaves and distributed calls are refused up front.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -94,6 +96,32 @@ def test_a_node_that_saved_the_logits_is_refused(backend):
     loss = rf.robust_cross_entropy(logits, t, CCE(), backend=backend.name, inplace_backward=True)
     with pytest.raises(RuntimeError, match=INPLACE_ERROR):
         loss.backward()
+
+
+def test_saved_tensor_hooks_take_the_ordinary_backward(backend):
+    """Hooks switch autograd's version check off: under them the option must not write in place."""
+    x = torch.randn(7, 5, device=backend.device).requires_grad_()
+    t = torch.randint(0, 5, (7,), device=backend.device)
+    with torch.autograd.graph.save_on_cpu():
+        logits = torch.tanh(x)  # saved by tanh under the hooks: no version check would catch a write
+        loss = rf.robust_cross_entropy(logits, t, CCE(), backend=backend.name, inplace_backward=True)
+    before = logits.detach().clone()
+    loss.backward()
+    assert torch.equal(logits.detach(), before)
+    x2 = x.detach().clone().requires_grad_()
+    rf.robust_cross_entropy(torch.tanh(x2), t, CCE(), backend=backend.name).backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+
+
+def test_an_ignored_rows_nan_sample_weight_is_not_read(backend):
+    """The normalised mean through the cross-row step of the in-place path: finite, as the default's."""
+    x = torch.randn(6, 4, device=backend.device).requires_grad_()
+    t = torch.tensor([0, 1, -100, 3, 2, 1], device=backend.device)
+    sw = torch.tensor([1.0, 0.5, math.nan, 2.0, 1.0, 0.3], device=backend.device)
+    got = rf.robust_cross_entropy(x * 1, t, DM(), sample_weight=sw, backend=backend.name, inplace_backward=True)
+    want = rf.robust_cross_entropy(x * 1, t, DM(), sample_weight=sw, backend=backend.name)
+    assert torch.isfinite(got)
+    torch.testing.assert_close(got, want)
 
 
 def test_a_second_backward_through_a_retained_graph_is_refused(backend):

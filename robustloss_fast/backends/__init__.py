@@ -11,6 +11,9 @@ up here and calls it through one interface, a ``Backend``:
     the row pass alone, ``(N, 7) = (m, ls, log w, x, alpha, beta, gamma)``
     (spec §9), for callers that combine rows of several calls (chunks, shards)
     before the cross-row step ``robustloss_fast._finalize.finalize``;
+``finalize(rows, target, spec, weight, sample_weight, *, log_denominator=False) -> (value, stats[, log D])``
+    the cross-row step of SPEC §5 on rows from ``rows`` (``_finalize.finalize``'s
+    contract; the Triton backend runs it as one kernel, the others as tensor ops);
 ``grad(grad, logits, target, stats, spec, weight) -> grad_logits``
     the gradient pass from the per-row ``stats (N, 5) = (m, ls, alpha, beta, gamma)``;
 ``grad_inplace(grad, logits, target, stats, spec, weight) -> None``
@@ -53,11 +56,12 @@ AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
 
 @dataclass(frozen=True)
 class Backend:
-    """One backend's four entry points (see the module docstring)."""
+    """One backend's five entry points (see the module docstring)."""
 
     name: str
     loss: Callable[..., torch.Tensor]
     rows: Callable[..., torch.Tensor]
+    finalize: Callable[..., tuple]
     grad: Callable[..., torch.Tensor]
     grad_inplace: Callable[..., None]
 

@@ -30,6 +30,7 @@ from typing import Optional
 
 import torch
 
+from .. import _finalize
 from .._common import ROW_COLS, STAT_COLS, KernelSpec, acc_dtype
 from . import Backend
 
@@ -82,7 +83,8 @@ def _grad_inplace(grad, logits, target, stats, spec: KernelSpec, weight):
     )
 
 
-_BACKENDS = {name: Backend(name, _loss, _rows, _grad, _grad_inplace) for name in ("cpu", "cuda")}
+# The cross-row step of rows computed in pieces: tensor ops (the fused forward op has its own, in C++/CUDA).
+_BACKENDS = {name: Backend(name, _loss, _rows, _finalize.finalize, _grad, _grad_inplace) for name in ("cpu", "cuda")}
 
 
 def get(name: str) -> Backend:

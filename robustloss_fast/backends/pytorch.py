@@ -7,7 +7,7 @@ parity test compares the fused backends against.
 
 from __future__ import annotations
 
-from .. import reference
+from .. import _finalize, reference
 from . import Backend
 
 
@@ -34,7 +34,7 @@ def _grad_inplace(grad, logits, target, stats, spec, weight):
     logits.copy_(_grad(grad, logits, target, stats, spec, weight))
 
 
-_BACKEND = Backend("torch", _loss, _rows, _grad, _grad_inplace)
+_BACKEND = Backend("torch", _loss, _rows, _finalize.finalize, _grad, _grad_inplace)
 
 
 def get(name: str) -> Backend:

@@ -62,4 +62,4 @@ def get(name: str = "triton"):
     """The registry's ``Backend`` record (``robustloss_fast.backends``)."""
     from .. import Backend
 
-    return Backend("triton", ops._loss, ops._rows, ops._grad, ops._grad_inplace)
+    return Backend("triton", ops._loss, ops._rows, ops._finalize, ops._grad, ops._grad_inplace)

@@ -27,7 +27,9 @@ class weights already sit in the rows (label smoothing); ``counts``/``active``:
   row's ``(alpha, beta, gamma)`` are scaled by ``s_i`` (``s_i / D`` for
   ``"mean"``, which needs pass 1 for ``D``).
 
-Columns ``(m, ls)`` pass through. A row whose ``ls`` is ``+inf`` is the row
+Normalised, ``log D`` (``M + log D``, ``-inf`` when no row counts) goes
+to ``log_den``: the fused linear layer moves each chunk's coefficients to a
+running normaliser with it. Columns ``(m, ls)`` pass through. A row whose ``ls`` is ``+inf`` is the row
 kernel's mark of a bad target; ``good`` (one int32) is 1 when there is none,
 and the caller hands it to ``torch._assert_async``: one more launch, no host
 synchronisation.
@@ -72,6 +74,7 @@ def cross_row_kernel(
     value_ptr,
     stats_ptr,
     good_ptr,
+    log_den_ptr,
     n_rows,
     ignore_index,
     NORMALISED: tl.constexpr,
@@ -134,6 +137,8 @@ def cross_row_kernel(
     safe = tl.where(ok, den, 1.0)
     if NORMALISED:
         tl.store(value_ptr, tl.where(ok, num / safe, 0.0))
+        # log D = M + log(sum |s| exp(log w - M)), -inf when no row counts (log 0).
+        tl.store(log_den_ptr, tl.where(run_max == float("-inf"), 0.0, run_max) + tl.log(den))
     elif REDUCTION == 2:
         tl.store(value_ptr, num)
     elif REDUCTION == 1:

@@ -227,12 +227,16 @@ def triton_forward(
 CROSS_ROW_BLOCK = 1024
 
 
-def _cross_row(rows, target, spec: KernelSpec, weight, sample_weight):
-    """(value, stats) of ``_finalize.finalize`` in one launch (``cross_row.py``), and the bad-target assertion."""
+def _cross_row(rows, target, spec: KernelSpec, weight, sample_weight, *, assert_targets=True, log_denominator=False):
+    """(value, stats[, log D]) of ``_finalize.finalize`` in one launch (``cross_row.py``), and the
+    bad-target assertion (``assert_targets=False`` where the rows op has made it already)."""
+    if log_denominator and not spec.normalised:
+        raise ValueError("log_denominator is defined for derivative-normalised specs only")
     n, acc = rows.shape[0], rows.dtype
     value = torch.empty((n,) if spec.reduction == Reduction.NONE else (), dtype=acc, device=rows.device)
     stats = torch.empty((n, STAT_COLS), dtype=acc, device=rows.device)
     good = torch.empty((), dtype=torch.int32, device=rows.device)
+    log_den = torch.empty((), dtype=acc, device=rows.device)
     w = None if weight is None else weight.to(acc).contiguous()
     sw = None if sample_weight is None else sample_weight.to(acc).contiguous()
     wrap_triton(cross_row.cross_row_kernel)[(1,)](
@@ -243,6 +247,7 @@ def _cross_row(rows, target, spec: KernelSpec, weight, sample_weight):
         value,
         stats,
         good,
+        log_den,
         n,
         spec.ignore_index,
         NORMALISED=spec.normalised,
@@ -253,11 +258,11 @@ def _cross_row(rows, target, spec: KernelSpec, weight, sample_weight):
         BLOCK_N=min(CROSS_ROW_BLOCK, triton.next_power_of_2(max(n, 1))),
         num_warps=4,
     )
-    if rows.device.type != "cpu":
+    if assert_targets and rows.device.type != "cpu":
         # A bad target stops the stream with a device-side assertion, as F.cross_entropy does;
         # queued like a kernel, so the host never waits (CPU tensors raised IndexError already).
         torch._assert_async(good, BAD_TARGET_ASSERT_MSG)
-    return value, stats
+    return (value, stats, log_den) if log_denominator else (value, stats)
 
 
 def _launch_backward(grad, logits, target, stats, smooth_weight, ignore_index, scheme, a, out) -> None:
@@ -408,6 +413,12 @@ def _rows(logits, target, spec: KernelSpec, weight):
         logits, target, int(spec.kernel), float(spec.a), float(spec.b), spec.smooth_weight(weight),
         int(spec.ignore_index), spec.normalised,
     )  # fmt: skip
+
+
+def _finalize(rows, target, spec: KernelSpec, weight, sample_weight, *, log_denominator=False):
+    # Rows from ``rows_op``, which has queued the bad-target assertion already.
+    return _cross_row(rows, target.contiguous(), spec, weight, sample_weight, assert_targets=False,
+                      log_denominator=log_denominator)  # fmt: skip
 
 
 def _grad(grad, logits, target, stats, spec: KernelSpec, weight):
