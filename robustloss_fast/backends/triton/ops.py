@@ -223,8 +223,11 @@ def triton_forward(
     return _cross_row(rows, target.contiguous(), spec, weight, sample_weight)
 
 
-# Rows per block of the one-program cross-row kernel.
-CROSS_ROW_BLOCK = 1024
+# Rows per block of the one-program cross-row kernel. Its two passes are loops
+# of dependent blocks, so at large N the latency of each block's loads adds up:
+# wide blocks and 8 warps keep 65536 rows to 16 iterations a pass (untimed on a
+# GPU; a two-kernel parallel version is the alternative if this shows).
+CROSS_ROW_BLOCK = 4096
 
 
 def _cross_row(rows, target, spec: KernelSpec, weight, sample_weight, *, assert_targets=True, log_denominator=False):
@@ -237,6 +240,7 @@ def _cross_row(rows, target, spec: KernelSpec, weight, sample_weight, *, assert_
     stats = torch.empty((n, STAT_COLS), dtype=acc, device=rows.device)
     good = torch.empty((), dtype=torch.int32, device=rows.device)
     log_den = torch.empty((), dtype=acc, device=rows.device)
+    block = min(CROSS_ROW_BLOCK, triton.next_power_of_2(max(n, 1)))
     w = None if weight is None else weight.to(acc).contiguous()
     sw = None if sample_weight is None else sample_weight.to(acc).contiguous()
     wrap_triton(cross_row.cross_row_kernel)[(1,)](
@@ -255,8 +259,8 @@ def _cross_row(rows, target, spec: KernelSpec, weight, sample_weight, *, assert_
         HAS_W=w is not None,
         HAS_SW=sw is not None,
         WEIGHT_IN_ROWS=spec.weight_in_rows,
-        BLOCK_N=min(CROSS_ROW_BLOCK, triton.next_power_of_2(max(n, 1))),
-        num_warps=4,
+        BLOCK_N=block,
+        num_warps=8 if block >= 2048 else 4,
     )
     if assert_targets and rows.device.type != "cpu":
         # A bad target stops the stream with a device-side assertion, as F.cross_entropy does;
