@@ -163,6 +163,18 @@ def run_one(method: str, n: int, hdim: int, v: int, dtype: str, repeats: int) ->
     }
 
 
+def _git_head():
+    """The checkout's commit (and whether it had uncommitted changes), or None outside git."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True)  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return {"commit": head.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+
+
 def _child(method, n, h, v, dtype, repeats, env) -> dict:
     cmd = [sys.executable, __file__, "--child", method, str(n), str(h), str(v), dtype, str(repeats)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
@@ -223,6 +235,7 @@ def main():
         "memory_malloc_mmap_threshold": mem_env.get("MALLOC_MMAP_THRESHOLD_"),
         "time_malloc": "glibc defaults",
         "load_average_at_end": os.getloadavg(),
+        "git": _git_head(),
     }
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1)
