@@ -30,6 +30,13 @@ TORCH_LIBRARY(robustloss, m) {
   m.def(
       "robust_ce_backward_(Tensor(a!) logits, Tensor grad, Tensor target, Tensor stats, Tensor? smooth_weight, "
       "int ignore_index, int scheme, float a) -> ()");
+  // The cross-row step alone (SPEC §5), on rows from robust_ce_rows: (value,
+  // stats) as robust_ce_forward returns them, and log D = log sum |s_i| w_i for
+  // derivative normalisation (-inf when no row counts; 0 otherwise), which the
+  // fused linear layer needs to rescale chunks. Targets index `weight` only.
+  m.def(
+      "robust_ce_finalize(Tensor rows, Tensor target, Tensor? weight, Tensor? sample_weight, int ignore_index, "
+      "int reduction, bool normalize, bool weight_in_rows) -> (Tensor, Tensor, Tensor)");
   // The row pass alone: (N, 7) = (m, ls, log w, x, alpha, beta, gamma) per row
   // (kernel_args.h: RowCol; schemes.h: RowGrad); smooth_weight is u of label
   // smoothing (kCCELS).

@@ -73,6 +73,13 @@ def test_opcheck_backward_and_rows():
         cases += ((10, 0.2, 0.0, w, False), (11, 1.0, 4.0, None, False))
         for kid, a, b, u, normalised in cases:
             torch.library.opcheck(ops.robust_ce_rows.default, (x, t, kid, a, b, u, -100, normalised))
+        # The cross-row step alone, on rows of the row op (float32/float64 rows), each reduction.
+        rows = ops.robust_ce_rows(x, t, 4, 1.0, 8.0, None, -100, True)
+        sw = torch.randn(n, dtype=acc)
+        for reduction, normalize, weight_in_rows in ((1, True, False), (1, False, True), (2, False, False),
+                                                     (0, False, False)):  # fmt: skip
+            args = (rows, t, w.to(acc), sw, -100, reduction, normalize, weight_in_rows)
+            torch.library.opcheck(ops.robust_ce_finalize.default, args)
 
 
 def _step(x, t, w, sw, backend):

@@ -1,6 +1,7 @@
-"""The Triton cross-row kernel (backends/triton/cross_row.py) against ``_finalize.finalize``, the tensor-op original.
+"""The fused cross-row steps -- the Triton kernel (backends/triton/cross_row.py) and the C++/CUDA op
+``robust_ce_finalize`` -- against ``_finalize.finalize``, the tensor-op original.
 
-Fresh random row statistics with every flag the kernel specialises on
+Fresh random row statistics with every flag the kernels specialise on
 (normalised or not, each reduction, class and signed sample weights, the class
 weights in the rows), ignored rows, rows that do not count (s = 0), rows with
 log w = -inf, infinite and NaN values, several blocks of rows and none; and a
@@ -22,14 +23,25 @@ from robustloss_fast.schemes import DM
 from _backends import device_of
 
 REASON = backends.unavailable_reason("triton")
+needs_triton = pytest.mark.skipif(REASON is not None, reason=f"backend 'triton' is unavailable here: {REASON}")
 pytestmark = [
-    pytest.mark.triton,
-    pytest.mark.skipif(REASON is not None, reason=f"backend 'triton' is unavailable here: {REASON}"),
     pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter"),
     # numpy, under the interpreter, reducing the deliberate NaN row
     pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
 ]
 IGNORE = -100
+
+
+def _param(name):
+    reason = backends.unavailable_reason(name)
+    marks = [pytest.mark.triton] if name == "triton" else []
+    if reason is not None:
+        marks.append(pytest.mark.skip(reason=f"backend {name!r} is unavailable here: {reason}"))
+    return pytest.param(name, marks=marks, id=name)
+
+
+#: The backends with a cross-row step of their own ("torch" runs _finalize.finalize itself).
+FUSED = [_param(name) for name in ("cpu", "cuda", "triton")]
 
 
 def _rows(n, dtype, device, special):
@@ -71,24 +83,31 @@ CASES = [
 ]
 
 
-def _close(got, want, dtype, what):
+def _close(got, want, dtype, what, scale=None):
+    """Within the accumulation tolerance of ``dtype`` relative to |want| plus ``scale`` (the size of the
+    terms a signed sum cancelled; default 1e-3 of the largest |want|)."""
     tol = 1e-12 if dtype == torch.float64 else 2e-6
     g, w = got.double().cpu(), want.double().cpu()
     if w.numel() == 0:
         return
+    if scale is None:
+        scale = w.abs().nan_to_num(0, 0, 0).max() * 1e-3
     same = (g == w) | (g.isnan() & w.isnan())
-    near = (g - w).abs() <= tol * (w.abs() + w.abs().nan_to_num(0, 0, 0).max() * 1e-3)
+    near = (g - w).abs() <= tol * (w.abs() + scale)
     bad = ~(same | (near & w.isfinite()))
     assert not bool(bad.any()), f"{what}: got {g[bad][:4].tolist()}, want {w[bad][:4].tolist()}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("kernel,reduction,normalize", CASES, ids=lambda v: getattr(v, "name", str(v)))
-def test_kernel_matches_finalize(monkeypatch, kernel, reduction, normalize, dtype):
-    from robustloss_fast.backends.triton import ops
+@pytest.mark.parametrize("name", FUSED)
+def test_kernel_matches_finalize(monkeypatch, name, kernel, reduction, normalize, dtype):
+    if name == "triton":
+        from robustloss_fast.backends.triton import ops
 
-    monkeypatch.setattr(ops, "CROSS_ROW_BLOCK", 8)  # several blocks with small batches
-    device = device_of("triton")
+        monkeypatch.setattr(ops, "CROSS_ROW_BLOCK", 8)  # several blocks with small batches
+    finalize = backends.get(name).finalize
+    device = device_of(name)
     spec = _spec(kernel, reduction, normalize)
     for n, special, weights in ((0, None, True), (1, None, False), (8, "edges", True), (29, "edges", False),
                                 (37, None, True), (64, "edges", True), (29, "inf", True), (64, "inf", False),
@@ -101,24 +120,31 @@ def test_kernel_matches_finalize(monkeypatch, kernel, reduction, normalize, dtyp
             target[5] = IGNORE
             sw[5] = math.nan  # an ignored row's sample weight is never read
         extra = {"log_denominator": True} if spec.normalised else {}
-        want = _finalize.finalize(rows, target, spec, w, sw, **extra)
-        got = ops._cross_row(rows, target, spec, w, sw, **extra)
+        got = finalize(rows, target, spec, w, sw, **extra)
+        # The original in float64 on the same rounded inputs; a signed sample weight makes the value a
+        # cancelling sum, whose error scales with the sum of |terms|: the same value with |sample_weight|.
+        f64 = [None if x is None else x.double() for x in (rows, w, sw)]
+        want = _finalize.finalize(f64[0], target, spec, f64[1], f64[2], **extra)
+        cancelled = None
+        if sw is not None and reduction != Reduction.NONE:
+            cancelled = _finalize.finalize(f64[0], target, spec, f64[1], f64[2].abs())[0].abs().nan_to_num(0, 0, 0)
         what = f"n={n} special={special} weights={weights}"
         assert len(got) == len(want) and all(g.shape == w_.shape for g, w_ in zip(got, want)), what
-        for name, g, w_ in zip(("value", "stats", "log D"), got, want):
-            _close(g, w_, dtype, f"{what} {name}")
+        for k, (name, g, w_) in enumerate(zip(("value", "stats", "log D"), got, want)):
+            assert g.dtype == dtype, f"{what} {name} dtype {g.dtype}"
+            _close(g, w_, dtype, f"{what} {name}", scale=cancelled if k == 0 else None)
 
 
-def test_log_denominator_is_for_normalised_specs_only():
-    rows, target = _rows(4, torch.float32, device_of("triton"), None)
-    spec = _spec(Kernel.DM, Reduction.SUM, False)
-    from robustloss_fast.backends.triton import ops
-
-    for fn in (_finalize.finalize, ops._cross_row):
-        with pytest.raises(ValueError, match="normalised"):
-            fn(rows, target, spec, None, None, log_denominator=True)
+@pytest.mark.parametrize("name", FUSED + [_param("torch")])
+def test_log_denominator_is_for_normalised_specs_only(name):
+    rows, target = _rows(4, torch.float32, device_of(name), None)
+    with pytest.raises(ValueError, match="normalised"):
+        backends.get(name).finalize(rows, target, _spec(Kernel.DM, Reduction.SUM, False), None, None,
+                                    log_denominator=True)  # fmt: skip
 
 
+@pytest.mark.triton
+@needs_triton
 def test_the_kernel_counts_every_block(monkeypatch):
     """The sums cover every row: a batch of five blocks, weights of one, so D is the row count."""
     from robustloss_fast.backends.triton import ops
@@ -132,6 +158,8 @@ def test_the_kernel_counts_every_block(monkeypatch):
     assert float(value) == 19.0
 
 
+@pytest.mark.triton
+@needs_triton
 def test_a_training_step_is_three_triton_launches(monkeypatch):
     """Forward (row pass, cross-row step) and backward: three kernels, and no other torch op that computes:
     only allocations, views and autograd's seed (ones_like), plus the bad-target assertion on a GPU. The

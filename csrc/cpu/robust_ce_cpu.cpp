@@ -42,7 +42,7 @@ at::Tensor check_target(const at::Tensor& target_in, const at::Tensor& logits, i
 template <typename acc_t>
 void finalize(const at::Tensor& rows_t, const at::Tensor& target_t, const c10::optional<at::Tensor>& weight_t,
               const c10::optional<at::Tensor>& sw_t, int64_t ignore_index, int64_t reduction, bool normalize,
-              bool weight_in_rows, at::Tensor& value_t, at::Tensor& stats_t) {
+              bool weight_in_rows, at::Tensor& value_t, at::Tensor& stats_t, acc_t* log_den = nullptr) {
   const int64_t n = rows_t.size(0);
   const acc_t* rows = rows_t.const_data_ptr<acc_t>();
   const int64_t* target = target_t.const_data_ptr<int64_t>();
@@ -108,6 +108,8 @@ void finalize(const at::Tensor& rows_t, const at::Tensor& target_t, const c10::o
       for (int64_t i = 0; i < n; ++i) stat(i, kStatAlpha) = 0;  // D = 0: no gradient at all (SPEC §5)
       value[0] = 0;
     }
+    // log D = m + log(sum |s| exp(log w - m)); no row counts: -inf (m = -inf, D = 0).
+    if (log_den) *log_den = static_cast<acc_t>(m == -inf ? -inf : m + std::log(denom));
     return;
   }
 
@@ -208,6 +210,40 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& logits_in, cons
   return {value, stats};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> finalize_cpu(const at::Tensor& rows_in, const at::Tensor& target_in,
+                                                           const c10::optional<at::Tensor>& weight_in,
+                                                           const c10::optional<at::Tensor>& sw_in,
+                                                           int64_t ignore_index, int64_t reduction, bool normalize,
+                                                           bool weight_in_rows) {
+  const at::Tensor rows = check_rows(rows_in);
+  const int64_t n = rows.size(0);
+  TORCH_CHECK(target_in.dim() == 1 && target_in.size(0) == n && target_in.scalar_type() == at::kLong,
+              "robustloss: target must be int64 of shape (", n, ",), got ", target_in.scalar_type(), " ",
+              target_in.sizes());
+  const at::Tensor target = target_in.contiguous();
+  const auto weight = check_vector(weight_in, rows, "weight");
+  const auto sw = check_vector(sw_in, rows, "sample_weight", n);
+  check_reduction(reduction);
+  if (weight.has_value()) {  // the targets index the class weights
+    const int64_t* t = target.const_data_ptr<int64_t>();
+    const int64_t c = weight->size(0);
+    for (int64_t i = 0; i < n; ++i)
+      if (t[i] != ignore_index && (t[i] < 0 || t[i] >= c))
+        TORCH_CHECK_INDEX(false, ROBUSTLOSS_BAD_TARGET_MSG(t[i], i, c, ignore_index));
+  }
+  at::Tensor value = reduction == kNone ? at::empty({n}, rows.options()) : at::empty({}, rows.options());
+  at::Tensor stats = at::empty({n, kStatCols}, rows.options());
+  at::Tensor log_den = at::zeros({}, rows.options());
+  if (rows.scalar_type() == at::kDouble) {
+    finalize<double>(rows, target, weight, sw, ignore_index, reduction, normalize, weight_in_rows, value, stats,
+                     log_den.data_ptr<double>());
+  } else {
+    finalize<float>(rows, target, weight, sw, ignore_index, reduction, normalize, weight_in_rows, value, stats,
+                    log_den.data_ptr<float>());
+  }
+  return {value, stats, log_den};
+}
+
 void run_backward(const at::Tensor& grad_in, const at::Tensor& logits, const at::Tensor& target_in,
                   const at::Tensor& stats_in, const c10::optional<at::Tensor>& smooth_weight_in, int64_t ignore_index,
                   int64_t scheme, double a, at::Tensor& out) {
@@ -245,6 +281,7 @@ TORCH_LIBRARY_IMPL(robustloss, CPU, m) {
   m.impl("robust_ce_backward", &backward_cpu);
   m.impl("robust_ce_backward_", &backward_inplace_cpu);
   m.impl("robust_ce_rows", &rows_cpu);
+  m.impl("robust_ce_finalize", &finalize_cpu);
 }
 
 }  // namespace robustloss

@@ -42,6 +42,7 @@ struct FinParams {
   int64_t num_partials, chunk;
   acc_t* value;
   acc_t* stats;
+  acc_t* log_den;  // or nullptr
 };
 
 // s_i = sample_weight_i * weight[y_i] (without weight[y_i] when the rows carry
@@ -241,6 +242,8 @@ __global__ void __launch_bounds__(kFinBlock) apply_kernel(const FinParams<acc_t>
     else if (p.reduction == kSum) v = g0;
     else v = g1 != 0.0 ? g0 / g1 : 0.0;
     p.value[0] = static_cast<acc_t>(v);
+    // log D = max log w + log(sum |s| exp(log w - max)); -inf when no row counts.
+    if (p.log_den && p.normalised) *p.log_den = static_cast<acc_t>(g0 == -inf<double>() ? g0 : g0 + log(g1));
   }
 }
 
@@ -265,6 +268,7 @@ void finalize_typed(const FinalizeArgs& a, cudaStream_t stream) {
   p.chunk = ceil_div(a.n, p.num_partials);
   p.value = static_cast<acc_t*>(a.value);
   p.stats = static_cast<acc_t*>(a.stats);
+  p.log_den = static_cast<acc_t*>(a.log_den);
   if (p.reduction != kNone) {
     partials_kernel<acc_t><<<static_cast<int>(p.num_partials), kFinBlock, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -32,6 +32,7 @@ struct FinalizeArgs {
   double* workspace;    // finalize_workspace_size(n) doubles
   void* value;          // (n,) for reduction none, else one element
   void* stats;          // (n, kStatCols): m, ls (NFL: of lse, copied from rows), alpha, beta, gamma
+  void* log_den = nullptr;  // one element or nullptr: log D of derivative normalisation (-inf: no row counts)
 };
 
 // Doubles of scratch the finalize step needs for n rows (0 for n == 0).

@@ -6,6 +6,8 @@
 // No op reads anything back from the device: a bad target stops the row
 // kernel with a device-side assertion ("Bad targets" in common.cuh), so a
 // training step never synchronises the host with the stream.
+#include <limits>
+
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -98,6 +100,53 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& logits_in, con
   return {value, stats};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> finalize_cuda(const at::Tensor& rows_in, const at::Tensor& target_in,
+                                                            const c10::optional<at::Tensor>& weight_in,
+                                                            const c10::optional<at::Tensor>& sw_in,
+                                                            int64_t ignore_index, int64_t reduction, bool normalize,
+                                                            bool weight_in_rows) {
+  check_on_cuda(rows_in, "rows");
+  const c10::cuda::CUDAGuard guard(rows_in.device());
+  const at::Tensor rows = check_rows(rows_in);
+  const int64_t n = rows.size(0);
+  TORCH_CHECK(target_in.dim() == 1 && target_in.size(0) == n && target_in.scalar_type() == at::kLong,
+              "robustloss: target must be int64 of shape (", n, ",), got ", target_in.scalar_type(), " ",
+              target_in.sizes());
+  TORCH_CHECK(target_in.device() == rows.device(), "robustloss: target is on ", target_in.device(),
+              " but rows are on ", rows.device());
+  const at::Tensor target = target_in.contiguous();
+  const auto weight = check_vector(weight_in, rows, "weight");
+  const auto sw = check_vector(sw_in, rows, "sample_weight", n);
+  check_reduction(reduction);
+  at::Tensor stats = at::empty({n, kStatCols}, rows.options());
+  at::Tensor log_den = at::zeros({}, rows.options());
+  if (n == 0) {  // SPEC §5: an empty batch has value 0, and no row counts
+    if (reduction == kMean && normalize) log_den.fill_(-std::numeric_limits<double>::infinity());
+    return {reduction == kNone ? at::empty({0}, rows.options()) : at::zeros({}, rows.options()), stats, log_den};
+  }
+  at::Tensor value = reduction == kNone ? at::empty({n}, rows.options()) : at::empty({}, rows.options());
+  at::Tensor workspace = at::empty({cuda::finalize_workspace_size(n)}, rows.options().dtype(at::kDouble));
+  cuda::FinalizeArgs fin;
+  fin.is_double = rows.scalar_type() == at::kDouble;
+  fin.rows = rows.const_data_ptr();
+  fin.target = target.const_data_ptr<int64_t>();
+  fin.n = n;
+  // The targets index the class weights only: without them any class id is in range.
+  fin.c = weight.has_value() ? weight->size(0) : std::numeric_limits<int64_t>::max();
+  fin.ignore_index = ignore_index;
+  fin.weight = weight.has_value() ? weight->const_data_ptr() : nullptr;
+  fin.sample_weight = sw.has_value() ? sw->const_data_ptr() : nullptr;
+  fin.reduction = reduction;
+  fin.normalize = normalize;
+  fin.weight_in_rows = weight_in_rows;
+  fin.workspace = workspace.data_ptr<double>();
+  fin.value = value.data_ptr();
+  fin.stats = stats.data_ptr();
+  fin.log_den = log_den.data_ptr();
+  cuda::launch_finalize(fin, c10::cuda::getCurrentCUDAStream());
+  return {value, stats, log_den};
+}
+
 void run_backward(const at::Tensor& grad_in, const at::Tensor& logits, const at::Tensor& target_in,
                   const at::Tensor& stats_in, const c10::optional<at::Tensor>& smooth_weight_in, int64_t ignore_index,
                   int64_t scheme, double a, at::Tensor& out) {
@@ -139,6 +188,7 @@ TORCH_LIBRARY_IMPL(robustloss, CUDA, m) {
   m.impl("robust_ce_backward", &backward_cuda);
   m.impl("robust_ce_backward_", &backward_inplace_cuda);
   m.impl("robust_ce_rows", &rows_cuda);
+  m.impl("robust_ce_finalize", &finalize_cuda);
 }
 
 }  // namespace robustloss

@@ -14,6 +14,9 @@ ignore_index, reduction, normalize) -> (value, stats)``
     ``g (alpha P_j + beta h(P_j))``.
 ``robust_ce_backward_(logits, grad, target, stats, smooth_weight?, ignore_index, scheme, a) -> ()``
     the same, written over ``logits`` (which must be contiguous).
+``robust_ce_finalize(rows, target, weight?, sample_weight?, ignore_index, reduction, normalize, weight_in_rows) -> (value, stats, log_den)``
+    the cross-row step alone on rows from ``robust_ce_rows`` (the forward op's
+    own, in C++ / two CUDA kernels), with ``log D`` of derivative normalisation.
 ``robust_ce_rows(logits, target, scheme, a, b, smooth_weight?, ignore_index, normalised) -> rows``
     the row pass alone: (N, 7) = (m, ls, log w, x, alpha, beta, gamma) per
     row, for callers that combine rows from several calls before normalising
@@ -30,7 +33,6 @@ from typing import Optional
 
 import torch
 
-from .. import _finalize
 from .._common import ROW_COLS, STAT_COLS, KernelSpec, acc_dtype
 from . import Backend
 
@@ -83,8 +85,17 @@ def _grad_inplace(grad, logits, target, stats, spec: KernelSpec, weight):
     )
 
 
-# The cross-row step of rows computed in pieces: tensor ops (the fused forward op has its own, in C++/CUDA).
-_BACKENDS = {name: Backend(name, _loss, _rows, _finalize.finalize, _grad, _grad_inplace) for name in ("cpu", "cuda")}
+def _finalize(rows, target, spec: KernelSpec, weight, sample_weight, *, log_denominator=False):
+    if log_denominator and not spec.normalised:
+        raise ValueError("log_denominator is defined for derivative-normalised specs only")
+    value, stats, log_den = torch.ops.robustloss.robust_ce_finalize(
+        rows, target, weight, sample_weight, spec.ignore_index, int(spec.reduction), spec.normalize,
+        spec.weight_in_rows,
+    )  # fmt: skip
+    return (value, stats, log_den) if log_denominator else (value, stats)
+
+
+_BACKENDS = {name: Backend(name, _loss, _rows, _finalize, _grad, _grad_inplace) for name in ("cpu", "cuda")}
 
 
 def get(name: str) -> Backend:
@@ -109,6 +120,12 @@ if EXT is not None:
     @torch.library.register_fake(f"{_lib}::robust_ce_backward_")
     def _backward_inplace_fake(logits, grad, target, stats, smooth_weight, ignore_index, scheme, a):
         return None
+
+    @torch.library.register_fake(f"{_lib}::robust_ce_finalize")
+    def _finalize_fake(rows, target, weight, sample_weight, ignore_index, reduction, normalize, weight_in_rows):
+        n = rows.shape[0]
+        value = rows.new_empty((n,) if reduction == 0 else ())
+        return value, rows.new_empty((n, STAT_COLS)), rows.new_empty(())
 
     @torch.library.register_fake(f"{_lib}::robust_ce_rows")
     def _rows_fake(logits, target, scheme, a, b, smooth_weight, ignore_index, normalised):

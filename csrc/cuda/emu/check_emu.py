@@ -238,6 +238,14 @@ def run_checks(E) -> Checker:
         v2, st2 = finalize(rows, target, spec(kid, a, b, -100, reduction, normalize), w, sw)
         close(v2, v_ref, acc, "rows+finalize " + what)
         close(st2[:, SC.ALPHA :], st[:, SC.ALPHA :], acc, "rows+finalize coefs " + what)
+        # The cross-row step as its own op (the fused linear's chunks), with log D when normalised.
+        v3, st3, log_den = E.robust_ce_finalize(rows, target, w, sw, -100, reduction, normalize, K(kid).weight_in_rows)
+        close(v3, v_ref, acc, "finalize op " + what)
+        close(st3[:, SC.ALPHA :], st[:, SC.ALPHA :], acc, "finalize op coefs " + what)
+        if normalised:
+            _, _, log_ref = finalize(rows, target, spec(kid, a, b, -100, reduction, normalize), w, sw,
+                                     log_denominator=True)  # fmt: skip
+            close(log_den, log_ref, acc, "finalize op log D " + what)
 
     # (kernel id, a, b): every kernel formula, DM's special cases, DMBeta's (1, 1) corner.
     schemes = [(K.CCE, 0.0, 0.0), (K.MAE, 0.0, 0.0), (K.MSE, 0.0, 0.0), (K.GCE, 0.7, 0.0), (K.DM, 1.0, 8.0),

@@ -92,6 +92,26 @@ inline at::Tensor check_grad(const at::Tensor& grad, const at::Tensor& logits) {
   return grad.to(logits.device(), acc_dtype(logits)).contiguous();
 }
 
+// The rows of robust_ce_finalize: (N, 7) in an accumulator type, contiguous.
+inline at::Tensor check_rows(const at::Tensor& rows) {
+  TORCH_CHECK(rows.dim() == 2 && rows.size(1) == kRowCols, "robustloss: rows must have shape (N, ", int(kRowCols),
+              "), got ", rows.sizes());
+  TORCH_CHECK(rows.scalar_type() == at::kFloat || rows.scalar_type() == at::kDouble,
+              "robustloss: rows must be float32 or float64, got ", rows.scalar_type());
+  return rows.contiguous();
+}
+
+// A per-class or per-row vector of robust_ce_finalize, in the rows' type.
+inline c10::optional<at::Tensor> check_vector(const c10::optional<at::Tensor>& v, const at::Tensor& rows,
+                                              const char* name, int64_t size = -1) {
+  if (!v.has_value()) return c10::nullopt;
+  TORCH_CHECK(v->dim() == 1 && (size < 0 || v->size(0) == size), "robustloss: ", name, " must be 1-D",
+              size < 0 ? "" : " with one entry per row", ", got shape ", v->sizes());
+  TORCH_CHECK(v->device() == rows.device(), "robustloss: ", name, " is on ", v->device(), " but rows are on ",
+              rows.device());
+  return v->to(rows.scalar_type()).contiguous();
+}
+
 inline RowsArgs make_rows_args(const at::Tensor& logits, const at::Tensor& target, int64_t scheme, double a, double b,
                                const c10::optional<at::Tensor>& smooth_weight, int64_t ignore_index, bool normalised,
                                at::Tensor& rows) {
