@@ -47,6 +47,33 @@ at::Tensor rows_cuda(const at::Tensor& logits_in, const at::Tensor& target_in, i
   return rows;
 }
 
+// The cross-row step on the device (finalize.cu) for n > 0 rows of `rows`, into value and stats
+// (and log D when `log_den` is given): the forward op's and robust_ce_finalize's, one launcher.
+void launch_finalize_for(const at::Tensor& rows, const at::Tensor& target, int64_t num_classes,
+                         const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& sw,
+                         int64_t ignore_index, int64_t reduction, bool normalize, bool weight_in_rows,
+                         at::Tensor& value, at::Tensor& stats, at::Tensor* log_den) {
+  const int64_t n = rows.size(0);
+  at::Tensor workspace = at::empty({cuda::finalize_workspace_size(n)}, rows.options().dtype(at::kDouble));
+  cuda::FinalizeArgs fin;
+  fin.is_double = rows.scalar_type() == at::kDouble;
+  fin.rows = rows.const_data_ptr();
+  fin.target = target.const_data_ptr<int64_t>();
+  fin.n = n;
+  fin.c = num_classes;
+  fin.ignore_index = ignore_index;
+  fin.weight = weight.has_value() ? weight->const_data_ptr() : nullptr;
+  fin.sample_weight = sw.has_value() ? sw->const_data_ptr() : nullptr;
+  fin.reduction = reduction;
+  fin.normalize = normalize;
+  fin.weight_in_rows = weight_in_rows;
+  fin.workspace = workspace.data_ptr<double>();
+  fin.value = value.data_ptr();
+  fin.stats = stats.data_ptr();
+  fin.log_den = log_den ? log_den->data_ptr() : nullptr;
+  cuda::launch_finalize(fin, c10::cuda::getCurrentCUDAStream());
+}
+
 std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& logits_in, const at::Tensor& target_in,
                                                 int64_t scheme, double a, double b,
                                                 const c10::optional<at::Tensor>& weight_in,
@@ -79,24 +106,8 @@ std::tuple<at::Tensor, at::Tensor> forward_cuda(const at::Tensor& logits_in, con
   at::Tensor rows = at::empty({n, kRowCols}, logits.options().dtype(acc));
   launch_rows_for(logits, target, scheme, a, b, u, ignore_index, normalised, rows);
 
-  at::Tensor workspace = at::empty({cuda::finalize_workspace_size(n)}, logits.options().dtype(at::kDouble));
-  cuda::FinalizeArgs fin;
-  fin.is_double = acc == at::kDouble;
-  fin.rows = rows.const_data_ptr();
-  fin.target = target.const_data_ptr<int64_t>();
-  fin.n = n;
-  fin.c = logits.size(1);
-  fin.ignore_index = ignore_index;
-  fin.weight = weight.has_value() ? weight->const_data_ptr() : nullptr;
-  fin.sample_weight = sw.has_value() ? sw->const_data_ptr() : nullptr;
-  fin.reduction = reduction;
-  fin.normalize = normalize;
-  fin.weight_in_rows = smooth;
-  fin.workspace = workspace.data_ptr<double>();
-  fin.value = value.data_ptr();
-  fin.stats = stats.data_ptr();
-  cuda::launch_finalize(fin, c10::cuda::getCurrentCUDAStream());
-
+  launch_finalize_for(rows, target, logits.size(1), weight, sw, ignore_index, reduction, normalize, smooth, value,
+                      stats, nullptr);
   return {value, stats};
 }
 
@@ -125,25 +136,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> finalize_cuda(const at::Tensor& r
     return {reduction == kNone ? at::empty({0}, rows.options()) : at::zeros({}, rows.options()), stats, log_den};
   }
   at::Tensor value = reduction == kNone ? at::empty({n}, rows.options()) : at::empty({}, rows.options());
-  at::Tensor workspace = at::empty({cuda::finalize_workspace_size(n)}, rows.options().dtype(at::kDouble));
-  cuda::FinalizeArgs fin;
-  fin.is_double = rows.scalar_type() == at::kDouble;
-  fin.rows = rows.const_data_ptr();
-  fin.target = target.const_data_ptr<int64_t>();
-  fin.n = n;
   // The targets index the class weights only: without them any class id is in range.
-  fin.c = weight.has_value() ? weight->size(0) : std::numeric_limits<int64_t>::max();
-  fin.ignore_index = ignore_index;
-  fin.weight = weight.has_value() ? weight->const_data_ptr() : nullptr;
-  fin.sample_weight = sw.has_value() ? sw->const_data_ptr() : nullptr;
-  fin.reduction = reduction;
-  fin.normalize = normalize;
-  fin.weight_in_rows = weight_in_rows;
-  fin.workspace = workspace.data_ptr<double>();
-  fin.value = value.data_ptr();
-  fin.stats = stats.data_ptr();
-  fin.log_den = log_den.data_ptr();
-  cuda::launch_finalize(fin, c10::cuda::getCurrentCUDAStream());
+  const int64_t c = weight.has_value() ? weight->size(0) : std::numeric_limits<int64_t>::max();
+  launch_finalize_for(rows, target, c, weight, sw, ignore_index, reduction, normalize, weight_in_rows, value, stats,
+                      &log_den);
   return {value, stats, log_den};
 }
 
