@@ -130,9 +130,10 @@ def _cpu_flags() -> frozenset:
 
 
 # Read once, at import: torch.compile cannot trace a file read inside the loss.
+_FLAGS = _cpu_flags()
 _CPU_FAST_16BIT = {
-    torch.bfloat16: bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"}),
-    torch.float16: "amx_fp16" in _cpu_flags(),
+    torch.bfloat16: bool(_FLAGS & {"avx512_bf16", "amx_bf16"}),
+    torch.float16: "amx_fp16" in _FLAGS,
 }
 
 
