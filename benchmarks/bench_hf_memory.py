@@ -48,23 +48,6 @@ MODELS = [
 METHODS = ["unpatched", "patched", "patched_dm", "patched_chunk64"]
 
 
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def run_one(name: str, method: str, dtype: str) -> dict:
     import gc
 
@@ -72,7 +55,7 @@ def run_one(name: str, method: str, dtype: str) -> dict:
     import transformers
 
     import robustloss_fast as rf
-    from robustloss_fast._bench import _peak_extra_cpu
+    from robustloss_fast._bench import _peak_extra_cpu, reset_rss_peak, status_kib
     from robustloss_fast.integrations.transformers import patch_causal_lm
 
     _, model_type, cfg, batch, seq = next(m for m in MODELS if m[0] == name)
@@ -109,12 +92,12 @@ def run_one(name: str, method: str, dtype: str) -> dict:
     for p in model.parameters():
         p.grad = None
     gc.collect()
-    reset_ok = _reset_hwm()
-    rss0 = _status_kib("VmRSS")
+    reset_ok = reset_rss_peak()
+    rss0 = status_kib("VmRSS")
     t0 = time.perf_counter()
     step().backward()
     step_s = time.perf_counter() - t0
-    rss_peak = (_status_kib("VmHWM") - rss0) * 1024
+    rss_peak = (status_kib("VmHWM") - rss0) * 1024
     n_params = sum(p.numel() for p in model.parameters())
     elem = torch.empty((), dtype=getattr(torch, dtype)).element_size()
     return {

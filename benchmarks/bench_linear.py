@@ -73,27 +73,11 @@ METHODS = [
 ]
 
 
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def run_one(method: str, n: int, hdim: int, v: int, dtype: str, repeats: int) -> dict:
     import torch
 
     import robustloss_fast as rf
+    from robustloss_fast._bench import reset_rss_peak, status_kib
     from robustloss_fast.linear import linear_robust_cross_entropy
 
     dt = getattr(torch, dtype)
@@ -129,12 +113,12 @@ def run_one(method: str, n: int, hdim: int, v: int, dtype: str, repeats: int) ->
     import gc
 
     gc.collect()
-    reset_ok = _reset_hwm()
-    rss0 = _status_kib("VmRSS")
+    reset_ok = reset_rss_peak()
+    rss0 = status_kib("VmRSS")
     t0 = time.perf_counter()
     loss = step()
     first = time.perf_counter() - t0
-    hwm = _status_kib("VmHWM")
+    hwm = status_kib("VmHWM")
     grads_bytes = sum(x.grad.numel() * x.grad.element_size() for x in (hidden, weight))
     times, cpu = [], []
     for _ in range(repeats):

@@ -220,6 +220,25 @@ def _variant_fn(name: str) -> Callable:
 # --------------------------------------------------------------------------- machine
 
 
+def status_kib(key: str) -> int:
+    """A ``/proc/self/status`` field in KiB (``VmRSS``, ``VmHWM``): the benchmarks' RSS readings."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/self/status")
+
+
+def reset_rss_peak() -> bool:
+    """Reset this process's RSS high-water mark (``VmHWM``); False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
