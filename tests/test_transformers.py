@@ -72,6 +72,19 @@ def _assert_grads_close(got, want, rtol, atol):
         torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
 
 
+def _adam_steps(model, ids, labels, steps=6):
+    """The model's own loss over ``steps`` Adam steps (lr 1e-2) on one batch."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    values = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        values.append(loss.item())
+    return values
+
+
 def _n_targets(labels):
     return (labels[:, 1:] != -100).sum()
 
@@ -130,14 +143,7 @@ def test_softcap_is_active_in_the_gemma_tests():
 def test_causal_dm_steps_lower_the_loss(family):
     model = patch_causal_lm(_causal(family, seed=3), rf.DM(lam=1.0, beta=4.0))
     ids, labels = _batch(seed=4)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    values = []
-    for _ in range(6):
-        opt.zero_grad()
-        loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
-        opt.step()
-        values.append(loss.item())
+    values = _adam_steps(model, ids, labels)
     assert all(torch.isfinite(torch.tensor(values)))
     assert values[-1] < 0.8 * values[0], values
     # The plain cross-entropy falls too: the steps fit the labels.
@@ -361,14 +367,7 @@ def test_classifier_cce_equals_the_unpatched_model(family, kind):
 def test_classifier_dm_steps_lower_the_loss_and_unpatch(family):
     model = apply_robust_loss(_classifier(family, "seq", seed=2).train(), rf.DM(lam=1.0, beta=4.0))
     ids, labels = _cls_batch("seq", seed=3)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    values = []
-    for _ in range(6):
-        opt.zero_grad()
-        loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
-        opt.step()
-        values.append(loss.item())
+    values = _adam_steps(model, ids, labels)
     assert values[-1] < 0.8 * values[0], values
     unpatch(model)
     assert not is_patched(model) and "forward" not in model.__dict__
