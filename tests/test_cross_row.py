@@ -21,6 +21,7 @@ from robustloss_fast._common import ROW_COLS, Kernel, KernelSpec, Reduction, Row
 from robustloss_fast.schemes import DM
 
 from _backends import device_of
+from _launches import LAUNCH, aten_outside_launches, mark_triton_launches
 
 REASON = backends.unavailable_reason("triton")
 needs_triton = pytest.mark.skipif(REASON is not None, reason=f"backend 'triton' is unavailable here: {REASON}")
@@ -165,24 +166,10 @@ def test_a_training_step_is_three_triton_launches(monkeypatch):
     only allocations, views and autograd's seed (ones_like), plus the bad-target assertion on a GPU. The
     CPU-only host check of the targets (what the interpreter's CPU tensors get instead of the assertion)
     is set aside, and so are the interpreter's own copies inside each launch."""
-    from triton.runtime import interpreter
-
     from robustloss_fast.backends.triton import ops
 
     device = device_of("triton")
-    launches = []
-    if getattr(interpreter, "InterpretedFunction", None) is not None and device == "cpu":
-        cls = interpreter.InterpretedFunction
-    else:  # pragma: no cover - on a GPU
-        from triton.runtime.jit import JITFunction as cls
-    real_run = cls.run
-
-    def run(self, *args, **kwargs):
-        launches.append(self.fn.__name__)
-        with torch.profiler.record_function("triton launch"):
-            return real_run(self, *args, **kwargs)
-
-    monkeypatch.setattr(cls, "run", run)
+    launches = mark_triton_launches(monkeypatch, device)
     monkeypatch.setattr(ops, "_check_targets_here", lambda *a: None)
     x = torch.randn(33, 10, device=device, requires_grad=True)
     t = torch.randint(0, 10, (33,), device=device)
@@ -193,14 +180,8 @@ def test_a_training_step_is_three_triton_launches(monkeypatch):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         rf.robust_cross_entropy(x, t, DM(), weight=w, backend="triton").backward()
     assert launches == ["rows_kernel", "cross_row_kernel", "backward_kernel"], launches
-    events = list(prof.events())
-    inside = [(e.time_range.start, e.time_range.end) for e in events if e.name == "triton launch"]
-    assert len(inside) == 3
-
-    def in_launch(e):
-        return any(a <= e.time_range.start and e.time_range.end <= b for a, b in inside)
-
-    ops_run = [e.name.split("::", 1)[1] for e in events if e.name.startswith("aten::") and not in_launch(e)]
+    assert sum(e.name == LAUNCH for e in prof.events()) == 3
+    ops_run = aten_outside_launches(prof)
     free = {"empty", "empty_strided", "empty_like", "new_empty", "as_strided", "view", "to", "contiguous", "detach",
             "select", "slice", "alias", "reshape", "_reshape_alias", "expand", "ones_like", "fill_",
             "_assert_async"}  # fmt: skip

@@ -10,6 +10,7 @@ from robustloss_fast._common import ROW_COLS
 from robustloss_fast.linear import LinearRobustCrossEntropyLoss, linear_robust_cross_entropy
 
 from _backends import device_of, thin
+from _launches import aten_outside_launches, mark_triton_launches
 
 ALL_SCHEMES = [
     schemes.CCE(),
@@ -482,21 +483,12 @@ def test_a_chunk_costs_a_bounded_number_of_torch_ops(monkeypatch):
     reason = backends.unavailable_reason("triton")
     if reason is not None:
         pytest.skip(f"backend 'triton' is unavailable here: {reason}")
-    from triton.runtime import interpreter
-
     from robustloss_fast.backends.triton import ops
 
     device = device_of("triton")
     monkeypatch.setattr(ops, "_check_targets_here", lambda *a: None)
     monkeypatch.setattr(ops, "_assert_targets_on_device", lambda rows: None)
-    if getattr(interpreter, "InterpretedFunction", None) is not None:
-        real_run = interpreter.InterpretedFunction.run
-
-        def marked_run(self, *args, **kwargs):
-            with torch.profiler.record_function("triton launch"):
-                return real_run(self, *args, **kwargs)
-
-        monkeypatch.setattr(interpreter.InterpretedFunction, "run", marked_run)
+    mark_triton_launches(monkeypatch, device)
     free = {"empty", "empty_strided", "empty_like", "new_empty", "view", "as_strided", "slice", "select", "t",
             "transpose", "detach", "reshape", "_reshape_alias", "expand", "alias", "to", "contiguous", "unsqueeze",
             "squeeze", "narrow", "resolve_conj", "resolve_neg", "lift_fresh"}  # fmt: skip
@@ -508,16 +500,7 @@ def test_a_chunk_costs_a_bounded_number_of_torch_ops(monkeypatch):
         t = torch.randint(0, 10, (n,), device=device)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             linear_robust_cross_entropy(h, w, t, schemes.DM(), chunk_size=8, backend="triton").backward()
-        events = list(prof.events())
-        inside = [(e.time_range.start, e.time_range.end) for e in events if e.name == "triton launch"]
-
-        def counted(e):
-            name = e.name[6:]
-            if not e.name.startswith("aten::") or name in free:
-                return False
-            return not any(a <= e.time_range.start and e.time_range.end <= b for a, b in inside)
-
-        return [e.name[6:] for e in events if counted(e)]
+        return [name for name in aten_outside_launches(prof) if name not in free]
 
     computing_ops(2)  # warm: compile and cache the kernels
     few, many = computing_ops(4), computing_ops(8)
