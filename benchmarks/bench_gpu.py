@@ -110,7 +110,16 @@ LINEAR_VARIANTS = [
     "Apple CCE",
     "ours DM",
     "ours CCE",
+    "ours DM lean",
+    "ours CCE lean",
 ]
+
+
+def lean_budget(n, h, v, itemsize):
+    """memory_budget of the "lean" variants: the float32 grad_hidden sum, tiles of all N rows by
+    min(8192, V / 4) columns, the row statistics and 64 KiB -- the vocabulary-tiled recompute path
+    (no V x H float32 accumulator; 4 matmuls). 256 MiB at N = 8192, H = 4096, bf16."""
+    return 4 * n * h + n * min(8192, v // 4) * itemsize + 48 * n + (1 << 16)
 
 
 class Skip(Exception):
@@ -495,16 +504,25 @@ def linear_variant(name, dry_run):
         except Exception as exc:  # noqa: BLE001
             raise Skip(f"cut_cross_entropy not importable ({type(exc).__name__}: {exc})") from None
         return linear_cross_entropy, "ce", lambda n, h, v, s: 2 * grads(n, h, v, s) + fp32_acc(n, h, v, s) + (1 << 30)
-    if name in ("ours DM", "ours CCE"):
+    if name in ("ours DM", "ours CCE", "ours DM lean", "ours CCE lean"):
         import robustloss_fast as rf
+        from robustloss_fast.linear import _plan
 
-        scheme = rf.schemes.DM(lam=DM_LAM, beta=DM_BETA) if name == "ours DM" else rf.schemes.CCE()
-        fn = lambda h, w, y: rf.linear_robust_cross_entropy(h, w, y, scheme)  # noqa: E731
-        # Two chunks of logits (the default chunk is about 2**23 elements), the
-        # float32 accumulators, the gradients, the row statistics.
-        return fn, name.split()[1].lower() if name == "ours DM" else "ce", (
-            lambda n, h, v, s: 4 * (1 << 23) * s + fp32_acc(n, h, v, s) + grads(n, h, v, s) + 16 * n
-        )
+        scheme = rf.schemes.DM(lam=DM_LAM, beta=DM_BETA) if name.startswith("ours DM") else rf.schemes.CCE()
+        lean = name.endswith("lean")
+
+        def fn(h, w, y):
+            budget = lean_budget(h.shape[0], h.shape[1], w.shape[0], h.element_size()) if lean else None
+            return rf.linear_robust_cross_entropy(h, w, y, scheme, memory_budget=budget)
+
+        def estimate(n, h, v, s):
+            # The layer's own model of its working memory, plus the gradients it returns.
+            dtype = {2: torch.bfloat16, 4: torch.float32}[s]
+            plan = _plan(n, v, h, dtype, "cuda", needs_h=True, needs_w=True, needs_b=False, gif=True, cap=None,
+                         budget=lean_budget(n, h, v, s) if lean else None, chunk_size=None)
+            return plan.working_bytes + grads(n, h, v, s)
+
+        return fn, "dm" if name.startswith("ours DM") else "ce", estimate
     raise ValueError(f"unknown variant {name!r}")
 
 

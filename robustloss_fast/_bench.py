@@ -418,19 +418,18 @@ def _quiet_fd2():
         os.close(devnull)
 
 
-def _peak_extra_cpu(fn, z, y) -> Optional[int]:
-    """Peak of the running sum of CPU allocations during one step (None if unmeasurable)."""
+def peak_cpu_bytes(fn: Callable):
+    """``(peak, fn())``: the peak of the running sum of CPU allocations while ``fn`` runs (peak None if unmeasurable)."""
     from torch.profiler import ProfilerActivity, profile
 
-    z.grad = None
     try:
         # Kineto prints "USDT: ... profiler_start/stop" on the process's stderr
         # (file descriptor 2, below Python) at every session: hide it there.
         with _quiet_fd2(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            _step(fn, z, y)
+            result = fn()
         roots = prof.profiler.kineto_results.experimental_event_tree()
     except (AttributeError, RuntimeError):  # a torch without the (private) event tree
-        return None
+        return None, None
     allocs, stack = [], list(roots)
     while stack:
         e = stack.pop()
@@ -442,7 +441,13 @@ def _peak_extra_cpu(fn, z, y) -> Optional[int]:
     for _, size in allocs:
         cur += size
         peak = max(peak, cur)
-    return peak
+    return peak, result
+
+
+def _peak_extra_cpu(fn, z, y) -> Optional[int]:
+    """Peak of the running sum of CPU allocations during one step (None if unmeasurable)."""
+    z.grad = None
+    return peak_cpu_bytes(lambda: _step(fn, z, y))[0]
 
 
 def _peak_extra_cuda(fn, z, y, device) -> int:

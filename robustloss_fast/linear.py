@@ -44,25 +44,38 @@ backend's, not repeated here.
   ``g_k``, then ``grad_h_k = G_k W`` (matmul 3) and ``grad_W += G_k^T h_k``
   (matmul 4). **Cost: 4 matmuls**, one more than eager, and nothing but the
   stats held between forward and backward.
+* **Recompute, tiled over the vocabulary** (a ``memory_budget`` too small
+  for whole rows). Forward as above. Backward in tiles of rows x vocabulary
+  columns, vocabulary blocks outermost: each block of ``grad_weight`` is
+  finished (over all rows) before the next, so no ``V x H`` float32
+  accumulator exists; ``grad_hidden`` is summed over the blocks in float32
+  instead (``N x H``). Still 4 matmuls.
+
+Exact float32 sums across chunks need one float32 accumulator for 16-bit
+inputs: ``V x H`` for ``grad_weight`` when the rows are chunked, or ``N x H``
+for ``grad_hidden`` when the vocabulary is (2 GiB against 128 MiB at
+``N = 8192``, ``H = 4096``, ``V = 128256``). The second is the lean one; it
+costs the recompute path's fourth matmul.
+
+How the work is cut comes from a memory budget (``memory_budget=`` bytes;
+by default chunks of about 128 MiB on CPUs, 512 MiB on GPUs): ``_plan`` holds
+the model of every tensor the layer allocates beyond its inputs and returned
+gradients, and picks the fastest plan that fits (3 matmuls with chunks of at
+least 256 rows, else whole-row recompute, else vocabulary tiles). A chunk's
+gradient is written over its logits (the backends' in-place gradient op)
+unless a soft-cap needs the capped logits afterwards.
 
 Precision: logits and their gradient chunks have the input's dtype (as eager
 logits would); row statistics are float32 (float64 for float64 input);
-``grad_weight`` and ``grad_bias`` are accumulated across chunks in float32
-(float64) even for bfloat16/float16 inputs and rounded once at the end. The
-``grad_weight`` product of a 16-bit chunk runs in the input dtype per
-vocabulary block (float32 inside the GEMM, the block rounded once) and is
-added in float32, so no second ``V x H`` tensor is allocated -- on GPUs and on
-CPUs with native bfloat16 GEMMs (AVX512-BF16, AMX). Other CPUs emulate the
-16-bit GEMM; there it runs in float32 on float32 copies of the chunk (ATen has
-no CPU matmul with a float32 output). ``_add_grad_weight`` has the error
-measurements.
-
-Memory beyond the inputs and the returned gradients: two chunks of
-``chunk_size x V`` logits (on CPUs without native 16-bit GEMMs, a float32
-copy of the 16-bit gradient chunk too), the ``(N, 7)`` row statistics, and -- for
-16-bit weights -- the float32 ``V x H`` accumulator of ``grad_weight``
-(which fp32 accumulation requires); with ``grad_in_forward`` also a float32
-``N x H`` ``grad_hidden``.
+``grad_weight``, ``grad_hidden`` (tiled) and ``grad_bias`` are accumulated
+across chunks in float32 (float64) even for bfloat16/float16 inputs and
+rounded once at the end. A 16-bit product is added to a float32 accumulator
+by one GEMM with a float32 output where ATen has one (CUDA), else per block
+of 4096 accumulator rows in the input dtype (float32 inside the GEMM, the
+block rounded once) and added in float32 -- on GPUs and on CPUs with native
+bfloat16 GEMMs (AVX512-BF16, AMX). Other CPUs emulate the 16-bit GEMM; there
+it runs in float32 on float32 copies of the chunk. ``_add_product`` has the
+error measurements.
 
 Soft-capping
 ------------
@@ -88,7 +101,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from . import _finalize, backends
 from ._common import (
@@ -106,15 +119,31 @@ from .schemes import Scheme
 __all__ = ["linear_robust_cross_entropy", "LinearRobustCrossEntropyLoss"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# Default chunk: about 2^23 logits (32 MiB in float32), at least 256 rows: on
-# a 2-core CPU at (N, H, V) = (4096, 1024, 50257) fp32, forward + backward
-# took 11.0 s of CPU with 166-row chunks, 10.7 s with 256, 9.7 s with 512
-# (the row-chunked GEMMs lose efficiency as M shrinks).
-_CHUNK_ELEMENTS = 1 << 23
+_MIB = 1 << 20
+# Default working memory of one chunk (its logits, and their gradient when it
+# cannot be written over them), per device type. CPU: on a 2-core EPYC at
+# (N, H, V) = (2048, 512, 32000) a training step took within 3% of its best
+# from 512 rows up (fp32 and bf16; see benchmarks/NOTES.md); 64 MiB is 512
+# float32 rows there, about the memory the fixed 2^23-logit chunks held. GPUs: every chunk
+# makes one pass over the float32 V x H grad_weight accumulator (two for the
+# normalised schemes, whose running normaliser rescales it), which only chunks
+# of thousands of rows amortise against the chunk's three GEMMs (the bytes
+# model in benchmarks/NOTES.md): 512 MiB is 2093 rows of bfloat16 at V = 128256.
+_DEFAULT_CHUNK_BYTES = {"cpu": 64 * _MIB}
+_DEFAULT_CHUNK_BYTES_ACCELERATOR = 512 * _MIB
+# With an explicit memory_budget, the gradient-in-forward path needs at least
+# this many rows per chunk (or all of them); below, its per-chunk passes over
+# the V x H accumulator cost more than the recompute path's extra GEMM.
 _MIN_CHUNK_ROWS = 256
 # Vocabulary block of the bfloat16/float16 grad_weight product before it is
-# added to the float32 accumulator.
+# added to the float32 accumulator (where no GEMM writes float32 from 16-bit).
 _VOCAB_BLOCK = 4096
+# Recompute backward tiled over the vocabulary: the narrowest tile, and the
+# spare columns after it. A row whose class lies outside the tile gets its
+# "target" in the first spare column, whose gradient is discarded; 8 keeps a
+# 16-bit tile's rows 16-byte aligned for the GEMMs.
+_MIN_VOCAB_TILE = 128
+_TILE_PAD = 8
 
 
 def _cpu_flags() -> frozenset:
@@ -149,52 +178,226 @@ def _cpu_fast_16bit_gemm(dtype: torch.dtype) -> bool:
     return _CPU_FAST_16BIT.get(dtype, False)
 
 
-def _logits(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+@dataclass(frozen=True)
+class _Plan:
+    """How the rows and the vocabulary are cut, from the memory budget (:func:`_plan`).
+
+    ``rows``: rows per forward chunk (and per gradient chunk of the
+    gradient-in-forward path). ``tile_rows`` x ``tile_cols``: the recompute
+    backward's tile (``tile_cols == V``: whole rows, as in forward).
+    ``inplace``: each chunk's gradient is written over its logits.
+    ``working_bytes``: the model's working memory beyond the inputs and the
+    returned gradients (what :func:`_plan` keeps under the budget).
+    """
+
+    gif: bool
+    rows: int
+    tile_rows: int
+    tile_cols: int
+    inplace: bool
+    working_bytes: int
+
+
+def _balanced(n: int, rows: int) -> int:
+    """``rows`` lowered to split ``n`` into equal chunks (no short last chunk to pay a GEMM for)."""
+    rows = max(1, min(rows, n))
+    return -(-n // -(-n // rows))
+
+
+def _plan(n, v, hdim, dtype, device_type, *, needs_h, needs_w, needs_b, gif, cap, budget, chunk_size) -> _Plan:
+    r"""Chunk rows (and recompute tiles) from a memory budget in bytes.
+
+    The model counts what the layer allocates beyond its inputs and the
+    gradients it returns (``e = dtype.itemsize``, ``a`` = 4, or 8 for float64):
+
+    * per logit of a chunk: ``e`` for the logits, ``e`` more for their
+      gradient when a soft-cap needs the capped logits afterwards (otherwise
+      the gradient is written over them), ``a`` more for a float32 copy on
+      CPUs that upcast 16-bit GEMMs (:func:`_cpu_fast_16bit_gemm`);
+    * 16-bit weights: the ``V x H`` float32 ``grad_weight`` accumulator of
+      row chunks (the exact sum across chunks); a 16-bit product block of up
+      to ``4096 x H`` and its float32 copy where the GEMM cannot write float32;
+    * gradient in forward: the float32 ``N x H`` ``grad_hidden`` of a 16-bit
+      ``hidden``; recompute tiled over the vocabulary: the same, summed over
+      tiles, and an ``tile_cols x H`` float32 block of ``grad_weight`` when a
+      tile has fewer than ``N`` rows;
+    * the row statistics, ``12 a`` per row.
+
+    With ``budget=None`` a chunk gets the device's default
+    (``_DEFAULT_CHUNK_BYTES``) and the path is the caller's. With a budget:
+    the gradient-in-forward path (3 GEMMs) if it fits with at least
+    ``min(N, 256)`` rows per chunk; else the recompute path (4 GEMMs), whole
+    rows if they fit, else tiles of all ``N`` rows and as many vocabulary
+    columns as fit (each ``grad_weight`` block then comes from one GEMM,
+    nothing accumulated across chunks), else narrower tiles of fewer rows.
+    Below the smallest plan (1 row; 128 columns) the smallest is used.
+    """
+    e = dtype.itemsize
+    a = 8 if dtype == torch.float64 else 4
+    wide = a != e
+    upcast = wide and device_type == "cpu" and not _cpu_fast_16bit_gemm(dtype)
+    inplace = cap is None
+    per_logit = e * (1 if inplace else 2) + (a if upcast else 0)
+    stats = 12 * a * n
+    w_acc = v * hdim * a if wide and needs_w else 0
+    h_acc = n * hdim * a if needs_h and wide else 0
+
+    def product(acc_rows):
+        # A 16-bit GEMM's product block and its float32 copy in the add (none upcast: float32 GEMM into acc).
+        direct = wide and not upcast and _fp32_out_gemm(device_type)
+        return min(acc_rows, _VOCAB_BLOCK) * hdim * (e + a) if wide and not upcast and not direct else 0
+
+    def gif_bytes(rows):
+        gh_tmp = rows * hdim * e if needs_h and wide else 0
+        return (stats + w_acc + h_acc + (v * a if needs_b else 0) + rows * v * per_logit
+                + max(product(v) if needs_w else 0, gh_tmp))
+
+    def whole_rows_bytes(rows):
+        return stats + w_acc + (product(v) if needs_w else 0) + rows * v * per_logit
+
+    def tile_bytes(rows, cols):
+        g_acc = cols * hdim * a if needs_w and rows < n else 0
+        tmp = max(product(rows) if needs_h else 0, product(cols) if needs_w and rows < n else 0)
+        return stats + h_acc + g_acc + tmp + rows * (cols + _TILE_PAD) * per_logit
+
+    def fwd_bytes(rows):
+        return stats + rows * v * e
+
+    def make(gif, rows, tile_rows, tile_cols):
+        rows, tile_rows = _balanced(n, rows), _balanced(n, tile_rows)
+        if gif:
+            used = gif_bytes(rows)
+        elif tile_cols == v:
+            used = max(fwd_bytes(rows), whole_rows_bytes(tile_rows))
+        else:
+            used = max(fwd_bytes(rows), tile_bytes(tile_rows, tile_cols))
+        return _Plan(gif, rows, tile_rows, tile_cols, inplace, used)
+
+    if budget is None:
+        if chunk_size is not None:
+            rows = max(1, min(chunk_size, n))
+        else:
+            chunk_bytes = _DEFAULT_CHUNK_BYTES.get(device_type, _DEFAULT_CHUNK_BYTES_ACCELERATOR)
+            rows = _balanced(n, chunk_bytes // (v * per_logit))
+        used = gif_bytes(rows) if gif else max(fwd_bytes(rows), whole_rows_bytes(rows))
+        return _Plan(gif, rows, rows, v, inplace, used)
+
+    def largest(cost, hi, step=1):
+        """The largest multiple of ``step`` in [step, hi] with cost(x) <= budget (cost grows with x), else 0."""
+        lo, top = 0, hi // step
+        while lo < top:
+            mid = (lo + top + 1) // 2
+            lo, top = (mid, top) if cost(mid * step) <= budget else (lo, mid - 1)
+        return lo * step
+
+    least = min(n, _MIN_CHUNK_ROWS)
+    if gif:
+        rows = largest(gif_bytes, n)
+        if rows >= least:
+            return make(True, rows, rows, v)
+    # Recompute: forward chunks hold only their logits (no gradient, no accumulator).
+    fwd_rows = max(1, largest(fwd_bytes, n))
+    rows = largest(whole_rows_bytes, n)
+    if rows >= least:
+        return make(False, fwd_rows, rows, v)
+    cols = largest(lambda c: tile_bytes(n, c), v, _MIN_VOCAB_TILE)
+    if cols:
+        return make(False, fwd_rows, n, cols)
+    # Narrow tiles of fewer rows; when not even one row fits (the float32 grad_hidden
+    # alone is over the budget), tiles of 256 rows rather than a crawl of single rows.
+    cols = min(v, _MIN_VOCAB_TILE)
+    return make(False, fwd_rows, largest(lambda r: tile_bytes(r, cols), n) or least, cols)
+
+
+def _logits(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out=None) -> torch.Tensor:
     if bias is None:
-        return torch.mm(h, weight.t())
-    return torch.addmm(bias, h, weight.t())
+        return torch.mm(h, weight.t(), out=out)
+    return torch.addmm(bias, h, weight.t(), out=out)
 
 
-def _add_grad_weight(
-    acc: torch.Tensor, gl: torch.Tensor, h: torch.Tensor, decay: Optional[torch.Tensor] = None, upcast=None
+_FP32_OUT_GEMM = {}
+
+
+def _fp32_out_gemm(device_type: str) -> bool:
+    """Whether ATen adds a 16-bit product into a float32 matrix in one GEMM here (``addmm`` with ``out_dtype``).
+
+    CUDA builds of recent torch have it (cuBLAS with a float32 C); older ones
+    refuse a float32 ``self`` and CPU builds lack the kernel. Probed once per
+    device type on 8 x 8 matrices (no synchronisation: a refusal is a host-side
+    check), never while compiling.
+    """
+    if device_type != "cuda" or torch.compiler.is_compiling():
+        return False
+    ok = _FP32_OUT_GEMM.get(device_type)
+    if ok is None:
+        ok = False
+        if torch.cuda.is_available():
+            try:
+                x = torch.zeros((8, 8), dtype=torch.bfloat16, device=device_type)
+                acc = torch.zeros((8, 8), dtype=torch.float32, device=device_type)
+                torch.addmm(acc, x, x, out_dtype=torch.float32, out=acc)
+                ok = True
+            except (RuntimeError, TypeError, NotImplementedError):
+                pass
+        _FP32_OUT_GEMM[device_type] = ok
+    return ok
+
+
+def _add_product(
+    acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, decay: Optional[torch.Tensor] = None, upcast=None
 ) -> None:
-    """acc <- decay * acc + gl^T h, acc in the accumulation dtype (float32 for 16-bit inputs).
+    """acc <- decay * acc + a @ b, acc in the accumulation dtype (float32 for 16-bit inputs).
 
-    16-bit chunks take one of two paths. The 16-bit GEMM (GPUs; CPUs that
-    multiply the dtype natively, :func:`_cpu_fast_16bit_gemm`) runs per
-    vocabulary block, accumulating in float32 inside the GEMM; each block
+    16-bit products take one of three paths. Where a GEMM writes float32 from
+    16-bit inputs (:func:`_fp32_out_gemm`: CUDA) it adds into ``acc`` itself,
+    one pass over ``acc``. Otherwise the 16-bit GEMM (GPUs; CPUs that multiply
+    the dtype natively, :func:`_cpu_fast_16bit_gemm`) runs per block of
+    ``acc``'s rows, accumulating in float32 inside the GEMM; each block
     product is rounded once to the input dtype and added to ``acc`` in
     float32. With ``upcast`` (default on other CPUs, where the float32 GEMM
-    is the fast one) the product runs in float32 on float32 copies of the
-    chunk and nothing is rounded before the end. Either way the sum across
-    chunks is float32: the returned 16-bit ``grad_weight`` is rounded once
-    more, and that final rounding dominates (bfloat16, 2048 x 512 x 32000,
-    random chunks of 256 rows: max error 3.3e-3 of max |grad_W| upcast, 3.9e-3 with the
-    16-bit GEMM, against 1.8e-3 before the final rounding).
+    is the fast one) the product runs in float32 on float32 copies. Either
+    way the sum across chunks is float32: the returned 16-bit gradient is
+    rounded once more, and that final rounding dominates (bfloat16
+    ``grad_weight``, 2048 x 512 x 32000, random chunks of 256 rows: max error
+    3.3e-3 of max |grad_W| upcast, 3.9e-3 with the 16-bit GEMM, against
+    1.8e-3 before the final rounding).
     """
     on_cpu = acc.device.type == "cpu"
     if decay is not None and on_cpu and not torch.compiler.is_compiling():
         # On CPU reading the scalar costs nothing and lets the GEMM apply it
-        # (its beta) instead of a separate pass over the V x H accumulator.
+        # (its beta) instead of a separate pass over the accumulator.
         beta = float(decay)
     else:
         beta = 1.0
         if decay is not None:
             acc.mul_(decay)
     if upcast is None:
-        upcast = on_cpu and gl.dtype != acc.dtype and not _cpu_fast_16bit_gemm(gl.dtype)
-    if gl.dtype != acc.dtype and upcast:
-        gl, h = gl.to(acc.dtype), h.to(acc.dtype)
-    if gl.dtype == acc.dtype:
-        acc.addmm_(gl.t(), h, beta=beta)
+        upcast = on_cpu and a.dtype != acc.dtype and not _cpu_fast_16bit_gemm(a.dtype)
+    if a.dtype != acc.dtype and upcast:
+        a, b = a.to(acc.dtype), b.to(acc.dtype)
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b, beta=beta)
         return
-    v = gl.shape[1]
-    for v0 in range(0, v, _VOCAB_BLOCK):
-        v1 = min(v0 + _VOCAB_BLOCK, v)
-        block = acc[v0:v1]
+    if _fp32_out_gemm(acc.device.type):
+        torch.addmm(acc, a, b, beta=beta, out_dtype=acc.dtype, out=acc)
+        return
+    for r0 in range(0, a.shape[0], _VOCAB_BLOCK):
+        r1 = min(r0 + _VOCAB_BLOCK, a.shape[0])
+        block = acc[r0:r1]
         if beta != 1.0:
             block.mul_(beta)  # block by block: the accumulator is read once
-        block.add_(torch.mm(gl[:, v0:v1].t(), h))
+        block.add_(torch.mm(a[r0:r1], b))
+
+
+def _add_column_sums(acc: torch.Tensor, gl: torch.Tensor) -> None:
+    """acc <- acc + gl.sum(0) (``grad_bias``) as a product with a row of ones.
+
+    ``gl.sum(0, dtype=float32)`` would first copy a 16-bit chunk to float32 on
+    CPUs (a chunk-sized temporary the memory budget does not hold); the GEMV
+    sums in float32 inside, as the ``grad_weight`` products do.
+    """
+    ones = torch.ones((1, gl.shape[0]), dtype=gl.dtype, device=gl.device)
+    _add_product(acc[None], ones, gl)
 
 
 def _softcap_(z: torch.Tensor, cap: float) -> torch.Tensor:
@@ -219,12 +422,32 @@ def _finalize_all(backend, rows, target, spec, cw, sw, group):
     return finalize_distributed(rows, target, spec, cw, sw, group)
 
 
+def _chunk_grad(backend, g, z, t, st, spec, cw, cap, inplace):
+    """The gradient of a chunk (or tile) of logits ``z``: over ``z`` itself when ``inplace``."""
+    if inplace:
+        backend.grad_inplace(g, z, t, st, spec, cw)
+        return z
+    gl = backend.grad(g, z, t, st, spec, cw)
+    if cap is not None:
+        _softcap_grad_(gl, z, cap)
+    return gl
+
+
+def _product_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out <- a @ b from one GEMM (float32 inside for 16-bit inputs; float32 copies where a CPU would emulate them)."""
+    if out.device.type == "cpu" and a.dtype != acc_dtype(a.dtype) and not _cpu_fast_16bit_gemm(a.dtype):
+        out.copy_(torch.mm(a.to(torch.float32), b.to(torch.float32)))
+    else:
+        torch.mm(a, b, out=out)
+
+
 class _LinearRobustCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, cw, sw, spec: KernelSpec, chunk, backend, group, gif, cap):
+    def forward(ctx, hidden, weight, bias, target, cw, sw, spec: KernelSpec, plan: _Plan, backend, group, cap):
         n = hidden.shape[0]
         v, hdim = weight.shape
         acc = acc_dtype(hidden.dtype)
+        gif = plan.gif
         # A chunk's provisional coefficients: its own derivative-normalised
         # mean (rescaled below), or the plain sum ("mean" divides at the end).
         chunk_normalised = replace(spec, reduction=Reduction.MEAN, normalize=True)
@@ -241,7 +464,7 @@ class _LinearRobustCE(torch.autograd.Function):
             l_run = ninf
             l_after = []  # L_{<=k}: the reference of chunk k's provisional coefficients
 
-        for s, e in _chunks(n, chunk):
+        for s, e in _chunks(n, plan.rows):
             z = _logits(hidden[s:e], weight, bias)
             if cap is not None:
                 _softcap_(z, cap)
@@ -249,6 +472,7 @@ class _LinearRobustCE(torch.autograd.Function):
             rows_k = backend.rows(z, t, spec, cw)
             rows[s:e] = rows_k
             if not gif:
+                del z  # before the next chunk's logits exist
                 continue
             sw_k = None if sw is None else sw[s:e]
             if spec.normalised:
@@ -270,29 +494,26 @@ class _LinearRobustCE(torch.autograd.Function):
                 # Unnormalised: the coefficients are s times the row's own; "mean" divides at the end.
                 _, st = backend.finalize(rows_k, t, chunk_sum, cw, sw_k)
                 decay, f_k = None, one
-            gl = backend.grad(f_k, z, t, st, spec, cw)
-            if cap is not None:
-                _softcap_grad_(gl, z, cap)
+            gl = _chunk_grad(backend, f_k, z, t, st, spec, cw, cap, plan.inplace)
             del z
             if gh is not None:
                 gh[s:e] = torch.mm(gl, weight)
             if gw is not None:
-                _add_grad_weight(gw, gl, hidden[s:e], decay)
+                _add_product(gw, gl.t(), hidden[s:e], decay)
             if gb is not None:
-                gb.add_(gl.sum(0, dtype=acc))
+                _add_column_sums(gb, gl)
             del gl
 
         value, stats = _finalize_all(backend, rows, target, spec, cw, sw, group)
-        ctx.gif = gif
         ctx.dtypes = (hidden.dtype, weight.dtype, weight.dtype)
         ctx.spec = spec
-        ctx.chunk = chunk
+        ctx.plan = plan
         ctx.backend = backend
         ctx.cap = cap
         if gif:
             if spec.normalised:
                 if gh is not None:
-                    for (s, e), l_k in zip(_chunks(n, chunk), l_after):
+                    for (s, e), l_k in zip(_chunks(n, plan.rows), l_after):
                         f = torch.where(l_k == -math.inf, torch.zeros_like(l_k), torch.exp(l_k - l_run))
                         gh[s:e].mul_(f)
             elif spec.reduction == Reduction.MEAN:
@@ -311,34 +532,110 @@ class _LinearRobustCE(torch.autograd.Function):
     def backward(ctx, grad):
         if torch.is_grad_enabled():  # create_graph=True: refuse rather than drop the second-order term
             raise RuntimeError("robustloss: double backward (create_graph=True) is not supported")
-        if ctx.gif:
+        if ctx.plan.gif:
             return _LinearRobustCE._backward_stored(ctx, grad)
         hidden, weight, bias, target, stats, u = ctx.saved_tensors
+        grad = grad.to(stats.dtype)
+        if ctx.plan.tile_cols < weight.shape[0]:
+            gh, gw, gb = _LinearRobustCE._backward_tiled(ctx, grad, hidden, weight, bias, target, stats, u)
+        else:
+            gh, gw, gb = _LinearRobustCE._backward_rows(ctx, grad, hidden, weight, bias, target, stats, u)
+        gw = None if gw is None else gw.to(weight.dtype)
+        gb = None if gb is None else gb.to(weight.dtype)
+        return (gh, gw, gb) + (None,) * 8
+
+    @staticmethod
+    def _backward_rows(ctx, grad, hidden, weight, bias, target, stats, u):
+        """Recompute in chunks of whole rows: ``grad_weight`` summed across chunks in float32."""
         needs_h, needs_w, needs_b = ctx.needs_input_grad[:3]
         acc = stats.dtype
-        grad = grad.to(acc)
         gh = torch.empty_like(hidden) if needs_h else None
         gw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs_w else None
         gb = torch.zeros(weight.shape[:1], dtype=acc, device=weight.device) if needs_b else None
-        for s, e in _chunks(hidden.shape[0], ctx.chunk):
+        for s, e in _chunks(hidden.shape[0], ctx.plan.tile_rows):
             z = _logits(hidden[s:e], weight, bias)
             if ctx.cap is not None:
                 _softcap_(z, ctx.cap)
             g = grad[s:e] if grad.dim() == 1 else grad
-            gl = ctx.backend.grad(g, z, target[s:e], stats[s:e], ctx.spec, u)
-            if ctx.cap is not None:
-                _softcap_grad_(gl, z, ctx.cap)
+            gl = _chunk_grad(ctx.backend, g, z, target[s:e], stats[s:e], ctx.spec, u, ctx.cap, ctx.plan.inplace)
             del z
             if gh is not None:
                 torch.mm(gl, weight, out=gh[s:e])
             if gw is not None:
-                _add_grad_weight(gw, gl, hidden[s:e])
+                _add_product(gw, gl.t(), hidden[s:e])
             if gb is not None:
-                gb.add_(gl.sum(0, dtype=acc))
+                _add_column_sums(gb, gl)
             del gl
-        gw = None if gw is None else gw.to(weight.dtype)
-        gb = None if gb is None else gb.to(weight.dtype)
-        return (gh, gw, gb) + (None,) * 9
+        return gh, gw, gb
+
+    @staticmethod
+    def _backward_tiled(ctx, grad, hidden, weight, bias, target, stats, u):
+        """Recompute in tiles of ``tile_rows x tile_cols`` logits, vocabulary blocks outermost.
+
+        Each block of ``grad_weight`` is finished before the next begins: one
+        GEMM over all ``N`` rows when a tile has them all (float32 inside the
+        GEMM, rounded once), else a float32 ``tile_cols x H`` sum over the
+        row tiles. ``grad_hidden`` is summed over the blocks in float32. The
+        gradient op sees a tile as rows of ``tile_cols + 8`` classes: a row
+        whose class is outside the block has its target in the first spare
+        column, whose gradient (``gamma``) is dropped with the spare columns;
+        every other entry is elementwise in the row's statistics (spec §9), so
+        the tile's gradient is the slice of the whole row's.
+        """
+        needs_h, needs_w, needs_b = ctx.needs_input_grad[:3]
+        plan, spec, cap = ctx.plan, ctx.spec, ctx.cap
+        n, hdim = hidden.shape
+        v = weight.shape[0]
+        acc = stats.dtype
+        dev = hidden.device
+        # -1 is never a column of a tile, whatever the caller's ignore_index.
+        tile_spec = replace(spec, ignore_index=-1)
+        ignored = target == spec.ignore_index
+        gh = torch.zeros((n, hdim), dtype=acc, device=dev) if needs_h else None
+        gw = torch.empty_like(weight) if needs_w else None
+        gb = torch.empty((v,), dtype=acc, device=dev) if needs_b else None
+        whole = plan.tile_rows >= n
+        gw_block = None if whole or not needs_w else torch.empty((plan.tile_cols, hdim), dtype=acc, device=dev)
+        buf = torch.empty(plan.tile_rows * (plan.tile_cols + _TILE_PAD), dtype=hidden.dtype, device=dev)
+        pad_u = None if u is None else torch.ones((_TILE_PAD,), dtype=u.dtype, device=dev)
+        for v0, v1 in _chunks(v, plan.tile_cols):
+            c = v1 - v0
+            w_blk = weight[v0:v1]
+            b_blk = None if bias is None else bias[v0:v1]
+            u_blk = None if u is None else torch.cat((u[v0:v1], pad_u))
+            inside = (target >= v0) & (target < v1)
+            t_blk = torch.where(ignored, -1, torch.where(inside, target - v0, c))
+            if gw_block is not None:
+                gw_block[:c].zero_()
+            if gb is not None:
+                gb[v0:v1].zero_()
+            for s, e in _chunks(n, plan.tile_rows):
+                tile = buf[: (e - s) * (c + _TILE_PAD)].view(e - s, c + _TILE_PAD)
+                z = tile[:, :c]
+                _logits(hidden[s:e], w_blk, b_blk, out=z)
+                tile[:, c:].zero_()
+                if cap is not None:
+                    _softcap_(z, cap)
+                g = grad[s:e] if grad.dim() == 1 else grad
+                gl = _chunk_grad(ctx.backend, g, tile, t_blk[s:e], stats[s:e], tile_spec, u_blk, None, plan.inplace)
+                gl = gl[:, :c]
+                if cap is not None:
+                    _softcap_grad_(gl, z, cap)
+                if gh is not None:
+                    _add_product(gh[s:e], gl, w_blk)
+                if gw is not None:
+                    if whole:
+                        _product_into(gw[v0:v1], gl.t(), hidden)
+                    else:
+                        _add_product(gw_block[:c], gl.t(), hidden[s:e])
+                if gb is not None:
+                    _add_column_sums(gb[v0:v1], gl)
+                del gl, z, tile
+            if gw_block is not None:
+                gw[v0:v1].copy_(gw_block[:c])
+        if gh is not None:
+            gh = gh.to(hidden.dtype)
+        return gh, gw, gb
 
     @staticmethod
     def _backward_stored(ctx, grad):
@@ -359,7 +656,7 @@ class _LinearRobustCE(torch.autograd.Function):
                 if not unit:
                     g.mul_(grad.to(g.dtype))
                 out.append(g.to(dt))
-        return tuple(out) + (None,) * 9
+        return tuple(out) + (None,) * 8
 
 
 def _check(hidden, weight, bias, target, class_weight, sample_weight):
@@ -411,6 +708,7 @@ def linear_robust_cross_entropy(
     reduction: str = "mean",
     normalize: Optional[bool] = None,
     chunk_size: Optional[int] = None,
+    memory_budget: Optional[int] = None,
     backend: str = "auto",
     process_group=None,
     grad_in_forward: Optional[bool] = None,
@@ -439,7 +737,17 @@ def linear_robust_cross_entropy(
         ignore_index, reduction, normalize, label_smoothing: as in
             :func:`robust_cross_entropy` (``label_smoothing`` with ``CCE()``
             only; ``class_weight`` then weighs the smoothing sum, as there).
-        chunk_size: rows per chunk; default ``2**23 // V``, at least 256.
+        chunk_size: rows per chunk (fixed); default: from ``memory_budget``.
+        memory_budget: bytes of working memory the call may hold beyond its
+            inputs and the gradients it returns (logit chunks, float32
+            accumulators, row statistics; the model is ``_plan``'s
+            docstring). ``None`` (default): chunks of about 128 MiB on CPUs
+            and 512 MiB on GPUs, the path as ``grad_in_forward`` says. Given,
+            the fastest plan that fits: the 3-matmul path with chunks of at
+            least 256 rows, else the recompute path (4 matmuls), tiled over
+            the vocabulary when whole rows do not fit -- the one that needs no
+            ``V x H`` float32 accumulator for 16-bit weights. Exclusive with
+            ``chunk_size``.
         backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"torch"``
             (chosen as in :func:`robust_cross_entropy`); the chunk matmuls are
             ATen's, the row and gradient passes the backend's ops.
@@ -447,8 +755,9 @@ def linear_robust_cross_entropy(
             the whole group's batch (see :mod:`robustloss_fast.distributed`);
             uses the recompute path.
         grad_in_forward: ``None`` (default) picks the 3-matmul path for
-            ``"mean"``/``"sum"`` when a gradient is needed and no
-            ``process_group`` is given; ``False`` forces the recompute path.
+            ``"mean"``/``"sum"`` when a gradient is needed, no
+            ``process_group`` is given and ``memory_budget`` allows it;
+            ``False`` forces the recompute path.
             ``True`` is refused for ``"none"`` (its upstream gradient is per
             element). After a ``grad_in_forward`` forward, only one backward
             may run through the graph (the stored gradients are scaled in
@@ -482,13 +791,14 @@ def linear_robust_cross_entropy(
         weight = weight.contiguous()
     n = h2.shape[0]
     t = target.reshape(-1).long()
-    if chunk_size is None:
-        chunk = max(_MIN_CHUNK_ROWS, _CHUNK_ELEMENTS // v)
-    else:
+    if chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-        chunk = chunk_size
-    chunk = max(1, min(chunk, n))
+    if memory_budget is not None:
+        if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 1:
+            raise ValueError(f"memory_budget must be a positive int (bytes), got {memory_budget!r}")
+        if chunk_size is not None:
+            raise ValueError("give chunk_size or memory_budget, not both")
     acc = acc_dtype(hidden.dtype)
     cw = None if class_weight is None else class_weight.to(acc).contiguous()
     sw = None if sample_weight is None else sample_weight.reshape(-1).to(acc).contiguous()
@@ -497,14 +807,14 @@ def linear_robust_cross_entropy(
         # in the whole batch (a backend's own check sees one chunk at a time).
         check_target(t, v, ignore_index)
 
-    needs_grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (hidden, weight, bias)
-    )
+    needs = [torch.is_grad_enabled() and x is not None and x.requires_grad for x in (hidden, weight, bias)]
     if grad_in_forward is None:
         grad_in_forward = spec.reduction != Reduction.NONE and process_group is None
-    gif = bool(grad_in_forward) and needs_grad
-
-    value = _LinearRobustCE.apply(h2, weight, bias, t, cw, sw, spec, chunk, be, process_group, gif, softcap)
+    plan = _plan(
+        n, v, hdim, hidden.dtype, hidden.device.type, needs_h=needs[0], needs_w=needs[1], needs_b=needs[2],
+        gif=bool(grad_in_forward) and any(needs), cap=softcap, budget=memory_budget, chunk_size=chunk_size,
+    )  # fmt: skip
+    value = _LinearRobustCE.apply(h2, weight, bias, t, cw, sw, spec, plan, be, process_group, softcap)
     value = scale_loss(value, spec)
     if spec.reduction == Reduction.NONE:
         value = value.reshape(target.shape)
@@ -528,6 +838,7 @@ class LinearRobustCrossEntropyLoss(nn.Module):
         reduction: str = "mean",
         normalize: Optional[bool] = None,
         chunk_size: Optional[int] = None,
+        memory_budget: Optional[int] = None,
         backend: str = "auto",
         process_group=None,
         grad_in_forward: Optional[bool] = None,
@@ -542,6 +853,7 @@ class LinearRobustCrossEntropyLoss(nn.Module):
         self.reduction = reduction
         self.normalize = normalize
         self.chunk_size = chunk_size
+        self.memory_budget = memory_budget
         self.backend = backend
         self.process_group = process_group
         self.grad_in_forward = grad_in_forward
@@ -561,6 +873,7 @@ class LinearRobustCrossEntropyLoss(nn.Module):
             reduction=self.reduction,
             normalize=self.normalize,
             chunk_size=self.chunk_size,
+            memory_budget=self.memory_budget,
             backend=self.backend,
             process_group=self.process_group,
             grad_in_forward=self.grad_in_forward,

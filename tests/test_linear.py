@@ -46,7 +46,8 @@ def _materialised(hidden, weight, bias, target, scheme, cw, sw, **kw):
 def _both(hidden, weight, bias, target, scheme, cw, sw, upstream, **kw):
     """(value, grads) of the fused op and of the materialised reference, same upstream gradient."""
     params = [x for x in (hidden, weight, bias) if x is not None]
-    fw = {k: kw.pop(k) for k in ("chunk_size", "grad_in_forward", "backend", "process_group") if k in kw}
+    fw = {k: kw.pop(k) for k in ("chunk_size", "memory_budget", "grad_in_forward", "backend", "process_group")
+          if k in kw}
     out = linear_robust_cross_entropy(hidden, weight, target, scheme, bias=bias, class_weight=cw, sample_weight=sw,
                                       **kw, **fw)
     ref = _materialised(hidden, weight, bias, target, scheme, cw, sw, **kw)
@@ -321,7 +322,7 @@ def test_parity_float32_every_backend(backend, reduction, grad_in_forward):
 def test_grad_weight_accumulator_both_16bit_paths(upcast):
     # The CPU path (float32 GEMM on upcast chunks) and the GPU path (16-bit GEMM
     # per vocabulary block, added in float32), each with a decay factor.
-    from robustloss_fast.linear import _add_grad_weight
+    from robustloss_fast.linear import _add_product
 
     v, h, c = 9000, 8, 16  # two vocabulary blocks and a short one
     acc = torch.randn(v, h, dtype=torch.float64).float()
@@ -329,7 +330,7 @@ def test_grad_weight_accumulator_both_16bit_paths(upcast):
     x = torch.randn(c, h).bfloat16()
     decay = torch.tensor(0.375)
     want = 0.375 * acc.double() + gl.double().t() @ x.double()
-    _add_grad_weight(acc, gl, x, decay, upcast=upcast)
+    _add_product(acc, gl.t(), x, decay, upcast=upcast)
     assert acc.dtype == torch.float32
     tol = 1e-5 if upcast else 2e-2  # the 16-bit GEMM rounds each block product once
     torch.testing.assert_close(acc.double(), want, rtol=tol, atol=tol)
@@ -464,11 +465,11 @@ def test_cpu_16bit_grad_weight_path_follows_the_cpu(monkeypatch, fast):
     monkeypatch.setitem(linear._CPU_FAST_16BIT, torch.bfloat16, fast)
     gl, x = torch.randn(16, 9000).bfloat16(), torch.randn(16, 8).bfloat16()
     got, want = torch.zeros(9000, 8), torch.zeros(9000, 8)
-    linear._add_grad_weight(got, gl, x)
-    linear._add_grad_weight(want, gl, x, upcast=not fast)
+    linear._add_product(got, gl.t(), x)
+    linear._add_product(want, gl.t(), x, upcast=not fast)
     assert torch.equal(got, want)
     other = torch.zeros(9000, 8)
-    linear._add_grad_weight(other, gl, x, upcast=fast)
+    linear._add_product(other, gl.t(), x, upcast=fast)
     assert not torch.equal(got, other)  # the two paths do differ: the check above can fail
 
 

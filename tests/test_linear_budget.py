@@ -1,0 +1,185 @@
+"""linear_robust_cross_entropy's memory budget: the plans it picks, the vocabulary-tiled backward, the memory held."""
+
+import math
+
+import pytest
+import torch
+
+import robustloss_fast as rf
+from robustloss_fast import schemes
+from robustloss_fast._bench import peak_cpu_bytes
+from robustloss_fast.linear import _plan, linear_robust_cross_entropy
+
+from _backends import thin
+from test_linear import ALL_SCHEMES, _both, _close, _inputs
+
+GIB, MIB = 1 << 30, 1 << 20
+
+
+def _llm_plan(budget, n=8192, dtype=torch.bfloat16, device="cuda", cap=None, gif=True):
+    return _plan(n, 128256, 4096, dtype, device, needs_h=True, needs_w=True, needs_b=False, gif=gif, cap=cap,
+                 budget=budget, chunk_size=None)
+
+
+def test_default_chunks_from_the_device_budget():
+    # 512 MiB of bfloat16 logits at V = 128256 is 2093 rows: 8192 rows in 4 equal chunks of 2048.
+    plan = _llm_plan(None)
+    assert (plan.gif, plan.rows, plan.tile_cols, plan.inplace) == (True, 2048, 128256, True)
+    # A soft-cap keeps the capped logits beside their gradient: half the rows.
+    assert _llm_plan(None, cap=30.0).rows == 1024
+    # CPU: 64 MiB; float32 logits at V = 32000 are 524 rows, 2048 split in four.
+    cpu = _plan(2048, 32000, 512, torch.float32, "cpu", needs_h=True, needs_w=True, needs_b=False, gif=True,
+                cap=None, budget=None, chunk_size=None)
+    assert cpu.rows == 512
+    # An explicit chunk_size is kept as given (a short last chunk included).
+    fixed = _plan(23, 11, 7, torch.float64, "cpu", needs_h=True, needs_w=True, needs_b=True, gif=True, cap=None,
+                  budget=None, chunk_size=5)
+    assert fixed.rows == 5
+
+
+def test_budget_picks_the_fastest_plan_that_fits():
+    # Room for the float32 V x H accumulator (2 GiB) and big chunks: 3 matmuls.
+    big = _llm_plan(4 * GIB)
+    assert big.gif and big.rows == 8192 // 2 and big.working_bytes <= 4 * GIB
+    # No room for the accumulator: recompute, tiled over the vocabulary with all 8192 rows per tile.
+    lean = _llm_plan(1 * GIB)
+    assert not lean.gif and lean.tile_rows == 8192 and lean.tile_cols < 128256
+    assert lean.tile_cols % 128 == 0 and lean.working_bytes <= 1 * GIB
+    # Smaller still: narrower tiles of fewer rows, always within the budget.
+    for budget in (256 * MIB, 200 * MIB):
+        plan = _llm_plan(budget)
+        assert not plan.gif and plan.working_bytes <= budget, (budget, plan)
+    tiny = _llm_plan(16 * MIB, n=8192)
+    assert (tiny.tile_rows, tiny.tile_cols) < (8192, 128256) and tiny.tile_rows >= 1
+    # float32 weights need no separate accumulator: the 3-matmul path fits where bf16's did not.
+    assert _llm_plan(1 * GIB, dtype=torch.float32).gif
+
+
+def test_budget_arguments_are_validated():
+    hidden, weight, _, target, _, _ = _inputs(5, 3, 4, torch.float32)
+    for bad in (0, -1, 1.5, True, "1GiB"):
+        with pytest.raises(ValueError, match="memory_budget"):
+            linear_robust_cross_entropy(hidden, weight, target, schemes.DM(), memory_budget=bad)
+    with pytest.raises(ValueError, match="not both"):
+        linear_robust_cross_entropy(hidden, weight, target, schemes.DM(), memory_budget=1 << 20, chunk_size=2)
+
+
+# N = 23, H = 7, V = 300, float64: whole rows of one chunk need 23 * 300 * 8 bytes and more,
+# so these budgets force the vocabulary-tiled backward: tiles of all 23 rows and 128 columns
+# (blocks 0-127, 128-255 and a short 256-299), and tiles of 2 rows (grad_weight summed over row tiles).
+TILED = {"all_rows": 30_000, "few_rows": 12_000}
+
+
+def _tiled_plan(budget, n=23, h=7, v=300, dtype=torch.float64, cap=None):
+    return _plan(n, v, h, dtype, "cpu", needs_h=True, needs_w=True, needs_b=True, gif=True, cap=cap,
+                 budget=budget, chunk_size=None)
+
+
+def test_the_test_budgets_tile_as_intended():
+    plan = _tiled_plan(TILED["all_rows"])
+    assert (plan.gif, plan.tile_rows, plan.tile_cols) == (False, 23, 128)
+    plan = _tiled_plan(TILED["few_rows"])
+    assert not plan.gif and plan.tile_cols == 128 and 1 < plan.tile_rows < 23
+
+
+@pytest.mark.parametrize("tiling", sorted(TILED))
+@pytest.mark.parametrize("scheme", ALL_SCHEMES, ids=repr)
+def test_tiled_parity_every_scheme_float64(backend, scheme, tiling):
+    # Every backend on its own device; ignored rows, class and signed sample weights, bias,
+    # a random upstream gradient, every reduction.
+    reductions = thin(["mean", "sum", "none"], backend, 2, ALL_SCHEMES.index(scheme))
+    for reduction in reductions:
+        hidden, weight, bias, target, cw, sw = _inputs(23, 7, 300, torch.float64, device=backend.device)
+        got, want = _both(hidden, weight, bias, target, scheme, cw, sw, lambda r: torch.randn_like(r),
+                          reduction=reduction, memory_budget=TILED[tiling], backend=backend.name)
+        _close(got, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("ignore_index", [-100, 0, 130, 300])
+def test_tiled_any_ignore_index(ignore_index):
+    # An ignore_index that is a column of some tile (0, 130) or the first spare column's
+    # local index (300 - 256 = 44 is the short block's width) must not be confused with a class.
+    hidden, weight, bias, target, cw, sw = _inputs(23, 7, 300, torch.float64)
+    target = torch.where(target == -100, ignore_index, target)
+    target[:3] = torch.tensor([0, 130, 256])
+    got, want = _both(hidden, weight, bias, target, schemes.DM(), cw, sw, lambda r: torch.randn_like(r),
+                      memory_budget=TILED["all_rows"], ignore_index=ignore_index)
+    _close(got, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("tiling", sorted(TILED))
+def test_tiled_label_smoothing_and_softcap(tiling):
+    # Label smoothing routes the class weights into every column (the spare ones get 1s);
+    # the soft-cap's chain rule needs the capped logits beside the gradient.
+    hidden, weight, bias, target, cw, sw = _inputs(23, 7, 300, torch.float64)
+    got, want = _both(hidden, weight, bias, target, schemes.CCE(), cw, sw, lambda r: torch.randn_like(r),
+                      memory_budget=TILED[tiling], label_smoothing=0.2)
+    _close(got, want, rtol=1e-9, atol=1e-12)
+    cap = 1.5
+    out = linear_robust_cross_entropy(hidden, weight, target, schemes.DM(), bias=bias, class_weight=cw,
+                                      sample_weight=sw, softcap=cap, memory_budget=TILED[tiling])
+    params = (hidden, weight, bias)
+    logits = cap * torch.tanh(torch.addmm(bias, hidden, weight.t()) / cap)
+    ref = rf.robust_cross_entropy(logits, target, schemes.DM(), weight=cw, sample_weight=sw, backend="torch")
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(out, params), torch.autograd.grad(ref, params)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
+def test_tiled_parity_low_precision(dtype, tol):
+    hidden, weight, bias, target, cw, sw = _inputs(45, 16, 700, dtype)
+    # The smallest budget (in 1 KiB steps) that tiles all 45 rows by at least 256 columns.
+    budget = next(b for b in range(1024, 1 << 20, 1024)
+                  if _tiled_plan(b, n=45, h=16, v=700, dtype=dtype).tile_rows == 45
+                  and _tiled_plan(b, n=45, h=16, v=700, dtype=dtype).tile_cols >= 256)
+    plan = _tiled_plan(budget, n=45, h=16, v=700, dtype=dtype)
+    assert not plan.gif and plan.tile_cols < 700, plan
+    got, want = _both(hidden, weight, bias, target, schemes.DM(), cw, sw, lambda r: torch.randn_like(r),
+                      memory_budget=budget)
+    _close(got, want, rtol=tol, atol=tol)
+
+
+def test_tiled_nan_row_and_all_ignored():
+    hidden, weight, bias, target, cw, sw = _inputs(23, 7, 300, torch.float64, extras=False)
+    target[4] = 7
+    with torch.no_grad():
+        hidden[4] = math.nan
+    got = linear_robust_cross_entropy(hidden, weight, target, schemes.CCE(), bias=bias, reduction="none",
+                                      memory_budget=TILED["all_rows"])
+    (gh,) = torch.autograd.grad(got.sum(), (hidden,))
+    assert got[4].isnan() and gh[4].isnan().all()
+    rest = torch.ones(23, dtype=torch.bool)
+    rest[4] = False
+    assert got[rest].isfinite().all() and gh[rest].isfinite().all()
+    target = torch.full_like(target, -100)
+    out = linear_robust_cross_entropy(hidden.detach()[5:].requires_grad_(), weight, target[5:], schemes.DM(),
+                                      memory_budget=TILED["all_rows"])
+    out.backward()
+    assert out.item() == 0.0 and weight.grad.abs().sum() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("budget_mib", [3, 8, 24])
+def test_a_step_holds_no_more_than_the_budget(dtype, budget_mib):
+    # N x V = 1024 x 16000 logits are 62.5 MiB in float32. Whatever the plan (3 MiB: tiles of
+    # fewer rows; 8 MiB: tiles of all rows; 24 MiB: the 3-matmul path), the bytes allocated during
+    # forward + backward stay within the budget plus the returned gradients (hidden, weight,
+    # bias) and 1 MiB: the GEMM library's packing buffers, and N-sized vectors (targets, masks).
+    torch.manual_seed(0)
+    n, h, v = 1024, 64, 16000
+    hidden, weight, bias, target, _, _ = _inputs(n, h, v, dtype)
+    budget = budget_mib * MIB
+
+    def step():
+        out = linear_robust_cross_entropy(hidden, weight, target, schemes.DM(), bias=bias, memory_budget=budget)
+        return out, torch.autograd.grad(out, (hidden, weight, bias))
+
+    peak, (out, grads) = peak_cpu_bytes(step)
+    assert peak is not None, "this torch's profiler has no allocation events"
+    returned = sum(g.numel() * g.element_size() for g in grads)
+    assert peak <= budget + returned + MIB, ((peak - returned) / MIB, budget_mib)
+    assert budget < n * v * dtype.itemsize  # holding the logits would break it
+    ref = _both(hidden, weight, bias, target, schemes.DM(), None, None, lambda r: torch.ones_like(r))[1]
+    tol = 2e-5 if dtype == torch.float32 else 3e-2
+    _close((out, grads), ref, rtol=tol, atol=tol)
