@@ -310,6 +310,9 @@ def _plan(n, v, hdim, dtype, device_type, *, needs_h, needs_w, needs_b, gif, cap
 
 
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out=None) -> torch.Tensor:
+    if out is not None and torch.compiler.is_compiling():
+        # Dynamo does not trace out= into a view; the compiled graph copies instead.
+        return out.copy_(_logits(h, weight, bias))
     if bias is None:
         return torch.mm(h, weight.t(), out=out)
     return torch.addmm(bias, h, weight.t(), out=out)
@@ -437,6 +440,8 @@ def _product_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """out <- a @ b from one GEMM (float32 inside for 16-bit inputs; float32 copies where a CPU would emulate them)."""
     if out.device.type == "cpu" and a.dtype != acc_dtype(a.dtype) and not _cpu_fast_16bit_gemm(a.dtype):
         out.copy_(torch.mm(a.to(torch.float32), b.to(torch.float32)))
+    elif torch.compiler.is_compiling():  # no out= into a view under Dynamo
+        out.copy_(torch.mm(a, b))
     else:
         torch.mm(a, b, out=out)
 
