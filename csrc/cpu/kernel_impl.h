@@ -298,8 +298,7 @@ void rows_typed(const RowsArgs& args) {
       const int64_t y = args.target[i];
       acc_t* o = out + kRowCols * i;
       if (y == args.ignore_index) {
-        o[kRowM] = o[kRowLogW] = kNegInf<acc_t>;
-        o[kRowLs] = o[kRowX] = o[kRowAlpha] = o[kRowBeta] = o[kRowGamma] = 0;
+        store_ignored_row(o);
         continue;
       }
       const scalar_t* row = logits + i * args.row_stride;
@@ -324,13 +323,7 @@ void rows_typed(const RowsArgs& args) {
         lw = log_weight<acc_t>(args.scheme, a, b, pr);
         g = one_term_row<acc_t>(args.scheme, a, b, lw, pr, args.normalised, nt);
       }
-      o[kRowM] = cols01.m;
-      o[kRowLs] = cols01.ls;
-      o[kRowLogW] = lw;
-      o[kRowX] = g.x;
-      o[kRowAlpha] = g.alpha;
-      o[kRowBeta] = g.beta;
-      o[kRowGamma] = g.gamma;
+      store_row(o, cols01, lw, g);
     }
   });
 }

@@ -242,8 +242,7 @@ __global__ void __launch_bounds__(BLOCK) rows_kernel(const RowsParams<T> p) {
     if (lane == 0 && live) {
       acc_t* out = p.rows + kRowCols * i;
       if (ignored) {
-        out[kRowM] = out[kRowLogW] = -inf<acc_t>();
-        out[kRowLs] = out[kRowX] = out[kRowAlpha] = out[kRowBeta] = out[kRowGamma] = acc_t(0);
+        store_ignored_row(out);
       } else if (!in_range) {
         RL_DEVICE_ASSERT(false, RL_BAD_TARGET_ASSERT_MSG);
 #pragma unroll
@@ -267,13 +266,7 @@ __global__ void __launch_bounds__(BLOCK) rows_kernel(const RowsParams<T> p) {
           g = one_term_row<acc_t>(p.scheme, p.a, p.b, lw, pr, p.normalised, nt);
         }
         const LseParts<acc_t> cols01 = PASS == kFocalPass ? lse : nt;  // NFL's rows are in P-form (schemes.h: nfl_row)
-        out[kRowM] = cols01.m;
-        out[kRowLs] = cols01.ls;
-        out[kRowLogW] = lw;
-        out[kRowX] = g.x;
-        out[kRowAlpha] = g.alpha;
-        out[kRowBeta] = g.beta;
-        out[kRowGamma] = g.gamma;
+        store_row(out, cols01, lw, g);
       }
     }
   }

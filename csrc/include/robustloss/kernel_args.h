@@ -11,6 +11,8 @@
 
 #include <cstdint>
 
+#include "robustloss/schemes.h"
+
 namespace robustloss {
 
 // The columns of the row pass's output, rows (n, kRowCols), and of the stats
@@ -28,6 +30,29 @@ enum RowCol : int {
   kRowGamma = 6,
   kRowCols = 7,
 };
+
+// One row of the row pass's output, written in the column order above: the
+// CPU and CUDA row kernels both store through these, so the order has one
+// source. (m, ls) is lse_nt, or lse for a P-form row.
+template <typename T>
+RL_HD void store_row(T* out, LseParts<T> cols01, T log_w, const RowGrad<T>& g) {
+  out[kRowM] = cols01.m;
+  out[kRowLs] = cols01.ls;
+  out[kRowLogW] = log_w;
+  out[kRowX] = g.x;
+  out[kRowAlpha] = g.alpha;
+  out[kRowBeta] = g.beta;
+  out[kRowGamma] = g.gamma;
+}
+
+// An ignored row (SPEC §5: it counts nowhere): log w = -inf drops it from every weighted sum,
+// and m = -inf with zero coefficients gives it a zero gradient.
+template <typename T>
+RL_HD void store_ignored_row(T* out) {
+  constexpr T kInf = std::numeric_limits<T>::infinity();
+  store_row<T>(out, LseParts<T>{-kInf, T(0)}, -kInf, RowGrad<T>{T(0), T(0), T(0), T(0)});
+}
+
 enum StatCol : int {
   kStatM = 0,
   kStatLs = 1,
