@@ -129,6 +129,34 @@ def test_causal_cce_float64_against_the_formula(family):
     _assert_grads_close(_grads(model, got), _grads(ref, want), rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_causal_memory_budget_reaches_the_fused_loss(family, monkeypatch):
+    # 30 positions x V = 160 x H = 32 in float32: 18000 bytes are below the
+    # 3-matmul and whole-row plans (20640) and fit vocabulary tiles of all
+    # rows (17760), so the patched loss must run the tiled backward, and
+    # still be the unpatched model's loss and gradients.
+    import robustloss_fast.linear as linear
+
+    plans = []
+    real = linear._plan
+
+    def spy(*args, **kwargs):
+        plans.append(real(*args, **kwargs))
+        return plans[-1]
+
+    monkeypatch.setattr(linear, "_plan", spy)
+    ref = _causal(family)
+    model = patch_causal_lm(copy.deepcopy(ref), rf.CCE(), memory_budget=18000)
+    ids, labels = _batch()
+    want = ref(input_ids=ids, labels=labels).loss
+    got = model(input_ids=ids, labels=labels).loss
+    assert [(p.gif, p.tile_rows, p.tile_cols) for p in plans] == [(False, 30, 128)]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    _assert_grads_close(_grads(model, got), _grads(ref, want), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="not both"):
+        patch_causal_lm(_causal(family), rf.CCE(), chunk_size=8, memory_budget=18000)
+
+
 def test_softcap_is_active_in_the_gemma_tests():
     # The parity above would pass vacuously if the cap never bent the logits.
     ref = _causal("gemma2")

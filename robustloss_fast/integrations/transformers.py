@@ -331,7 +331,7 @@ def _fused_loss(model, state, hidden, target, num_items_in_batch):
             return linear_robust_cross_entropy(
                 h, weight, target, opts.scheme, bias=bias, ignore_index=opts.ignore_index, reduction=reduction,
                 normalize=opts.normalize, label_smoothing=opts.label_smoothing, backend=opts.backend,
-                chunk_size=state.chunk_size, softcap=state.softcap,
+                chunk_size=state.chunk_size, memory_budget=state.memory_budget, softcap=state.softcap,
             )
 
     return _accumulated(compute, target, opts.ignore_index, opts.effective_normalize, num_items_in_batch)
@@ -399,7 +399,8 @@ def _causal_forward(model, state, args, kwargs):
 
 
 def patch_causal_lm(model, scheme: Scheme, *, ignore_index: int = -100, normalize: Optional[bool] = None,
-                    label_smoothing: float = 0.0, chunk_size: Optional[int] = None, backend: str = "auto",
+                    label_smoothing: float = 0.0, chunk_size: Optional[int] = None,
+                    memory_budget: Optional[int] = None, backend: str = "auto",
                     skip_logits: Optional[bool] = None, allow_untested: bool = False):
     r"""Make a loaded causal LM compute its loss with ``scheme`` through the fused linear + loss.
 
@@ -412,8 +413,10 @@ def patch_causal_lm(model, scheme: Scheme, *, ignore_index: int = -100, normaliz
         model: a ``*ForCausalLM`` of a family in ``TESTED_CAUSAL_LM_TYPES``
             (Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2, Gemma3 text, Phi3).
         scheme: e.g. ``DM(lam=1.0, beta=8.0)``, ``GCE()``, ``CCE()``.
-        ignore_index, normalize, label_smoothing, backend, chunk_size: as in
-            :func:`~robustloss_fast.linear_robust_cross_entropy`.
+        ignore_index, normalize, label_smoothing, backend, chunk_size,
+            memory_budget: as in :func:`~robustloss_fast.linear_robust_cross_entropy`
+            (``memory_budget`` bytes bound what the loss holds beyond the
+            hidden states, ``lm_head.weight`` and their gradients).
         skip_logits: ``None`` (default): the fused path (no logits returned)
             when ``labels`` are given in training mode, logits and a loss on
             them in evaluation mode. ``True``/``False`` force one of the two.
@@ -442,12 +445,14 @@ def patch_causal_lm(model, scheme: Scheme, *, ignore_index: int = -100, normaliz
         raise NotImplementedError(f"{name} adds a router loss to its loss; mixture-of-experts models are not supported")
     if not isinstance(model.get_output_embeddings(), nn.Linear):
         raise NotImplementedError(f"{name}'s output layer is not an nn.Linear")
+    if chunk_size is not None and memory_budget is not None:
+        raise ValueError("give chunk_size or memory_budget, not both")
     if skip_logits is not None and not isinstance(skip_logits, bool):
         raise TypeError(f"skip_logits must be None or a bool, got {skip_logits!r}")
     options = _Options(scheme, ignore_index=ignore_index, normalize=normalize, label_smoothing=label_smoothing,
                        backend=backend)
     return _install(model, "causal_lm", options, softcap=_softcap_of(model), chunk_size=chunk_size,
-                    skip_logits=skip_logits)
+                    memory_budget=memory_budget, skip_logits=skip_logits)
 
 
 # ----------------------------------------------------------------------------
