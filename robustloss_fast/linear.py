@@ -58,7 +58,7 @@ for ``grad_hidden`` when the vocabulary is (2 GiB against 128 MiB at
 costs the recompute path's fourth matmul.
 
 How the work is cut comes from a memory budget (``memory_budget=`` bytes;
-by default chunks of about 128 MiB on CPUs, 512 MiB on GPUs): ``_plan`` holds
+by default chunks of about 64 MiB on CPUs, 512 MiB on GPUs): ``_plan`` holds
 the model of every tensor the layer allocates beyond its inputs and returned
 gradients, and picks the fastest plan that fits (3 matmuls with chunks of at
 least 256 rows, else whole-row recompute, else vocabulary tiles). A chunk's
@@ -201,7 +201,7 @@ class _Plan:
 def _balanced(n: int, rows: int) -> int:
     """``rows`` lowered to split ``n`` into equal chunks (no short last chunk to pay a GEMM for)."""
     rows = max(1, min(rows, n))
-    return -(-n // -(-n // rows))
+    return -(-n // -(-n // rows)) if n else 1
 
 
 def _plan(n, v, hdim, dtype, device_type, *, needs_h, needs_w, needs_b, gif, cap, budget, chunk_size) -> _Plan:
@@ -263,8 +263,9 @@ def _plan(n, v, hdim, dtype, device_type, *, needs_h, needs_w, needs_b, gif, cap
     def fwd_bytes(rows):
         return stats + rows * v * e
 
-    def make(gif, rows, tile_rows, tile_cols):
-        rows, tile_rows = _balanced(n, rows), _balanced(n, tile_rows)
+    def make(gif, rows, tile_rows, tile_cols, balance=True):
+        if balance:  # an explicit chunk_size is taken as given
+            rows, tile_rows = _balanced(n, rows), _balanced(n, tile_rows)
         if gif:
             used = gif_bytes(rows)
         elif tile_cols == v:
@@ -276,11 +277,9 @@ def _plan(n, v, hdim, dtype, device_type, *, needs_h, needs_w, needs_b, gif, cap
     if budget is None:
         if chunk_size is not None:
             rows = max(1, min(chunk_size, n))
-        else:
-            chunk_bytes = _DEFAULT_CHUNK_BYTES.get(device_type, _DEFAULT_CHUNK_BYTES_ACCELERATOR)
-            rows = _balanced(n, chunk_bytes // (v * per_logit))
-        used = gif_bytes(rows) if gif else max(fwd_bytes(rows), whole_rows_bytes(rows))
-        return _Plan(gif, rows, rows, v, inplace, used)
+            return make(gif, rows, rows, v, balance=False)
+        rows = _DEFAULT_CHUNK_BYTES.get(device_type, _DEFAULT_CHUNK_BYTES_ACCELERATOR) // (v * per_logit)
+        return make(gif, rows, rows, v)
 
     def largest(cost, hi, step=1):
         """The largest multiple of ``step`` in [step, hi] with cost(x) <= budget (cost grows with x), else 0."""
@@ -347,9 +346,15 @@ def _fp32_out_gemm(device_type: str) -> bool:
 
 
 def _add_product(
-    acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, decay: Optional[torch.Tensor] = None, upcast=None
+    acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, decay: Optional[torch.Tensor] = None, upcast=None,
+    fresh: bool = False,
 ) -> None:
     """acc <- decay * acc + a @ b, acc in the accumulation dtype (float32 for 16-bit inputs).
+
+    ``fresh``: the first term of the sum, acc <- a @ b; ``acc`` is not read
+    (it may be uninitialised: the GEMM's beta is 0, which ignores even NaN),
+    so the caller skips zero-filling it, and a first ``decay`` (of zeros) is
+    not a pass over it either.
 
     16-bit products take one of three paths. Where a GEMM writes float32 from
     16-bit inputs (:func:`_fp32_out_gemm`: CUDA) it adds into ``acc`` itself,
@@ -366,7 +371,9 @@ def _add_product(
     1.8e-3 before the final rounding).
     """
     on_cpu = acc.device.type == "cpu"
-    if decay is not None and on_cpu and not torch.compiler.is_compiling():
+    if fresh:
+        beta, decay = 0.0, None
+    elif decay is not None and on_cpu and not torch.compiler.is_compiling():
         # On CPU reading the scalar costs nothing and lets the GEMM apply it
         # (its beta) instead of a separate pass over the accumulator.
         beta = float(decay)
@@ -387,9 +394,19 @@ def _add_product(
     for r0 in range(0, a.shape[0], _VOCAB_BLOCK):
         r1 = min(r0 + _VOCAB_BLOCK, a.shape[0])
         block = acc[r0:r1]
+        if beta == 0.0:
+            block.copy_(torch.mm(a[r0:r1], b))
+            continue
         if beta != 1.0:
             block.mul_(beta)  # block by block: the accumulator is read once
         block.add_(torch.mm(a[r0:r1], b))
+
+
+def _accumulator(shape, dtype, device, n: int) -> torch.Tensor:
+    """The accumulator of a sum over the chunks of ``n`` rows: uninitialised, as the first
+    chunk writes it (``_add_product(..., fresh=True)``; zero-filling a float32 ``V x H``
+    is 2 GiB of writes at V = 128256, H = 4096), or zeros when there is no chunk."""
+    return torch.empty(shape, dtype=dtype, device=device) if n else torch.zeros(shape, dtype=dtype, device=device)
 
 
 def _add_column_sums(acc: torch.Tensor, gl: torch.Tensor) -> None:
@@ -462,7 +479,7 @@ class _LinearRobustCE(torch.autograd.Function):
 
         if gif:
             gh = torch.empty((n, hdim), dtype=acc, device=hidden.device) if needs_h else None
-            gw = torch.zeros((v, hdim), dtype=acc, device=hidden.device) if needs_w else None
+            gw = _accumulator((v, hdim), acc, hidden.device, n) if needs_w else None
             gb = torch.zeros((v,), dtype=acc, device=hidden.device) if needs_b else None
             one = torch.ones((), dtype=acc, device=hidden.device)
             ninf = torch.full((), -math.inf, dtype=acc, device=hidden.device)
@@ -504,7 +521,7 @@ class _LinearRobustCE(torch.autograd.Function):
             if gh is not None:
                 gh[s:e] = torch.mm(gl, weight)
             if gw is not None:
-                _add_product(gw, gl.t(), hidden[s:e], decay)
+                _add_product(gw, gl.t(), hidden[s:e], decay, fresh=s == 0)
             if gb is not None:
                 _add_column_sums(gb, gl)
             del gl
@@ -555,7 +572,7 @@ class _LinearRobustCE(torch.autograd.Function):
         needs_h, needs_w, needs_b = ctx.needs_input_grad[:3]
         acc = stats.dtype
         gh = torch.empty_like(hidden) if needs_h else None
-        gw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs_w else None
+        gw = _accumulator(weight.shape, acc, weight.device, hidden.shape[0]) if needs_w else None
         gb = torch.zeros(weight.shape[:1], dtype=acc, device=weight.device) if needs_b else None
         for s, e in _chunks(hidden.shape[0], ctx.plan.tile_rows):
             z = _logits(hidden[s:e], weight, bias)
@@ -567,7 +584,7 @@ class _LinearRobustCE(torch.autograd.Function):
             if gh is not None:
                 torch.mm(gl, weight, out=gh[s:e])
             if gw is not None:
-                _add_product(gw, gl.t(), hidden[s:e])
+                _add_product(gw, gl.t(), hidden[s:e], fresh=s == 0)
             if gb is not None:
                 _add_column_sums(gb, gl)
             del gl
@@ -596,7 +613,7 @@ class _LinearRobustCE(torch.autograd.Function):
         # -1 is never a column of a tile, whatever the caller's ignore_index.
         tile_spec = replace(spec, ignore_index=-1)
         ignored = target == spec.ignore_index
-        gh = torch.zeros((n, hdim), dtype=acc, device=dev) if needs_h else None
+        gh = torch.empty((n, hdim), dtype=acc, device=dev) if needs_h else None  # the first block writes it
         gw = torch.empty_like(weight) if needs_w else None
         gb = torch.empty((v,), dtype=acc, device=dev) if needs_b else None
         whole = plan.tile_rows >= n
@@ -610,8 +627,6 @@ class _LinearRobustCE(torch.autograd.Function):
             u_blk = None if u is None else torch.cat((u[v0:v1], pad_u))
             inside = (target >= v0) & (target < v1)
             t_blk = torch.where(ignored, -1, torch.where(inside, target - v0, c))
-            if gw_block is not None:
-                gw_block[:c].zero_()
             if gb is not None:
                 gb[v0:v1].zero_()
             for s, e in _chunks(n, plan.tile_rows):
@@ -627,12 +642,12 @@ class _LinearRobustCE(torch.autograd.Function):
                 if cap is not None:
                     _softcap_grad_(gl, z, cap)
                 if gh is not None:
-                    _add_product(gh[s:e], gl, w_blk)
+                    _add_product(gh[s:e], gl, w_blk, fresh=v0 == 0)
                 if gw is not None:
                     if whole:
                         _product_into(gw[v0:v1], gl.t(), hidden)
                     else:
-                        _add_product(gw_block[:c], gl.t(), hidden[s:e])
+                        _add_product(gw_block[:c], gl.t(), hidden[s:e], fresh=s == 0)
                 if gb is not None:
                     _add_column_sums(gb[v0:v1], gl)
                 del gl, z, tile
@@ -746,7 +761,7 @@ def linear_robust_cross_entropy(
         memory_budget: bytes of working memory the call may hold beyond its
             inputs and the gradients it returns (logit chunks, float32
             accumulators, row statistics; the model is ``_plan``'s
-            docstring). ``None`` (default): chunks of about 128 MiB on CPUs
+            docstring). ``None`` (default): chunks of about 64 MiB on CPUs
             and 512 MiB on GPUs, the path as ``grad_in_forward`` says. Given,
             the fastest plan that fits: the 3-matmul path with chunks of at
             least 256 rows, else the recompute path (4 matmuls), tiled over

@@ -70,8 +70,8 @@ def test_budget_arguments_are_validated():
 TILED = {"all_rows": 30_000, "few_rows": 12_000}
 
 
-def _tiled_plan(budget, n=23, h=7, v=300, dtype=torch.float64, cap=None):
-    return _plan(n, v, h, dtype, "cpu", needs_h=True, needs_w=True, needs_b=True, gif=True, cap=cap,
+def _tiled_plan(budget, n=23, h=7, v=300, dtype=torch.float64, cap=None, device="cpu"):
+    return _plan(n, v, h, dtype, device, needs_h=True, needs_w=True, needs_b=True, gif=True, cap=cap,
                  budget=budget, chunk_size=None)
 
 
@@ -126,18 +126,25 @@ def test_tiled_label_smoothing_and_softcap(tiling):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)])
-def test_tiled_parity_low_precision(dtype, tol):
-    hidden, weight, bias, target, cw, sw = _inputs(45, 16, 700, dtype)
-    # The smallest budget (in 1 KiB steps) that tiles all 45 rows by at least 256 columns.
-    budget = next(b for b in range(1024, 1 << 20, 1024)
-                  if _tiled_plan(b, n=45, h=16, v=700, dtype=dtype).tile_rows == 45
-                  and _tiled_plan(b, n=45, h=16, v=700, dtype=dtype).tile_cols >= 256)
-    plan = _tiled_plan(budget, n=45, h=16, v=700, dtype=dtype)
-    assert not plan.gif and plan.tile_cols < 700, plan
-    got, want = _both(hidden, weight, bias, target, schemes.DM(), cw, sw, lambda r: torch.randn_like(r),
-                      memory_budget=budget)
-    _close(got, want, rtol=tol, atol=tol)
+LOW_PRECISION = [(torch.float32, 2e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)]
+
+
+@pytest.mark.parametrize("scheme", ALL_SCHEMES, ids=repr)
+def test_tiled_parity_low_precision(backend, scheme):
+    # Every scheme on every backend on its own device, against the reference on logits of
+    # the same dtype (an emulated backend: two of the three dtypes, rotated over the schemes).
+    for dtype, tol in thin(LOW_PRECISION, backend, 2, ALL_SCHEMES.index(scheme)):
+        hidden, weight, bias, target, cw, sw = _inputs(45, 16, 700, dtype, device=backend.device)
+        # The smallest budget (in 1 KiB steps) that tiles all 45 rows by at least 256 columns.
+        def plan_of(b):
+            return _tiled_plan(b, n=45, h=16, v=700, dtype=dtype, device=hidden.device.type)
+
+        budget = next(b for b in range(1024, 1 << 20, 1024) if plan_of(b).tile_rows == 45 and plan_of(b).tile_cols >= 256)
+        plan = plan_of(budget)
+        assert not plan.gif and plan.tile_cols < 700, plan
+        got, want = _both(hidden, weight, bias, target, scheme, cw, sw, lambda r: torch.randn_like(r),
+                          memory_budget=budget, backend=backend.name)
+        _close(got, want, rtol=tol, atol=tol)
 
 
 def test_tiled_nan_row_and_all_ignored():
@@ -157,6 +164,58 @@ def test_tiled_nan_row_and_all_ignored():
                                       memory_budget=TILED["all_rows"])
     out.backward()
     assert out.item() == 0.0 and weight.grad.abs().sum() == 0
+
+
+@pytest.fixture
+def nan_filled_empty():
+    """``torch.empty`` returns NaNs (deterministic mode's fill of uninitialised memory)."""
+    was = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was[0])
+        torch.utils.deterministic.fill_uninitialized_memory = was[1]
+
+
+# Several chunks (or tiles) each, so every float32 sum has a first term and later ones.
+PLANS = {
+    "grad_in_forward": dict(chunk_size=5),
+    "recompute": dict(chunk_size=5, grad_in_forward=False),
+    **{f"tiled_{name}": dict(memory_budget=budget) for name, budget in TILED.items()},
+}
+
+
+@pytest.mark.parametrize("plan", sorted(PLANS))
+@pytest.mark.parametrize("dtype,fast_16bit", [(torch.float64, False), (torch.bfloat16, False), (torch.bfloat16, True)])
+def test_sums_are_written_before_they_are_read(nan_filled_empty, monkeypatch, plan, dtype, fast_16bit):
+    # The float32 accumulators are allocated uninitialised and the first chunk's GEMM
+    # writes them (beta = 0); a read before that write would bring in the NaNs.
+    # Both CPU paths of 16-bit products: the bfloat16 GEMM in blocks, and float32 copies.
+    import robustloss_fast.linear as linear
+
+    monkeypatch.setitem(linear._CPU_FAST_16BIT, torch.bfloat16, fast_16bit)
+    assert torch.empty(64).isnan().all()  # the fill is live: this test can fail
+    hidden, weight, bias, target, cw, sw = _inputs(23, 7, 300, dtype)
+    got, want = _both(hidden, weight, bias, target, schemes.DM(), cw, sw, lambda r: torch.randn_like(r),
+                      **PLANS[plan])
+    tol = (1e-9, 1e-12) if dtype == torch.float64 else (3e-2, 3e-2)
+    _close(got, want, rtol=tol[0], atol=tol[1])
+
+
+@pytest.mark.parametrize("plan", [None, *sorted(PLANS)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_an_empty_batch_gives_zeros(nan_filled_empty, plan, reduction):
+    # N = 0 (SPEC §5: D = 0 gives value 0 and gradient 0): every plan, no chunk at all, so the
+    # float32 sums must be zeros rather than the uninitialised first-chunk buffers.
+    hidden, weight, bias, target, _, _ = _inputs(0, 7, 300, torch.float32)
+    out = linear_robust_cross_entropy(hidden, weight, target, schemes.DM(), bias=bias, reduction=reduction,
+                                      **({} if plan is None else PLANS[plan]))
+    gh, gw, gb = torch.autograd.grad(out.sum(), (hidden, weight, bias))
+    assert out.shape == ((0,) if reduction == "none" else ())
+    assert (out == 0).all() and gh.shape == (0, 7)
+    assert torch.equal(gw, torch.zeros_like(weight)) and torch.equal(gb, torch.zeros_like(bias))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
