@@ -9,8 +9,13 @@ download) with a real-sized vocabulary runs forward + backward on
   the last hidden states, the logits never materialised;
 * ``patched_dm``: the same with ``DM(lam=1, beta=8)``;
 * ``patched_chunk64``: ``CCE()`` with ``chunk_size=64`` rows instead of the
-  default (``max(256, 2**23 // V)`` rows: at a few hundred tokens and a large
-  vocabulary one default chunk is half of all the logits).
+  default (about 64 MiB of logits per chunk on a CPU: at a few hundred tokens
+  one default chunk holds all of them);
+* ``patched_budget8m``: ``CCE()`` with ``memory_budget=8 MiB``: the plan the
+  layer picks under that bound (here the recompute backward, tiled over the
+  vocabulary).
+
+``plan`` records the chunking the layer chose (``linear._plan``, observed).
 
 Each (model, method) runs in a fresh process. Two measures of the step:
 
@@ -31,6 +36,7 @@ reported for information only (this is not a timing benchmark).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -45,7 +51,8 @@ MODELS = [
     ("qwen2-152k", "qwen2", dict(vocab_size=151936, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2), 2, 256),
 ]
-METHODS = ["unpatched", "patched", "patched_dm", "patched_chunk64"]
+METHODS = ["unpatched", "patched", "patched_dm", "patched_chunk64", "patched_budget8m"]
+BUDGET = 8 << 20
 
 
 def run_one(name: str, method: str, dtype: str) -> dict:
@@ -56,6 +63,7 @@ def run_one(name: str, method: str, dtype: str) -> dict:
 
     import robustloss_fast as rf
     from robustloss_fast._bench import _peak_extra_cpu, reset_rss_peak, status_kib
+    from robustloss_fast import linear
     from robustloss_fast.integrations.transformers import patch_causal_lm
 
     _, model_type, cfg, batch, seq = next(m for m in MODELS if m[0] == name)
@@ -69,6 +77,16 @@ def run_one(name: str, method: str, dtype: str) -> dict:
         patch_causal_lm(model, rf.DM(lam=1.0, beta=8.0))
     elif method == "patched_chunk64":
         patch_causal_lm(model, rf.CCE(), chunk_size=64)
+    elif method == "patched_budget8m":
+        patch_causal_lm(model, rf.CCE(), memory_budget=BUDGET)
+    plans = []
+    real_plan = linear._plan
+
+    def observed_plan(*args, **kwargs):
+        plans.append(real_plan(*args, **kwargs))
+        return plans[-1]
+
+    linear._plan = observed_plan
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, cfg["vocab_size"], (batch, seq), generator=g)
     labels = ids.clone()
@@ -112,8 +130,7 @@ def run_one(name: str, method: str, dtype: str) -> dict:
         "parameters": n_params,
         "param_grad_bytes": n_params * elem,
         "logits_bytes": batch * seq * cfg["vocab_size"] * elem,
-        "chunk_rows": None if method == "unpatched" else min(
-            batch * seq, 64 if method == "patched_chunk64" else max(256, (1 << 23) // cfg["vocab_size"])),
+        "plan": dataclasses.asdict(plans[-1]) if plans else None,
         "loss": value,
         "peak_bytes": peak,
         "rss_peak_bytes": rss_peak,
