@@ -149,6 +149,29 @@ def test_grad_in_forward_matches_recompute_and_refuses_a_second_backward():
         torch.autograd.grad(out, params)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("scheme", [schemes.DM(), schemes.CCE()], ids=repr)
+def test_grad_in_forward_16bit_backward_reads_the_stored_sums(scheme, reduction):
+    # 16-bit inputs: backward scales and rounds the float32 sums in one pass and leaves them
+    # as they are, so a second backward (another upstream gradient) is as right as the first.
+    hidden, weight, bias, target, cw, sw = _inputs(17, 4, 9, torch.bfloat16)
+    kw = dict(bias=bias, class_weight=cw, sample_weight=sw, chunk_size=3, reduction=reduction)
+    params = (hidden, weight, bias)
+    def stored():
+        return linear_robust_cross_entropy(hidden, weight, target, scheme, grad_in_forward=True, **kw)
+
+    out = stored()
+    ref = linear_robust_cross_entropy(hidden, weight, target, scheme, grad_in_forward=False, **kw)
+    for g in (3.0, 0.5):
+        got = torch.autograd.grad(g * out, params, retain_graph=True)
+        fresh = torch.autograd.grad(g * stored(), params)  # bitwise: the first backward of its graph
+        want = torch.autograd.grad(g * ref, params, retain_graph=True)
+        for a, b, c in zip(got, fresh, want):
+            assert a.dtype == torch.bfloat16
+            assert torch.equal(a, b)
+            torch.testing.assert_close(a, c, rtol=3e-2, atol=3e-2)
+
+
 def test_bfloat16_grad_weight_accumulates_in_float32():
     # 512 chunks of one row: summing their grad_weight contributions in bfloat16
     # gives ~2% error here; float32 accumulation stays at bfloat16 rounding.
@@ -454,6 +477,17 @@ def test_softcap_compile_fullgraph(grad_in_forward):
     torch.testing.assert_close(out, ref)
     for a, b in zip(g, gr):
         torch.testing.assert_close(a, b)
+
+
+def test_cpu_16bit_gemm_needs_onednn(monkeypatch):
+    # Without oneDNN ATen's bfloat16 GEMM is a slow fallback: the upcast must be chosen then.
+    from robustloss_fast import linear
+
+    monkeypatch.setitem(linear._CPU_FAST_16BIT, torch.bfloat16, True)
+    if torch.backends.mkldnn.is_available():
+        assert linear._cpu_fast_16bit_gemm(torch.bfloat16)
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
+    assert not linear._cpu_fast_16bit_gemm(torch.bfloat16)
 
 
 @pytest.mark.parametrize("fast", [True, False])
