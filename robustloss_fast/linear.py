@@ -162,6 +162,7 @@ def _cpu_flags() -> frozenset:
 
 # Read once, at import: torch.compile cannot trace a file read inside the loss.
 _FLAGS = _cpu_flags()
+_ONEDNN_BUILT = torch.backends.mkldnn.is_available()
 _CPU_FAST_16BIT = {
     torch.bfloat16: bool(_FLAGS & {"avx512_bf16", "amx_bf16"}),
     torch.float16: "amx_fp16" in _FLAGS,
@@ -178,10 +179,12 @@ def _cpu_fast_16bit_gemm(dtype: torch.dtype) -> bool:
     neither is anything on a CPU whose flags cannot be read. The native
     kernels are oneDNN's: without it (a torch built without it, or
     ``torch.backends.mkldnn.enabled = False``, read at each call) ATen's
-    fallback GEMM took 0.56 s per product there, 9x the upcast.
+    fallback GEMM took 0.56 s per product there, 9x the upcast. (Dynamo does
+    not trace the switch: a compiled graph takes it as at import.)
     """
-    mkldnn = torch.backends.mkldnn
-    return _CPU_FAST_16BIT.get(dtype, False) and mkldnn.is_available() and bool(mkldnn.enabled)
+    if not (_CPU_FAST_16BIT.get(dtype, False) and _ONEDNN_BUILT):
+        return False
+    return torch.compiler.is_compiling() or bool(torch.backends.mkldnn.enabled)
 
 
 @dataclass(frozen=True)
@@ -448,6 +451,14 @@ def _finalize_all(backend, rows, target, spec, cw, sw, group):
     return finalize_distributed(rows, target, spec, cw, sw, group)
 
 
+def _shares(logs: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """exp(logs - total): the shares of log-sum-exp parts in their total, 0 for a part of -inf.
+
+    A part and a total both -inf (nothing active yet) give 0, not NaN; a NaN
+    part or total still gives NaN (SPEC §6: no NaN is hidden)."""
+    return torch.where(logs == -math.inf, 0.0, torch.exp(logs - total))
+
+
 def _chunk_grad(backend, g, z, t, st, spec, cw, cap, inplace):
     """The gradient of a chunk (or tile) of logits ``z``: over ``z`` itself when ``inplace``."""
     if inplace:
@@ -510,10 +521,8 @@ class _LinearRobustCE(torch.autograd.Function):
                 # upstream scalar (it multiplies every coefficient of the chunk).
                 _, st, l_k = backend.finalize(rows_k, t, chunk_normalised, cw, sw_k, log_denominator=True)
                 l_new = torch.logaddexp(l_run, l_k)
-                dead = l_new == -math.inf
-                f_k = torch.where(dead | (l_k == -math.inf), torch.zeros_like(l_k), torch.exp(l_k - l_new))
-                f_old = torch.where(dead | (l_run == -math.inf), torch.zeros_like(l_k), torch.exp(l_run - l_new))
-                decay = f_old
+                decay, f_k = _shares(torch.stack((l_run, l_k)), l_new).unbind()
+                f_old = decay
                 if gb is not None:
                     gb.mul_(f_old)
                 l_run = l_new
@@ -543,10 +552,11 @@ class _LinearRobustCE(torch.autograd.Function):
             # the upstream gradient (one pass over each, not one here and one there).
             scale = one
             if spec.normalised:
-                if gh is not None:
-                    for (s, e), l_k in zip(_chunks(n, plan.rows), l_after):
-                        f = torch.where(l_k == -math.inf, torch.zeros_like(l_k), torch.exp(l_k - l_run))
-                        gh[s:e].mul_(f)
+                if gh is not None and l_after:
+                    # Each chunk's rows from its reference L_{<=k} to the final L, in one pass over gh
+                    # (chunks are plan.rows long but the last: no host-made lengths, no copy to the device).
+                    f = _shares(torch.stack(l_after), l_run)
+                    gh.mul_(f[:, None].expand(-1, plan.rows).reshape(-1)[:n, None])
             elif spec.reduction == Reduction.MEAN:
                 _, _, cw_rows = _finalize.sample_scale(target, cw, None, spec, acc)
                 denom = cw_rows.sum()

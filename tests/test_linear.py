@@ -164,7 +164,8 @@ def test_grad_in_forward_16bit_scales_once_and_refuses_a_second_backward(backend
     want = torch.autograd.grad(3.0 * ref, params)
     for a, b in zip(got, want):
         assert a.dtype == torch.bfloat16
-        torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2)
+        # Normwise: with signed sample weights an entry can be a cancelling sum of bfloat16 terms.
+        torch.testing.assert_close(a, b, rtol=3e-2, atol=3e-2 * b.abs().max().item())
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         torch.autograd.grad(out, params)
 
@@ -394,6 +395,25 @@ def test_nan_stays_in_its_row_without_normaliser(grad_in_forward):
     assert torch.isnan(gh).any(1).tolist() == [i == 3 for i in range(10)]
 
 
+@pytest.mark.parametrize("nan_chunk", [0, 2])
+@pytest.mark.parametrize("grad_in_forward", [None, False])
+def test_nan_reaches_every_row_through_the_normaliser(grad_in_forward, nan_chunk):
+    # SPEC §6 with the normalised mean: a NaN row makes D NaN, so the value and every gradient
+    # are NaN, as on the materialised logits; the running normaliser must not drop it, whether
+    # the NaN chunk comes first or after the others.
+    hidden, weight, bias, target, _, _ = _inputs(10, 3, 5, torch.float64)
+    hidden = hidden.detach().clone()
+    hidden[4 * nan_chunk + 1, 1] = float("nan")
+    hidden.requires_grad_()
+    target = target.clamp(min=0)
+    got, want = _both(hidden, weight, bias, target, schemes.DM(), None, None, lambda r: torch.ones_like(r),
+                      chunk_size=4, grad_in_forward=grad_in_forward)
+    (v1, g1), (v2, g2) = got, want
+    assert v1.isnan() and v2.isnan()
+    for a, b in zip(g1, g2):
+        assert b.isnan().all() and a.isnan().all()
+
+
 def _capped_reference(hidden, weight, bias, target, scheme, cw, sw, cap, **kw):
     logits = hidden @ weight.t() if bias is None else torch.addmm(bias, hidden, weight.t())
     logits = cap * torch.tanh(logits / cap)
@@ -537,7 +557,8 @@ def test_a_chunk_costs_a_bounded_number_of_torch_ops(monkeypatch):
     computing_ops(2)  # warm: compile and cache the kernels
     few, many = computing_ops(4), computing_ops(8)
     per_chunk = (len(many) - len(few)) / 4
-    # 40 here (torch 2.13, interpreter): 2 matmuls and ~10 small ops of the rescale are computing ops,
-    # the rest their nested calls (where -> zeros_like/exp/sub, to -> _to_copy/copy_); the tensor-op
-    # cross-row step it replaced cost about 90 more.
-    assert per_chunk <= 40, (per_chunk, sorted(set(many)))
+    # 19 here (torch 2.13, interpreter): 3 matmuls (mm, mm, addmm_), the rescale's logaddexp, stack,
+    # eq, sub, exp, where (linear._shares), and nested calls (stack -> cat, to -> _to_copy/copy_, the
+    # CPU-only read of the decay for the GEMM's beta: item). Comparing each share with -inf on its own
+    # cost 40; the tensor-op cross-row step before the one-kernel one about 90 more.
+    assert per_chunk <= 20, (per_chunk, sorted(set(many)))
