@@ -18,8 +18,10 @@ the backends, the fused linear layer and the distributed paths speak, once:
 from __future__ import annotations
 
 import enum
+import math
 import numbers
 from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import torch
 
@@ -267,6 +269,26 @@ class KernelSpec:
     def normalised(self) -> bool:
         """Derivative normalisation is in effect: ``"mean"`` with ``normalize=True`` (spec §5)."""
         return self.reduction == Reduction.MEAN and self.normalize
+
+    @property
+    def log_weight_range(self) -> Optional[Tuple[float, float]]:
+        """Bounds ``(lo, hi)`` of ``log w(p)`` over ``p`` in [0, 1], attained, where the formula has finite ones.
+
+        DM (and IMAE, DMExponential): ``log w = beta p^lam (1 - p)``, and
+        ``p^lam (1 - p)`` peaks at ``p = lam / (1 + lam)`` with
+        ``lam^lam / (1 + lam)^(1 + lam)`` (1 at ``lam = 0``) and is 0 at p = 1.
+        DMNormal: ``log w = beta (2 psi p - p^2)``, between ``2 psi - 1`` (p = 1)
+        or 0 (p = 0) and ``psi^2`` (p = psi), times ``beta >= 0``. Every other
+        formula has ``log p`` or ``log q`` in ``log w`` (unbounded): None.
+        """
+        if self.kernel == Kernel.DM:
+            lam, beta = self.a, self.b
+            peak = math.exp(lam * math.log(lam) - (1.0 + lam) * math.log1p(lam)) if lam > 0 else 1.0
+            return (min(0.0, beta * peak), max(0.0, beta * peak))
+        if self.kernel == Kernel.DM_NORMAL:
+            psi, beta = self.a, self.b
+            return (beta * min(0.0, 2.0 * psi - 1.0), beta * psi * psi)
+        return None
 
     @property
     def two_term(self) -> bool:

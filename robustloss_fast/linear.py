@@ -27,7 +27,14 @@ backend's, not repeated here.
   ``grad_W += G_k^T h_k`` (matmul 3), accumulated in float32 with the
   online rescale ``grad_W <- grad_W * exp(L_{<=k-1} - L_{<=k})`` (as in a
   streaming softmax); ``grad_h_k`` gets its factor ``exp(L_{<=k} - L)`` at
-  the end. Nothing ever overflows, for any ``beta``. Unnormalised reductions
+  the end. Nothing ever overflows, for any ``beta``. Where a reference
+  ``R >= L`` is known before the first chunk (``_fixed_reference``: the DM
+  families, whose ``log w`` is bounded, without class or sample weights,
+  ``R = log N + max log w``, at most 30 above the smallest possible
+  ``log w_i``), every chunk uses ``R`` instead of ``L_{<=k}``: its factor
+  ``exp(L_k - R) <= 1`` cannot overflow, nothing is rescaled across chunks
+  (no pass over ``grad_W`` per chunk), and the one factor ``exp(R - L)``
+  joins backward's. Unnormalised reductions
   need no rescale (``"mean"`` divides by ``sum_i weight[y_i]``, known from
   the targets, and left to backward). Backward only multiplies the stored
   gradients by the (scalar) upstream gradient and that divisor (on a GPU in
@@ -451,7 +458,32 @@ def _finalize_all(backend, rows, target, spec, cw, sw, group):
     return finalize_distributed(rows, target, spec, cw, sw, group)
 
 
-def _shares(logs: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+# The widest spread of log(|s_i| w_i) / D, in nats, that a fixed reference may
+# span: its smallest coefficients are then >= e^-30 of the largest, far inside
+# the float32 (and bfloat16) exponent range; float16 chunk gradients are not.
+_FIXED_REFERENCE_SPAN = 30.0
+
+
+def _fixed_reference(spec: KernelSpec, n: int, cw, sw, dtype: torch.dtype) -> Optional[float]:
+    """A reference ``R >= log D`` for every batch of ``n`` rows, known on the host, or None.
+
+    Without class or sample weights ``|s_i| = 1``, so ``D = sum_active w_i <= n
+    exp(hi)`` with ``hi`` the bound of ``log w`` (``KernelSpec.log_weight_range``).
+    A row's coefficient relative to ``R`` is then ``exp(log w_i - R)``, in
+    ``[exp(lo - hi) / n, 1]``; ``R`` is used only if that spans at most
+    ``_FIXED_REFERENCE_SPAN`` nats (DM with ``beta = 8``: 2 + log n) and the
+    chunk gradients are not float16.
+    """
+    bounds = spec.log_weight_range
+    if bounds is None or cw is not None or sw is not None or n == 0 or dtype == torch.float16:
+        return None
+    lo, hi = bounds
+    if hi - lo + math.log(n) > _FIXED_REFERENCE_SPAN:
+        return None
+    return math.log(n) + hi
+
+
+def _shares(logs: torch.Tensor, total) -> torch.Tensor:
     """exp(logs - total): the shares of log-sum-exp parts in their total, 0 for a part of -inf.
 
     A part and a total both -inf (nothing active yet) give 0, not NaN; a NaN
@@ -502,6 +534,7 @@ class _LinearRobustCE(torch.autograd.Function):
             ninf = torch.full((), -math.inf, dtype=acc, device=hidden.device)
             l_run = ninf
             l_after = []  # L_{<=k}: the reference of chunk k's provisional coefficients
+            frame = _fixed_reference(spec, n, cw, sw, hidden.dtype) if spec.normalised else None
 
         for s, e in _chunks(n, plan.rows):
             z = _logits(hidden[s:e], weight, bias)
@@ -521,12 +554,14 @@ class _LinearRobustCE(torch.autograd.Function):
                 # upstream scalar (it multiplies every coefficient of the chunk).
                 _, st, l_k = backend.finalize(rows_k, t, chunk_normalised, cw, sw_k, log_denominator=True)
                 l_new = torch.logaddexp(l_run, l_k)
-                decay, f_k = _shares(torch.stack((l_run, l_k)), l_new).unbind()
-                f_old = decay
-                if gb is not None:
-                    gb.mul_(f_old)
+                if frame is not None:
+                    decay, f_k = None, _shares(l_k, frame)
+                else:
+                    decay, f_k = _shares(torch.stack((l_run, l_k)), l_new).unbind()
+                    if gb is not None:
+                        gb.mul_(decay)
+                    l_after.append(l_new)
                 l_run = l_new
-                l_after.append(l_new)
             else:
                 # Unnormalised: the coefficients are s times the row's own; "mean" divides at the end.
                 _, st = backend.finalize(rows_k, t, chunk_sum, cw, sw_k)
@@ -551,7 +586,10 @@ class _LinearRobustCE(torch.autograd.Function):
             # The factor every stored gradient still needs, applied in backward together with
             # the upstream gradient (one pass over each, not one here and one there).
             scale = one
-            if spec.normalised:
+            if spec.normalised and frame is not None:
+                # From the fixed reference to L; D = 0 (nothing active) gives 0, not inf * 0.
+                scale = torch.where(l_run == -math.inf, 0.0, torch.exp(frame - l_run))
+            elif spec.normalised:
                 if gh is not None and l_after:
                     # Each chunk's rows from its reference L_{<=k} to the final L, in one pass over gh
                     # (chunks are plan.rows long but the last: no host-made lengths, no copy to the device).
