@@ -387,6 +387,11 @@ def _add_product(
     1.8e-3 before the final rounding).
     """
     on_cpu = acc.device.type == "cpu"
+    if fresh and torch.compiler.is_compiling():
+        # Inductor may lower addmm to beta * acc + a @ b (small shapes, max-autotune's epilogue),
+        # where 0 * an uninitialised NaN is NaN: a compiled graph starts from zeros instead.
+        acc.zero_()
+        fresh, decay = False, None
     if fresh:
         beta, decay = 0.0, None
     elif decay is not None and on_cpu and not torch.compiler.is_compiling():
@@ -586,20 +591,25 @@ class _LinearRobustCE(torch.autograd.Function):
             # The factor every stored gradient still needs, applied in backward together with
             # the upstream gradient (one pass over each, not one here and one there).
             scale = one
+            row_scale = None  # grad_hidden's factor per row, where it is not `scale`
             if spec.normalised and frame is not None:
                 # From the fixed reference to L; D = 0 (nothing active) gives 0, not inf * 0.
                 scale = torch.where(l_run == -math.inf, 0.0, torch.exp(frame - l_run))
+                row_scale = scale.expand(n)
             elif spec.normalised:
-                if gh is not None and l_after:
-                    # Each chunk's rows from its reference L_{<=k} to the final L, in one pass over gh
-                    # (chunks are plan.rows long but the last: no host-made lengths, no copy to the device).
-                    f = _shares(torch.stack(l_after), l_run)
-                    gh.mul_(f[:, None].expand(-1, plan.rows).reshape(-1)[:n, None])
+                # Each chunk's rows from its reference L_{<=k} to the final L (chunks are plan.rows
+                # long but the last: no host-made lengths, no copy to the device).
+                f = _shares(torch.stack(l_after), l_run) if l_after else one[None]
+                row_scale = f[:, None].expand(-1, plan.rows).reshape(-1)[:n]
             elif spec.reduction == Reduction.MEAN:
                 _, _, cw_rows = _finalize.sample_scale(target, cw, None, spec, acc)
                 denom = cw_rows.sum()
                 scale = torch.where(denom != 0, 1 / torch.where(denom != 0, denom, one), torch.zeros_like(denom))
-            ctx.save_for_backward(gh, gw, gb, scale)
+            if row_scale is not None and gh is not None:
+                # A NaN row makes D, so every factor, NaN; an ignored row's zero gradient stays zero
+                # (SPEC §5: it counts nowhere), as on materialised logits.
+                row_scale = torch.where(target == spec.ignore_index, 0.0, row_scale)[:, None]
+            ctx.save_for_backward(gh, gw, gb, scale, None if gh is None else row_scale)
         else:
             ctx.save_for_backward(hidden, weight, bias, target, stats, spec.smooth_weight(cw))
         return value
@@ -668,7 +678,7 @@ class _LinearRobustCE(torch.autograd.Function):
         tile_spec = replace(spec, ignore_index=-1)
         ignored = target == spec.ignore_index
         gh = torch.empty((n, hdim), dtype=acc, device=dev) if needs_h else None  # the first block writes it
-        gw = torch.empty_like(weight) if needs_w else None
+        gw = _accumulator(weight.shape, weight.dtype, dev, n) if needs_w else None  # block by block
         gb = torch.empty((v,), dtype=acc, device=dev) if needs_b else None
         whole = plan.tile_rows >= n
         gw_block = None if whole or not needs_w else torch.empty((plan.tile_cols, hdim), dtype=acc, device=dev)
@@ -724,24 +734,28 @@ class _LinearRobustCE(torch.autograd.Function):
         version check instead of going wrong (with a factor of 1 on a CPU
         nothing changes and none is needed).
         """
-        gh, gw, gb, scale = ctx.saved_tensors
-        factor = grad.to(scale.dtype) * scale
+        gh, gw, gb, scale, row_scale = ctx.saved_tensors
+        grad = grad.to(scale.dtype)
+        factor = grad * scale
         compiling = torch.compiler.is_compiling()
         on_cpu = factor.device.type == "cpu"
         # On CPU the scalar is free to read: skip the multiply when it is 1.
         unit = not compiling and on_cpu and float(factor) == 1.0
         out = []
         for g, dt in zip((gh, gw, gb), ctx.dtypes):
+            # grad_hidden of the normalised mean has a factor per row (never a unit one to skip).
+            per_row = g is not None and g is gh and row_scale is not None
+            f = grad * row_scale if per_row else factor
             if g is None:
                 out.append(None)
             elif compiling:
-                out.append((g * factor).to(dt))
+                out.append((g * f).to(dt))
             elif g.dtype != dt and not on_cpu:
-                out.append(torch.mul(g, factor, out=torch.empty_like(g, dtype=dt)))
+                out.append(torch.mul(g, f, out=torch.empty_like(g, dtype=dt)))
                 torch.autograd.graph.increment_version(g)
             else:
-                if not unit:
-                    g.mul_(factor)
+                if per_row or not unit:
+                    g.mul_(f)
                 out.append(g.to(dt))
         return tuple(out) + (None,) * 8
 

@@ -48,6 +48,20 @@ def pytest_runtest_makereport(item, call):
 from _backends import PARAMS as _BACKEND_PARAMS  # noqa: E402
 
 
+@pytest.fixture
+def nan_filled_empty():
+    """``torch.empty`` returns NaNs (deterministic mode's fill of uninitialised memory): a test
+    that reads memory before writing it then sees NaN."""
+    was = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was[0])
+        torch.utils.deterministic.fill_uninitialized_memory = was[1]
+
+
 @pytest.fixture(params=_BACKEND_PARAMS)
 def backend(request):
     """Every registered backend on its own device (tests/_backends.py): an ``OnDevice``.

@@ -395,23 +395,29 @@ def test_nan_stays_in_its_row_without_normaliser(grad_in_forward):
     assert torch.isnan(gh).any(1).tolist() == [i == 3 for i in range(10)]
 
 
+@pytest.mark.parametrize("weights", ["none", "class"])  # the fixed reference, the running one
 @pytest.mark.parametrize("nan_chunk", [0, 2])
 @pytest.mark.parametrize("grad_in_forward", [None, False])
-def test_nan_reaches_every_row_through_the_normaliser(grad_in_forward, nan_chunk):
-    # SPEC §6 with the normalised mean: a NaN row makes D NaN, so the value and every gradient
-    # are NaN, as on the materialised logits; the running normaliser must not drop it, whether
-    # the NaN chunk comes first or after the others.
-    hidden, weight, bias, target, _, _ = _inputs(10, 3, 5, torch.float64)
+def test_nan_reaches_every_row_through_the_normaliser(grad_in_forward, nan_chunk, weights):
+    # SPEC §5-§6 with the normalised mean: a NaN row makes D NaN, so the value, grad_weight,
+    # grad_bias and every active row's grad_hidden are NaN, as on the materialised logits;
+    # ignored rows (counted nowhere) keep a zero gradient. Whether the NaN chunk comes first
+    # or after the others, and a chunk of ignored rows only (rows 4-7).
+    hidden, weight, bias, target, cw, _ = _inputs(12, 3, 5, torch.float64)
     hidden = hidden.detach().clone()
     hidden[4 * nan_chunk + 1, 1] = float("nan")
     hidden.requires_grad_()
     target = target.clamp(min=0)
-    got, want = _both(hidden, weight, bias, target, schemes.DM(), None, None, lambda r: torch.ones_like(r),
+    target[[2, 4, 5, 6, 7, 11]] = -100
+    cw = cw if weights == "class" else None
+    got, want = _both(hidden, weight, bias, target, schemes.DM(), cw, None, lambda r: torch.ones_like(r),
                       chunk_size=4, grad_in_forward=grad_in_forward)
-    (v1, g1), (v2, g2) = got, want
+    (v1, (gh1, gw1, gb1)), (v2, (gh2, gw2, gb2)) = got, want
     assert v1.isnan() and v2.isnan()
-    for a, b in zip(g1, g2):
-        assert b.isnan().all() and a.isnan().all()
+    assert gw1.isnan().all() and gw2.isnan().all() and gb1.isnan().all() and gb2.isnan().all()
+    ignored = target == -100
+    assert gh2[~ignored].isnan().all() and (gh2[ignored] == 0).all()  # the reference's pattern
+    assert gh1[~ignored].isnan().all() and (gh1[ignored] == 0).all()
 
 
 BOUNDED = [schemes.DM(), schemes.DM(lam=0.0, beta=-3.0), schemes.DM(lam=2.5, beta=5.0), schemes.IMAE(T=-4.0),
@@ -481,6 +487,26 @@ def test_running_reference_where_no_fixed_one_is_safe(monkeypatch, case):
     assert seen == [None]
     tol = (5e-3, 5e-3) if dtype == torch.float16 else (1e-9, 1e-12)
     _close(got, want, rtol=tol[0], atol=tol[1])
+
+
+@pytest.mark.parametrize("grad_in_forward", [None, False])
+def test_inductor_never_reads_an_uninitialised_sum(nan_filled_empty, grad_in_forward):
+    # Inductor lowers a small addmm to beta * acc + a @ b, where beta = 0 does not hide an
+    # uninitialised NaN: compiled, the first chunk's product must not rely on beta = 0.
+    # V = 1 and 1-row chunks take that lowering on CPU; torch.empty returns NaNs here.
+    hidden = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(1, 4, dtype=torch.float64, requires_grad=True)
+    target = torch.zeros(3, dtype=torch.long)
+
+    def f(h, w):
+        return linear_robust_cross_entropy(h, w, target, schemes.CCE(), reduction="sum", chunk_size=1,
+                                           grad_in_forward=grad_in_forward)
+
+    torch._dynamo.reset()
+    got = torch.autograd.grad(torch.compile(f, fullgraph=True)(hidden, weight), (hidden, weight))
+    want = torch.autograd.grad(f(hidden, weight), (hidden, weight))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
 
 
 def test_fixed_reference_all_ignored_is_zero():

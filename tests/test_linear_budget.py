@@ -166,19 +166,6 @@ def test_tiled_nan_row_and_all_ignored():
     assert out.item() == 0.0 and weight.grad.abs().sum() == 0
 
 
-@pytest.fixture
-def nan_filled_empty():
-    """``torch.empty`` returns NaNs (deterministic mode's fill of uninitialised memory)."""
-    was = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(was[0])
-        torch.utils.deterministic.fill_uninitialized_memory = was[1]
-
-
 # Several chunks (or tiles) each, so every float32 sum has a first term and later ones.
 PLANS = {
     "grad_in_forward": dict(chunk_size=5),
