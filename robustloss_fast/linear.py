@@ -26,8 +26,8 @@ backend's, not repeated here.
   ``exp(L) = D`` at the end). Then ``grad_h_k = G_k W`` (matmul 2) and
   ``grad_W += G_k^T h_k`` (matmul 3), accumulated in float32 with the
   online rescale ``grad_W <- grad_W * exp(L_{<=k-1} - L_{<=k})`` (as in a
-  streaming softmax); ``grad_h_k`` gets its factor ``exp(L_{<=k} - L)`` at
-  the end. Nothing ever overflows, for any ``beta``. Where a reference
+  streaming softmax); the rows of ``grad_h_k`` get their factor
+  ``exp(L_{<=k} - L)`` in backward. Nothing ever overflows, for any ``beta``. Where a reference
   ``R >= L`` is known before the first chunk (``_fixed_reference``: the DM
   families, whose ``log w`` is bounded, without class or sample weights,
   ``R = log N + max log w``, at most 30 above the smallest possible
@@ -591,25 +591,26 @@ class _LinearRobustCE(torch.autograd.Function):
             # The factor every stored gradient still needs, applied in backward together with
             # the upstream gradient (one pass over each, not one here and one there).
             scale = one
-            row_scale = None  # grad_hidden's factor per row, where it is not `scale`
-            if spec.normalised and frame is not None:
-                # From the fixed reference to L; D = 0 (nothing active) gives 0, not inf * 0.
-                scale = torch.where(l_run == -math.inf, 0.0, torch.exp(frame - l_run))
-                row_scale = scale.expand(n)
-            elif spec.normalised:
-                # Each chunk's rows from its reference L_{<=k} to the final L (chunks are plan.rows
-                # long but the last: no host-made lengths, no copy to the device).
-                f = _shares(torch.stack(l_after), l_run) if l_after else one[None]
-                row_scale = f[:, None].expand(-1, plan.rows).reshape(-1)[:n]
+            row_scale = None  # grad_hidden's factor per row (the normalised mean)
+            if spec.normalised:
+                if frame is not None:
+                    # From the fixed reference to L; D = 0 (nothing active) gives 0, not inf * 0.
+                    scale = torch.where(l_run == -math.inf, 0.0, torch.exp(frame - l_run))
+                    rows_f = scale.expand(n)
+                else:
+                    # Each chunk's rows from its reference L_{<=k} to the final L (chunks are plan.rows
+                    # long but the last: no host-made lengths, no copy to the device).
+                    f = _shares(torch.stack(l_after), l_run) if l_after else one[None]
+                    rows_f = f[:, None].expand(-1, plan.rows).reshape(-1)[:n]
+                if gh is not None:
+                    # A NaN row makes D, so every factor, NaN; an ignored row's zero gradient stays
+                    # zero (SPEC §5: it counts nowhere), as on materialised logits.
+                    row_scale = torch.where(target == spec.ignore_index, 0.0, rows_f)[:, None]
             elif spec.reduction == Reduction.MEAN:
                 _, _, cw_rows = _finalize.sample_scale(target, cw, None, spec, acc)
                 denom = cw_rows.sum()
                 scale = torch.where(denom != 0, 1 / torch.where(denom != 0, denom, one), torch.zeros_like(denom))
-            if row_scale is not None and gh is not None:
-                # A NaN row makes D, so every factor, NaN; an ignored row's zero gradient stays zero
-                # (SPEC §5: it counts nowhere), as on materialised logits.
-                row_scale = torch.where(target == spec.ignore_index, 0.0, row_scale)[:, None]
-            ctx.save_for_backward(gh, gw, gb, scale, None if gh is None else row_scale)
+            ctx.save_for_backward(gh, gw, gb, scale, row_scale)
         else:
             ctx.save_for_backward(hidden, weight, bias, target, stats, spec.smooth_weight(cw))
         return value
