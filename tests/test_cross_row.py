@@ -33,16 +33,29 @@ pytestmark = [
 IGNORE = -100
 
 
-def _param(name):
+def _param(name, variant=None):
     reason = backends.unavailable_reason(name)
     marks = [pytest.mark.triton] if name == "triton" else []
     if reason is not None:
         marks.append(pytest.mark.skip(reason=f"backend {name!r} is unavailable here: {reason}"))
-    return pytest.param(name, marks=marks, id=name)
+    if variant is None:
+        return pytest.param(name, marks=marks, id=name)
+    return pytest.param((name, variant), marks=marks, id=f"{name}-{variant}")
 
 
 #: The backends with a cross-row step of their own ("torch" runs _finalize.finalize itself).
 FUSED = [_param(name) for name in ("cpu", "cuda", "triton")]
+
+
+def _small_blocks(monkeypatch, variant):
+    """The Triton cross-row step in small blocks, so that small batches span several: the one-program
+    kernel, or the two-kernel version (a program per block, the blocks' totals merged a few at a time)."""
+    from robustloss_fast.backends.triton import ops
+
+    monkeypatch.setattr(ops, "CROSS_ROW_BLOCK", 8)
+    monkeypatch.setattr(ops, "CROSS_ROW_PARALLEL_BLOCK", 8)
+    monkeypatch.setattr(ops, "CROSS_ROW_MERGE_BLOCK", 4)
+    monkeypatch.setattr(ops, "CROSS_ROW_ONE_PROGRAM_MAX", 1 << 62 if variant == "one_program" else 0)
 
 
 def _rows(n, dtype, device, special):
@@ -101,12 +114,12 @@ def _close(got, want, dtype, what, scale=None):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("kernel,reduction,normalize", CASES, ids=lambda v: getattr(v, "name", str(v)))
-@pytest.mark.parametrize("name", FUSED)
-def test_kernel_matches_finalize(monkeypatch, name, kernel, reduction, normalize, dtype):
+@pytest.mark.parametrize("which", [_param("cpu"), _param("cuda"), _param("triton", "one_program"),
+                                   _param("triton", "two_kernels")])
+def test_kernel_matches_finalize(monkeypatch, which, kernel, reduction, normalize, dtype):
+    name, variant = which if isinstance(which, tuple) else (which, None)
     if name == "triton":
-        from robustloss_fast.backends.triton import ops
-
-        monkeypatch.setattr(ops, "CROSS_ROW_BLOCK", 8)  # several blocks with small batches
+        _small_blocks(monkeypatch, variant)
     finalize = backends.get(name).finalize
     device = device_of(name)
     spec = _spec(kernel, reduction, normalize)
@@ -146,17 +159,43 @@ def test_log_denominator_is_for_normalised_specs_only(name):
 
 @pytest.mark.triton
 @needs_triton
-def test_the_kernel_counts_every_block(monkeypatch):
-    """The sums cover every row: a batch of five blocks, weights of one, so D is the row count."""
+@pytest.mark.parametrize("variant", ["one_program", "two_kernels"])
+def test_the_kernel_counts_every_block(monkeypatch, variant):
+    """The sums cover every row: a batch of five blocks (and, for the merge, two groups of partials),
+    weights of one, so D is the row count, and every row's stats are written."""
     from robustloss_fast.backends.triton import ops
 
+    _small_blocks(monkeypatch, variant)
     monkeypatch.setattr(ops, "CROSS_ROW_BLOCK", 4)
+    monkeypatch.setattr(ops, "CROSS_ROW_PARALLEL_BLOCK", 4)
     device = device_of("triton")
     rows = torch.zeros(19, ROW_COLS, device=device)
     rows[:, RowCol.X] = 1.0
+    rows[:, RowCol.ALPHA] = 1.0
     target = torch.zeros(19, dtype=torch.long, device=device)
-    value, _ = ops._cross_row(rows, target, _spec(Kernel.CCE, Reduction.SUM, False), None, None)
-    assert float(value) == 19.0
+    for reduction, want, alpha in ((Reduction.SUM, 19.0, 1.0), (Reduction.MEAN, 1.0, 1 / 19)):
+        value, stats = ops._cross_row(rows, target, _spec(Kernel.CCE, reduction, False), None, None)
+        assert float(value) == want
+        assert torch.equal(stats[:, 2].cpu(), torch.full((19,), alpha))  # alpha scaled by s_i (/ D)
+
+
+@pytest.mark.triton
+@needs_triton
+def test_large_batches_take_two_kernels(monkeypatch):
+    """Above CROSS_ROW_ONE_PROGRAM_MAX rows a training step runs the partials and apply kernels in place
+    of the one-program one; below, the one program."""
+    from robustloss_fast.backends.triton import ops
+
+    device = device_of("triton")
+    launches = mark_triton_launches(monkeypatch, device)
+    monkeypatch.setattr(ops, "CROSS_ROW_ONE_PROGRAM_MAX", 40)
+    monkeypatch.setattr(ops, "CROSS_ROW_PARALLEL_BLOCK", 16)
+    for n, kernels in ((40, ["cross_row_kernel"]), (41, ["cross_row_partials_kernel", "cross_row_apply_kernel"])):
+        x = torch.randn(n, 6, device=device, requires_grad=True)
+        t = torch.randint(0, 6, (n,), device=device)
+        launches.clear()
+        rf.robust_cross_entropy(x, t, DM(), backend="triton").backward()
+        assert launches == ["rows_kernel", *kernels, "backward_kernel"], launches
 
 
 @pytest.mark.triton

@@ -158,6 +158,23 @@ def test_torch_compile_fullgraph_with_ignored_targets():
     _compiled_parity(loss, Loss(DM()), problem)
 
 
+def test_torch_compile_fullgraph_two_kernel_cross_row(monkeypatch):
+    """The cross-row step of a large batch (two kernels: partials, then apply) under torch.compile: on a GPU
+    Inductor traces both launches (wrap_triton); thresholds lowered so that 41 rows take that path."""
+    from robustloss_fast.backends.triton import ops
+
+    monkeypatch.setattr(ops, "CROSS_ROW_ONE_PROGRAM_MAX", 16)
+    monkeypatch.setattr(ops, "CROSS_ROW_PARALLEL_BLOCK", 8)
+    torch._dynamo.reset()
+    problem = make_problem((41, 6), torch.float32, DEVICE, config="full")
+
+    def loss(inp, target, weight):
+        return rf.robust_cross_entropy(inp, target, DM(), weight=weight, sample_weight=problem.sample_weight,
+                                       backend="triton")
+
+    _compiled_parity(loss, Loss(DM()), problem)
+
+
 def test_torch_compile_fullgraph_label_smoothing_with_weight():
     """The autograd rule hands the backward op label smoothing's class weights (its u) under torch.compile."""
     torch._dynamo.reset()

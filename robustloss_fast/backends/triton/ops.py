@@ -225,9 +225,16 @@ def triton_forward(
 
 # Rows per block of the one-program cross-row kernel. Its two passes are loops
 # of dependent blocks, so at large N the latency of each block's loads adds up:
-# wide blocks and 8 warps keep 65536 rows to 16 iterations a pass (untimed on a
-# GPU; a two-kernel parallel version is the alternative if this shows).
+# wide blocks and 8 warps keep 8192 rows to 2 iterations a pass. Above
+# CROSS_ROW_ONE_PROGRAM_MAX rows the two-kernel version runs instead (a program
+# per CROSS_ROW_PARALLEL_BLOCK rows, then a program per block merging every
+# block's totals, CROSS_ROW_MERGE_BLOCK at a time): one launch more, no loop of
+# dependent blocks. The threshold is a prediction (benchmarks/NOTES.md), not yet
+# timed on a GPU.
 CROSS_ROW_BLOCK = 4096
+CROSS_ROW_ONE_PROGRAM_MAX = 8192
+CROSS_ROW_PARALLEL_BLOCK = 1024
+CROSS_ROW_MERGE_BLOCK = 1024
 
 
 def _cross_row(rows, target, spec: KernelSpec, weight, sample_weight, *, assert_targets=True, log_denominator=False):
@@ -240,28 +247,31 @@ def _cross_row(rows, target, spec: KernelSpec, weight, sample_weight, *, assert_
     stats = torch.empty((n, STAT_COLS), dtype=acc, device=rows.device)
     good = torch.empty((), dtype=torch.int32, device=rows.device)
     log_den = torch.empty((), dtype=acc, device=rows.device)
-    block = min(CROSS_ROW_BLOCK, triton.next_power_of_2(max(n, 1)))
     w = None if weight is None else weight.to(acc).contiguous()
     sw = None if sample_weight is None else sample_weight.to(acc).contiguous()
-    wrap_triton(cross_row.cross_row_kernel)[(1,)](
-        rows,
-        target,
-        rows if w is None else w,  # never read without HAS_W / HAS_SW
-        rows if sw is None else sw,
-        value,
-        stats,
-        good,
-        log_den,
-        n,
-        spec.ignore_index,
-        NORMALISED=spec.normalised,
-        REDUCTION=int(spec.reduction),
-        HAS_W=w is not None,
-        HAS_SW=sw is not None,
-        WEIGHT_IN_ROWS=spec.weight_in_rows,
-        BLOCK_N=block,
-        num_warps=8 if block >= 2048 else 4,
-    )
+    w_arg = rows if w is None else w  # never read without HAS_W / HAS_SW
+    sw_arg = rows if sw is None else sw
+    flags = dict(NORMALISED=spec.normalised, REDUCTION=int(spec.reduction), HAS_W=w is not None,
+                 HAS_SW=sw is not None, WEIGHT_IN_ROWS=spec.weight_in_rows)  # fmt: skip
+    if n <= CROSS_ROW_ONE_PROGRAM_MAX:
+        block = min(CROSS_ROW_BLOCK, triton.next_power_of_2(max(n, 1)))
+        wrap_triton(cross_row.cross_row_kernel)[(1,)](
+            rows, target, w_arg, sw_arg, value, stats, good, log_den, n, spec.ignore_index, **flags,
+            BLOCK_N=block, num_warps=8 if block >= 2048 else 4,
+        )  # fmt: skip
+    else:
+        block = CROSS_ROW_PARALLEL_BLOCK
+        parts = triton.cdiv(n, block)
+        part = torch.empty((parts, 4), dtype=acc, device=rows.device)
+        warps = 8 if block >= 2048 else 4
+        wrap_triton(cross_row.cross_row_partials_kernel)[(parts,)](
+            rows, target, w_arg, sw_arg, value, stats, part, n, spec.ignore_index, **flags,
+            BLOCK_N=block, num_warps=warps,
+        )  # fmt: skip
+        wrap_triton(cross_row.cross_row_apply_kernel)[(parts,)](
+            rows, target, w_arg, sw_arg, value, stats, good, log_den, part, parts, n, spec.ignore_index, **flags,
+            BLOCK_N=block, BLOCK_P=min(CROSS_ROW_MERGE_BLOCK, triton.next_power_of_2(parts)), num_warps=warps,
+        )  # fmt: skip
     if assert_targets and rows.device.type != "cpu":
         # A bad target stops the stream with a device-side assertion, as F.cross_entropy does;
         # queued like a kernel, so the host never waits (CPU tensors raised IndexError already).
