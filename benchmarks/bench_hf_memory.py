@@ -62,8 +62,8 @@ def run_one(name: str, method: str, dtype: str) -> dict:
     import transformers
 
     import robustloss_fast as rf
-    from robustloss_fast._bench import _peak_extra_cpu, reset_rss_peak, status_kib
     from robustloss_fast import linear
+    from robustloss_fast._bench import _peak_extra_cpu, reset_rss_peak, status_kib
     from robustloss_fast.integrations.transformers import patch_causal_lm
 
     _, model_type, cfg, batch, seq = next(m for m in MODELS if m[0] == name)
