@@ -62,6 +62,25 @@ def nan_filled_empty():
         torch.utils.deterministic.fill_uninitialized_memory = was[1]
 
 
+@pytest.fixture
+def returns_of(monkeypatch):
+    """``returns_of(module, name)``: a list that collects what ``module.name`` returns from then on
+    (the function still runs; undone after the test)."""
+
+    def spy(module, name):
+        seen = []
+        real = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            seen.append(real(*args, **kwargs))
+            return seen[-1]
+
+        monkeypatch.setattr(module, name, wrapper)
+        return seen
+
+    return spy
+
+
 @pytest.fixture(params=_BACKEND_PARAMS)
 def backend(request):
     """Every registered backend on its own device (tests/_backends.py): an ``OnDevice``.

@@ -5,7 +5,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import robustloss_fast as rf
-from robustloss_fast import backends, schemes
+from robustloss_fast import backends, linear, schemes
 from robustloss_fast._common import ROW_COLS
 from robustloss_fast.linear import LinearRobustCrossEntropyLoss, linear_robust_cross_entropy
 
@@ -443,28 +443,13 @@ def test_log_weight_range_bounds_and_attains(scheme):
     assert lw.min().item() <= lo + 1e-8 and lw.max().item() >= hi - 1e-8
 
 
-def _fixed_reference_of(monkeypatch):
-    """Record what linear._fixed_reference returns."""
-    import robustloss_fast.linear as linear
-
-    seen = []
-    real = linear._fixed_reference
-
-    def spy(*args):
-        seen.append(real(*args))
-        return seen[-1]
-
-    monkeypatch.setattr(linear, "_fixed_reference", spy)
-    return seen
-
-
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, (1e-9, 1e-12)), (torch.float32, (2e-5, 2e-5)),
                                        (torch.bfloat16, (3e-2, 3e-2))])
 @pytest.mark.parametrize("scheme", BOUNDED, ids=repr)
-def test_fixed_reference_parity(backend, monkeypatch, scheme, dtype, tol):
+def test_fixed_reference_parity(backend, returns_of, scheme, dtype, tol):
     # Bounded emphasis, no class or sample weights: every chunk scaled against the host's
     # R = log N + max log w (no rescale across chunks), ignored rows, bias, a random upstream.
-    seen = _fixed_reference_of(monkeypatch)
+    seen = returns_of(linear, "_fixed_reference")
     hidden, weight, bias, target, _, _ = _inputs(23, 6, 11, dtype, device=backend.device)
     got, want = _both(hidden, weight, bias, target, scheme, None, None, lambda r: torch.randn_like(r),
                       chunk_size=5, backend=backend.name)
@@ -473,11 +458,11 @@ def test_fixed_reference_parity(backend, monkeypatch, scheme, dtype, tol):
 
 
 @pytest.mark.parametrize("case", ["class_weight", "beta_1000", "float16", "unbounded"])
-def test_running_reference_where_no_fixed_one_is_safe(monkeypatch, case):
+def test_running_reference_where_no_fixed_one_is_safe(returns_of, case):
     # Each of these falls back to the running normaliser, and stays exact: a fixed reference
     # would need the weights' range (class weights), span e^-250 (beta = 1000), underflow a
     # float16 chunk gradient, or has no bound at all (CCE's log w = log 2q).
-    seen = _fixed_reference_of(monkeypatch)
+    seen = returns_of(linear, "_fixed_reference")
     dtype = torch.float16 if case == "float16" else torch.float64
     hidden, weight, bias, target, cw, _ = _inputs(23, 6, 11, dtype)
     scheme = {"beta_1000": schemes.DM(beta=1000.0), "unbounded": schemes.CCE()}.get(case, schemes.DM())

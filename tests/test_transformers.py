@@ -130,21 +130,14 @@ def test_causal_cce_float64_against_the_formula(family):
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
-def test_causal_memory_budget_reaches_the_fused_loss(family, monkeypatch):
+def test_causal_memory_budget_reaches_the_fused_loss(family, returns_of):
     # 30 positions x V = 160 x H = 32 in float32: 18000 bytes are below the
     # 3-matmul and whole-row plans (20640) and fit vocabulary tiles of all
     # rows (17760), so the patched loss must run the tiled backward, and
     # still be the unpatched model's loss and gradients.
     import robustloss_fast.linear as linear
 
-    plans = []
-    real = linear._plan
-
-    def spy(*args, **kwargs):
-        plans.append(real(*args, **kwargs))
-        return plans[-1]
-
-    monkeypatch.setattr(linear, "_plan", spy)
+    plans = returns_of(linear, "_plan")
     ref = _causal(family)
     model = patch_causal_lm(copy.deepcopy(ref), rf.CCE(), memory_budget=18000)
     ids, labels = _batch()
