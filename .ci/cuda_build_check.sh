@@ -89,8 +89,8 @@ assert len(so) == 1, so
 blob = open(so[0], "rb").read()
 # Each kernel is in the binary, and compiled in the object of its own pass only: a kernel
 # template instantiated in two translation units would be compiled (and shipped) twice.
-home = {b"rows_kernel": "rows.o", b"partials_kernel": "finalize.o", b"apply_kernel": "finalize.o",
-        b"backward_kernel": "backward.o"}
+home = {b"rows_kernel": "rows.o", b"one_block_kernel": "finalize.o", b"partials_kernel": "finalize.o",
+        b"apply_kernel": "finalize.o", b"backward_kernel": "backward.o"}
 objects = {os.path.basename(o): open(o, "rb").read() for o in glob.glob("build/temp*/csrc/cuda/*.o")}
 for kernel, obj in home.items():
     assert kernel in blob, f"{kernel!r} is not in {so[0]}"

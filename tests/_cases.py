@@ -32,7 +32,7 @@ import torch
 
 import robustloss_fast as rf
 from robustloss_fast import reference
-from robustloss_fast._common import Kernel, Reduction, acc_dtype
+from robustloss_fast._common import ROW_COLS, Kernel, Reduction, RowCol, acc_dtype
 from robustloss_fast.functional import kernel_spec
 from robustloss_fast.schemes import (
     APL,
@@ -254,6 +254,33 @@ def special_rows(loss: Loss):
     """make_problem's special rows for ``loss``: a masked class makes label smoothing's value +inf
     (SPEC §8.3), which its own tests check, so its batches leave that one out."""
     return ("confident", "wrong") if loss.kernel is Kernel.CCE_LS else ("confident", "wrong", "masked")
+
+
+def cross_row_rows(n, dtype, device, special=None, generator=None):
+    """Random rows (N, 7) for a cross-row step, and targets in [0, 7) (a fifth ignored); ``special``:
+    "edges" (w = 0, m = -inf, a row whose exp underflows), "inf" (an infinite value in the first
+    row block and a log w 800 above the others' in the last: rescaling the first block's sums
+    underflows to 0, even in float64), or "nan" (a NaN row, which makes every batch total NaN,
+    so it gets batches of its own). Specials need n >= 8."""
+    rows = torch.randn(n, ROW_COLS, dtype=torch.float64, generator=generator)
+    rows[:, RowCol.LS] = rows[:, RowCol.LS].abs()
+    rows[:, RowCol.LOGW] *= 30  # normalised weights spread over many orders of magnitude
+    rows[:, RowCol.X] = rows[:, RowCol.X].abs() * 5
+    target = torch.randint(0, 7, (n,), generator=generator)
+    target[torch.rand(n, generator=generator) < 0.2] = IGNORE
+    if special and n >= 8:
+        target[:4] = torch.arange(4)
+    if special == "edges" and n >= 8:
+        rows[0, RowCol.LOGW] = -math.inf  # w = 0 exactly
+        rows[1, RowCol.M] = -math.inf  # no finite non-target logit: no gradient, still counts in D
+        rows[2, RowCol.LOGW] = rows[:, RowCol.LOGW].max() - 200  # its exp underflows against the batch's max
+    if special == "inf" and n >= 8:
+        rows[1, RowCol.X] = math.inf  # an infinite value with w > 0, in the first block
+        target[-1] = 3
+        rows[-1, RowCol.LOGW] = rows[:, RowCol.LOGW].max() + 800
+    if special == "nan" and n >= 8:
+        rows[3, :] = math.nan
+    return rows.to(dtype).to(device), target.to(device)
 
 
 # The shape families: (id, logical shape, layout, configs). dtypes: VOCAB_DTYPES for "vocab".

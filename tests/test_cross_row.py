@@ -21,6 +21,7 @@ from robustloss_fast._common import ROW_COLS, Kernel, KernelSpec, Reduction, Row
 from robustloss_fast.schemes import DM
 
 from _backends import device_of
+from _cases import cross_row_rows
 from _launches import LAUNCH, aten_outside_launches, mark_triton_launches
 
 REASON = backends.unavailable_reason("triton")
@@ -56,31 +57,6 @@ def _small_blocks(monkeypatch, variant):
     monkeypatch.setattr(ops, "CROSS_ROW_PARALLEL_BLOCK", 8)
     monkeypatch.setattr(ops, "CROSS_ROW_MERGE_BLOCK", 4)
     monkeypatch.setattr(ops, "CROSS_ROW_ONE_PROGRAM_MAX", 1 << 62 if variant == "one_program" else 0)
-
-
-def _rows(n, dtype, device, special):
-    """Random rows; ``special``: "edges" (w = 0, m = -inf, a row whose exp underflows), "inf" (an infinite
-    value in the first block and a far larger log w in a later one: the running sums are rescaled past
-    an infinity), or "nan" (a NaN row, which makes every batch total NaN, so it gets batches of its own)."""
-    rows = torch.randn(n, ROW_COLS, dtype=torch.float64)
-    rows[:, RowCol.LS] = rows[:, RowCol.LS].abs()
-    rows[:, RowCol.LOGW] *= 30  # normalised weights spread over many orders of magnitude
-    rows[:, RowCol.X] = rows[:, RowCol.X].abs() * 5
-    target = torch.randint(0, 7, (n,))
-    target[torch.rand(n) < 0.2] = IGNORE
-    if special and n >= 8:
-        target[:4] = torch.arange(4)
-    if special == "edges" and n >= 8:
-        rows[0, RowCol.LOGW] = -math.inf  # w = 0 exactly
-        rows[1, RowCol.M] = -math.inf  # no finite non-target logit: no gradient, still counts in D
-        rows[2, RowCol.LOGW] = rows[:, RowCol.LOGW].max() - 200  # its exp underflows against the batch's max
-    if special == "inf" and n >= 8:
-        rows[1, RowCol.X] = math.inf  # an infinite value with w > 0, in the first block
-        target[-1] = 3
-        rows[-1, RowCol.LOGW] = rows[:, RowCol.LOGW].max() + 300  # the rescale of block 0 underflows to 0
-    if special == "nan" and n >= 8:
-        rows[3, :] = math.nan
-    return rows.to(dtype).to(device), target.to(device)
 
 
 def _spec(kernel, reduction, normalize):
@@ -126,7 +102,7 @@ def test_kernel_matches_finalize(monkeypatch, which, kernel, reduction, normaliz
     for n, special, weights in ((0, None, True), (1, None, False), (8, "edges", True), (29, "edges", False),
                                 (37, None, True), (64, "edges", True), (29, "inf", True), (64, "inf", False),
                                 (29, "nan", True)):  # fmt: skip
-        rows, target = _rows(n, dtype, device, special)
+        rows, target = cross_row_rows(n, dtype, device, special)
         w = (torch.rand(7, dtype=dtype) + 0.5).to(device) if weights else None
         sw = torch.randn(n, dtype=dtype).to(device) if weights else None
         if weights and n > 6:
@@ -151,7 +127,7 @@ def test_kernel_matches_finalize(monkeypatch, which, kernel, reduction, normaliz
 
 @pytest.mark.parametrize("name", FUSED + [_param("torch")])
 def test_log_denominator_is_for_normalised_specs_only(name):
-    rows, target = _rows(4, torch.float32, device_of(name), None)
+    rows, target = cross_row_rows(4, torch.float32, device_of(name), None)
     with pytest.raises(ValueError, match="normalised"):
         backends.get(name).finalize(rows, target, _spec(Kernel.DM, Reduction.SUM, False), None, None,
                                     log_denominator=True)  # fmt: skip

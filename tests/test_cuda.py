@@ -10,9 +10,10 @@ edge case, op by op and end to end -- is the backend suite's
 (tests/test_backends.py, tests/test_backend_ops.py), which runs it like every
 registered backend. Here: the row lengths that land in each launch layout
 (with misaligned and strided rows, masked and NaN rows and bad targets at
-each), bitwise determinism at sizes that spread over many blocks, side
-streams, a second device, CUDA graphs, torch.compile, opcheck of the ops, and
-a case with N * C past 2^31 elements (when the device has the memory).
+each), the kernels a training step launches, bitwise determinism at sizes
+that spread over many blocks, side streams, a second device, CUDA graphs,
+torch.compile, opcheck of the ops, and a case with N * C past 2^31 elements
+(when the device has the memory).
 Comparisons and tolerances are the suite's (tests/_cases.py).
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -269,6 +271,25 @@ def test_training_step_never_synchronises(backend, reduction):
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("n,cross_row", [(100, ["one_block_kernel"]), (8192, ["one_block_kernel"]),
+                                         (8193, ["partials_kernel", "apply_kernel"])])
+def test_training_step_launches(n, cross_row):
+    """A training step is the row pass, the cross-row step (one launch up to 8192 rows, two above) and
+    backward; besides ours, the device runs only the fill of backward's seed gradient."""
+    logits, target, w, sw = make_inputs(n, 10, torch.float32)
+    x = logits.detach().clone().requires_grad_(True)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        rf.robust_cross_entropy(x, target, DM(), weight=w, sample_weight=sw, backend="cuda").backward()
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events()
+               if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))]
+    ours = [re.search(r"(\w+_kernel)<", k).group(1) for k in kernels if "robustloss" in k]
+    assert ours == ["rows_kernel", *cross_row, "backward_kernel"], kernels
+    others = [k for k in kernels if "robustloss" not in k]
+    assert len(others) <= 1 and all("Fill" in k for k in others), kernels
 
 
 # ---------------------------------------------------------------------------

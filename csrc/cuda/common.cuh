@@ -4,7 +4,8 @@
 // one recompiles only that one:
 //
 //   rows.cu      rows_kernel: the row statistics and coefficients, rows (N, 7)
-//   finalize.cu  partials_kernel + apply_kernel: the cross-row step, stats (N, 5)
+//   finalize.cu  one_block_kernel, or partials_kernel + apply_kernel: the
+//                cross-row step, stats (N, 5)
 //   backward.cu  backward_kernel: the gradient
 //
 // None holds anything of size N x C. This header defines no kernel, so no

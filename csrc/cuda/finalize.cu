@@ -4,25 +4,43 @@
 // beta, gamma), the same as robustloss_fast/_finalize.py computes in tensor
 // ops (column names: kernel_args.h, RowCol and StatCol).
 //
-// For "mean"/"sum", partials_kernel cuts the N rows into at most 256 chunks
-// (the cut depends only on N) and reduces each with a fixed tree: (max log w,
-// sum |s| e, sum s e x) with e = exp(log w - max) for derivative normalisation
-// -- the log-domain softmax of SPEC §5.3, so |beta| = 1000 cannot overflow --
-// else (sum s x, sum weight[y]). apply_kernel merges the partials in one fixed
-// tree (every block repeats the same tree, so every block sees bitwise the
-// same D), writes the stats and the value. A row with a bad target counts
-// nowhere, as an ignored row (common.cuh: bad targets).
+// Both need the batch totals (M, D, V): with derivative normalisation the
+// softmax of log w over the rows that count, in the log domain (SPEC §5.3, so
+// |beta| = 1000 cannot overflow): M = max log w, D = sum |s| e and V = sum s e x
+// with e = exp(log w - M); otherwise D = sum weight[y] (the mean's divisor) and
+// V = sum s x. value = V / D ("mean") or V ("sum"); each row's stats need D.
+//
+// Up to kOneBlockMaxRows rows, one_block_kernel does it all in one launch: one
+// block of kOneBlock threads sums the rows (each thread a running total, then a
+// fixed tree), then writes every row's stats. Above, its rows' load latencies
+// add up, so two launches share the rows among many blocks: partials_kernel
+// cuts them into at most kMaxPartials chunks (the cut depends only on N) and
+// sums each the same way; apply_kernel merges the partials in one fixed tree
+// (every block repeats it, so every block sees bitwise the same D), then its
+// rows' stats. Which of the two runs depends only on N, so the order of every
+// sum is the same on any GPU. A row with a bad target counts nowhere, as an
+// ignored row (common.cuh: bad targets).
 #include "common.cuh"
 
 namespace robustloss {
 namespace cuda {
 namespace {
 
-constexpr int kFinBlock = 256;     // threads of both finalize kernels
+constexpr int kFinBlock = 256;     // threads of partials_kernel and apply_kernel
 constexpr int kMaxPartials = 256;  // == kFinBlock: apply_kernel merges one partial per thread
+constexpr int kOneBlock = 1024;    // threads of one_block_kernel
+// At most this many rows (8 per thread): one launch. Where one block's serial
+// latency starts to cost more than a second launch is for a GPU run to settle
+// (benchmarks/NOTES.md); it matches the Triton backend's CROSS_ROW_ONE_PROGRAM_MAX.
+constexpr int64_t kOneBlockMaxRows = 8192;
 
-// How the rows are cut into chunks: a function of n alone, so the order of
-// every sum is the same on any GPU.
+// The emulator (emu/shim.h) can lower the limit, to run the two-launch path on small batches.
+#ifndef RL_ONE_BLOCK_MAX_ROWS
+#define RL_ONE_BLOCK_MAX_ROWS(rows) (rows)
+#endif
+int64_t one_block_max_rows() { return RL_ONE_BLOCK_MAX_ROWS(kOneBlockMaxRows); }
+
+// How the rows are cut into chunks for the two-launch path: a function of n alone.
 int64_t num_partials(int64_t n) {
   const int64_t by_rows = ceil_div(n, kFinBlock);
   return by_rows < kMaxPartials ? by_rows : kMaxPartials;
@@ -38,7 +56,7 @@ struct FinParams {
   int64_t reduction;
   bool normalised;
   bool weight_in_rows;  // label smoothing: the rows carry the class weights, s_i leaves them out
-  double* partials;     // (num_partials, 3)
+  double* partials;     // (num_partials, 3), two-launch path only
   int64_t num_partials, chunk;
   acc_t* value;
   acc_t* stats;
@@ -65,148 +83,100 @@ __device__ __forceinline__ RowScale row_scale(const FinParams<acc_t>& p, int64_t
   return r;
 }
 
-// Fixed-tree block sum (every thread calls it; the result is in every thread).
-__device__ __forceinline__ double block_sum(double v, double* buf) {
-  buf[threadIdx.x] = v;
-  __syncthreads();
-#pragma unroll
-  for (int stride = kFinBlock / 2; stride > 0; stride >>= 1) {
-    if (static_cast<int>(threadIdx.x) < stride) buf[threadIdx.x] += buf[threadIdx.x + stride];
-    __syncthreads();
-  }
-  const double out = buf[0];
-  __syncthreads();
-  return out;
-}
+// The totals (M, D, V) of a set of rows; M is used only when normalised. No
+// rows: (-inf, 0, 0).
+struct Totals {
+  double m, d, v;
+};
 
-__device__ __forceinline__ double block_max(double v, double* buf) {  // NaN-free inputs
-  buf[threadIdx.x] = v;
-  __syncthreads();
-#pragma unroll
-  for (int stride = kFinBlock / 2; stride > 0; stride >>= 1) {
-    if (static_cast<int>(threadIdx.x) < stride) buf[threadIdx.x] = fmax(buf[threadIdx.x], buf[threadIdx.x + stride]);
-    __syncthreads();
-  }
-  const double out = buf[0];
-  __syncthreads();
-  return out;
-}
+__device__ __forceinline__ Totals no_rows() { return Totals{-inf<double>(), 0.0, 0.0}; }
 
-// One chunk of rows per block -> (max log w, sum |s| e, sum s e x) with
-// derivative normalisation, else (sum s x, sum weight[y], 0).
-template <typename acc_t>
-__global__ void __launch_bounds__(kFinBlock) partials_kernel(const FinParams<acc_t> p) {
-  __shared__ double buf[kFinBlock];
-  const int64_t lo = static_cast<int64_t>(blockIdx.x) * p.chunk;
-  const int64_t hi = lo + p.chunk < p.n ? lo + p.chunk : p.n;
-  double* out = p.partials + 3 * static_cast<int64_t>(blockIdx.x);
-  const double neg_inf = -inf<double>();
+// An infinite sum keeps its infinity under a rescale that may underflow to 0
+// (the limit of any w > 0 times inf, as normalised_term keeps it per row).
+__device__ __forceinline__ double rescaled(double v, double e) { return v == inf<double>() || v == -inf<double>() ? v : v * e; }
 
-  if (p.normalised) {
-    // Softmax of log w over the rows that count (s != 0), shifted by the
-    // chunk's largest log w; a NaN log w poisons the chunk (and so D).
-    double m = neg_inf, saw_nan = 0.0;
-    for (int64_t i = lo + threadIdx.x; i < hi; i += kFinBlock) {
-      const RowScale r = row_scale(p, i);
-      if (!r.valid || r.s == 0.0) continue;
-      const double lw = static_cast<double>(p.rows[kRowCols * i + kRowLogW]);
-      if (lw != lw) saw_nan = 1.0;
-      else m = fmax(m, lw);
-    }
-    m = block_max(m, buf);
-    if (block_max(saw_nan, buf) != 0.0) m = nan<double>();
-    double d = 0.0, num = 0.0;
-    if (m != neg_inf) {
-      for (int64_t i = lo + threadIdx.x; i < hi; i += kFinBlock) {
-        const RowScale r = row_scale(p, i);
-        if (!r.valid || r.s == 0.0) continue;
-        const double e = exp(static_cast<double>(p.rows[kRowCols * i + kRowLogW]) - m);
-        d += fabs(r.s) * e;
-        num += normalised_term(r.s, e, static_cast<double>(p.rows[kRowCols * i + kRowX]),
-                               static_cast<double>(p.rows[kRowCols * i + kRowLogW]));
-      }
-    }
-    d = block_sum(d, buf);
-    num = block_sum(num, buf);
-    if (threadIdx.x == 0) {
-      out[0] = m;
-      out[1] = d;
-      out[2] = num;
-    }
-  } else {
-    double total = 0.0, den = 0.0;
-    for (int64_t i = lo + threadIdx.x; i < hi; i += kFinBlock) {
-      const RowScale r = row_scale(p, i);
-      if (!r.valid) continue;
-      // A row with s = 0 adds 0 even where its raw value overflowed (0 * inf).
-      if (r.s != 0.0) total += r.s * static_cast<double>(p.rows[kRowCols * i + kRowX]);
-      den += r.cw;
-    }
-    total = block_sum(total, buf);
-    den = block_sum(den, buf);
-    if (threadIdx.x == 0) {
-      out[0] = total;
-      out[1] = den;
-      out[2] = 0.0;
-    }
-  }
-}
-
-// (m, d, num) of two sets of rows -> the same of their union, in the log domain.
-__device__ __forceinline__ void merge_normalised(double& m, double& d, double& num, double m2, double d2, double num2) {
-  if (m != m || m2 != m2) {
-    m = d = num = nan<double>();
+// t := the totals of the union of t's rows and o's. Normalised, each relative
+// to its own M: rescaled to the larger. A NaN or +inf M (such a log w)
+// poisons all three; a side whose M is below the other's by more than double's range adds
+// its sums times 0, so a NaN there still reaches V.
+__device__ __forceinline__ void merge(Totals& t, const Totals& o, bool normalised) {
+  if (!normalised) {
+    t.d += o.d;
+    t.v += o.v;
     return;
   }
-  const double mm = fmax(m, m2);
-  if (mm == -inf<double>()) return;  // both empty: (-inf, 0, 0)
-  const double e1 = m == -inf<double>() ? 0.0 : exp(m - mm);
-  const double e2 = m2 == -inf<double>() ? 0.0 : exp(m2 - mm);
-  d = d * e1 + d2 * e2;
-  num = num * e1 + num2 * e2;
-  m = mm;
+  const double mm = fmax(t.m, o.m);
+  if (t.m != t.m || o.m != o.m || mm == inf<double>()) {  // as exp(log w - M) would make D
+    t.m = t.d = t.v = nan<double>();
+    return;
+  }
+  const double e1 = t.m == mm ? 1.0 : exp(t.m - mm);  // exp(-inf) = 0; never -inf - -inf
+  const double e2 = o.m == mm ? 1.0 : exp(o.m - mm);
+  t.d = t.d * e1 + o.d * e2;
+  t.v = rescaled(t.v, e1) + rescaled(o.v, e2);
+  t.m = mm;
 }
 
-// Merge the partials (same fixed tree in every block), then per row: stats =
-// (m, ls, alpha, beta, gamma) and, for "none", the value. Normalised: (coef,
-// 0, -coef) with coef = s e / (2 D); else s_i / D times the row's (alpha,
-// beta, gamma).
+// t := t plus row i. Normalised, the row alone is (log w, |s|, s x), or, for w
+// = 0 exactly (log w = -inf), (-inf, 0, s 0 x): 0, or NaN for an infinite x
+// (normalised_term). A row with s = 0 adds nothing, even where its raw value
+// overflowed (0 * inf).
 template <typename acc_t>
-__global__ void __launch_bounds__(kFinBlock) apply_kernel(const FinParams<acc_t> p) {
-  __shared__ double sm[3][kFinBlock];
-  const int t = static_cast<int>(threadIdx.x);
-  double g0 = 0.0, g1 = 0.0, g2 = 0.0;  // merged partials
-  if (p.reduction != kNone) {
-    const bool have = t < p.num_partials;
-    if (p.normalised) {
-      sm[0][t] = have ? p.partials[3 * t] : -inf<double>();
-      sm[1][t] = have ? p.partials[3 * t + 1] : 0.0;
-      sm[2][t] = have ? p.partials[3 * t + 2] : 0.0;
-    } else {
-      sm[0][t] = have ? p.partials[3 * t] : 0.0;
-      sm[1][t] = have ? p.partials[3 * t + 1] : 0.0;
-      sm[2][t] = 0.0;
+__device__ __forceinline__ void add_row(const FinParams<acc_t>& p, int64_t i, Totals& t) {
+  const RowScale r = row_scale(p, i);
+  if (!r.valid) return;
+  const double x = static_cast<double>(p.rows[kRowCols * i + kRowX]);
+  if (!p.normalised) {
+    if (r.s != 0.0) t.v += r.s * x;
+    t.d += r.cw;
+    return;
+  }
+  if (r.s == 0.0) return;
+  const double lw = static_cast<double>(p.rows[kRowCols * i + kRowLogW]);
+  const double e = lw == -inf<double>() ? 0.0 : 1.0;
+  merge(t, Totals{lw, fabs(r.s) * e, normalised_term(r.s, e, x, lw)}, p.normalised);
+}
+
+// Every thread's totals merged in one fixed tree (every thread of the block
+// calls it; the result is in every thread). sm: 3 * B doubles of shared memory.
+template <int B>
+__device__ __forceinline__ Totals block_merge(Totals t, bool normalised, double* sm) {
+  const int k = static_cast<int>(threadIdx.x);
+  sm[k] = t.m;
+  sm[B + k] = t.d;
+  sm[2 * B + k] = t.v;
+  __syncthreads();
+#pragma unroll
+  for (int stride = B / 2; stride > 0; stride >>= 1) {
+    if (k < stride) {
+      Totals a{sm[k], sm[B + k], sm[2 * B + k]};
+      merge(a, Totals{sm[k + stride], sm[B + k + stride], sm[2 * B + k + stride]}, normalised);
+      sm[k] = a.m;
+      sm[B + k] = a.d;
+      sm[2 * B + k] = a.v;
     }
     __syncthreads();
-#pragma unroll
-    for (int stride = kFinBlock / 2; stride > 0; stride >>= 1) {
-      if (t < stride) {
-        if (p.normalised) {
-          merge_normalised(sm[0][t], sm[1][t], sm[2][t], sm[0][t + stride], sm[1][t + stride], sm[2][t + stride]);
-        } else {
-          sm[0][t] += sm[0][t + stride];
-          sm[1][t] += sm[1][t + stride];
-        }
-      }
-      __syncthreads();
-    }
-    g0 = sm[0][0];
-    g1 = sm[1][0];
-    g2 = sm[2][0];
   }
+  const Totals out{sm[0], sm[B], sm[2 * B]};
+  __syncthreads();  // before anyone writes sm again
+  return out;
+}
 
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kFinBlock + t; i < p.n;
-       i += static_cast<int64_t>(gridDim.x) * kFinBlock) {
+// The totals of rows [lo, hi): thread k sums rows lo + k, lo + k + B, ...
+template <int B, typename acc_t>
+__device__ __forceinline__ Totals block_totals(const FinParams<acc_t>& p, int64_t lo, int64_t hi, double* sm) {
+  Totals t = no_rows();
+#pragma unroll 4
+  for (int64_t i = lo + threadIdx.x; i < hi; i += B) add_row(p, i, t);
+  return block_merge<B>(t, p.normalised, sm);
+}
+
+// Rows first, first + step, ...: stats = (m, ls, alpha, beta, gamma) and, for
+// "none", the value. Normalised: (coef, 0, -coef) with coef = s e / (2 D); else
+// s_i (s_i / D for "mean") times the row's (alpha, beta, gamma).
+template <typename acc_t>
+__device__ __forceinline__ void apply_rows(const FinParams<acc_t>& p, const Totals& g, int64_t first, int64_t step) {
+  for (int64_t i = first; i < p.n; i += step) {
     const RowScale r = row_scale(p, i);
     const bool counts = r.valid && r.s != 0.0;
     const acc_t* row = p.rows + kRowCols * i;
@@ -214,19 +184,18 @@ __global__ void __launch_bounds__(kFinBlock) apply_kernel(const FinParams<acc_t>
     st[kStatM] = row[kRowM];
     st[kStatLs] = row[kRowLs];
     if (p.normalised) {
-      // D = g1 (NaN passes the test: it must reach every row that counts). G
-      // = 0 for a row with no finite non-target logit (SPEC §3); it still
-      // counts in D.
+      // A NaN D passes the test: it must reach every row that counts. G = 0
+      // for a row with no finite non-target logit (SPEC §3); it still counts in D.
       double coef = 0.0;
-      if (counts && g1 != 0.0 && row[kRowM] != -inf<acc_t>())
-        coef = r.s * exp(static_cast<double>(row[kRowLogW]) - g0) / (2.0 * g1);
+      if (counts && g.d != 0.0 && row[kRowM] != -inf<acc_t>())
+        coef = r.s * exp(static_cast<double>(row[kRowLogW]) - g.m) / (2.0 * g.d);
       st[kStatAlpha] = static_cast<acc_t>(coef);
       st[kStatBeta] = acc_t(0);
       st[kStatGamma] = static_cast<acc_t>(-coef);
     } else {
       // PyTorch's mean: D = sum weight[y] over the valid rows.
       double scale = counts ? r.s : 0.0;
-      if (p.reduction == kMean) scale = g1 != 0.0 ? scale / g1 : 0.0;
+      if (p.reduction == kMean) scale = g.d != 0.0 ? scale / g.d : 0.0;
 #pragma unroll
       for (int k = 0; k < 3; ++k) {
         st[kStatAlpha + k] =
@@ -235,16 +204,56 @@ __global__ void __launch_bounds__(kFinBlock) apply_kernel(const FinParams<acc_t>
     }
     if (p.reduction == kNone) p.value[i] = counts ? static_cast<acc_t>(r.s * static_cast<double>(row[kRowX])) : acc_t(0);
   }
+}
 
-  if (blockIdx.x == 0 && t == 0 && p.reduction != kNone) {
-    double v;
-    if (p.normalised) v = g1 != 0.0 ? g2 / g1 : 0.0;
-    else if (p.reduction == kSum) v = g0;
-    else v = g1 != 0.0 ? g0 / g1 : 0.0;
-    p.value[0] = static_cast<acc_t>(v);
-    // log D = max log w + log(sum |s| exp(log w - max)); -inf when no row counts.
-    if (p.log_den && p.normalised) *p.log_den = static_cast<acc_t>(g0 == -inf<double>() ? g0 : g0 + log(g1));
+// The value of "mean"/"sum" (0 where D = 0) and log D = M + log D (-inf when
+// no row counts), by one thread.
+template <typename acc_t>
+__device__ __forceinline__ void store_totals(const FinParams<acc_t>& p, const Totals& g) {
+  double v;
+  if (p.normalised || p.reduction == kMean) v = g.d != 0.0 ? g.v / g.d : 0.0;
+  else v = g.v;
+  p.value[0] = static_cast<acc_t>(v);
+  if (p.log_den && p.normalised) *p.log_den = static_cast<acc_t>(g.m == -inf<double>() ? g.m : g.m + log(g.d));
+}
+
+template <typename acc_t>
+__global__ void __launch_bounds__(kOneBlock) one_block_kernel(const FinParams<acc_t> p) {
+  __shared__ double sm[3 * kOneBlock];
+  Totals g = no_rows();
+  if (p.reduction != kNone) g = block_totals<kOneBlock>(p, 0, p.n, sm);
+  apply_rows(p, g, threadIdx.x, kOneBlock);
+  if (threadIdx.x == 0 && p.reduction != kNone) store_totals(p, g);
+}
+
+// Block b: the totals of chunk b into partials[b].
+template <typename acc_t>
+__global__ void __launch_bounds__(kFinBlock) partials_kernel(const FinParams<acc_t> p) {
+  __shared__ double sm[3 * kFinBlock];
+  const int64_t lo = static_cast<int64_t>(blockIdx.x) * p.chunk;
+  const int64_t hi = lo + p.chunk < p.n ? lo + p.chunk : p.n;
+  const Totals g = block_totals<kFinBlock>(p, lo, hi, sm);
+  if (threadIdx.x == 0) {
+    double* out = p.partials + 3 * static_cast<int64_t>(blockIdx.x);
+    out[0] = g.m;
+    out[1] = g.d;
+    out[2] = g.v;
   }
+}
+
+// Every block: the partials merged (thread k holds partial k), then its rows'
+// stats; block 0 writes the value.
+template <typename acc_t>
+__global__ void __launch_bounds__(kFinBlock) apply_kernel(const FinParams<acc_t> p) {
+  __shared__ double sm[3 * kFinBlock];
+  const int t = static_cast<int>(threadIdx.x);
+  Totals g = no_rows();
+  if (p.reduction != kNone) {
+    if (t < p.num_partials) g = Totals{p.partials[3 * t], p.partials[3 * t + 1], p.partials[3 * t + 2]};
+    g = block_merge<kFinBlock>(g, p.normalised, sm);
+  }
+  apply_rows(p, g, static_cast<int64_t>(blockIdx.x) * kFinBlock + t, static_cast<int64_t>(gridDim.x) * kFinBlock);
+  if (blockIdx.x == 0 && t == 0 && p.reduction != kNone) store_totals(p, g);
 }
 
 // ---------------------------------------------------------------------------
@@ -269,6 +278,11 @@ void finalize_typed(const FinalizeArgs& a, cudaStream_t stream) {
   p.value = static_cast<acc_t*>(a.value);
   p.stats = static_cast<acc_t*>(a.stats);
   p.log_den = static_cast<acc_t*>(a.log_den);
+  if (a.n <= one_block_max_rows()) {
+    one_block_kernel<acc_t><<<1, kOneBlock, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
   if (p.reduction != kNone) {
     partials_kernel<acc_t><<<static_cast<int>(p.num_partials), kFinBlock, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -279,7 +293,7 @@ void finalize_typed(const FinalizeArgs& a, cudaStream_t stream) {
 
 }  // namespace
 
-int64_t finalize_workspace_size(int64_t n) { return n > 0 ? 3 * num_partials(n) : 0; }
+int64_t finalize_workspace_size(int64_t n) { return n > one_block_max_rows() ? 3 * num_partials(n) : 0; }
 
 void launch_finalize(const FinalizeArgs& args, cudaStream_t stream) {
   if (args.is_double) {

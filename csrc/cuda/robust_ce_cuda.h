@@ -29,13 +29,13 @@ struct FinalizeArgs {
   int64_t reduction;
   bool normalize;
   bool weight_in_rows;  // label smoothing: rows already carry `weight`, so s_i is the sample weight alone
-  double* workspace;    // finalize_workspace_size(n) doubles
+  double* workspace;    // finalize_workspace_size(n) doubles (nullptr when that is 0)
   void* value;          // (n,) for reduction none, else one element
   void* stats;          // (n, kStatCols): m, ls (NFL: of lse, copied from rows), alpha, beta, gamma
   void* log_den = nullptr;  // one element or nullptr: log D of derivative normalisation (-inf: no row counts)
 };
 
-// Doubles of scratch the finalize step needs for n rows (0 for n == 0).
+// Doubles of scratch the finalize step needs for n rows (0 where it runs in one launch).
 int64_t finalize_workspace_size(int64_t n);
 
 // Each launches on `stream` and checks the launch; n must be > 0. One per

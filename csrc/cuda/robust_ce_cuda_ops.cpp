@@ -54,7 +54,8 @@ void launch_finalize_for(const at::Tensor& rows, const at::Tensor& target, int64
                          int64_t ignore_index, int64_t reduction, bool normalize, bool weight_in_rows,
                          at::Tensor& value, at::Tensor& stats, at::Tensor* log_den) {
   const int64_t n = rows.size(0);
-  at::Tensor workspace = at::empty({cuda::finalize_workspace_size(n)}, rows.options().dtype(at::kDouble));
+  const int64_t scratch = cuda::finalize_workspace_size(n);  // 0: one launch, no scratch
+  at::Tensor workspace = scratch > 0 ? at::empty({scratch}, rows.options().dtype(at::kDouble)) : at::Tensor();
   cuda::FinalizeArgs fin;
   fin.is_double = rows.scalar_type() == at::kDouble;
   fin.rows = rows.const_data_ptr();
@@ -67,7 +68,7 @@ void launch_finalize_for(const at::Tensor& rows, const at::Tensor& target, int64
   fin.reduction = reduction;
   fin.normalize = normalize;
   fin.weight_in_rows = weight_in_rows;
-  fin.workspace = workspace.data_ptr<double>();
+  fin.workspace = scratch > 0 ? workspace.data_ptr<double>() : nullptr;
   fin.value = value.data_ptr();
   fin.stats = stats.data_ptr();
   fin.log_den = log_den ? log_den->data_ptr() : nullptr;

@@ -42,7 +42,7 @@ ROOT = os.path.dirname(os.path.dirname(CUDA_DIR))
 LAUNCH = re.compile(r"(\w+<[^;<>]*>)<<<(.+), (\w+), 0, stream>>>\((\w+)\);")
 # The kernel files, each with the number of launches it holds: a launch the regex missed would
 # stay CUDA syntax, and a .cu file missing here would go unchecked, so both stop the run.
-KERNEL_FILES = {"rows.cu": 1, "finalize.cu": 2, "backward.cu": 1}
+KERNEL_FILES = {"rows.cu": 1, "finalize.cu": 3, "backward.cu": 1}
 SHARED_HEADER = "common.cuh"
 
 
@@ -71,7 +71,7 @@ def generate(out_dir: str) -> list:
     texts = {SHARED_HEADER: common}
 
     def launch(m):
-        exact = "true" if m.group(1).startswith("partials_kernel") else "false"  # indexes blocks directly
+        exact = "true" if m.group(1).startswith(("partials_kernel", "one_block_kernel")) else "false"  # no grid-stride loop
         return f"emu::launch({m.group(1)}, {m.group(2)}, {m.group(3)}, {m.group(4)}, {exact});"
 
     for name, expected in KERNEL_FILES.items():
@@ -368,9 +368,10 @@ def run_checks(E) -> Checker:
             except ValueError as e:
                 ck.check("normalize" in str(e), f"normalize refusal message: {e}")
 
-    # Enough rows for several partials in the cross-row step (1300: 6 chunks of 217) and for the
-    # 256-partial cap (70000: chunks of 274 rows, more rows than threads per chunk).
-    for n in (1300, 70000):
+    # Batches around the cross-row step's one-launch limit (8192 rows): 1300 in one block of 1024
+    # threads (some with two rows); 9000 in two launches (36 chunks of 250); 70000 at the
+    # 256-partial cap (chunks of 274 rows, more rows than threads per chunk).
+    for n in (1300, 9000, 70000):
         x = (torch.randn(n, 3, generator=gen) * 4).to(torch.float32)
         t = torch.randint(0, 3, (n,), generator=gen)
         t[torch.rand(n, generator=gen) < 0.1] = -100
@@ -385,6 +386,36 @@ def run_checks(E) -> Checker:
             what = f"n={n} scheme={kid, a, b} reduction={reduction} normalize={normalize}"
             close(v, v_ref, torch.float32, "value " + what)
             close(st[:, SC.ALPHA :], st_ref[:, SC.ALPHA :], torch.float32, "coefs " + what)
+
+    # The cross-row op on edge rows (tests/_cases.py cross_row_rows: w = 0, m = -inf, an exp that
+    # underflows, an infinity rescaled by 0, a NaN row), ignored rows and a row that does not count,
+    # on both paths of finalize.cu: one launch, and partials + apply (EMU_ONE_BLOCK_MAX_ROWS=0;
+    # 700 rows make 3 chunks), against _finalize.finalize in float64 on the same rows.
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from _cases import cross_row_rows
+
+    finalize_cases = [(K.DM, 1, True), (K.DM, 1, False), (K.DM, 2, False), (K.DM, 0, False), (K.CCE_LS, 1, False)]
+    for limit in (None, "0"):
+        if limit is not None:
+            os.environ["EMU_ONE_BLOCK_MAX_ROWS"] = limit
+        for n, special in ((1, None), (29, "edges"), (700, "edges"), (700, "inf"), (2100, "inf"), (300, "nan")):
+            for dt in (torch.float32, torch.float64):
+                rows, target = cross_row_rows(n, dt, "cpu", special, gen)
+                w = torch.rand(7, generator=gen, dtype=dt) + 0.5
+                sw = torch.rand(n, generator=gen, dtype=dt) + 0.5
+                if n > 6:
+                    sw[6] = 0.0  # counts nowhere
+                f64 = [rows.double(), w.double(), sw.double()]
+                for kid, reduction, normalize in finalize_cases:
+                    normalised = reduction == 1 and normalize
+                    what = f"finalize edges n={n} {special} {dt} one-launch limit={limit or 'default'} " \
+                           f"scheme={kid} reduction={reduction} normalize={normalize}"
+                    got = E.robust_ce_finalize(rows, target, w, sw, -100, reduction, normalize, K(kid).weight_in_rows)
+                    want = finalize(f64[0], target, spec(kid, 1.0, 8.0, -100, reduction, normalize), f64[1], f64[2],
+                                    log_denominator=normalised)  # fmt: skip
+                    for name, g, w_ in zip(("value", "stats", "log D"), got, want):
+                        close(g, w_, dt, f"{name} {what}")
+        os.environ.pop("EMU_ONE_BLOCK_MAX_ROWS", None)
 
     # Bad targets: a device-side assertion in every layout (the emulator raises it after the
     # launch; the kernels read nothing out of bounds meanwhile); backward leaves NaN rows.

@@ -12,7 +12,8 @@
 // - 16-byte loads and stores abort unless 16-byte aligned, as they would fault
 //   on a GPU;
 // - EMU_MAX_GRID caps the grid of the grid-stride kernels, to exercise their
-//   loops with few rows;
+//   loops with few rows; EMU_ONE_BLOCK_MAX_ROWS, when set, replaces the row
+//   count up to which finalize.cu takes its one-launch path (0: never);
 // - a device-side assertion (RL_DEVICE_ASSERT) that fails is recorded, the
 //   thread goes on, and the launch raises it as a RuntimeError once the
 //   block's threads are joined (on a GPU the kernel stops and the next CUDA
@@ -53,6 +54,7 @@ inline void device_assert(bool cond, const char* msg) {
 }  // namespace emu
 
 #define RL_DEVICE_ASSERT(cond, msg) emu::device_assert(static_cast<bool>(cond), msg)
+#define RL_ONE_BLOCK_MAX_ROWS(rows) emu::env_int("EMU_ONE_BLOCK_MAX_ROWS", static_cast<int>(rows))
 
 namespace emu {
 
@@ -69,10 +71,12 @@ struct Warp {
 inline std::vector<std::unique_ptr<Warp>> warps;
 inline std::unique_ptr<std::barrier<>> block_barrier;
 
-inline int max_grid() {
-  const char* e = std::getenv("EMU_MAX_GRID");
-  return e ? std::atoi(e) : (1 << 30);
+inline int env_int(const char* name, int otherwise) {
+  const char* e = std::getenv(name);
+  return e ? std::atoi(e) : otherwise;
 }
+
+inline int max_grid() { return env_int("EMU_MAX_GRID", 1 << 30); }
 
 [[noreturn]] inline void fault(const char* what) {
   std::fprintf(stderr, "emulated CUDA fault: %s\n", what);
