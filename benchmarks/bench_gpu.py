@@ -39,6 +39,15 @@ is free is skipped, and the JSON says why; so is any variant that finds its
 library or backend missing, and any work the time budget (``--budget-s``)
 leaves no room for.
 
+``cross_row`` (first, a few seconds): the cross-row step alone (the
+backend's ``finalize`` on float32 rows of the normalised DM mean), per GPU
+backend, at 1024 to 65536 rows. Both GPU backends run it in one launch up to
+8192 rows and in two above, so 8192 against 8193 rows says on which side of
+that limit one launch is cheaper. "eager": CUDA events around each call, the
+host's cost to issue it included (what a step sees when the host is the
+slower side); "graph": 20 calls in a CUDA graph, replayed, per call (the
+device's time alone).
+
 ``--dry-run`` runs the same code on the CPU with tiny shapes (compiled
 variants through the ``aot_eager`` backend; Triton kernels, ours and Liger's,
 under the Triton interpreter) and writes the same JSON schema and PNG: the
@@ -82,6 +91,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOGITS_SHAPES = [(16384, 128256, "bfloat16"), (16384, 32000, "bfloat16"), (8192, 1000, "float32"), (65536, 10, "float32")]
 # The dry run's Triton kernels run under the interpreter, one program at a time: few rows.
 LOGITS_SHAPES_DRY = [(16, 1000, "bfloat16"), (16, 320, "bfloat16"), (16, 100, "float32"), (32, 10, "float32")]
+CROSS_ROW_ROWS = [1024, 4096, 8192, 8193, 16384, 65536]
+CROSS_ROW_ROWS_DRY = [16, 17]
+CROSS_ROW_GRAPH_CALLS = 20
 LINEAR_TOKENS, LINEAR_H, LINEAR_V = [8192, 32768], 4096, 128256
 LINEAR_TOKENS_DRY, LINEAR_H_DRY, LINEAR_V_DRY = [16, 32], 32, 500
 DM_LAM, DM_BETA = 1.0, 8.0
@@ -779,6 +791,68 @@ def run_logits(runner, shapes, names, out, deadline):
     return cases
 
 
+def _graph_ms(clock, call, calls, reps):
+    """Per-call device time (ms) of ``calls`` calls captured in one CUDA graph and replayed."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, as torch.cuda.graphs asks
+        for _ in range(3):
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            call()
+    ms, _ = clock.times(graph.replay, reps)
+    return statistics.median(ms) / calls
+
+
+def run_cross_row(device, dry_run, deadline, budget):
+    """The cross-row step alone, per backend and row count: eager and (on a GPU) CUDA-graph times."""
+    from robustloss_fast import backends
+    from robustloss_fast._common import ROW_COLS, Kernel, KernelSpec, Reduction, RowCol
+
+    names = ["cpu", "triton"] if dry_run else ["cuda", "triton"]
+    spec = KernelSpec(Kernel.DM, DM_LAM, DM_BETA, 1.0, Reduction.MEAN, True, -100)
+    clock = Clock(device)
+    reps = 2 if dry_run else 50
+    cases = []
+    for n in CROSS_ROW_ROWS_DRY if dry_run else CROSS_ROW_ROWS:
+        gen = torch.Generator().manual_seed(3000 + n)
+        rows = torch.randn(n, ROW_COLS, generator=gen)
+        rows[:, RowCol.LS] = rows[:, RowCol.LS].abs()
+        rows[:, RowCol.LOGW] *= 3
+        rows = rows.to(device)
+        target = torch.randint(0, 10, (n,), generator=gen).to(device)
+        case = {"rows": n, "backends": {}}
+        cases.append(case)
+        for name in names:
+            rec = case["backends"][name] = {}
+            reason = backends.unavailable_reason(name)
+            if reason is not None or budget.elapsed() > deadline:
+                rec.update(status="skipped", reason=reason or "time budget")
+                continue
+            finalize = backends.get(name).finalize
+
+            def call():
+                return finalize(rows, target, spec, None, None)
+
+            try:
+                clock.wall(call)  # JIT compilation, first-call allocations
+                dev, host = clock.times(call, reps)
+                rec.update(status="ok", eager_ms=statistics.median(dev), host_ms=statistics.median(host))
+            except Exception as exc:  # noqa: BLE001 - one backend's failure is a result, not the end of the run
+                rec.update(_exc_record(exc))
+                continue
+            if device.type == "cuda":
+                try:
+                    rec["graph_ms"] = _graph_ms(clock, call, CROSS_ROW_GRAPH_CALLS, 10)
+                except Exception as exc:  # noqa: BLE001
+                    rec["graph_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    return {"spec": "DM normalised mean, float32 rows, no weights", "graph_calls": CROSS_ROW_GRAPH_CALLS,
+            "cases": cases}
+
+
 def matmul_rate(device, dry_run):
     """bf16 matrix product rate (FLOP/s) on random data, measured here: the linear part's ceiling."""
     m = 256 if dry_run else 8192
@@ -922,6 +996,21 @@ def format_tables(result):
                 f"| {_fmt(rec.get('first_call_s'))} |"
             )
         lines.append("")
+    cross = result.get("cross_row") or {}
+    if cross.get("cases"):
+        names = list(cross["cases"][0]["backends"])
+        lines += [f"#### Cross-row step alone ({cross['spec']}): ms per call, eager / CUDA graph", "",
+                  "| rows | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        for case in cross["cases"]:
+            cells = []
+            for name in names:
+                rec = case["backends"].get(name, {})
+                if rec.get("status") != "ok":
+                    cells.append(_why(rec))
+                else:
+                    cells.append(f"{rec['eager_ms']:.4f} / " + (f"{rec['graph_ms']:.4f}" if "graph_ms" in rec else "-"))
+            lines.append(f"| {case['rows']} | " + " | ".join(cells) + " |")
+        lines.append("")
     lin = result.get("linear") or {}
     mm = lin.get("matmul") or {}
     for case in lin.get("cases", []):
@@ -1060,7 +1149,7 @@ def _write_json(result, path):
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, same JSON and PNG (well under a minute)")
-    ap.add_argument("--only", choices=["logits", "linear"], help="run one part")
+    ap.add_argument("--only", choices=["cross_row", "logits", "linear"], help="run one part")
     ap.add_argument("--out", help="folder for bench_gpu.json/.md/.png (default benchmarks/results/gpu_<UTC time>)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="seconds for the whole run: work that would not fit is skipped and recorded as such")
@@ -1118,6 +1207,7 @@ def main(argv=None):
         "settings": runner.settings(),
         "variants": {"logits": logits_names, "linear": list(LINEAR_VARIANTS)},
         "inplace_keyword": _inplace_keyword(),
+        "cross_row": None,
         "logits": None,
         "linear": None,
         "complete": False,
@@ -1131,7 +1221,11 @@ def main(argv=None):
 
     save()
     total = budget.seconds
-    if args.only != "linear":
+    if args.only in (None, "cross_row"):
+        # A few seconds; where the one-launch limits sit is for this to settle.
+        result["cross_row"] = run_cross_row(device, args.dry_run, math.inf if total is None else 0.1 * total, budget)
+        save()
+    if args.only not in ("linear", "cross_row"):
         shapes = LOGITS_SHAPES_DRY if args.dry_run else LOGITS_SHAPES
         deadline = math.inf if total is None else (total if args.only == "logits" else args.logits_share * total)
         result["logits"] = {"cases": []}
@@ -1145,7 +1239,7 @@ def main(argv=None):
                               for k, v in c["variants"].items()), flush=True)
 
         run_logits(runner, shapes, logits_names, out_logits, deadline)
-    if args.only != "logits":
+    if args.only not in ("logits", "cross_row"):
         tokens = LINEAR_TOKENS_DRY if args.dry_run else LINEAR_TOKENS
         hdim = LINEAR_H_DRY if args.dry_run else LINEAR_H
         vocab = LINEAR_V_DRY if args.dry_run else LINEAR_V

@@ -82,6 +82,11 @@ def test_suite_dry_run_bench_and_summary(tmp_path):
     assert names["logits"][: len(bench_gpu.LOGITS_VARIANTS)] == bench_gpu.LOGITS_VARIANTS
     assert names["linear"] == bench_gpu.LINEAR_VARIANTS
     _check_variants(result["logits"]["cases"], names["logits"], "logits")
+    cross = result["cross_row"]["cases"]
+    assert [case["rows"] for case in cross] == bench_gpu.CROSS_ROW_ROWS_DRY
+    for case in cross:
+        rec = case["backends"]["cpu"]
+        assert rec["status"] == "ok" and rec["eager_ms"] > 0 and "graph_ms" not in rec, rec
     _check_variants(result["linear"]["cases"], names["linear"], "linear")
     logits = {name: rec for case in result["logits"]["cases"] for name, rec in case["variants"].items()}
     # What runs on any CPU must have run, and its gradient must match the float64 reference.
@@ -103,6 +108,7 @@ def test_suite_dry_run_bench_and_summary(tmp_path):
         assert case["floor_ms"] > 0
     summary = (out / "summary.md").read_text()
     assert "DRY RUN" in summary and "| bench | ok |" in summary and "#### Logits" in summary
+    assert "#### Cross-row step alone" in summary
 
 
 def test_sanitizer_cases_run_on_the_cpu_backend():
