@@ -126,6 +126,35 @@ def test_kernel_matches_finalize(monkeypatch, which, kernel, reduction, normaliz
 
 
 @pytest.mark.parametrize("name", FUSED + [_param("torch")])
+def test_nan_weights_reach_the_rows_that_count_and_no_others(name):
+    """A NaN sample weight makes D NaN even where every row that counts has w = 0 (value and log D NaN,
+    not 0 and -inf); a NaN class weight makes the mean's D NaN. Either way the rows that count get NaN
+    stats and an ignored row or one with sample weight 0 keeps zeros (SPEC §5: they count nowhere)."""
+    device = device_of(name)
+    finalize = backends.get(name).finalize
+    rows, _ = cross_row_rows(4, torch.float64, "cpu")
+    target = torch.tensor([0, 1, IGNORE, 2])
+    zero_w = rows.clone()
+    zero_w[:, RowCol.LOGW] = -math.inf
+    nan_cw = torch.tensor([1.0, math.nan, 1, 1, 1, 1, 1], dtype=torch.float64)
+    cases = [  # (rows, spec, class weight, sample weight, rows that count)
+        (zero_w, _spec(Kernel.DM, Reduction.MEAN, True), None, torch.tensor([math.nan, 1.0, 1.0, 0.0]), [0, 1]),
+        (rows, _spec(Kernel.DM, Reduction.MEAN, False), nan_cw, torch.tensor([1.0, 1.0, 1.0, 0.0]), [0, 1]),
+    ]
+    for r, spec, w, sw, counting in cases:
+        extra = {"log_denominator": True} if spec.normalised else {}
+        got = finalize(r.to(device), target.to(device), spec, None if w is None else w.to(device), sw.to(device),
+                       **extra)  # fmt: skip
+        want = _finalize.finalize(r, target, spec, w, sw, **extra)
+        assert got[0].isnan() and (not spec.normalised or got[2].isnan()), (spec, got[0], got[2:])
+        stats = got[1].cpu()
+        assert stats[counting, 2].isnan().all() and stats[counting, 4].isnan().all(), stats
+        assert (stats[[2, 3], 2:] == 0).all(), stats
+        for k, (g, w_) in enumerate(zip(got, want)):
+            _close(g, w_, torch.float64, f"{spec} result {k}")
+
+
+@pytest.mark.parametrize("name", FUSED + [_param("torch")])
 def test_log_denominator_is_for_normalised_specs_only(name):
     rows, target = cross_row_rows(4, torch.float32, device_of(name), None)
     with pytest.raises(ValueError, match="normalised"):

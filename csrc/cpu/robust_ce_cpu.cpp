@@ -78,21 +78,22 @@ void finalize(const at::Tensor& rows_t, const at::Tensor& target_t, const c10::o
       else m = std::max(m, lw);
     }
     if (saw_nan) m = std::numeric_limits<double>::quiet_NaN();
+    // Every row that counts has w = 0 (or none counts): shift by 0, so that each adds |s| 0 to D,
+    // which is NaN for a NaN or infinite s.
+    const double shift = m == -inf ? 0.0 : m;
     // One exp per row: coef first holds s * exp(log w - m), then is scaled by 1 / (2 D).
     double denom = 0.0, num = 0.0;
-    if (m != -inf) {
-      for (int64_t i = 0; i < n; ++i) {
-        if (target[i] == ignore_index) continue;
-        const double s = s_of(i);
-        if (s == 0.0) continue;
-        // exp in the accumulator type (expf for float input: several times
-        // cheaper than exp in double, and as exact as the row statistics).
-        const double e = static_cast<double>(std::exp(static_cast<acc_t>(row(i, kRowLogW) - static_cast<acc_t>(m))));
-        const double se = s * e;
-        denom += std::fabs(se);
-        num += normalised_term(s, e, static_cast<double>(row(i, kRowX)), static_cast<double>(row(i, kRowLogW)));
-        stat(i, kStatAlpha) = static_cast<acc_t>(se);
-      }
+    for (int64_t i = 0; i < n; ++i) {
+      if (target[i] == ignore_index) continue;
+      const double s = s_of(i);
+      if (s == 0.0) continue;
+      // exp in the accumulator type (expf for float input: several times
+      // cheaper than exp in double, and as exact as the row statistics).
+      const double e = static_cast<double>(std::exp(static_cast<acc_t>(row(i, kRowLogW) - static_cast<acc_t>(shift))));
+      const double se = s * e;
+      denom += std::fabs(se);
+      num += normalised_term(s, e, static_cast<double>(row(i, kRowX)), static_cast<double>(row(i, kRowLogW)));
+      stat(i, kStatAlpha) = static_cast<acc_t>(se);
     }
     if (denom != 0.0) {  // NaN passes too: it must reach every row
       const double scale = 1.0 / (2.0 * denom);
@@ -108,8 +109,8 @@ void finalize(const at::Tensor& rows_t, const at::Tensor& target_t, const c10::o
       for (int64_t i = 0; i < n; ++i) stat(i, kStatAlpha) = 0;  // D = 0: no gradient at all (SPEC §5)
       value[0] = 0;
     }
-    // log D = m + log(sum |s| exp(log w - m)); no row counts: -inf (m = -inf, D = 0).
-    if (log_den) *log_den = static_cast<acc_t>(m == -inf ? -inf : m + std::log(denom));
+    // log D = m + log(sum |s| exp(log w - m)); -inf where D = 0 (no row counts, or all have w = 0).
+    if (log_den) *log_den = static_cast<acc_t>(shift + std::log(denom));
     return;
   }
 

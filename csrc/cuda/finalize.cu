@@ -4,11 +4,12 @@
 // beta, gamma), the same as robustloss_fast/_finalize.py computes in tensor
 // ops (column names: kernel_args.h, RowCol and StatCol).
 //
-// Both need the batch totals (M, D, V): with derivative normalisation the
-// softmax of log w over the rows that count, in the log domain (SPEC §5.3, so
-// |beta| = 1000 cannot overflow): M = max log w, D = sum |s| e and V = sum s e x
-// with e = exp(log w - M); otherwise D = sum weight[y] (the mean's divisor) and
-// V = sum s x. value = V / D ("mean") or V ("sum"); each row's stats need D.
+// "mean" and "sum" need the batch totals (M, D, V): with derivative
+// normalisation the softmax of log w over the rows that count, in the log
+// domain (SPEC §5.3, so |beta| = 1000 cannot overflow): M = max log w, D = sum
+// |s| e and V = sum s e x with e = exp(log w - M); otherwise D = sum weight[y]
+// (the mean's divisor) and V = sum s x. value = V / D ("mean") or V ("sum");
+// the rows' stats need D. "none" needs no totals.
 //
 // Up to kOneBlockMaxRows rows, one_block_kernel does it all in one launch: one
 // block of kOneBlock threads sums the rows (each thread a running total, then a
@@ -118,9 +119,9 @@ __device__ __forceinline__ void merge(Totals& t, const Totals& o, bool normalise
 }
 
 // t := t plus row i. Normalised, the row alone is (log w, |s|, s x), or, for w
-// = 0 exactly (log w = -inf), (-inf, 0, s 0 x): 0, or NaN for an infinite x
-// (normalised_term). A row with s = 0 adds nothing, even where its raw value
-// overflowed (0 * inf).
+// = 0 exactly (log w = -inf), (-inf, |s| 0, s 0 x): NaN where s or x is not
+// finite (normalised_term), else 0. A row with s = 0 adds nothing, even where
+// its raw value overflowed (0 * inf).
 template <typename acc_t>
 __device__ __forceinline__ void add_row(const FinParams<acc_t>& p, int64_t i, Totals& t) {
   const RowScale r = row_scale(p, i);
@@ -193,9 +194,10 @@ __device__ __forceinline__ void apply_rows(const FinParams<acc_t>& p, const Tota
       st[kStatBeta] = acc_t(0);
       st[kStatGamma] = static_cast<acc_t>(-coef);
     } else {
-      // PyTorch's mean: D = sum weight[y] over the valid rows.
-      double scale = counts ? r.s : 0.0;
-      if (p.reduction == kMean) scale = g.d != 0.0 ? scale / g.d : 0.0;
+      // PyTorch's mean: D = sum weight[y] over the valid rows. A row that does
+      // not count stays 0 even where D is NaN (a NaN class weight).
+      double scale = 0.0;
+      if (counts) scale = p.reduction != kMean ? r.s : g.d != 0.0 ? r.s / g.d : 0.0;
 #pragma unroll
       for (int k = 0; k < 3; ++k) {
         st[kStatAlpha + k] =
@@ -206,15 +208,15 @@ __device__ __forceinline__ void apply_rows(const FinParams<acc_t>& p, const Tota
   }
 }
 
-// The value of "mean"/"sum" (0 where D = 0) and log D = M + log D (-inf when
-// no row counts), by one thread.
+// The value of "mean"/"sum" (0 where D = 0) and log D = M + log D (-inf where
+// D = 0, M taken as 0 when it is -inf), by one thread.
 template <typename acc_t>
 __device__ __forceinline__ void store_totals(const FinParams<acc_t>& p, const Totals& g) {
   double v;
   if (p.normalised || p.reduction == kMean) v = g.d != 0.0 ? g.v / g.d : 0.0;
   else v = g.v;
   p.value[0] = static_cast<acc_t>(v);
-  if (p.log_den && p.normalised) *p.log_den = static_cast<acc_t>(g.m == -inf<double>() ? g.m : g.m + log(g.d));
+  if (p.log_den && p.normalised) *p.log_den = static_cast<acc_t>((g.m == -inf<double>() ? 0.0 : g.m) + log(g.d));
 }
 
 template <typename acc_t>

@@ -17,7 +17,7 @@ namespace cuda {
 using robustloss::BackwardArgs;
 using robustloss::RowsArgs;
 
-// The cross-row step (SPEC §5; finalize.cu) on the device: (value, stats) from rows (n, 6)
+// The cross-row step (SPEC §5; finalize.cu) on the device: (value, stats) from rows (n, 7)
 // = (m, ls, log w, x, alpha, beta, gamma).
 struct FinalizeArgs {
   bool is_double;  // accumulator type of rows/weights/value/stats

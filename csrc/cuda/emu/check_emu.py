@@ -90,6 +90,12 @@ def generate(out_dir: str) -> list:
     ops = ops.replace(cuda_includes, '#include "cuda_stubs.h"\n').replace(".is_cuda()", ".is_cpu()")
     # Own library with schemas inferred from the C++ signatures.
     ops = ops.replace("TORCH_LIBRARY_IMPL(robustloss, CUDA, m)", "TORCH_LIBRARY(robustloss_emu, m)").replace("m.impl(", "m.def(")
+    # and one op of the emulator's own: the kernels launched so far.
+    ops += (
+        '\n#include "shim.h"\n\n'
+        "int64_t emu_launches() { return emu::launches.load(); }\n"
+        'TORCH_LIBRARY_FRAGMENT(robustloss_emu, m) { m.def("emu_launches", &emu_launches); }\n'
+    )
     texts["emu_ops.cpp"] = ops
 
     for name, text in texts.items():
@@ -381,36 +387,54 @@ def run_checks(E) -> Checker:
         cases += [((K.CCE_LS, 0.1, 0.0), (1, False)), ((K.NCE, 1.0, 4.0), (2, False))]  # weight in the rows / in s_i
         cases += [((K.NFL, 0.5, 0.4), (1, False)), ((K.NFL, 2.0, 0.0), (0, False))]
         for (kid, a, b), (reduction, normalize) in cases:
+            before = E.emu_launches()
             v, st = E.robust_ce_forward(x, t, kid, a, b, w, sw, -100, reduction, normalize)
+            launches = E.emu_launches() - before
             v_ref, st_ref = ref_forward(x, t, kid, a, b, w, sw, -100, reduction, normalize)
             what = f"n={n} scheme={kid, a, b} reduction={reduction} normalize={normalize}"
+            # The row pass, then the cross-row step: one launch up to 8192 rows, else two ("none": one).
+            ck.check(launches == (2 if n <= 8192 or reduction == 0 else 3), f"{launches} launches: forward {what}")
             close(v, v_ref, torch.float32, "value " + what)
             close(st[:, SC.ALPHA :], st_ref[:, SC.ALPHA :], torch.float32, "coefs " + what)
 
     # The cross-row op on edge rows (tests/_cases.py cross_row_rows: w = 0, m = -inf, an exp that
     # underflows, an infinity rescaled by 0, a NaN row), ignored rows and a row that does not count,
-    # on both paths of finalize.cu: one launch, and partials + apply (EMU_ONE_BLOCK_MAX_ROWS=0;
-    # 700 rows make 3 chunks), against _finalize.finalize in float64 on the same rows.
+    # and NaN weights ("nan_sw": a NaN sample weight where every row that counts has w = 0;
+    # "nan_cw": a NaN class weight), on both paths of finalize.cu: one launch, and partials + apply
+    # (EMU_ONE_BLOCK_MAX_ROWS=0; 700 rows make 3 chunks), against _finalize.finalize in float64 on
+    # the same rows.
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from _cases import cross_row_rows
 
     finalize_cases = [(K.DM, 1, True), (K.DM, 1, False), (K.DM, 2, False), (K.DM, 0, False), (K.CCE_LS, 1, False)]
+    edge_batches = [(1, None), (29, "edges"), (700, "edges"), (700, "inf"), (2100, "inf"), (300, "nan"),
+                    (29, "nan_sw"), (700, "nan_sw"), (29, "nan_cw"), (700, "nan_cw")]
     for limit in (None, "0"):
         if limit is not None:
             os.environ["EMU_ONE_BLOCK_MAX_ROWS"] = limit
-        for n, special in ((1, None), (29, "edges"), (700, "edges"), (700, "inf"), (2100, "inf"), (300, "nan")):
+        for n, special in edge_batches:
             for dt in (torch.float32, torch.float64):
-                rows, target = cross_row_rows(n, dt, "cpu", special, gen)
+                rows, target = cross_row_rows(n, dt, "cpu", special if special in ("edges", "inf", "nan") else None, gen)
                 w = torch.rand(7, generator=gen, dtype=dt) + 0.5
                 sw = torch.rand(n, generator=gen, dtype=dt) + 0.5
                 if n > 6:
                     sw[6] = 0.0  # counts nowhere
+                if special == "nan_sw":
+                    rows[:, RC.LOGW] = -math.inf
+                    target[-1] = 1
+                    sw[-1] = math.nan
+                if special == "nan_cw":
+                    target[-1] = 1
+                    w[1] = math.nan
                 f64 = [rows.double(), w.double(), sw.double()]
                 for kid, reduction, normalize in finalize_cases:
                     normalised = reduction == 1 and normalize
                     what = f"finalize edges n={n} {special} {dt} one-launch limit={limit or 'default'} " \
                            f"scheme={kid} reduction={reduction} normalize={normalize}"
+                    before = E.emu_launches()
                     got = E.robust_ce_finalize(rows, target, w, sw, -100, reduction, normalize, K(kid).weight_in_rows)
+                    launches = E.emu_launches() - before
+                    ck.check(launches == (2 if limit == "0" and reduction != 0 else 1), f"{launches} launches: {what}")
                     want = finalize(f64[0], target, spec(kid, 1.0, 8.0, -100, reduction, normalize), f64[1], f64[2],
                                     log_denominator=normalised)  # fmt: skip
                     for name, g, w_ in zip(("value", "stats", "log D"), got, want):

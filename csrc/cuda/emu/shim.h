@@ -69,6 +69,7 @@ struct Warp {
   alignas(8) unsigned char slot[32][8];
 };
 inline std::vector<std::unique_ptr<Warp>> warps;
+inline std::atomic<int64_t> launches{0};  // every launch so far (check_emu's emu_launches op reads it)
 inline std::unique_ptr<std::barrier<>> block_barrier;
 
 inline int env_int(const char* name, int otherwise) {
@@ -86,6 +87,7 @@ inline int max_grid() { return env_int("EMU_MAX_GRID", 1 << 30); }
 // kernel<<<grid, block>>>(p); `exact` kernels index blocks directly (no grid-stride loop).
 template <typename P>
 void launch(void (*kernel)(P), int grid, int block, P p, bool exact) {
+  launches.fetch_add(1);
   if (!exact && grid > max_grid()) grid = max_grid();
   grid_dim = Dim{static_cast<unsigned>(grid), 1, 1};
   block_dim = Dim{static_cast<unsigned>(block), 1, 1};
