@@ -106,11 +106,20 @@ def _canonical(input: torch.Tensor, target: torch.Tensor, sample_weight: Optiona
         logits = input.movedim(1, -1).reshape(-1, c)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    rows_target = target.reshape(-1).long()
+    # A 1-D int64 target is already the rows' (a view of it costs ~1 us of host time per call).
+    rows_target = target if target.dim() == 1 and target.dtype == torch.int64 else target.reshape(-1).long()
     rows_sw = None
     if sample_weight is not None:
         rows_sw = sample_weight.reshape(-1).to(acc_dtype(input.dtype)).contiguous()
     return logits, rows_target, rows_sw, tuple(target.shape)
+
+
+#: KernelSpecs of plain-typed argument sets already validated: a training loop
+#: passes the same ones every step, and their checks cost ~2 us of a small-C
+#: step's host time (benchmarks/NOTES.md). Cleared when full: a schedule that
+#: changes a scheme's parameters every step only refills it.
+_SPECS: dict = {}
+_SPECS_MAX = 256
 
 
 def kernel_spec(
@@ -127,6 +136,27 @@ def kernel_spec(
     formula, ``Kernel.CCE_LS`` with ``a = eps``), the loss scale, the
     reduction, ``normalize`` with the scheme's default, and ``ignore_index``.
     """
+    # Only exact built-in types are looked up (True == 1 must not find an int's entry), and not while
+    # Dynamo traces (it would guard on the cache's contents).
+    key = None
+    if (type(reduction) is str and type(ignore_index) is int and type(label_smoothing) is float
+            and (normalize is None or type(normalize) is bool) and not torch.compiler.is_compiling()):
+        key = (scheme, reduction, normalize, ignore_index, label_smoothing)
+        try:
+            spec = _SPECS.get(key)
+        except TypeError:  # a scheme that is not hashable
+            key = spec = None
+        if spec is not None:
+            return spec
+    spec = _validated_spec(scheme, reduction, normalize, ignore_index, label_smoothing)
+    if key is not None:
+        if len(_SPECS) >= _SPECS_MAX:
+            _SPECS.clear()
+        _SPECS[key] = spec
+    return spec
+
+
+def _validated_spec(scheme, reduction, normalize, ignore_index, label_smoothing) -> KernelSpec:
     if not isinstance(scheme, Scheme):
         raise TypeError(f"scheme must be a robustloss_fast.schemes.Scheme (e.g. DM()), got {scheme!r}")
     red = Reduction.parse(reduction)
@@ -352,7 +382,8 @@ def robust_cross_entropy(
         normalised ``"mean"`` never does.
     """
     spec = kernel_spec(scheme, reduction, normalize, ignore_index, label_smoothing)
-    check_not_differentiable(weight=weight, sample_weight=sample_weight)
+    if weight is not None or sample_weight is not None:
+        check_not_differentiable(weight=weight, sample_weight=sample_weight)
     logits, rows_target, rows_sw, out_shape = _canonical(input, target, sample_weight)
     c = logits.shape[1]
     be = backends.resolve(backend, input.device)

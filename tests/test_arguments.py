@@ -158,3 +158,40 @@ def test_class_weight_shape_must_be_exactly_c(shape):
     x, t = _inputs()
     with pytest.raises(ValueError, match=r"weight must have shape \(5,\)"):
         rf.robust_cross_entropy(x, t, DM(), weight=torch.ones(shape))
+
+
+# ---------------------------------------------------------------------------
+# the cache of validated specs
+
+
+def test_a_cached_spec_is_the_same_and_types_still_decide():
+    """A repeated plain-typed call returns the spec made the first time; a value equal to a cached one but
+    of a type the checks refuse (True for an int, 1 for a bool) is still refused, not looked up."""
+    from robustloss_fast import functional
+
+    first = functional.kernel_spec(DM(beta=5.5), "mean", True, 3, 0.0)
+    assert functional.kernel_spec(DM(beta=5.5), "mean", True, 3, 0.0) is first
+    assert functional.kernel_spec(DM(beta=5.5), "sum", True, 3, 0.0) is not first
+    with pytest.raises(TypeError, match="normalize"):
+        functional.kernel_spec(DM(beta=5.5), "mean", 1, 3, 0.0)
+    functional.kernel_spec(CCE(), "mean", None, 1, 0.0)
+    with pytest.raises(TypeError, match="ignore_index"):
+        functional.kernel_spec(CCE(), "mean", None, True, 0.0)
+    # A scheme that cannot be hashed (a user's subclass) is validated every call instead.
+    unhashable = type("UnhashableDM", (DM,), {"__hash__": None})(beta=2.0)
+    assert functional.kernel_spec(unhashable).b == 2.0
+    # A refused call caches nothing: the same arguments are refused again.
+    for _ in range(2):
+        with pytest.raises(ValueError, match="label_smoothing"):
+            functional.kernel_spec(DM(), "mean", None, -100, 0.1)
+
+
+def test_the_spec_cache_stays_bounded(monkeypatch):
+    """A schedule that changes a scheme's parameter every step refills the cache, never grows it past its size."""
+    from robustloss_fast import functional
+
+    monkeypatch.setattr(functional, "_SPECS", {})
+    for k in range(3 * functional._SPECS_MAX):
+        spec = functional.kernel_spec(DM(beta=1.0 + k / 1000))
+        assert spec.b == 1.0 + k / 1000
+        assert len(functional._SPECS) <= functional._SPECS_MAX
