@@ -29,9 +29,9 @@ backend's, not repeated here.
   streaming softmax); the rows of ``grad_h_k`` get their factor
   ``exp(L_{<=k} - L)`` in backward. Nothing ever overflows, for any ``beta``. Where a reference
   ``R >= L`` is known before the first chunk (``_fixed_reference``: the DM
-  families, whose ``log w`` is bounded, without class or sample weights,
-  ``R = log N + max log w``, at most 30 above the smallest possible
-  ``log w_i``), every chunk uses ``R`` instead of ``L_{<=k}``: its factor
+  families, whose ``log w`` is bounded: ``R = log sum |s_i| + max log w``,
+  ``log N + max log w`` without weights, at most 30 above ``L``), every
+  chunk uses ``R`` instead of ``L_{<=k}``: its factor
   ``exp(L_k - R) <= 1`` cannot overflow, nothing is rescaled across chunks
   (no pass over ``grad_W`` per chunk), and the one factor ``exp(R - L)``
   joins backward's. Unnormalised reductions
@@ -469,23 +469,37 @@ def _finalize_all(backend, rows, target, spec, cw, sw, group):
 _FIXED_REFERENCE_SPAN = 30.0
 
 
-def _fixed_reference(spec: KernelSpec, n: int, cw, sw, dtype: torch.dtype) -> Optional[float]:
-    """A reference ``R >= log D`` for every batch of ``n`` rows, known on the host, or None.
+def _fixed_reference(spec: KernelSpec, target, cw, sw, dtype: torch.dtype):
+    """A reference ``R >= log D`` known before the first chunk, or None.
 
-    Without class or sample weights ``|s_i| = 1``, so ``D = sum_active w_i <= n
-    exp(hi)`` with ``hi`` the bound of ``log w`` (``KernelSpec.log_weight_range``).
-    A row's coefficient relative to ``R`` is then ``exp(log w_i - R)``, in
-    ``[exp(lo - hi) / n, 1]``; ``R`` is used only if that spans at most
-    ``_FIXED_REFERENCE_SPAN`` nats (DM with ``beta = 8``: 2 + log n) and the
-    chunk gradients are not float16.
+    ``D = sum_i |s_i| w_i <= S exp(hi)`` with ``hi`` the bound of ``log w``
+    (``KernelSpec.log_weight_range``) and ``S = sum_i |s_i|`` over the rows
+    that count, so ``R = log S + hi``; and ``D >= S exp(lo)``, so ``R - log D
+    <= hi - lo``: relative to ``R`` each coefficient is at most ``exp(hi - lo)``
+    smaller than relative to ``D``. Without class or sample weights ``S <= N``,
+    known on the host: ``R = log N + hi`` (a float; ``N`` counts ignored rows
+    too, so the spread is ``hi - lo + log N``). With weights ``S`` is a sum on
+    the device, made once (a few small kernels, no host synchronisation): ``R``
+    is a tensor, -inf when no row counts, NaN for a NaN weight (SPEC §6: it
+    reaches D). ``R`` is used only if that spread is at most
+    ``_FIXED_REFERENCE_SPAN`` nats (DM with ``beta = 8``: 2, or 2 + log N) and
+    the chunk gradients are not float16.
     """
     bounds = spec.log_weight_range
-    if bounds is None or cw is not None or sw is not None or n == 0 or dtype == torch.float16:
+    n = target.shape[0]
+    if bounds is None or n == 0 or dtype == torch.float16:
         return None
     lo, hi = bounds
-    if hi - lo + math.log(n) > _FIXED_REFERENCE_SPAN:
+    if cw is None and sw is None:
+        return None if hi - lo + math.log(n) > _FIXED_REFERENCE_SPAN else math.log(n) + hi
+    if hi - lo > _FIXED_REFERENCE_SPAN:
         return None
-    return math.log(n) + hi
+    # A target outside [0, V) counts nowhere here (the row pass stops on it): the class-weight
+    # gather must not be the one to fault first.
+    v = cw.shape[0] if cw is not None else None
+    t = target if v is None else torch.where((target >= 0) & (target < v), target, spec.ignore_index)
+    _, s, _ = _finalize.sample_scale(t, cw, sw, spec, acc_dtype(dtype))
+    return torch.logsumexp(s.abs().log(), 0) + hi
 
 
 def _shares(logs: torch.Tensor, total) -> torch.Tensor:
@@ -539,7 +553,7 @@ class _LinearRobustCE(torch.autograd.Function):
             ninf = torch.full((), -math.inf, dtype=acc, device=hidden.device)
             l_run = ninf
             l_after = []  # L_{<=k}: the reference of chunk k's provisional coefficients
-            frame = _fixed_reference(spec, n, cw, sw, hidden.dtype) if spec.normalised else None
+            frame = _fixed_reference(spec, target, cw, sw, hidden.dtype) if spec.normalised else None
 
         for s, e in _chunks(n, plan.rows):
             z = _logits(hidden[s:e], weight, bias)

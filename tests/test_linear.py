@@ -1,5 +1,7 @@
 """linear_robust_cross_entropy: parity with materialised logits, gradients, memory, compile."""
 
+import math
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -457,16 +459,64 @@ def test_fixed_reference_parity(backend, returns_of, scheme, dtype, tol):
     _close(got, want, rtol=tol[0], atol=tol[1])
 
 
-@pytest.mark.parametrize("case", ["class_weight", "beta_1000", "float16", "unbounded"])
+@pytest.mark.parametrize("weights,dtype,tol", [
+    ("class", torch.float64, (1e-9, 1e-12)), ("class", torch.float32, (2e-5, 2e-5)),
+    ("sample", torch.float64, (1e-9, 1e-12)), ("sample", torch.float32, (2e-5, 2e-5)),
+    ("signed", torch.float64, (1e-9, 1e-12)),  # class and signed sample weights: a cancelling sum
+    ("huge_class", torch.float32, (2e-5, 2e-5)),  # weights of 1e30, 69 nats from 1
+], ids=str)  # fmt: skip
+def test_fixed_reference_with_weights(backend, returns_of, weights, dtype, tol):
+    # With class or sample weights R = log sum |s_i| + max log w is summed on the device before the
+    # first chunk (a tensor: no host synchronisation), and still nothing is rescaled across chunks:
+    # every chunk's factor exp(L_k - R) is at most 1, so none can overflow.
+    seen = returns_of(linear, "_fixed_reference")
+    factors = returns_of(linear, "_shares")
+    hidden, weight, bias, target, cw, sw = _inputs(23, 6, 11, dtype, device=backend.device)
+    if weights in ("class", "huge_class"):
+        sw = None
+    if weights == "huge_class":
+        cw = cw.clone()
+        cw[::2] *= 1e30
+    if weights == "sample":
+        cw, sw = None, sw.abs() + 0.1
+    got, want = _both(hidden, weight, bias, target, schemes.DM(), cw, sw, lambda r: torch.randn_like(r),
+                      chunk_size=5, backend=backend.name)
+    assert len(seen) == 1 and isinstance(seen[0], torch.Tensor) and seen[0].device == hidden.device
+    assert factors and all(float(f.max()) <= 1 + 1e-6 for f in factors), [float(f.max()) for f in factors]
+    assert all(torch.isfinite(g).all() for g in got[1])
+    _close(got, want, rtol=tol[0], atol=tol[1])
+
+
+def test_fixed_reference_with_weights_counts_only_rows_that_count():
+    # S = sum |s_i| over valid rows: an ignored row's NaN sample weight is not read, a NaN one on a
+    # valid row makes R NaN (it reaches D), no row that counts gives -inf, and a target outside
+    # [0, V) is left to the row pass (the class-weight gather does not fault on it).
+    spec = rf.functional.kernel_spec(schemes.DM(), normalize=True)
+    hi = spec.log_weight_range[1]
+    target = torch.tensor([0, 1, -100, 2])
+    cw = torch.tensor([1.0, 2.0, 3.0])
+    sw = torch.tensor([1.0, -3.0, math.nan, 0.5])
+    r = linear._fixed_reference(spec, target, cw, sw, torch.float32)
+    assert r.item() == pytest.approx(math.log(1.0 + 6.0 + 1.5) + hi, rel=1e-6)
+    sw_nan = torch.tensor([1.0, math.nan, 1.0, 1.0])
+    assert linear._fixed_reference(spec, target, cw, sw_nan, torch.float32).isnan()
+    none = linear._fixed_reference(spec, torch.full((4,), -100), cw, sw, torch.float32)
+    assert none.item() == -math.inf
+    bad = linear._fixed_reference(spec, torch.tensor([0, 7, -100, 2]), cw, None, torch.float32)
+    assert bad.item() == pytest.approx(math.log(1.0 + 3.0) + hi, rel=1e-6)
+
+
+@pytest.mark.parametrize("case", ["weights_span", "beta_1000", "float16", "unbounded"])
 def test_running_reference_where_no_fixed_one_is_safe(returns_of, case):
     # Each of these falls back to the running normaliser, and stays exact: a fixed reference
-    # would need the weights' range (class weights), span e^-250 (beta = 1000), underflow a
-    # float16 chunk gradient, or has no bound at all (CCE's log w = log 2q).
+    # would span e^-50 (beta = 200, class weights) or e^-250 (beta = 1000), underflow a float16
+    # chunk gradient, or has no bound at all (CCE's log w = log 2q).
     seen = returns_of(linear, "_fixed_reference")
     dtype = torch.float16 if case == "float16" else torch.float64
     hidden, weight, bias, target, cw, _ = _inputs(23, 6, 11, dtype)
-    scheme = {"beta_1000": schemes.DM(beta=1000.0), "unbounded": schemes.CCE()}.get(case, schemes.DM())
-    if case != "class_weight":
+    scheme = {"beta_1000": schemes.DM(beta=1000.0), "weights_span": schemes.DM(beta=200.0),
+              "unbounded": schemes.CCE()}.get(case, schemes.DM())  # fmt: skip
+    if case != "weights_span":
         cw = None
     got, want = _both(hidden, weight, bias, target, scheme, cw, None, lambda r: torch.randn_like(r),
                       chunk_size=5, normalize=True)
@@ -640,11 +690,10 @@ def test_a_chunk_costs_a_bounded_number_of_torch_ops(monkeypatch, reference, bou
         h = torch.randn(n, 4, device=device, requires_grad=True)
         w = torch.randn(10, 4, device=device, requires_grad=True)
         t = torch.randint(0, 10, (n,), device=device)
-        # Class weights take the running normaliser (linear._fixed_reference needs none).
-        cw = torch.rand(10, device=device) + 0.5 if reference == "running" else None
+        # beta = 1000 takes the running normaliser (a fixed reference would span e^-250).
+        scheme = schemes.DM(beta=1000.0) if reference == "running" else schemes.DM()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            linear_robust_cross_entropy(h, w, t, schemes.DM(), class_weight=cw, chunk_size=8,
-                                        backend="triton").backward()
+            linear_robust_cross_entropy(h, w, t, scheme, chunk_size=8, backend="triton").backward()
         return [name for name in aten_outside_launches(prof) if name not in free]
 
     computing_ops(2)  # warm: compile and cache the kernels
