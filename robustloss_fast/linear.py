@@ -30,8 +30,8 @@ backend's, not repeated here.
   ``exp(L_{<=k} - L)`` in backward. Nothing ever overflows, for any ``beta``. Where a reference
   ``R >= L`` is known before the first chunk (``_fixed_reference``: the DM
   families, whose ``log w`` is bounded: ``R = log sum |s_i| + max log w``,
-  ``log N + max log w`` without weights, at most 30 above ``L``), every
-  chunk uses ``R`` instead of ``L_{<=k}``: its factor
+  ``log N + max log w`` without weights, at most 10 above ``L`` with
+  weights and 30 without), every chunk uses ``R`` instead of ``L_{<=k}``: its factor
   ``exp(L_k - R) <= 1`` cannot overflow, nothing is rescaled across chunks
   (no pass over ``grad_W`` per chunk), and the one factor ``exp(R - L)``
   joins backward's. Unnormalised reductions
@@ -463,13 +463,19 @@ def _finalize_all(backend, rows, target, spec, cw, sw, group):
     return finalize_distributed(rows, target, spec, cw, sw, group)
 
 
-# The widest spread of log(|s_i| w_i) / D, in nats, that a fixed reference may
-# span: its smallest coefficients are then >= e^-30 of the largest, far inside
-# the float32 (and bfloat16) exponent range; float16 chunk gradients are not.
+# Without weights: the widest spread of w_i / exp(R), in nats, that a fixed
+# reference may give: its smallest coefficients are then >= e^-30 of the
+# largest, far inside the float32 (and bfloat16) exponent range; float16 chunk
+# gradients are not.
 _FIXED_REFERENCE_SPAN = 30.0
+# With weights the coefficients spread as the weights do, whatever R; R only
+# puts each at most hi - lo nats lower than the running normaliser would, so a
+# row weighted that much closer to the bottom of the float range flushes to 0.
+# Kept small (DM with beta = 8: 2).
+_FIXED_REFERENCE_WEIGHTED_SHIFT = 10.0
 
 
-def _fixed_reference(spec: KernelSpec, target, cw, sw, dtype: torch.dtype):
+def _fixed_reference(spec: KernelSpec, target, cw, sw, dtype: torch.dtype, chunks: int):
     """A reference ``R >= log D`` known before the first chunk, or None.
 
     ``D = sum_i |s_i| w_i <= S exp(hi)`` with ``hi`` the bound of ``log w``
@@ -481,9 +487,11 @@ def _fixed_reference(spec: KernelSpec, target, cw, sw, dtype: torch.dtype):
     too, so the spread is ``hi - lo + log N``). With weights ``S`` is a sum on
     the device, made once (a few small kernels, no host synchronisation): ``R``
     is a tensor, -inf when no row counts, NaN for a NaN weight (SPEC §6: it
-    reaches D). ``R`` is used only if that spread is at most
-    ``_FIXED_REFERENCE_SPAN`` nats (DM with ``beta = 8``: 2, or 2 + log N) and
-    the chunk gradients are not float16.
+    reaches D); in one chunk nothing is rescaled across chunks, so that sum
+    would cost more than it saves. ``R`` is used only where the chunk
+    gradients are not float16 and, without weights, ``hi - lo + log N <=
+    _FIXED_REFERENCE_SPAN`` (DM with ``beta = 8``: 2 + log N), with weights
+    ``hi - lo <= _FIXED_REFERENCE_WEIGHTED_SHIFT``.
     """
     bounds = spec.log_weight_range
     n = target.shape[0]
@@ -492,7 +500,7 @@ def _fixed_reference(spec: KernelSpec, target, cw, sw, dtype: torch.dtype):
     lo, hi = bounds
     if cw is None and sw is None:
         return None if hi - lo + math.log(n) > _FIXED_REFERENCE_SPAN else math.log(n) + hi
-    if hi - lo > _FIXED_REFERENCE_SPAN:
+    if hi - lo > _FIXED_REFERENCE_WEIGHTED_SHIFT or chunks < 2:
         return None
     # A target outside [0, V) counts nowhere here (the row pass stops on it): the class-weight
     # gather must not be the one to fault first.
@@ -553,7 +561,9 @@ class _LinearRobustCE(torch.autograd.Function):
             ninf = torch.full((), -math.inf, dtype=acc, device=hidden.device)
             l_run = ninf
             l_after = []  # L_{<=k}: the reference of chunk k's provisional coefficients
-            frame = _fixed_reference(spec, target, cw, sw, hidden.dtype) if spec.normalised else None
+            frame = None
+            if spec.normalised:
+                frame = _fixed_reference(spec, target, cw, sw, hidden.dtype, -(-n // plan.rows))
 
         for s, e in _chunks(n, plan.rows):
             z = _logits(hidden[s:e], weight, bias)

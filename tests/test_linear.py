@@ -462,7 +462,7 @@ def test_fixed_reference_parity(backend, returns_of, scheme, dtype, tol):
 @pytest.mark.parametrize("weights,dtype,tol", [
     ("class", torch.float64, (1e-9, 1e-12)), ("class", torch.float32, (2e-5, 2e-5)),
     ("sample", torch.float64, (1e-9, 1e-12)), ("sample", torch.float32, (2e-5, 2e-5)),
-    ("signed", torch.float64, (1e-9, 1e-12)),  # class and signed sample weights: a cancelling sum
+    ("signed", torch.float64, (1e-9, 1e-12)),  # class and signed sample weights: the value cancels
     ("huge_class", torch.float32, (2e-5, 2e-5)),  # weights of 1e30, 69 nats from 1
 ], ids=str)  # fmt: skip
 def test_fixed_reference_with_weights(backend, returns_of, weights, dtype, tol):
@@ -496,14 +496,29 @@ def test_fixed_reference_with_weights_counts_only_rows_that_count():
     target = torch.tensor([0, 1, -100, 2])
     cw = torch.tensor([1.0, 2.0, 3.0])
     sw = torch.tensor([1.0, -3.0, math.nan, 0.5])
-    r = linear._fixed_reference(spec, target, cw, sw, torch.float32)
+    r = linear._fixed_reference(spec, target, cw, sw, torch.float32, 2)
     assert r.item() == pytest.approx(math.log(1.0 + 6.0 + 1.5) + hi, rel=1e-6)
     sw_nan = torch.tensor([1.0, math.nan, 1.0, 1.0])
-    assert linear._fixed_reference(spec, target, cw, sw_nan, torch.float32).isnan()
-    none = linear._fixed_reference(spec, torch.full((4,), -100), cw, sw, torch.float32)
+    assert linear._fixed_reference(spec, target, cw, sw_nan, torch.float32, 2).isnan()
+    none = linear._fixed_reference(spec, torch.full((4,), -100), cw, sw, torch.float32, 2)
     assert none.item() == -math.inf
-    bad = linear._fixed_reference(spec, torch.tensor([0, 7, -100, 2]), cw, None, torch.float32)
+    bad = linear._fixed_reference(spec, torch.tensor([0, 7, -100, 2]), cw, None, torch.float32, 2)
     assert bad.item() == pytest.approx(math.log(1.0 + 3.0) + hi, rel=1e-6)
+    # One chunk: nothing to rescale across chunks, so no sum of the weights either.
+    assert linear._fixed_reference(spec, target, cw, sw, torch.float32, 1) is None
+
+
+def test_fixed_reference_limits_with_and_without_weights():
+    # DM(lam=1): hi - lo = beta / 4. With weights R may lie at most 10 nats above the running
+    # normaliser (beta = 36: 9, beta = 44: 11); without, hi - lo + log N at most 30 (N = 1000: 6.9).
+    target = torch.zeros(1000, dtype=torch.long)
+    cw = torch.ones(3)
+    for beta, weighted in ((36.0, True), (44.0, False), (92.0, False)):
+        spec = rf.functional.kernel_spec(schemes.DM(beta=beta), normalize=True)
+        got = linear._fixed_reference(spec, target, cw, None, torch.float32, 4)
+        assert isinstance(got, torch.Tensor) if weighted else got is None, (beta, got)
+        unweighted = linear._fixed_reference(spec, target, None, None, torch.float32, 4)
+        assert (unweighted is None) == (beta / 4 + math.log(1000) > 30), (beta, unweighted)
 
 
 @pytest.mark.parametrize("case", ["weights_span", "beta_1000", "float16", "unbounded"])
@@ -665,7 +680,7 @@ def test_cpu_16bit_grad_weight_path_follows_the_cpu(monkeypatch, fast):
 
 @pytest.mark.triton
 @pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
-@pytest.mark.parametrize("reference,bound", [("fixed", 16), ("running", 20)])
+@pytest.mark.parametrize("reference,bound", [("fixed", 16), ("fixed_weighted", 16), ("running", 20)])
 def test_a_chunk_costs_a_bounded_number_of_torch_ops(monkeypatch, reference, bound):
     """The gradient-in-forward path of the normalised DM with the Triton backend: each more chunk adds its
     three Triton kernels (rows, cross-row step, gradient), its matmuls and a few scalar ops that move the
@@ -690,10 +705,12 @@ def test_a_chunk_costs_a_bounded_number_of_torch_ops(monkeypatch, reference, bou
         h = torch.randn(n, 4, device=device, requires_grad=True)
         w = torch.randn(10, 4, device=device, requires_grad=True)
         t = torch.randint(0, 10, (n,), device=device)
-        # beta = 1000 takes the running normaliser (a fixed reference would span e^-250).
+        # beta = 1000 takes the running normaliser (a fixed reference would span e^-250); class weights
+        # a fixed reference summed on the device once, not per chunk.
         scheme = schemes.DM(beta=1000.0) if reference == "running" else schemes.DM()
+        cw = torch.rand(10, device=device) + 0.5 if reference == "fixed_weighted" else None
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            linear_robust_cross_entropy(h, w, t, scheme, chunk_size=8, backend="triton").backward()
+            linear_robust_cross_entropy(h, w, t, scheme, class_weight=cw, chunk_size=8, backend="triton").backward()
         return [name for name in aten_outside_launches(prof) if name not in free]
 
     computing_ops(2)  # warm: compile and cache the kernels
