@@ -4,7 +4,8 @@
 Fresh random row statistics with every flag the kernels specialise on
 (normalised or not, each reduction, class and signed sample weights, the class
 weights in the rows), ignored rows, rows that do not count (s = 0), rows with
-log w = -inf, infinite and NaN values, several blocks of rows and none; and a
+log w = -inf, infinite and NaN values, several blocks of rows and none,
+batches past 8192 rows (the CUDA step's two launches), NaN weights; and a
 training step's launch count: three Triton kernels and no other computing op.
 """
 
@@ -96,12 +97,27 @@ def test_kernel_matches_finalize(monkeypatch, which, kernel, reduction, normaliz
     name, variant = which if isinstance(which, tuple) else (which, None)
     if name == "triton":
         _small_blocks(monkeypatch, variant)
+    batches = ((0, None, True), (1, None, False), (8, "edges", True), (29, "edges", False), (37, None, True),
+               (64, "edges", True), (29, "inf", True), (64, "inf", False), (29, "nan", True))  # fmt: skip
+    _check_batches(name, _spec(kernel, reduction, normalize), dtype, batches)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("kernel,reduction,normalize", CASES, ids=lambda v: getattr(v, "name", str(v)))
+@pytest.mark.parametrize("name", [_param("cpu"), _param("cuda")])
+def test_kernel_matches_finalize_past_the_one_launch_limit(name, kernel, reduction, normalize, dtype):
+    """Batches past 8192 rows, where the CUDA step takes two launches (33 and 79 chunks), with the edge
+    rows in the first chunk and the last."""
+    batches = ((8193, "edges", True), (9000, "inf", True), (20000, "nan", False))
+    _check_batches(name, _spec(kernel, reduction, normalize), dtype, batches)
+
+
+def _check_batches(name, spec, dtype, batches):
+    """Backend ``name``'s cross-row step against ``_finalize.finalize`` in float64 on the same rounded rows,
+    for each (rows, special rows, class and signed sample weights or none) of ``batches``."""
     finalize = backends.get(name).finalize
     device = device_of(name)
-    spec = _spec(kernel, reduction, normalize)
-    for n, special, weights in ((0, None, True), (1, None, False), (8, "edges", True), (29, "edges", False),
-                                (37, None, True), (64, "edges", True), (29, "inf", True), (64, "inf", False),
-                                (29, "nan", True)):  # fmt: skip
+    for n, special, weights in batches:
         rows, target = cross_row_rows(n, dtype, device, special)
         w = (torch.rand(7, dtype=dtype) + 0.5).to(device) if weights else None
         sw = torch.randn(n, dtype=dtype).to(device) if weights else None
@@ -111,18 +127,18 @@ def test_kernel_matches_finalize(monkeypatch, which, kernel, reduction, normaliz
             sw[5] = math.nan  # an ignored row's sample weight is never read
         extra = {"log_denominator": True} if spec.normalised else {}
         got = finalize(rows, target, spec, w, sw, **extra)
-        # The original in float64 on the same rounded inputs; a signed sample weight makes the value a
-        # cancelling sum, whose error scales with the sum of |terms|: the same value with |sample_weight|.
+        # A signed sample weight makes the value a cancelling sum, whose error scales with the sum of
+        # |terms|: the same value with |sample_weight|.
         f64 = [None if x is None else x.double() for x in (rows, w, sw)]
         want = _finalize.finalize(f64[0], target, spec, f64[1], f64[2], **extra)
         cancelled = None
-        if sw is not None and reduction != Reduction.NONE:
+        if sw is not None and spec.reduction != Reduction.NONE:
             cancelled = _finalize.finalize(f64[0], target, spec, f64[1], f64[2].abs())[0].abs().nan_to_num(0, 0, 0)
         what = f"n={n} special={special} weights={weights}"
         assert len(got) == len(want) and all(g.shape == w_.shape for g, w_ in zip(got, want)), what
-        for k, (name, g, w_) in enumerate(zip(("value", "stats", "log D"), got, want)):
-            assert g.dtype == dtype, f"{what} {name} dtype {g.dtype}"
-            _close(g, w_, dtype, f"{what} {name}", scale=cancelled if k == 0 else None)
+        for k, (part, g, w_) in enumerate(zip(("value", "stats", "log D"), got, want)):
+            assert g.dtype == dtype, f"{what} {part} dtype {g.dtype}"
+            _close(g, w_, dtype, f"{what} {part}", scale=cancelled if k == 0 else None)
 
 
 @pytest.mark.parametrize("name", FUSED + [_param("torch")])
