@@ -462,6 +462,7 @@ def test_fixed_reference_parity(backend, returns_of, scheme, dtype, tol):
 @pytest.mark.parametrize("weights,dtype,tol", [
     ("class", torch.float64, (1e-9, 1e-12)), ("class", torch.float32, (2e-5, 2e-5)),
     ("sample", torch.float64, (1e-9, 1e-12)), ("sample", torch.float32, (2e-5, 2e-5)),
+    ("class", torch.bfloat16, (3e-2, 3e-2)), ("sample", torch.bfloat16, (3e-2, 3e-2)),
     ("signed", torch.float64, (1e-9, 1e-12)),  # class and signed sample weights: the value cancels
     ("huge_class", torch.float32, (2e-5, 2e-5)),  # weights of 1e30, 69 nats from 1
 ], ids=str)  # fmt: skip
