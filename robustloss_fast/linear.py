@@ -511,11 +511,17 @@ def _fixed_reference(spec: KernelSpec, target, cw, sw, dtype: torch.dtype, chunk
 
 
 def _shares(logs: torch.Tensor, total) -> torch.Tensor:
-    """exp(logs - total): the shares of log-sum-exp parts in their total, 0 for a part of -inf.
+    """exp(logs - total): the shares of log-sum-exp parts in their total, 1 where they are equal.
 
-    A part and a total both -inf (nothing active yet) give 0, not NaN; a NaN
-    part or total still gives NaN (SPEC §6: no NaN is hidden)."""
-    return torch.where(logs == -math.inf, 0.0, torch.exp(logs - total))
+    Equal infinities are what matters. Both -inf (nothing active yet): the
+    coefficients made against them are all 0, so any finite factor keeps
+    them 0. Both +inf (an infinite weight, |s_i| w_i = inf): a coefficient
+    made against one infinite normaliser is already what it is against the
+    other (s_i w_i / inf: 0, NaN for the infinite row itself), so the factor
+    is 1, not exp(inf - inf) = NaN; as on materialised logits, only that
+    row's gradient is NaN. A NaN part or total still gives NaN (SPEC §6: no
+    NaN is hidden)."""
+    return torch.where(logs == total, 1.0, torch.exp(logs - total))
 
 
 def _chunk_grad(backend, g, z, t, st, spec, cw, cap, inplace):
@@ -618,8 +624,10 @@ class _LinearRobustCE(torch.autograd.Function):
             row_scale = None  # grad_hidden's factor per row (the normalised mean)
             if spec.normalised:
                 if frame is not None:
-                    # From the fixed reference to L; D = 0 (nothing active) gives 0, not inf * 0.
-                    scale = torch.where(l_run == -math.inf, 0.0, torch.exp(frame - l_run))
+                    # From the fixed reference to L; D = 0 (nothing active) gives 0, not inf * 0; both
+                    # +inf (an infinite weight) 1, as in _shares.
+                    up = torch.exp(torch.where(l_run == frame, 0.0, frame - l_run))
+                    scale = torch.where(l_run == -math.inf, 0.0, up)
                     rows_f = scale.expand(n)
                 else:
                     # Each chunk's rows from its reference L_{<=k} to the final L (chunks are plan.rows

@@ -422,6 +422,40 @@ def test_nan_reaches_every_row_through_the_normaliser(grad_in_forward, nan_chunk
     assert gh1[~ignored].isnan().all() and (gh1[ignored] == 0).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scheme", [schemes.DM(), schemes.DM(beta=1000.0)], ids=["fixed", "running"])
+@pytest.mark.parametrize("where", ["sample", "class"])
+@pytest.mark.parametrize("inf_chunk", [0, 2])
+@pytest.mark.parametrize("grad_in_forward", [None, False])
+def test_an_infinite_weight_is_nan_in_its_own_rows_only(grad_in_forward, inf_chunk, where, scheme, backend):
+    # An infinite weight makes D infinite: on materialised logits every other row's coefficient
+    # s_i w_i / D is 0 and the infinite row's own is inf / inf = NaN. The chunked normaliser must
+    # not turn that into NaN everywhere (exp(inf - inf) when moving a chunk to the reference):
+    # the fixed reference (R = log sum|s| + max log w is +inf too) and the running one.
+    hidden, weight, bias, target, cw, sw = _inputs(12, 3, 5, torch.float64)
+    target = target.clamp(min=0)
+    target[[2, 6]] = -100
+    row = 4 * inf_chunk + 1
+    if where == "sample":
+        sw = sw.clone()
+        sw[row] = math.inf
+    else:
+        cw = cw.clone()
+        cw[target[row]] = math.inf
+    got, want = _both(hidden, weight, bias, target, scheme, cw, sw, lambda r: torch.ones_like(r),
+                      chunk_size=4, grad_in_forward=grad_in_forward, backend=backend)
+    (v1, (gh1, gw1, gb1)), (v2, (gh2, gw2, gb2)) = got, want
+    assert v1.isnan() and v2.isnan()
+    nan_rows = gh2.isnan().any(1)
+    infinite_rows = (target == target[row]) if where == "class" else torch.arange(12) == row
+    assert nan_rows.tolist() == infinite_rows.tolist()  # the reference's pattern
+    assert gh1.isnan().any(1).tolist() == nan_rows.tolist()
+    torch.testing.assert_close(gh1, gh2, equal_nan=True)  # the other rows: 0, as the reference's
+    assert (gh1[~nan_rows] == 0).all()
+    torch.testing.assert_close(gw1, gw2, equal_nan=True)
+    torch.testing.assert_close(gb1, gb2, equal_nan=True)
+
+
 BOUNDED = [schemes.DM(), schemes.DM(lam=0.0, beta=-3.0), schemes.DM(lam=2.5, beta=5.0), schemes.IMAE(T=-4.0),
            schemes.DMExponential(beta=6.0), schemes.DMNormal(psi=0.2, beta=7.0), schemes.DMNormal(psi=0.9, beta=3.0)]
 
