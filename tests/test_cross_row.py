@@ -5,7 +5,7 @@ Fresh random row statistics with every flag the kernels specialise on
 (normalised or not, each reduction, class and signed sample weights, the class
 weights in the rows), ignored rows, rows that do not count (s = 0), rows with
 log w = -inf, infinite and NaN values, several blocks of rows and none,
-batches past 8192 rows (the CUDA step's two launches), NaN weights; and a
+batches past 8192 rows (the CUDA step's two launches), NaN and infinite weights; and a
 training step's launch count: three Triton kernels and no other computing op.
 """
 
@@ -168,6 +168,41 @@ def test_nan_weights_reach_the_rows_that_count_and_no_others(name):
         assert (stats[[2, 3], 2:] == 0).all(), stats
         for k, (g, w_) in enumerate(zip(got, want)):
             _close(g, w_, torch.float64, f"{spec} result {k}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("where", ["sample", "class"])
+@pytest.mark.parametrize("name", FUSED)
+def test_an_infinite_weight_matches_finalize(name, where, dtype):
+    """An infinite sample or class weight on a row that counts makes D (and the sums) infinite: every
+    other row's normalised coefficient is 0, the infinite rows' own inf / inf = NaN, the value NaN or
+    inf. The kernels' log-domain merges meet inf - inf there; they must give _finalize's answer
+    wherever the infinite row falls (first, middle or last block; past 8192 rows on the CUDA step's
+    two-launch path), for every reduction. Its log w is within a few nats of the others' (as DM's are):
+    one so far below the largest that exp(log w - max) underflows to 0 makes inf x 0 = NaN of D in any
+    dtype (the float32 kernels at 104 nats, the float64 reference at 745)."""
+    finalize = backends.get(name).finalize
+    device = device_of(name)
+    for n in (29, 700, 9000):
+        for pos in (0, n // 2, n - 1):
+            rows, target = cross_row_rows(n, dtype, "cpu")
+            rows[:, RowCol.LOGW] /= 30
+            w = torch.rand(7, dtype=dtype) + 0.5
+            sw = torch.rand(n, dtype=dtype) + 0.5
+            target[pos] = 1
+            if where == "sample":
+                sw[pos] = math.inf
+            else:
+                w[1] = math.inf
+            for kernel, reduction, normalize in CASES:
+                spec = _spec(kernel, reduction, normalize)
+                extra = {"log_denominator": True} if spec.normalised else {}
+                got = finalize(rows.to(device), target.to(device), spec, w.to(device), sw.to(device), **extra)
+                want = _finalize.finalize(rows.double(), target, spec, w.double(), sw.double(), **extra)
+                if spec.normalised:
+                    assert want[2] == math.inf and want[1][pos, 2].isnan()  # the case is what it says
+                for part, g, w_ in zip(("value", "stats", "log D"), got, want):
+                    _close(g, w_, dtype, f"n={n} row {pos} {where} {spec} {part}")
 
 
 @pytest.mark.parametrize("name", FUSED + [_param("torch")])

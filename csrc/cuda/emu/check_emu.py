@@ -411,16 +411,17 @@ def run_checks(E) -> Checker:
 
     # The cross-row op on edge rows (tests/_cases.py cross_row_rows: w = 0, m = -inf, an exp that
     # underflows, an infinity rescaled by 0, a NaN row), ignored rows and a row that does not count,
-    # and NaN weights ("nan_sw": a NaN sample weight where every row that counts has w = 0;
-    # "nan_cw": a NaN class weight), on both paths of finalize.cu: one launch, and partials + apply
-    # (EMU_ONE_BLOCK_MAX_ROWS=0; 700 rows make 3 chunks), against _finalize.finalize in float64 on
-    # the same rows.
+    # NaN weights ("nan_sw": a NaN sample weight where every row that counts has w = 0; "nan_cw": a
+    # NaN class weight) and infinite ones ("inf_sw", "inf_cw"), on both paths of finalize.cu: one
+    # launch, and partials + apply (EMU_ONE_BLOCK_MAX_ROWS=0; 700 rows make 3 chunks), against
+    # _finalize.finalize in float64 on the same rows.
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from _cases import cross_row_rows
 
     finalize_cases = [(K.DM, 1, True), (K.DM, 1, False), (K.DM, 2, False), (K.DM, 0, False), (K.CCE_LS, 1, False)]
     edge_batches = [(1, None), (29, "edges"), (700, "edges"), (700, "inf"), (2100, "inf"), (300, "nan"),
-                    (29, "nan_sw"), (700, "nan_sw"), (29, "nan_cw"), (700, "nan_cw")]
+                    (29, "nan_sw"), (700, "nan_sw"), (29, "nan_cw"), (700, "nan_cw"), (29, "inf_sw"), (700, "inf_sw"),
+                    (700, "inf_cw")]  # fmt: skip
     for limit in (None, "0"):
         if limit is not None:
             os.environ["EMU_ONE_BLOCK_MAX_ROWS"] = limit
@@ -438,6 +439,13 @@ def run_checks(E) -> Checker:
                 if special == "nan_cw":
                     target[-1] = 1
                     w[1] = math.nan
+                if special in ("inf_sw", "inf_cw"):  # D = inf: the other rows' coefficients 0, its own NaN
+                    rows[:, RC.LOGW] /= 30  # within a few nats, as DM's: no inf x (an exp that underflows)
+                    target[n // 2] = 1
+                    if special == "inf_sw":
+                        sw[n // 2] = math.inf
+                    else:
+                        w[1] = math.inf
                 f64 = [rows.double(), w.double(), sw.double()]
                 for kid, reduction, normalize in finalize_cases:
                     normalised = reduction == 1 and normalize
