@@ -484,6 +484,48 @@ def test_nan_target_logit_makes_the_row_nan_for_every_scheme(backend, z):
         assert torch.isfinite(x.grad[1]).all(), scheme
 
 
+@pytest.mark.parametrize("kind", ["nan_sample", "inf_sample", "nan_class", "inf_class"])
+def test_nan_and_infinite_weights(backend, kind):
+    """docs/spec.md §12.5: a non-finite weight acts through s_i. Its rows' gradients are not finite; a NaN
+    one reaches every counting row through D (the normalised mean, and the unnormalised mean's class
+    weights), an infinite one zeroes every other row's gradient there (s_j w_j / inf) instead; rows that
+    do not count (ignored, s = 0) keep a zero gradient. Against the reference too, the pattern included."""
+    n, c = 10, 5
+    dev = backend.device
+    target = torch.tensor([0, 2, 2, 1, 3, 4, 2, 0, 1, 3])
+    target[7] = IGNORE
+    sample = torch.rand(n) + 0.5
+    sample[9] = 0.0  # counts nowhere (its class weight stays finite: 0 x inf would be NaN)
+    weight = torch.rand(c) + 0.5
+    bad_value = math.nan if kind.startswith("nan") else math.inf
+    if kind.endswith("sample"):
+        sample[2] = bad_value
+        bad = torch.arange(n) == 2
+    else:
+        weight[2] = bad_value
+        bad = target == 2
+    counting = (target != IGNORE) & (sample != 0)
+    problem = Problem(torch.randn(n, c).to(dev), target.to(dev), weight.to(dev), sample.to(dev))
+    for reduction, normalize in MODES:
+        v, g, _, _ = check_loss(backend, problem, Loss(DM()), reduction, normalize, kind, require_finite=False)
+        v, g = v.cpu(), g.cpu()
+        through_d = reduction == "mean" and (normalize is not False or kind.endswith("class"))
+        finite_rows = g.isfinite().all(1)
+        zero_rows = (g == 0).all(1)
+        what = f"{kind} {reduction} normalize={normalize}"
+        assert (~finite_rows[bad]).all() and zero_rows[~counting].all(), what
+        if through_d and kind.startswith("nan"):
+            assert (~finite_rows[counting]).all(), what
+        elif through_d:
+            assert zero_rows[~bad].all(), what
+        else:
+            assert finite_rows[~bad].all() and not zero_rows[counting & ~bad].any(), what
+        if reduction == "none":
+            assert (~v.isfinite()).tolist() == bad.tolist(), what
+        else:
+            assert v.isnan() if through_d or kind.startswith("nan") else v == math.inf, what
+
+
 # ---------------------------------------------------------------------------
 # degenerate batches (SPEC §3.2, §5.5)
 
