@@ -19,7 +19,8 @@ loss, bf16, both inputs requiring gradients, N = 8192 and 32768. Variants:
 eager ``F.cross_entropy((h @ W.T).float(), y)``, eager DM on the same logits,
 ``torch.compile`` of the eager CE, ``F.linear_cross_entropy`` (chunked; torch
 >= 2.13), Liger's FusedLinearCrossEntropy, Apple's cut-cross-entropy, and
-``linear_robust_cross_entropy`` with DM and CCE. The floor is the three
+``linear_robust_cross_entropy`` with DM and CCE (the default plan, and the
+"lean" and "split" memory budgets: 4 and 5 matmuls). The floor is the three
 N x H x V matrix products of any forward + backward at the bf16 rate of a
 large product measured in the same run.
 
@@ -125,6 +126,7 @@ LINEAR_VARIANTS = [
     "ours CCE",
     "ours DM lean",
     "ours CCE lean",
+    "ours DM split",
 ]
 
 
@@ -133,6 +135,19 @@ def lean_budget(n, h, v, itemsize):
     min(8192, V / 4) columns, the row statistics and 64 KiB -- the vocabulary-tiled recompute path
     (no V x H float32 accumulator; 4 matmuls). 256 MiB at N = 8192, H = 4096, bf16."""
     return 4 * n * h + n * min(8192, v // 4) * itemsize + 48 * n + (1 << 16)
+
+
+def split_budget(n, h, v, itemsize):
+    """memory_budget of the "split" variant: tiles of all N rows by min(2048, V / 4) columns, the row
+    statistics and 4 KiB -- too little for the float32 grad_hidden sum beside tiles of 512 columns, so
+    the backward splits in two (5 matmuls, no float32 sum of either gradient). 32.4 MiB at N = 8192,
+    bf16."""
+    return n * min(2048, v // 4) * itemsize + 48 * n + (1 << 12)
+
+
+def _budget_of(name):
+    """The variant's memory_budget function (None: the default plan)."""
+    return {"lean": lean_budget, "split": split_budget}.get(name.rsplit(" ", 1)[-1])
 
 
 class Skip(Exception):
@@ -517,22 +532,22 @@ def linear_variant(name, dry_run):
         except Exception as exc:  # noqa: BLE001
             raise Skip(f"cut_cross_entropy not importable ({type(exc).__name__}: {exc})") from None
         return linear_cross_entropy, "ce", lambda n, h, v, s: 2 * grads(n, h, v, s) + fp32_acc(n, h, v, s) + (1 << 30)
-    if name in ("ours DM", "ours CCE", "ours DM lean", "ours CCE lean"):
+    if name.startswith("ours "):
         import robustloss_fast as rf
         from robustloss_fast.linear import _plan
 
         scheme = rf.schemes.DM(lam=DM_LAM, beta=DM_BETA) if name.startswith("ours DM") else rf.schemes.CCE()
-        lean = name.endswith("lean")
+        budget_of = _budget_of(name)
 
         def fn(h, w, y):
-            budget = lean_budget(h.shape[0], h.shape[1], w.shape[0], h.element_size()) if lean else None
+            budget = budget_of(h.shape[0], h.shape[1], w.shape[0], h.element_size()) if budget_of else None
             return rf.linear_robust_cross_entropy(h, w, y, scheme, memory_budget=budget)
 
         def estimate(n, h, v, s):
             # The layer's own model of its working memory, plus the gradients it returns.
             dtype = {2: torch.bfloat16, 4: torch.float32}[s]
             plan = _plan(n, v, h, dtype, "cuda", needs_h=True, needs_w=True, needs_b=False, gif=True, cap=None,
-                         budget=lean_budget(n, h, v, s) if lean else None, chunk_size=None)
+                         budget=budget_of(n, h, v, s) if budget_of else None, chunk_size=None)
             return plan.working_bytes + grads(n, h, v, s)
 
         return fn, "dm" if name.startswith("ours DM") else "ce", estimate

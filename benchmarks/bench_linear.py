@@ -11,6 +11,12 @@ process so its RSS high-water mark is its own:
 * ``linear``: ``linear_robust_cross_entropy`` (default: gradient in forward,
   3 matmuls);
 * ``linear_recompute``: the same with ``grad_in_forward=False`` (4 matmuls);
+* ``linear_tiled``: the same with ``bench_gpu.lean_budget``'s
+  ``memory_budget`` (the float32 ``grad_hidden`` sum and vocabulary tiles:
+  4 matmuls, no ``V x H`` float32 sum);
+* ``linear_split``: the same with ``bench_gpu.split_budget``'s (too small
+  for that sum: the backward split in two, 5 matmuls, no float32 sum;
+  16-bit only, as a float32 ``grad_hidden`` needs no separate sum);
 * ``linear_cce``: ``linear_robust_cross_entropy`` with ``CCE()`` (plain
   cross-entropy, the default gradient placement);
 * ``torch_linear_ce``: PyTorch's own ``F.linear_cross_entropy`` (plain
@@ -44,7 +50,7 @@ RSS high-water mark is the method's own:
   process CPU time (all threads) is recorded too, a steadier measure when
   other jobs share the machine.
 
-    python benchmarks/bench_linear.py [--quick] [--out benchmarks/results/linear_cpu.json]
+    python benchmarks/bench_linear.py [--quick] [--methods M ...] [--out benchmarks/results/linear_cpu.json]
     python benchmarks/bench_linear.py --plot benchmarks/results/linear_cpu.json
 """
 
@@ -67,6 +73,8 @@ METHODS = [
     "fused_logits_inplace",
     "linear",
     "linear_recompute",
+    "linear_tiled",
+    "linear_split",
     "linear_cce",
     "torch_linear_ce",
     "torch_linear_ce_chunked",
@@ -87,6 +95,15 @@ def run_one(method: str, n: int, hdim: int, v: int, dtype: str, repeats: int) ->
     target = torch.randint(0, v, (n,))
     target[::17] = -100
     scheme = rf.CCE() if method == "linear_cce" else rf.DM()
+    budget = None
+    if method == "linear_split" and dt.itemsize > 2:
+        return {"method": method, "N": n, "H": hdim, "V": v, "dtype": dtype,
+                "skipped": "only 16-bit inputs split the backward"}  # fmt: skip
+    if method in ("linear_tiled", "linear_split"):
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from bench_gpu import lean_budget, split_budget
+
+        budget = (lean_budget if method == "linear_tiled" else split_budget)(n, hdim, v, dt.itemsize)
     if method.startswith("torch_linear_ce") and not hasattr(torch.nn.functional, "linear_cross_entropy"):
         return {"method": method, "N": n, "H": hdim, "V": v, "dtype": dtype,
                 "skipped": f"torch {torch.__version__} has no F.linear_cross_entropy"}  # fmt: skip
@@ -106,7 +123,7 @@ def run_one(method: str, n: int, hdim: int, v: int, dtype: str, repeats: int) ->
             loss = torch.nn.functional.linear_cross_entropy(hidden, weight, target, ignore_index=-100, options=opts)
         else:
             gif = False if method == "linear_recompute" else None  # linear and linear_cce: the default
-            loss = linear_robust_cross_entropy(hidden, weight, target, scheme, grad_in_forward=gif)
+            loss = linear_robust_cross_entropy(hidden, weight, target, scheme, grad_in_forward=gif, memory_budget=budget)
         loss.backward()
         return loss
 
@@ -168,6 +185,7 @@ def _child(method, n, h, v, dtype, repeats, env) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="only the small shape")
+    ap.add_argument("--methods", nargs="+", choices=METHODS, help="only these methods (default: all)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "linear_cpu.json"))
     ap.add_argument("--malloc-default", action="store_true", help="do not fix glibc's mmap threshold")
     ap.add_argument("--plot", metavar="JSON", help="only draw the PNG next to an existing JSON")
@@ -188,7 +206,7 @@ def main():
     for n, h, v in shapes:
         repeats = 3 if n * h * v < 1e11 else 1
         for dt in DTYPES:
-            for m in METHODS:
+            for m in args.methods or METHODS:
                 res = _child(m, n, h, v, dt, repeats, dict(os.environ))
                 if "skipped" not in res:
                     mem = _child(m, n, h, v, dt, 0, mem_env)

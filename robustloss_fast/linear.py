@@ -59,18 +59,27 @@ backend's, not repeated here.
   finished (over all rows) before the next, so no ``V x H`` float32
   accumulator exists; ``grad_hidden`` is summed over the blocks in float32
   instead (``N x H``). Still 4 matmuls.
+* **Recompute, split** (16-bit inputs, a ``memory_budget`` too small for
+  that ``N x H`` sum beside tiles of 512 columns). Forward as above. Backward
+  twice: the vocabulary-outer tiles give ``grad_weight`` and ``grad_bias``
+  alone, then chunks of whole rows give ``grad_hidden``, each chunk's from
+  one GEMM (``G_k W``, float32 inside, rounded once). **Cost: 5 matmuls**,
+  and no float32 sum of either gradient across chunks: beyond the returned
+  gradients it holds a tile, a chunk and the row statistics.
 
 Exact float32 sums across chunks need one float32 accumulator for 16-bit
 inputs: ``V x H`` for ``grad_weight`` when the rows are chunked, or ``N x H``
 for ``grad_hidden`` when the vocabulary is (2 GiB against 128 MiB at
-``N = 8192``, ``H = 4096``, ``V = 128256``). The second is the lean one; it
-costs the recompute path's fourth matmul.
+``N = 8192``, ``H = 4096``, ``V = 128256``), unless the logits are made once
+more (the split). The second is the lean one of 4 matmuls; the split is
+leaner still (a budget of tens of MiB at that size), at a fifth matmul.
 
 How the work is cut comes from a memory budget (``memory_budget=`` bytes;
 by default chunks of about 64 MiB on CPUs, 512 MiB on GPUs): ``_plan`` holds
 the model of every tensor the layer allocates beyond its inputs and returned
 gradients, and picks the fastest plan that fits (3 matmuls with chunks of at
-least 256 rows, else whole-row recompute, else vocabulary tiles). A chunk's
+least 256 rows, else whole-row recompute, else vocabulary tiles, else the
+split). A chunk's
 gradient is written over its logits (the backends' in-place gradient op)
 unless a soft-cap needs the capped logits afterwards.
 
@@ -153,6 +162,12 @@ _VOCAB_BLOCK = 4096
 # 16-bit tile's rows 16-byte aligned for the GEMMs.
 _MIN_VOCAB_TILE = 128
 _TILE_PAD = 8
+# A 16-bit grad_hidden whose float32 sum over vocabulary tiles leaves room only for tiles
+# narrower than this splits the backward in two instead (_plan): one more GEMM (11 ms at
+# N = 8192, H = 4096, V = 128256 on an H200) against each tile's fixed work (about ten
+# ops, some 50 us of host time per tile on a GPU: 250 tiles of 512 columns cost as much).
+# A guess, not a measurement.
+_SPLIT_BELOW_COLS = 512
 
 
 def _cpu_flags() -> frozenset:
@@ -200,10 +215,14 @@ class _Plan:
 
     ``rows``: rows per forward chunk (and per gradient chunk of the
     gradient-in-forward path). ``tile_rows`` x ``tile_cols``: the recompute
-    backward's tile (``tile_cols == V``: whole rows, as in forward).
+    backward's tile; ``tiled``: it runs vocabulary blocks outermost (else in
+    chunks of ``tile_rows`` whole rows, ``tile_cols == V``).
     ``inplace``: each chunk's gradient is written over its logits.
     ``working_bytes``: the model's working memory beyond the inputs and the
     returned gradients (what :func:`_plan` keeps under the budget).
+    ``split_rows``: when non-zero, the recompute backward runs twice: the
+    tiles give ``grad_weight`` and ``grad_bias`` alone, and chunks of this
+    many whole rows give ``grad_hidden`` (no float32 sum across chunks).
     """
 
     gif: bool
@@ -212,6 +231,8 @@ class _Plan:
     tile_cols: int
     inplace: bool
     working_bytes: int
+    tiled: bool = False
+    split_rows: int = 0
 
 
 def _balanced(n: int, rows: int) -> int:
@@ -245,8 +266,12 @@ def _plan(n, v, hdim, dtype, device_type, *, needs_h, needs_w, needs_b, gif, cap
     ``min(N, 256)`` rows per chunk; else the recompute path (4 GEMMs), whole
     rows if they fit, else tiles of all ``N`` rows and as many vocabulary
     columns as fit (each ``grad_weight`` block then comes from one GEMM,
-    nothing accumulated across chunks), else narrower tiles of fewer rows.
-    Below the smallest plan (1 row; 128 columns) the smallest is used.
+    nothing accumulated across chunks), at least ``_SPLIT_BELOW_COLS`` of
+    them for a 16-bit ``grad_hidden``. Past that, a 16-bit ``grad_hidden``
+    splits the backward in two (5 GEMMs, no float32 sum of either gradient
+    across chunks: the tiles give ``grad_weight``, chunks of whole rows give
+    ``grad_hidden``); other dtypes take narrower tiles of fewer rows. Below
+    the smallest plan (1 row; 128 columns) the smallest is used.
     """
     e = dtype.itemsize
     a = 8 if dtype == torch.float64 else 4
@@ -268,27 +293,31 @@ def _plan(n, v, hdim, dtype, device_type, *, needs_h, needs_w, needs_b, gif, cap
         return (stats + w_acc + h_acc + (v * a if needs_b else 0) + rows * v * per_logit
                 + max(product(v) if needs_w else 0, gh_tmp))
 
-    def whole_rows_bytes(rows):
-        return stats + w_acc + (product(v) if needs_w else 0) + rows * v * per_logit
+    def whole_rows_bytes(rows, with_w=True):
+        return stats + ((w_acc + product(v)) if with_w and needs_w else 0) + rows * v * per_logit
 
-    def tile_bytes(rows, cols):
+    def tile_bytes(rows, cols, with_h=True):
         g_acc = cols * hdim * a if needs_w and rows < n else 0
-        tmp = max(product(rows) if needs_h else 0, product(cols) if needs_w and rows < n else 0)
-        return stats + h_acc + g_acc + tmp + rows * (cols + _TILE_PAD) * per_logit
+        tmp = max(product(rows) if with_h and needs_h else 0, product(cols) if needs_w and rows < n else 0)
+        return stats + (h_acc if with_h else 0) + g_acc + tmp + rows * (cols + _TILE_PAD) * per_logit
 
     def fwd_bytes(rows):
         return stats + rows * v * e
 
-    def make(gif, rows, tile_rows, tile_cols, balance=True):
+    def make(gif, rows, tile_rows, tile_cols, balance=True, tiled=False, split_rows=0):
         if balance:  # an explicit chunk_size is taken as given
             rows, tile_rows = _balanced(n, rows), _balanced(n, tile_rows)
+            split_rows = split_rows and _balanced(n, split_rows)
         if gif:
             used = gif_bytes(rows)
-        elif tile_cols == v:
-            used = max(fwd_bytes(rows), whole_rows_bytes(tile_rows))
-        else:
+        elif split_rows:
+            backward = max(tile_bytes(tile_rows, tile_cols, with_h=False), whole_rows_bytes(split_rows, with_w=False))
+            used = max(fwd_bytes(rows), backward)
+        elif tiled:
             used = max(fwd_bytes(rows), tile_bytes(tile_rows, tile_cols))
-        return _Plan(gif, rows, tile_rows, tile_cols, inplace, used)
+        else:
+            used = max(fwd_bytes(rows), whole_rows_bytes(tile_rows))
+        return _Plan(gif, rows, tile_rows, tile_cols, inplace, used, tiled or bool(split_rows), split_rows)
 
     if budget is None:
         if chunk_size is not None:
@@ -315,13 +344,26 @@ def _plan(n, v, hdim, dtype, device_type, *, needs_h, needs_w, needs_b, gif, cap
     rows = largest(whole_rows_bytes, n)
     if rows >= least:
         return make(False, fwd_rows, rows, v)
-    cols = largest(lambda c: tile_bytes(n, c), v, _MIN_VOCAB_TILE)
-    if cols:
-        return make(False, fwd_rows, n, cols)
-    # Narrow tiles of fewer rows; when not even one row fits (the float32 grad_hidden
-    # alone is over the budget), tiles of 256 rows rather than a crawl of single rows.
+    # The last tile may be short: a vocabulary that is not a multiple of 128 gets its full width too.
+    def widest(cost):
+        return v if cost(v) <= budget else largest(cost, v, _MIN_VOCAB_TILE)
+
+    cols = widest(lambda c: tile_bytes(n, c))
+    split = h_acc > 0
+    if cols >= (min(v, _SPLIT_BELOW_COLS) if split else 1):
+        return make(False, fwd_rows, n, cols, tiled=True)
+    if split:
+        cols = widest(lambda c: tile_bytes(n, c, with_h=False))
+        tile_rows = n
+        if not cols:
+            cols = min(v, _MIN_VOCAB_TILE)
+            tile_rows = largest(lambda r: tile_bytes(r, cols, with_h=False), n) or 1
+        split_rows = largest(lambda r: whole_rows_bytes(r, with_w=False), n) or 1
+        return make(False, fwd_rows, tile_rows, cols, split_rows=split_rows)
+    # Narrow tiles of fewer rows; when not even one row fits, tiles of 256 rows rather than a
+    # crawl of single rows.
     cols = min(v, _MIN_VOCAB_TILE)
-    return make(False, fwd_rows, largest(lambda r: tile_bytes(r, cols), n) or least, cols)
+    return make(False, fwd_rows, largest(lambda r: tile_bytes(r, cols), n) or least, cols, tiled=True)
 
 
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out=None) -> torch.Tensor:
@@ -655,23 +697,34 @@ class _LinearRobustCE(torch.autograd.Function):
             return _LinearRobustCE._backward_stored(ctx, grad)
         hidden, weight, bias, target, stats, u = ctx.saved_tensors
         grad = grad.to(stats.dtype)
-        if ctx.plan.tile_cols < weight.shape[0]:
-            gh, gw, gb = _LinearRobustCE._backward_tiled(ctx, grad, hidden, weight, bias, target, stats, u)
+        plan = ctx.plan
+        needs_h, needs_w, needs_b = ctx.needs_input_grad[:3]
+        args = (ctx, grad, hidden, weight, bias, target, stats, u)
+        if plan.split_rows:
+            # The tiles for grad_weight and grad_bias, then whole rows for grad_hidden: each finished
+            # within its own sweep, so no float32 sum across chunks is held (one GEMM more).
+            gw = gb = None
+            if needs_w or needs_b:
+                _, gw, gb = _LinearRobustCE._backward_tiled(*args, (False, needs_w, needs_b))
+            gh, _, _ = _LinearRobustCE._backward_rows(*args, (needs_h, False, False), plan.split_rows)
+        elif plan.tiled:
+            gh, gw, gb = _LinearRobustCE._backward_tiled(*args, (needs_h, needs_w, needs_b))
         else:
-            gh, gw, gb = _LinearRobustCE._backward_rows(ctx, grad, hidden, weight, bias, target, stats, u)
+            gh, gw, gb = _LinearRobustCE._backward_rows(*args, (needs_h, needs_w, needs_b), plan.tile_rows)
         gw = None if gw is None else gw.to(weight.dtype)
         gb = None if gb is None else gb.to(weight.dtype)
         return (gh, gw, gb) + (None,) * 8
 
     @staticmethod
-    def _backward_rows(ctx, grad, hidden, weight, bias, target, stats, u):
-        """Recompute in chunks of whole rows: ``grad_weight`` summed across chunks in float32."""
-        needs_h, needs_w, needs_b = ctx.needs_input_grad[:3]
+    def _backward_rows(ctx, grad, hidden, weight, bias, target, stats, u, needs, rows):
+        """Recompute in chunks of ``rows`` whole rows: the ``needs`` of (grad_hidden, grad_weight, grad_bias),
+        ``grad_weight`` summed across chunks in float32, each chunk's ``grad_hidden`` from one GEMM."""
+        needs_h, needs_w, needs_b = needs
         acc = stats.dtype
         gh = torch.empty_like(hidden) if needs_h else None
         gw = _accumulator(weight.shape, acc, weight.device, hidden.shape[0]) if needs_w else None
         gb = torch.zeros(weight.shape[:1], dtype=acc, device=weight.device) if needs_b else None
-        for s, e in _chunks(hidden.shape[0], ctx.plan.tile_rows):
+        for s, e in _chunks(hidden.shape[0], rows):
             z = _logits(hidden[s:e], weight, bias)
             if ctx.cap is not None:
                 _softcap_(z, ctx.cap)
@@ -688,8 +741,9 @@ class _LinearRobustCE(torch.autograd.Function):
         return gh, gw, gb
 
     @staticmethod
-    def _backward_tiled(ctx, grad, hidden, weight, bias, target, stats, u):
-        """Recompute in tiles of ``tile_rows x tile_cols`` logits, vocabulary blocks outermost.
+    def _backward_tiled(ctx, grad, hidden, weight, bias, target, stats, u, needs):
+        """Recompute in tiles of ``tile_rows x tile_cols`` logits, vocabulary blocks outermost: the ``needs``
+        of (grad_hidden, grad_weight, grad_bias).
 
         Each block of ``grad_weight`` is finished before the next begins: one
         GEMM over all ``N`` rows when a tile has them all (float32 inside the
@@ -701,7 +755,7 @@ class _LinearRobustCE(torch.autograd.Function):
         every other entry is elementwise in the row's statistics (spec §9), so
         the tile's gradient is the slice of the whole row's.
         """
-        needs_h, needs_w, needs_b = ctx.needs_input_grad[:3]
+        needs_h, needs_w, needs_b = needs
         plan, spec, cap = ctx.plan, ctx.spec, ctx.cap
         n, hdim = hidden.shape
         v = weight.shape[0]

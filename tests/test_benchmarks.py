@@ -100,9 +100,10 @@ def test_suite_dry_run_bench_and_summary(tmp_path):
         assert case["copy"]["median_ms"] > 0
     assert logits["ours DM cuda"]["status"] == "skipped"  # no CUDA build here
     for case in result["linear"]["cases"]:
-        for name in ("eager CE", "eager DM", "compile CE", "ours DM", "ours CCE", "ours DM lean", "ours CCE lean"):
+        ours = ("ours DM", "ours CCE", "ours DM lean", "ours CCE lean", "ours DM split")
+        for name in ("eager CE", "eager DM", "compile CE") + ours:
             assert case["variants"][name]["status"] == "ok", (case["label"], name)
-        for name in ("ours DM", "ours CCE", "ours DM lean", "ours CCE lean"):
+        for name in ours:
             rec = case["variants"][name]
             assert rec["grad_rel_l1_hidden"] < 2e-2 and rec["grad_rel_l1_weight"] < 2e-2, rec
         assert case["floor_ms"] > 0

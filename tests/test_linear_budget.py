@@ -1,5 +1,6 @@
 """linear_robust_cross_entropy's memory budget: the plans it picks, the vocabulary-tiled backward, the memory held."""
 
+import dataclasses
 import math
 
 import pytest
@@ -51,8 +52,40 @@ def test_budget_picks_the_fastest_plan_that_fits():
         assert not plan.gif and plan.working_bytes <= budget, (budget, plan)
     tiny = _llm_plan(16 * MIB, n=8192)
     assert (tiny.tile_rows, tiny.tile_cols) < (8192, 128256) and tiny.tile_rows >= 1
+    # 256 MiB: the float32 grad_hidden (128 MiB) leaves tiles of 1920 columns, 67 of them: tiled.
+    assert _llm_plan(256 * MIB).tile_cols >= 512 and not _llm_plan(256 * MIB).split_rows
     # float32 weights need no separate accumulator: the 3-matmul path fits where bf16's did not.
     assert _llm_plan(1 * GIB, dtype=torch.float32).gif
+
+
+@pytest.mark.parametrize("n", [1024, 8192, 32768])
+def test_every_budget_is_kept(n):
+    # From 8 MiB to 4 GiB at (N, 4096, 128256) bf16 with both gradients: the plan's model stays
+    # within the budget. (1024 rows in 512 MiB once took whole-row chunks, whose backward
+    # holds the 2 GiB float32 grad_weight sum.)
+    for mib in (8, 16, 32, 64, 128, 160, 256, 512, 1024, 2048, 4096):
+        plan = _llm_plan(mib * MIB, n=n)
+        assert plan.working_bytes <= mib * MIB, (n, mib, plan)
+        if not plan.gif and not plan.tiled:  # whole rows, recomputed: their grad_weight sum fits too
+            assert 4 * 128256 * 4096 <= mib * MIB
+
+
+def test_split_backward_where_tiles_would_be_narrow():
+    # Below ~150 MiB at N = 8192 the float32 grad_hidden (128 MiB) would leave tiles of fewer than
+    # 512 columns: the backward splits in two instead, wide tiles for grad_weight (all 8192 rows)
+    # and chunks of whole rows for grad_hidden, with no float32 sum of either.
+    for mib in (128, 64, 32):
+        plan = _llm_plan(mib * MIB)
+        assert not plan.gif and plan.tiled and plan.split_rows >= 1 and plan.tile_rows == 8192, plan
+        assert plan.tile_cols >= 512 and plan.split_rows * 128256 * 2 <= mib * MIB, plan
+    # 32768 rows: the float32 grad_hidden alone is 512 MiB.
+    plan = _llm_plan(512 * MIB, n=32768)
+    assert plan.split_rows and plan.tile_cols >= 4096 and plan.working_bytes <= 512 * MIB, plan
+    # float32 (its grad_hidden is summed in the returned tensor) and bf16 without grad_hidden never split.
+    assert not _llm_plan(32 * MIB, dtype=torch.float32).split_rows
+    no_h = _plan(8192, 128256, 4096, torch.bfloat16, "cuda", needs_h=False, needs_w=True, needs_b=False, gif=True,
+                 cap=None, budget=32 * MIB, chunk_size=None)
+    assert no_h.tiled and not no_h.split_rows
 
 
 def test_budget_arguments_are_validated():
@@ -147,6 +180,74 @@ def test_tiled_parity_low_precision(backend, scheme):
         _close(got, want, rtol=tol, atol=tol)
 
 
+# The split backward, forced on float64 (whose plans never split: its grad_hidden is summed in the returned
+# tensor) to check it at float64 tolerances: forward chunks of 5 rows; grad_weight from tiles of 128 columns
+# (3 blocks, the last short) of all 23 rows or of 6 (a float32 block sum over 4 row tiles); grad_hidden
+# from chunks of 4 whole rows.
+SPLITS = {"all_rows": (23, 4), "few_rows": (6, 4)}
+
+
+def _force_split(monkeypatch, tile_rows, split_rows):
+    import robustloss_fast.linear as linear
+
+    real = linear._plan
+
+    def forced(n, v, *args, **kwargs):
+        plan = real(n, v, *args, **kwargs)
+        return dataclasses.replace(plan, gif=False, tile_rows=min(tile_rows, n), tile_cols=min(128, v), tiled=True,
+                                   split_rows=min(split_rows, n))  # fmt: skip
+
+    monkeypatch.setattr(linear, "_plan", forced)
+
+
+@pytest.mark.parametrize("split", sorted(SPLITS))
+@pytest.mark.parametrize("scheme", ALL_SCHEMES, ids=repr)
+def test_split_parity_every_scheme_float64(monkeypatch, backend, scheme, split):
+    _force_split(monkeypatch, *SPLITS[split])
+    reductions = thin(["mean", "sum", "none"], backend, 2, ALL_SCHEMES.index(scheme))
+    for reduction in reductions:
+        hidden, weight, bias, target, cw, sw = _inputs(23, 7, 300, torch.float64, device=backend.device)
+        got, want = _both(hidden, weight, bias, target, scheme, cw, sw, lambda r: torch.randn_like(r),
+                          reduction=reduction, chunk_size=5, backend=backend.name)
+        _close(got, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("wanted", ["hidden", "weight", "bias", "weight_and_bias"])
+def test_split_computes_only_the_gradients_asked_for(monkeypatch, wanted):
+    # Each sweep runs for what it gives: grad_hidden alone skips the tiles, grad_weight or grad_bias
+    # alone computes no grad_hidden; label smoothing and a soft-cap on the way.
+    _force_split(monkeypatch, 6, 4)
+    hidden, weight, bias, target, cw, sw = _inputs(23, 7, 300, torch.float64)
+    for x, name in ((hidden, "hidden"), (weight, "weight"), (bias, "bias")):
+        x.requires_grad_(name in wanted)
+    params = [x for x in (hidden, weight, bias) if x.requires_grad]
+    for kw in ({}, {"label_smoothing": 0.1}, {"softcap": 2.0}):
+        scheme = schemes.CCE() if kw.get("label_smoothing") else schemes.DM()
+        out = linear_robust_cross_entropy(hidden, weight, target, scheme, bias=bias, class_weight=cw,
+                                          sample_weight=sw, chunk_size=5, **kw)
+        logits = torch.addmm(bias, hidden, weight.t())
+        if "softcap" in kw:
+            logits = kw["softcap"] * torch.tanh(logits / kw["softcap"])
+        ref = rf.robust_cross_entropy(logits, target, scheme, weight=cw, sample_weight=sw, backend="torch",
+                                      label_smoothing=kw.get("label_smoothing", 0.0))
+        torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-12)
+        for a, b in zip(torch.autograd.grad(out, params), torch.autograd.grad(ref, params)):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("scheme", ALL_SCHEMES, ids=repr)
+def test_split_parity_low_precision(backend, scheme):
+    # The split as the planner picks it: 16-bit, a budget too small for tiles of the float32
+    # grad_hidden sum at full width (V = 300 is under 512 columns).
+    for dtype, tol in thin(LOW_PRECISION[1:], backend, 1, ALL_SCHEMES.index(scheme)):
+        hidden, weight, bias, target, cw, sw = _inputs(45, 16, 300, dtype, device=backend.device)
+        plan = _tiled_plan(16_000, n=45, h=16, v=300, dtype=dtype, device=hidden.device.type)
+        assert plan.split_rows and plan.tile_cols < 300 and plan.split_rows < 45, plan
+        got, want = _both(hidden, weight, bias, target, scheme, cw, sw, lambda r: torch.randn_like(r),
+                          memory_budget=16_000, backend=backend.name)
+        _close(got, want, rtol=tol, atol=tol)
+
+
 def test_tiled_nan_row_and_all_ignored():
     hidden, weight, bias, target, cw, sw = _inputs(23, 7, 300, torch.float64, extras=False)
     target[4] = 7
@@ -166,7 +267,8 @@ def test_tiled_nan_row_and_all_ignored():
     assert out.item() == 0.0 and weight.grad.abs().sum() == 0
 
 
-# Several chunks (or tiles) each, so every float32 sum has a first term and later ones.
+# Several chunks (or tiles) each, so every float32 sum has a first term and later ones. (bfloat16
+# takes whole-width tiles at the "all_rows" budget and the split backward at the "few_rows" one.)
 PLANS = {
     "grad_in_forward": dict(chunk_size=5),
     "recompute": dict(chunk_size=5, grad_in_forward=False),
@@ -205,17 +307,24 @@ def test_an_empty_batch_gives_zeros(nan_filled_empty, plan, reduction):
     assert torch.equal(gw, torch.zeros_like(weight)) and torch.equal(gb, torch.zeros_like(bias))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("budget_mib", [3, 8, 24])
-def test_a_step_holds_no_more_than_the_budget(dtype, budget_mib):
-    # N x V = 1024 x 16000 logits are 62.5 MiB in float32. Whatever the plan (3 MiB: tiles of
-    # fewer rows; 8 MiB: tiles of all rows; 24 MiB: the 3-matmul path), the bytes allocated during
-    # forward + backward stay within the budget plus the returned gradients (hidden, weight,
-    # bias) and 1 MiB: the GEMM library's packing buffers, and N-sized vectors (targets, masks).
+STEPS = [(dtype, 64, mib) for dtype in (torch.float32, torch.bfloat16) for mib in (3, 8, 24)]
+STEPS += [(torch.bfloat16, 512, 2), (torch.bfloat16, 512, 4)]
+
+
+@pytest.mark.parametrize("dtype,h,budget_mib", STEPS, ids=lambda x: str(x).replace("torch.", ""))
+def test_a_step_holds_no_more_than_the_budget(dtype, h, budget_mib):
+    # N x V = 1024 x 16000 logits are 62.5 MiB in float32. Whatever the plan (H = 64 -- 3 MiB: tiles
+    # of fewer rows; 8 MiB: tiles of all rows; 24 MiB: the 3-matmul path; H = 512, bfloat16, whose
+    # float32 grad_hidden sum is 2 MiB: the split backward), the bytes allocated during forward +
+    # backward stay within the budget plus the returned gradients (hidden, weight, bias) and 1 MiB:
+    # the GEMM library's packing buffers, and N-sized vectors (targets, masks).
     torch.manual_seed(0)
-    n, h, v = 1024, 64, 16000
+    n, v = 1024, 16000
     hidden, weight, bias, target, _, _ = _inputs(n, h, v, dtype)
     budget = budget_mib * MIB
+    plan = _plan(n, v, h, dtype, "cpu", needs_h=True, needs_w=True, needs_b=True, gif=True, cap=None,
+                 budget=budget, chunk_size=None)
+    assert bool(plan.split_rows) == (h == 512), plan
 
     def step():
         out = linear_robust_cross_entropy(hidden, weight, target, schemes.DM(), bias=bias, memory_budget=budget)
