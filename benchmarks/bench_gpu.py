@@ -139,7 +139,7 @@ def lean_budget(n, h, v, itemsize):
 
 def split_budget(n, h, v, itemsize):
     """memory_budget of the "split" variant: tiles of all N rows by min(2048, V / 4) columns, the row
-    statistics and 4 KiB -- too little for the float32 grad_hidden sum beside tiles of 512 columns, so
+    statistics and 4 KiB -- too little for the float32 grad_hidden sum beside tiles of 1024 columns, so
     the backward splits in two (5 matmuls, no float32 sum of either gradient). 32.4 MiB at N = 8192,
     bf16."""
     return n * min(2048, v // 4) * itemsize + 48 * n + (1 << 12)

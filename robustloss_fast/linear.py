@@ -60,7 +60,7 @@ backend's, not repeated here.
   accumulator exists; ``grad_hidden`` is summed over the blocks in float32
   instead (``N x H``). Still 4 matmuls.
 * **Recompute, split** (16-bit inputs, a ``memory_budget`` too small for
-  that ``N x H`` sum beside tiles of 512 columns). Forward as above. Backward
+  that ``N x H`` sum beside tiles of 1024 columns). Forward as above. Backward
   twice: the vocabulary-outer tiles give ``grad_weight`` and ``grad_bias``
   alone, then chunks of whole rows give ``grad_hidden``, each chunk's from
   one GEMM (``G_k W``, float32 inside, rounded once). **Cost: 5 matmuls**,
@@ -163,11 +163,13 @@ _VOCAB_BLOCK = 4096
 _MIN_VOCAB_TILE = 128
 _TILE_PAD = 8
 # A 16-bit grad_hidden whose float32 sum over vocabulary tiles leaves room only for tiles
-# narrower than this splits the backward in two instead (_plan): one more GEMM (11 ms at
-# N = 8192, H = 4096, V = 128256 on an H200) against each tile's fixed work (about ten
-# ops, some 50 us of host time per tile on a GPU: 250 tiles of 512 columns cost as much).
-# A guess, not a measurement.
-_SPLIT_BELOW_COLS = 512
+# narrower than this splits the backward in two instead (_plan). Each tile reads and writes
+# that N x H sum (8 N H bytes) and has its fixed work (~10 ops); the split costs one more
+# GEMM (2 N H V FLOP). On an H200 (790 TFLOP/s, 4.25 TB/s) the traffic alone is even at
+# ~740 columns, before the per-tile host work; on the 2-core CI VM at (2048, 512, 32000)
+# bf16 the split was faster than tiles of 1408 columns and slower than tiles of 3456
+# (benchmarks/NOTES.md). Between the two.
+_SPLIT_BELOW_COLS = 1024
 
 
 def _cpu_flags() -> frozenset:

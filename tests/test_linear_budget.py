@@ -71,8 +71,8 @@ def test_every_budget_is_kept(n):
 
 
 def test_split_backward_where_tiles_would_be_narrow():
-    # Below ~150 MiB at N = 8192 the float32 grad_hidden (128 MiB) would leave tiles of fewer than
-    # 512 columns: the backward splits in two instead, wide tiles for grad_weight (all 8192 rows)
+    # Below ~250 MiB at N = 8192 the float32 grad_hidden (128 MiB, and a product block to add to it)
+    # would leave tiles of fewer than 1024 columns: the backward splits in two instead, wide tiles for grad_weight (all 8192 rows)
     # and chunks of whole rows for grad_hidden, with no float32 sum of either.
     for mib in (128, 64, 32):
         plan = _llm_plan(mib * MIB)
@@ -238,7 +238,7 @@ def test_split_computes_only_the_gradients_asked_for(monkeypatch, wanted):
 @pytest.mark.parametrize("scheme", ALL_SCHEMES, ids=repr)
 def test_split_parity_low_precision(backend, scheme):
     # The split as the planner picks it: 16-bit, a budget too small for tiles of the float32
-    # grad_hidden sum at full width (V = 300 is under 512 columns).
+    # grad_hidden sum at full width (V = 300 is under 1024 columns).
     for dtype, tol in thin(LOW_PRECISION[1:], backend, 1, ALL_SCHEMES.index(scheme)):
         hidden, weight, bias, target, cw, sw = _inputs(45, 16, 300, dtype, device=backend.device)
         plan = _tiled_plan(16_000, n=45, h=16, v=300, dtype=dtype, device=hidden.device.type)
