@@ -256,6 +256,9 @@ def _plan(n, v, hdim, dtype, device_type, *, needs_h, needs_w, needs_b, gif, cap
     * 16-bit weights: the ``V x H`` float32 ``grad_weight`` accumulator of
       row chunks (the exact sum across chunks); a 16-bit product block of up
       to ``4096 x H`` and its float32 copy where the GEMM cannot write float32;
+      where 16-bit GEMMs are upcast, the float32 copy of the other operand
+      (``hidden``'s rows, a tile's block of ``weight``) and of a whole tile's
+      ``grad_weight`` block before it is rounded;
     * gradient in forward: the float32 ``N x H`` ``grad_hidden`` of a 16-bit
       ``hidden``; recompute tiled over the vocabulary: the same, summed over
       tiles, and an ``tile_cols x H`` float32 block of ``grad_weight`` when a
@@ -272,8 +275,10 @@ def _plan(n, v, hdim, dtype, device_type, *, needs_h, needs_w, needs_b, gif, cap
     them for a 16-bit ``grad_hidden``. Past that, a 16-bit ``grad_hidden``
     splits the backward in two (5 GEMMs, no float32 sum of either gradient
     across chunks: the tiles give ``grad_weight``, chunks of whole rows give
-    ``grad_hidden``); other dtypes take narrower tiles of fewer rows. Below
-    the smallest plan (1 row; 128 columns) the smallest is used.
+    ``grad_hidden``); other dtypes, or a split that cannot hold one whole
+    row, take narrower tiles of fewer rows. Below every plan the one that
+    holds least: tiles of 128 columns and 256 rows, or for a 16-bit
+    ``grad_hidden`` the split with one row at a time if that is smaller.
     """
     e = dtype.itemsize
     a = 8 if dtype == torch.float64 else 4
@@ -290,17 +295,28 @@ def _plan(n, v, hdim, dtype, device_type, *, needs_h, needs_w, needs_b, gif, cap
         direct = wide and not upcast and _fp32_out_gemm(device_type)
         return min(acc_rows, _VOCAB_BLOCK) * hdim * (e + a) if wide and not upcast and not direct else 0
 
+    def copies(rows, cols=0, whole=False, with_h=False):
+        # Where 16-bit GEMMs are upcast, the float32 copy of the other operand: hidden's rows for a
+        # grad_weight product (and the float32 product of a whole tile's block before it is
+        # rounded into grad_weight), a tile's weight block for its grad_hidden product.
+        if not upcast:
+            return 0
+        w_side = (rows + (cols if whole else 0)) * hdim * a if needs_w else 0
+        return max(w_side, cols * hdim * a if with_h and needs_h else 0)
+
     def gif_bytes(rows):
         gh_tmp = rows * hdim * e if needs_h and wide else 0
         return (stats + w_acc + h_acc + (v * a if needs_b else 0) + rows * v * per_logit
-                + max(product(v) if needs_w else 0, gh_tmp))
+                + max(product(v) if needs_w else 0, gh_tmp, copies(rows)))
 
     def whole_rows_bytes(rows, with_w=True):
-        return stats + ((w_acc + product(v)) if with_w and needs_w else 0) + rows * v * per_logit
+        w_side = w_acc + max(product(v), copies(rows)) if with_w and needs_w else 0
+        return stats + w_side + rows * v * per_logit
 
     def tile_bytes(rows, cols, with_h=True):
         g_acc = cols * hdim * a if needs_w and rows < n else 0
-        tmp = max(product(rows) if with_h and needs_h else 0, product(cols) if needs_w and rows < n else 0)
+        tmp = max(product(rows) if with_h and needs_h else 0, product(cols) if needs_w and rows < n else 0,
+                  copies(rows, cols, whole=rows >= n, with_h=with_h))
         return stats + (h_acc if with_h else 0) + g_acc + tmp + rows * (cols + _TILE_PAD) * per_logit
 
     def fwd_bytes(rows):
@@ -354,18 +370,27 @@ def _plan(n, v, hdim, dtype, device_type, *, needs_h, needs_w, needs_b, gif, cap
     split = h_acc > 0
     if cols >= (min(v, _SPLIT_BELOW_COLS) if split else 1):
         return make(False, fwd_rows, n, cols, tiled=True)
-    if split:
+
+    def split_plan(split_rows):
         cols = widest(lambda c: tile_bytes(n, c, with_h=False))
         tile_rows = n
         if not cols:
             cols = min(v, _MIN_VOCAB_TILE)
             tile_rows = largest(lambda r: tile_bytes(r, cols, with_h=False), n) or 1
-        split_rows = largest(lambda r: whole_rows_bytes(r, with_w=False), n) or 1
         return make(False, fwd_rows, tile_rows, cols, split_rows=split_rows)
-    # Narrow tiles of fewer rows; when not even one row fits, tiles of 256 rows rather than a
-    # crawl of single rows.
+
+    split_rows = largest(lambda r: whole_rows_bytes(r, with_w=False), n) if split else 0
+    if split_rows:
+        return split_plan(split_rows)
+    # Narrow tiles of fewer rows (also for a split whose grad_hidden pass cannot hold one whole
+    # row). When nothing fits: tiles of 256 rows rather than a crawl of single rows, or the
+    # split with one row at a time where that holds less.
     cols = min(v, _MIN_VOCAB_TILE)
-    return make(False, fwd_rows, largest(lambda r: tile_bytes(r, cols), n) or least, cols, tiled=True)
+    rows = largest(lambda r: tile_bytes(r, cols), n)
+    narrow = make(False, fwd_rows, rows or least, cols, tiled=True)
+    if rows or not split:
+        return narrow
+    return min(narrow, split_plan(1), key=lambda p: p.working_bytes)
 
 
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out=None) -> torch.Tensor:
@@ -705,10 +730,11 @@ class _LinearRobustCE(torch.autograd.Function):
         if plan.split_rows:
             # The tiles for grad_weight and grad_bias, then whole rows for grad_hidden: each finished
             # within its own sweep, so no float32 sum across chunks is held (one GEMM more).
-            gw = gb = None
+            gh = gw = gb = None
             if needs_w or needs_b:
                 _, gw, gb = _LinearRobustCE._backward_tiled(*args, (False, needs_w, needs_b))
-            gh, _, _ = _LinearRobustCE._backward_rows(*args, (needs_h, False, False), plan.split_rows)
+            if needs_h:
+                gh, _, _ = _LinearRobustCE._backward_rows(*args, (True, False, False), plan.split_rows)
         elif plan.tiled:
             gh, gw, gb = _LinearRobustCE._backward_tiled(*args, (needs_h, needs_w, needs_b))
         else:

@@ -70,6 +70,17 @@ def test_every_budget_is_kept(n):
             assert 4 * 128256 * 4096 <= mib * MIB
 
 
+def test_below_every_plan_the_smallest_is_used():
+    # float16 on a CPU (its products upcast: a tile's weight block alone is a 2 MiB float32 copy)
+    # and budgets under any plan: the split's one row at a time (48 bytes of statistics a row and
+    # one row of logits with its float32 copy) holds the least, not 37-row tiles (2.7 MB).
+    one_row_split = 37 * 48 + 128256 * (2 + 4)
+    for budget in (64 << 10, 608_800, 700_000):
+        plan = _plan(37, 128256, 4096, torch.float16, "cpu", needs_h=True, needs_w=False, needs_b=False, gif=True,
+                     cap=None, budget=budget, chunk_size=None)  # fmt: skip
+        assert plan.working_bytes <= max(budget, one_row_split), (budget, plan)
+
+
 def test_split_backward_where_tiles_would_be_narrow():
     # Below ~250 MiB at N = 8192 the float32 grad_hidden (128 MiB, and a product block to add to it)
     # would leave tiles of fewer than 1024 columns: the backward splits in two instead, wide tiles for grad_weight (all 8192 rows)
@@ -215,8 +226,19 @@ def test_split_parity_every_scheme_float64(monkeypatch, backend, scheme, split):
 @pytest.mark.parametrize("wanted", ["hidden", "weight", "bias", "weight_and_bias"])
 def test_split_computes_only_the_gradients_asked_for(monkeypatch, wanted):
     # Each sweep runs for what it gives: grad_hidden alone skips the tiles, grad_weight or grad_bias
-    # alone computes no grad_hidden; label smoothing and a soft-cap on the way.
+    # alone computes no grad_hidden (counted); label smoothing and a soft-cap on the way.
+    import robustloss_fast.linear as linear
+
     _force_split(monkeypatch, 6, 4)
+    calls = []
+    for sweep in ("_backward_tiled", "_backward_rows"):
+        real = getattr(linear._LinearRobustCE, sweep)
+
+        def counted(*args, _real=real, _name=sweep):
+            calls.append(_name)
+            return _real(*args)
+
+        monkeypatch.setattr(linear._LinearRobustCE, sweep, staticmethod(counted))
     hidden, weight, bias, target, cw, sw = _inputs(23, 7, 300, torch.float64)
     for x, name in ((hidden, "hidden"), (weight, "weight"), (bias, "bias")):
         x.requires_grad_(name in wanted)
@@ -231,8 +253,11 @@ def test_split_computes_only_the_gradients_asked_for(monkeypatch, wanted):
         ref = rf.robust_cross_entropy(logits, target, scheme, weight=cw, sample_weight=sw, backend="torch",
                                       label_smoothing=kw.get("label_smoothing", 0.0))
         torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-12)
+        calls.clear()
         for a, b in zip(torch.autograd.grad(out, params), torch.autograd.grad(ref, params)):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+        want = ["_backward_tiled"] if wanted != "hidden" else []
+        assert calls == want + (["_backward_rows"] if wanted == "hidden" else []), calls
 
 
 @pytest.mark.parametrize("scheme", ALL_SCHEMES, ids=repr)
@@ -311,20 +336,30 @@ STEPS = [(dtype, 64, mib) for dtype in (torch.float32, torch.bfloat16) for mib i
 STEPS += [(torch.bfloat16, 512, 2), (torch.bfloat16, 512, 4)]
 
 
+@pytest.mark.parametrize("gemm", ["native", "upcast"])
 @pytest.mark.parametrize("dtype,h,budget_mib", STEPS, ids=lambda x: str(x).replace("torch.", ""))
-def test_a_step_holds_no_more_than_the_budget(dtype, h, budget_mib):
+def test_a_step_holds_no_more_than_the_budget(monkeypatch, dtype, h, budget_mib, gemm):
     # N x V = 1024 x 16000 logits are 62.5 MiB in float32. Whatever the plan (H = 64 -- 3 MiB: tiles
     # of fewer rows; 8 MiB: tiles of all rows; 24 MiB: the 3-matmul path; H = 512, bfloat16, whose
     # float32 grad_hidden sum is 2 MiB: the split backward), the bytes allocated during forward +
     # backward stay within the budget plus the returned gradients (hidden, weight, bias) and 1 MiB:
-    # the GEMM library's packing buffers, and N-sized vectors (targets, masks).
+    # the GEMM library's packing buffers, and N-sized vectors (targets, masks). Both CPU ways of a
+    # bfloat16 product: the native GEMM, and float32 copies of its operands (CPUs without it).
+    import robustloss_fast.linear as linear
+
+    if dtype == torch.float32 and gemm == "upcast":
+        pytest.skip("float32 products are never upcast")
+    monkeypatch.setitem(linear._CPU_FAST_16BIT, torch.bfloat16, gemm == "native")
     torch.manual_seed(0)
     n, v = 1024, 16000
     hidden, weight, bias, target, _, _ = _inputs(n, h, v, dtype)
     budget = budget_mib * MIB
     plan = _plan(n, v, h, dtype, "cpu", needs_h=True, needs_w=True, needs_b=True, gif=True, cap=None,
                  budget=budget, chunk_size=None)
-    assert bool(plan.split_rows) == (h == 512), plan
+    if h == 512:
+        assert plan.split_rows, plan
+    elif gemm == "native":
+        assert not plan.split_rows, plan
 
     def step():
         out = linear_robust_cross_entropy(hidden, weight, target, schemes.DM(), bias=bias, memory_budget=budget)
