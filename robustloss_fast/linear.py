@@ -276,9 +276,10 @@ def _plan(n, v, hdim, dtype, device_type, *, needs_h, needs_w, needs_b, gif, cap
     splits the backward in two (5 GEMMs, no float32 sum of either gradient
     across chunks: the tiles give ``grad_weight``, chunks of whole rows give
     ``grad_hidden``); other dtypes, or a split that cannot hold one whole
-    row, take narrower tiles of fewer rows. Below every plan the one that
-    holds least: tiles of 128 columns and 256 rows, or for a 16-bit
-    ``grad_hidden`` the split with one row at a time if that is smaller.
+    row, take narrower tiles of fewer rows, else (no tile's float32
+    ``grad_weight`` block fits) whole rows, fewer than 256. Below every
+    plan the one that holds least: tiles of 128 columns and 256 rows, or for
+    a 16-bit ``grad_hidden`` the split with one row at a time if smaller.
     """
     e = dtype.itemsize
     a = 8 if dtype == torch.float64 else 4
@@ -387,10 +388,15 @@ def _plan(n, v, hdim, dtype, device_type, *, needs_h, needs_w, needs_b, gif, cap
     # split with one row at a time where that holds less.
     cols = min(v, _MIN_VOCAB_TILE)
     rows = largest(lambda r: tile_bytes(r, cols), n)
-    narrow = make(False, fwd_rows, rows or least, cols, tiled=True)
-    if rows or not split:
-        return narrow
-    return min(narrow, split_plan(1), key=lambda p: p.working_bytes)
+    if rows:
+        return make(False, fwd_rows, rows, cols, tiled=True)
+    # No tile fits (its float32 grad_weight block is over the budget): whole rows, fewer than
+    # `least` of them, may still fit.
+    rows = largest(whole_rows_bytes, n)
+    if rows:
+        return make(False, fwd_rows, rows, v)
+    narrow = make(False, fwd_rows, least, cols, tiled=True)
+    return min(narrow, split_plan(1), key=lambda p: p.working_bytes) if split else narrow
 
 
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out=None) -> torch.Tensor:
