@@ -81,6 +81,13 @@ def test_below_every_plan_the_smallest_is_used():
         assert plan.working_bytes <= max(budget, one_row_split), (budget, plan)
 
 
+def test_few_whole_rows_where_no_tile_fits():
+    # float32 at (8192, 4096, 128256): a tile's float32 grad_weight block (128 x 4096: 2 MiB) is over a
+    # 1.5 MiB budget, a few whole rows of logits (0.5 MiB each, beside 0.4 MiB of statistics) are not.
+    plan = _llm_plan(3 * MIB // 2, dtype=torch.float32)
+    assert not plan.tiled and 1 <= plan.tile_rows < 256 and plan.working_bytes <= 3 * MIB // 2, plan
+
+
 def test_split_backward_where_tiles_would_be_narrow():
     # Below ~250 MiB at N = 8192 the float32 grad_hidden (128 MiB, and a product block to add to it)
     # would leave tiles of fewer than 1024 columns: the backward splits in two instead, wide tiles for grad_weight (all 8192 rows)
