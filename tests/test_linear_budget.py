@@ -230,6 +230,18 @@ def test_split_parity_every_scheme_float64(monkeypatch, backend, scheme, split):
         _close(got, want, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype,tol", LOW_PRECISION, ids=lambda x: str(x).replace("torch.", ""))
+def test_split_parity_forced_every_dtype(monkeypatch, backend, dtype, tol):
+    # The split in float32 (which the planner never splits) and 16-bit, forced to the same tiles,
+    # against the reference on logits of the same dtype, every reduction.
+    _force_split(monkeypatch, *SPLITS["few_rows"])
+    for reduction in ("mean", "sum", "none"):
+        hidden, weight, bias, target, cw, sw = _inputs(23, 7, 300, dtype, device=backend.device)
+        got, want = _both(hidden, weight, bias, target, schemes.DM(), cw, sw, lambda r: torch.randn_like(r),
+                          reduction=reduction, chunk_size=5, backend=backend.name)
+        _close(got, want, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("wanted", ["hidden", "weight", "bias", "weight_and_bias"])
 def test_split_computes_only_the_gradients_asked_for(monkeypatch, wanted):
     # Each sweep runs for what it gives: grad_hidden alone skips the tiles, grad_weight or grad_bias
