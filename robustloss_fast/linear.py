@@ -91,9 +91,10 @@ rounded once at the end. A 16-bit product is added to a float32 accumulator
 by one GEMM with a float32 output where ATen has one (CUDA), else per block
 of 4096 accumulator rows in the input dtype (float32 inside the GEMM, the
 block rounded once) and added in float32 -- on GPUs and on CPUs with native
-bfloat16 GEMMs (AVX512-BF16, AMX). Other CPUs emulate the 16-bit GEMM; there
-it runs in float32 on float32 copies of the chunk. ``_add_product`` has the
-error measurements.
+bfloat16 GEMMs (AVX512-BF16, AMX). Other CPUs emulate the 16-bit GEMM, up to
+hundreds of times slower; there every product, the logits' included, runs
+in float32 on float32 copies of 512 x 512 blocks of its operands
+(``_upcast_product``). ``_add_product`` has the error measurements.
 
 Soft-capping
 ------------
@@ -156,6 +157,12 @@ _MIN_CHUNK_ROWS = 256
 # Vocabulary block of the bfloat16/float16 grad_weight product before it is
 # added to the float32 accumulator (where no GEMM writes float32 from 16-bit).
 _VOCAB_BLOCK = 4096
+# Where a CPU would emulate a 16-bit GEMM, products run in float32 on float32 copies of
+# blocks of at most this many rows and columns of each operand (_upcast_product): 1 MiB
+# each, at most 3 MiB whatever the operands (a whole float32 V x H weight is 2 GiB at
+# V = 128256, H = 4096), and a 512^3 float32 GEMM is ~2 ms on the 2-core CI VM, so the
+# per-block host work and the copies (1/512 of the multiply-adds) are lost in it.
+_UPCAST_BLOCK = 512
 # Recompute backward tiled over the vocabulary: the narrowest tile, and the
 # spare columns after it. A row whose class lies outside the tile gets its
 # "target" in the first spare column, whose gradient is discarded; 8 keeps a
@@ -211,6 +218,57 @@ def _cpu_fast_16bit_gemm(dtype: torch.dtype) -> bool:
     return torch.compiler.is_compiling() or bool(torch.backends.mkldnn.enabled)
 
 
+def _upcast_gemm(dtype: torch.dtype, device_type: str) -> bool:
+    """Whether a ``dtype`` product runs in float32 here (:func:`_upcast_product`): 16-bit on a CPU that would emulate it.
+
+    The emulation is not just slower. ATen's fallback for ``gl @ W`` (the
+    ``grad_hidden`` product, whose inner dimension is the vocabulary) took
+    66 s in float16 for 256 x 50257 x 1024 on the 2-core CI VM, against
+    0.19 s for the float32 product on float32 copies; bfloat16 without
+    oneDNN, 6.2 s against 0.035 s at 256 x 8192 x 1024.
+    """
+    return device_type == "cpu" and dtype in (torch.float16, torch.bfloat16) and not _cpu_fast_16bit_gemm(dtype)
+
+
+def _upcast_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float = 0.0, bias=None) -> None:
+    """out <- beta * out + a @ b (+ bias) in float32, on float32 copies of ``_UPCAST_BLOCK``-square blocks.
+
+    For 16-bit ``a``, ``b`` where :func:`_upcast_gemm` says so. A float32
+    ``out`` takes each block's products directly (``beta`` applies to its
+    first one; ``beta = 0`` does not read ``out``, so it may be
+    uninitialised); a 16-bit ``out`` (``beta = 0``) gets each block's float32
+    sum over the inner dimension, plus ``bias``, rounded once, as a 16-bit
+    GEMM with float32 accumulation would. Temporaries: one block of each
+    operand, and for a 16-bit ``out`` its block's sum (``_plan``'s
+    ``upcast`` term).
+    """
+    f32, blk = torch.float32, _UPCAST_BLOCK
+    (m, k), n = a.shape, b.shape[1]
+    direct = out.dtype == f32
+    if bias is not None or not direct:
+        assert beta == 0.0, "a 16-bit result or a bias is written, not accumulated"
+    tmp = None if direct else torch.empty((min(m, blk), min(n, blk)), dtype=f32, device=out.device)
+    compiling = torch.compiler.is_compiling()
+    for r0, r1 in _chunks(m, blk):
+        for c0, c1 in _chunks(n, blk):
+            acc = out[r0:r1, c0:c1] if direct else tmp[: r1 - r0, : c1 - c0]
+            first = beta
+            if bias is not None:
+                acc.copy_(bias[c0:c1].expand_as(acc))
+                first = 1.0
+            elif first == 0.0 and compiling:
+                # Inductor may lower addmm to beta * acc + a @ b, where 0 * an uninitialised NaN is NaN.
+                acc.zero_()
+                first = 1.0
+            if k == 0 and first != 1.0:  # no product to apply beta
+                acc.zero_() if first == 0.0 else acc.mul_(first)
+            for k0, k1 in _chunks(k, blk):
+                acc.addmm_(a[r0:r1, k0:k1].to(f32), b[k0:k1, c0:c1].to(f32), beta=first if k0 == 0 else 1.0)
+            if not direct:
+                out[r0:r1, c0:c1].copy_(acc)
+
+
+
 @dataclass(frozen=True)
 class _Plan:
     """How the rows and the vocabulary are cut, from the memory budget (:func:`_plan`).
@@ -251,14 +309,15 @@ def _plan(n, v, hdim, dtype, device_type, *, needs_h, needs_w, needs_b, gif, cap
 
     * per logit of a chunk: ``e`` for the logits, ``e`` more for their
       gradient when a soft-cap needs the capped logits afterwards (otherwise
-      the gradient is written over them), ``a`` more for a float32 copy on
-      CPUs that upcast 16-bit GEMMs (:func:`_cpu_fast_16bit_gemm`);
+      the gradient is written over them);
     * 16-bit weights: the ``V x H`` float32 ``grad_weight`` accumulator of
       row chunks (the exact sum across chunks); a 16-bit product block of up
       to ``4096 x H`` and its float32 copy where the GEMM cannot write float32;
-      where 16-bit GEMMs are upcast, the float32 copy of the other operand
-      (``hidden``'s rows, a tile's block of ``weight``) and of a whole tile's
-      ``grad_weight`` block before it is rounded;
+    * where 16-bit GEMMs are upcast (:func:`_upcast_gemm`), the float32
+      blocks of the largest product at each point: a block of each operand
+      and, for a 16-bit result (logits, whole-row ``grad_hidden``, a whole
+      tile's ``grad_weight`` block), the block's sum, at most
+      ``3 x 512 x 512 x a`` bytes;
     * gradient in forward: the float32 ``N x H`` ``grad_hidden`` of a 16-bit
       ``hidden``; recompute tiled over the vocabulary: the same, summed over
       tiles, and an ``tile_cols x H`` float32 block of ``grad_weight`` when a
@@ -284,9 +343,9 @@ def _plan(n, v, hdim, dtype, device_type, *, needs_h, needs_w, needs_b, gif, cap
     e = dtype.itemsize
     a = 8 if dtype == torch.float64 else 4
     wide = a != e
-    upcast = wide and device_type == "cpu" and not _cpu_fast_16bit_gemm(dtype)
+    upcast = wide and _upcast_gemm(dtype, device_type)
     inplace = cap is None
-    per_logit = e * (1 if inplace else 2) + (a if upcast else 0)
+    per_logit = e * (1 if inplace else 2)
     stats = 12 * a * n
     w_acc = v * hdim * a if wide and needs_w else 0
     h_acc = n * hdim * a if needs_h and wide else 0
@@ -296,32 +355,37 @@ def _plan(n, v, hdim, dtype, device_type, *, needs_h, needs_w, needs_b, gif, cap
         direct = wide and not upcast and _fp32_out_gemm(device_type)
         return min(acc_rows, _VOCAB_BLOCK) * hdim * (e + a) if wide and not upcast and not direct else 0
 
-    def copies(rows, cols=0, whole=False, with_h=False):
-        # Where 16-bit GEMMs are upcast, the float32 copy of the other operand: hidden's rows for a
-        # grad_weight product (and the float32 product of a whole tile's block before it is
-        # rounded into grad_weight), a tile's weight block for its grad_hidden product.
+    def up(m, k, n_, direct=True):
+        # Where 16-bit products are upcast, an (m x k) @ (k x n_) product's float32 blocks
+        # (_upcast_product): one of each operand, and the block's sum of a 16-bit result.
         if not upcast:
             return 0
-        w_side = (rows + (cols if whole else 0)) * hdim * a if needs_w else 0
-        return max(w_side, cols * hdim * a if with_h and needs_h else 0)
+        bm, bk, bn = (min(x, _UPCAST_BLOCK) for x in (m, k, n_))
+        return (bm * bk + bk * bn + (0 if direct else bm * bn)) * a
 
+    # The grad_bias column sums (1 x rows by rows x cols) hold less than the same logits' product.
     def gif_bytes(rows):
-        gh_tmp = rows * hdim * e if needs_h and wide else 0
-        return (stats + w_acc + h_acc + (v * a if needs_b else 0) + rows * v * per_logit
-                + max(product(v) if needs_w else 0, gh_tmp, copies(rows)))
+        gh_tmp = rows * hdim * e if needs_h and wide and not upcast else 0
+        tmp = max(product(v) if needs_w else 0, gh_tmp, up(rows, hdim, v, False),
+                  up(v, rows, hdim) if needs_w else 0, up(rows, v, hdim) if needs_h else 0)
+        return stats + w_acc + h_acc + (v * a if needs_b else 0) + rows * v * per_logit + tmp
 
     def whole_rows_bytes(rows, with_w=True):
-        w_side = w_acc + max(product(v), copies(rows)) if with_w and needs_w else 0
-        return stats + w_side + rows * v * per_logit
+        w = with_w and needs_w
+        tmp = max(product(v) if w else 0, up(v, rows, hdim) if w else 0,
+                  up(rows, v, hdim, False) if needs_h else 0, up(rows, hdim, v, False))
+        return stats + (w_acc if w else 0) + tmp + rows * v * per_logit
 
     def tile_bytes(rows, cols, with_h=True):
+        h = with_h and needs_h
         g_acc = cols * hdim * a if needs_w and rows < n else 0
-        tmp = max(product(rows) if with_h and needs_h else 0, product(cols) if needs_w and rows < n else 0,
-                  copies(rows, cols, whole=rows >= n, with_h=with_h))
+        tmp = max(product(rows) if h else 0, product(cols) if needs_w and rows < n else 0,
+                  up(rows, hdim, cols, False), up(rows, cols, hdim) if h else 0,
+                  up(cols, rows, hdim, rows < n) if needs_w else 0)
         return stats + (h_acc if with_h else 0) + g_acc + tmp + rows * (cols + _TILE_PAD) * per_logit
 
     def fwd_bytes(rows):
-        return stats + rows * v * e
+        return stats + rows * v * e + up(rows, hdim, v, False)
 
     def make(gif, rows, tile_rows, tile_cols, balance=True, tiled=False, split_rows=0):
         if balance:  # an explicit chunk_size is taken as given
@@ -400,6 +464,11 @@ def _plan(n, v, hdim, dtype, device_type, *, needs_h, needs_w, needs_b, gif, cap
 
 
 def _logits(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out=None) -> torch.Tensor:
+    if _upcast_gemm(h.dtype, h.device.type):
+        if out is None:
+            out = torch.empty((h.shape[0], weight.shape[0]), dtype=h.dtype, device=h.device)
+        _upcast_product(out, h, weight.t(), bias=bias)
+        return out
     if out is not None and torch.compiler.is_compiling():
         # Dynamo does not trace out= into a view; the compiled graph copies instead.
         return out.copy_(_logits(h, weight, bias))
@@ -454,7 +523,8 @@ def _add_product(
     ``acc``'s rows, accumulating in float32 inside the GEMM; each block
     product is rounded once to the input dtype and added to ``acc`` in
     float32. With ``upcast`` (default on other CPUs, where the float32 GEMM
-    is the fast one) the product runs in float32 on float32 copies. Either
+    is the fast one) the product runs in float32 on float32 copies of
+    blocks (:func:`_upcast_product`). Either
     way the sum across chunks is float32: the returned 16-bit gradient is
     rounded once more, and that final rounding dominates (bfloat16
     ``grad_weight``, 2048 x 512 x 32000, random chunks of 256 rows: max error
@@ -478,9 +548,10 @@ def _add_product(
         if decay is not None:
             acc.mul_(decay)
     if upcast is None:
-        upcast = on_cpu and a.dtype != acc.dtype and not _cpu_fast_16bit_gemm(a.dtype)
+        upcast = a.dtype != acc.dtype and _upcast_gemm(a.dtype, acc.device.type)
     if a.dtype != acc.dtype and upcast:
-        a, b = a.to(acc.dtype), b.to(acc.dtype)
+        _upcast_product(acc, a, b, beta)
+        return
     if a.dtype == acc.dtype:
         acc.addmm_(a, b, beta=beta)
         return
@@ -611,10 +682,13 @@ def _chunk_grad(backend, g, z, t, st, spec, cw, cap, inplace):
 
 
 def _product_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """out <- a @ b from one GEMM (float32 inside for 16-bit inputs; float32 copies where a CPU would emulate them)."""
-    if out.device.type == "cpu" and a.dtype != acc_dtype(a.dtype) and not _cpu_fast_16bit_gemm(a.dtype):
-        out.copy_(torch.mm(a.to(torch.float32), b.to(torch.float32)))
-    elif torch.compiler.is_compiling():  # no out= into a view under Dynamo
+    """out <- a @ b from one GEMM (float32 inside for 16-bit inputs; in float32 where a CPU would emulate them).
+
+    A float32 ``out`` of 16-bit operands gets the 16-bit product (rounded once) where the GEMM runs in 16 bits.
+    """
+    if _upcast_gemm(a.dtype, out.device.type):
+        _upcast_product(out, a, b)
+    elif out.dtype != a.dtype or torch.compiler.is_compiling():  # no out= into a view under Dynamo
         out.copy_(torch.mm(a, b))
     else:
         torch.mm(a, b, out=out)
@@ -679,7 +753,7 @@ class _LinearRobustCE(torch.autograd.Function):
             gl = _chunk_grad(backend, f_k, z, t, st, spec, cw, cap, plan.inplace)
             del z
             if gh is not None:
-                gh[s:e] = torch.mm(gl, weight)
+                _product_into(gh[s:e], gl, weight)
             if gw is not None:
                 _add_product(gw, gl.t(), hidden[s:e], decay, fresh=s == 0)
             if gb is not None:
@@ -766,7 +840,7 @@ class _LinearRobustCE(torch.autograd.Function):
             gl = _chunk_grad(ctx.backend, g, z, target[s:e], stats[s:e], ctx.spec, u, ctx.cap, ctx.plan.inplace)
             del z
             if gh is not None:
-                torch.mm(gl, weight, out=gh[s:e])
+                _product_into(gh[s:e], gl, weight)
             if gw is not None:
                 _add_product(gw, gl.t(), hidden[s:e], fresh=s == 0)
             if gb is not None:

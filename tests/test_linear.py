@@ -575,13 +575,18 @@ def test_running_reference_where_no_fixed_one_is_safe(returns_of, case):
     _close(got, want, rtol=tol[0], atol=tol[1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
 @pytest.mark.parametrize("grad_in_forward", [None, False])
-def test_inductor_never_reads_an_uninitialised_sum(nan_filled_empty, grad_in_forward):
+def test_inductor_never_reads_an_uninitialised_sum(nan_filled_empty, monkeypatch, grad_in_forward, dtype):
     # Inductor lowers a small addmm to beta * acc + a @ b, where beta = 0 does not hide an
     # uninitialised NaN: compiled, the first chunk's product must not rely on beta = 0.
     # V = 1 and 1-row chunks take that lowering on CPU; torch.empty returns NaNs here.
-    hidden = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(1, 4, dtype=torch.float64, requires_grad=True)
+    # float16 (no native float16 GEMM here): the products in float32 blocks, _upcast_product's.
+    from robustloss_fast import linear
+
+    monkeypatch.setitem(linear._CPU_FAST_16BIT, torch.float16, False)
+    hidden = torch.randn(3, 4, dtype=dtype, requires_grad=True)
+    weight = torch.randn(1, 4, dtype=dtype, requires_grad=True)
     target = torch.zeros(3, dtype=torch.long)
 
     def f(h, w):
@@ -711,6 +716,38 @@ def test_cpu_16bit_grad_weight_path_follows_the_cpu(monkeypatch, fast):
     other = torch.zeros(9000, 8)
     linear._add_product(other, gl.t(), x, upcast=fast)
     assert not torch.equal(got, other)  # the two paths do differ: the check above can fail
+
+
+# (float32 result, beta, bias): a float32 result is accumulated into or, at beta = 0, written
+# unread; a 16-bit one is written, with or without a bias.
+UPCAST_PRODUCTS = [(True, 0.0, False), (True, 1.0, False), (True, 0.375, False), (False, 0.0, False),
+                   (False, 0.0, True)]  # fmt: skip
+
+
+@pytest.mark.parametrize("direct,beta,with_bias", UPCAST_PRODUCTS)
+@pytest.mark.parametrize("m,k,n", [(11, 13, 17), (1, 30, 9), (12, 0, 7)])
+def test_upcast_product_in_blocks(nan_filled_empty, monkeypatch, direct, beta, with_bias, m, k, n):
+    # Blocks of 5: every dimension has several and a short last one (or, k = 0, none: beta alone
+    # applies). NaN-filled empties: an unread result or block that were read would bring NaN in.
+    from robustloss_fast import linear
+
+    monkeypatch.setattr(linear, "_UPCAST_BLOCK", 5)
+    a = torch.randn(m, k).bfloat16()
+    b = torch.randn(n, k).bfloat16().t()  # a transposed view, as the logits' weight.t()
+    bias = torch.randn(n).bfloat16() if with_bias else None
+    start = torch.randn(m, n)
+    want = a.double() @ b.double() + (0 if bias is None else bias.double())
+    if direct:
+        out = torch.empty(m, n) if beta == 0.0 else start.clone()
+        want = want + (beta * start.double() if beta else 0)
+    else:
+        out = torch.empty(m, n, dtype=torch.bfloat16)
+    linear._upcast_product(out, a, b, beta, bias)
+    if direct:
+        torch.testing.assert_close(out.double(), want, rtol=1e-6, atol=1e-5)
+    else:  # the float32 sum rounded once: within half a bfloat16 ulp of the exact value
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.double(), want, rtol=2**-8, atol=1e-5)
 
 
 @pytest.mark.triton

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import robustloss_fast as rf
 from robustloss_fast import schemes
@@ -70,15 +71,20 @@ def test_every_budget_is_kept(n):
             assert 4 * 128256 * 4096 <= mib * MIB
 
 
-def test_below_every_plan_the_smallest_is_used():
-    # float16 on a CPU (its products upcast: a tile's weight block alone is a 2 MiB float32 copy)
-    # and budgets under any plan: the split's one row at a time (48 bytes of statistics a row and
-    # one row of logits with its float32 copy) holds the least, not 37-row tiles (2.7 MB).
-    one_row_split = 37 * 48 + 128256 * (2 + 4)
-    for budget in (64 << 10, 608_800, 700_000):
-        plan = _plan(37, 128256, 4096, torch.float16, "cpu", needs_h=True, needs_w=False, needs_b=False, gif=True,
+@pytest.mark.parametrize("dtype,device,floor", [
+    # bfloat16 on a GPU: the split's one row at a time (48 bytes of statistics a row and one row
+    # of logits) holds the least, not 37-row tiles (2.7 MB with their float32 grad_hidden sum).
+    (torch.bfloat16, "cuda", 37 * 48 + 128256 * 2),
+    # float16 on a CPU, whose products are upcast in blocks: one row's forward also holds a
+    # 512 x 512 float32 block of the weight and one of the row (_upcast_product), the floor of
+    # every plan.
+    (torch.float16, "cpu", 37 * 48 + 128256 * 2 + 4 * (512 * 512 + 2 * 512)),
+])  # fmt: skip
+def test_below_every_plan_the_smallest_is_used(dtype, device, floor):
+    for budget in (64 << 10, 608_800, 700_000, floor - 1):
+        plan = _plan(37, 128256, 4096, dtype, device, needs_h=True, needs_w=False, needs_b=False, gif=True,
                      cap=None, budget=budget, chunk_size=None)  # fmt: skip
-        assert plan.working_bytes <= max(budget, one_row_split), (budget, plan)
+        assert plan.working_bytes <= max(budget, floor), (budget, plan)
 
 
 def test_few_whole_rows_where_no_tile_fits():
@@ -395,10 +401,11 @@ def test_a_step_holds_no_more_than_the_budget(monkeypatch, dtype, h, budget_mib,
 
 
 @pytest.mark.parametrize("tiling", sorted(TILED))
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
 def test_tiled_compile_fullgraph(tiling, dtype):
     # The tiles' GEMMs write into views of one buffer (out=), which Dynamo does not trace:
     # under torch.compile they copy instead, and nothing breaks the graph (aot_eager: no codegen).
+    # float16 on a CPU without AMX-FP16: the products in float32 blocks (_upcast_product).
     hidden, weight, bias, target, cw, sw = _inputs(23, 7, 300, dtype)
     torch._dynamo.reset()
 
@@ -414,3 +421,56 @@ def test_tiled_compile_fullgraph(tiling, dtype):
     torch.testing.assert_close(out, ref)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
+
+
+class _GemmDtypes(TorchDispatchMode):
+    """The operand dtypes of every matrix product dispatched while active."""
+
+    GEMMS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_, torch.ops.aten.bmm,
+             torch.ops.aten.baddbmm, torch.ops.aten.baddbmm_, torch.ops.aten.mv, torch.ops.aten.addmv,
+             torch.ops.aten.addmv_, torch.ops.aten.matmul}  # fmt: skip
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in self.GEMMS:
+            self.seen.append({x.dtype for x in args if isinstance(x, torch.Tensor)})
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("plan", sorted(PLANS))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_emulated_16bit_gemms_run_in_float32_blocks(nan_filled_empty, monkeypatch, plan, dtype):
+    # A CPU without native 16-bit GEMMs: every product of forward and backward, on every plan,
+    # runs in float32 (ATen's emulated 16-bit GEMM took 66 s where float32 took 0.19 s), in
+    # blocks of 16 here so that H = 20 and V = 300 span several, short last ones included;
+    # NaN-filled empties: no block reads memory before writing it.
+    import robustloss_fast.linear as linear
+
+    monkeypatch.setitem(linear._CPU_FAST_16BIT, dtype, False)
+    monkeypatch.setattr(linear, "_UPCAST_BLOCK", 16)
+    hidden, weight, bias, target, cw, sw = _inputs(23, 20, 300, dtype)
+    with _GemmDtypes() as gemms:
+        out = linear_robust_cross_entropy(hidden, weight, target, schemes.DM(), bias=bias, class_weight=cw,
+                                          sample_weight=sw, **PLANS[plan])
+        grads = torch.autograd.grad(out, (hidden, weight, bias))
+    assert len(gemms.seen) > 3 * 19 and all(s == {torch.float32} for s in gemms.seen), gemms.seen
+    ref = _both(hidden, weight, bias, target, schemes.DM(), cw, sw, lambda r: torch.ones_like(r))[1]
+    _close((out, grads), ref, rtol=3e-2, atol=3e-2)
+
+
+def test_native_16bit_gemms_stay_16bit(monkeypatch):
+    # The counterpart (the check above can fail): where the CPU multiplies bfloat16 natively,
+    # the products are bfloat16 ones.
+    import robustloss_fast.linear as linear
+
+    monkeypatch.setitem(linear._CPU_FAST_16BIT, torch.bfloat16, True)
+    if not linear._cpu_fast_16bit_gemm(torch.bfloat16):
+        pytest.skip("this torch has no oneDNN (or it is disabled): no native bfloat16 GEMM to take")
+    hidden, weight, bias, target, _, _ = _inputs(23, 20, 300, torch.bfloat16)
+    with _GemmDtypes() as gemms:
+        out = linear_robust_cross_entropy(hidden, weight, target, schemes.DM(), bias=bias, chunk_size=5)
+        torch.autograd.grad(out, (hidden, weight, bias))
+    assert any(torch.bfloat16 in s for s in gemms.seen), gemms.seen
