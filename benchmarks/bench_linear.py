@@ -50,7 +50,11 @@ RSS high-water mark is the method's own:
   process CPU time (all threads) is recorded too, a steadier measure when
   other jobs share the machine.
 
-    python benchmarks/bench_linear.py [--quick] [--methods M ...] [--out benchmarks/results/linear_cpu.json]
+``--dtypes`` picks the dtypes (float16 too); ``--no-onednn`` turns oneDNN
+off in the measured processes (``torch.backends.mkldnn.enabled = False``),
+as on a CPU without native bfloat16 GEMMs: ATen's are then emulated.
+
+    python benchmarks/bench_linear.py [--quick] [--methods M ...] [--dtypes D ...] [--no-onednn] [--out benchmarks/results/linear_cpu.json]
     python benchmarks/bench_linear.py --plot benchmarks/results/linear_cpu.json
 """
 
@@ -67,6 +71,7 @@ import time
 
 SHAPES = [(2048, 512, 32000), (4096, 1024, 50257)]
 DTYPES = ["float32", "bfloat16"]
+_NO_ONEDNN = "BENCH_LINEAR_NO_ONEDNN"
 METHODS = [
     "eager",
     "fused_logits",
@@ -89,6 +94,8 @@ def run_one(method: str, n: int, hdim: int, v: int, dtype: str, repeats: int) ->
     from robustloss_fast.linear import linear_robust_cross_entropy
 
     dt = getattr(torch, dtype)
+    if os.environ.get(_NO_ONEDNN) == "1":
+        torch.backends.mkldnn.enabled = False
     torch.manual_seed(0)
     hidden = (torch.randn(n, hdim) / hdim**0.5).to(dt).requires_grad_()
     weight = torch.randn(v, hdim).to(dt).requires_grad_()
@@ -186,6 +193,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="only the small shape")
     ap.add_argument("--methods", nargs="+", choices=METHODS, help="only these methods (default: all)")
+    ap.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"], default=DTYPES)
+    ap.add_argument("--no-onednn", action="store_true", help="measure with oneDNN off (no native bfloat16 GEMM)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "linear_cpu.json"))
     ap.add_argument("--malloc-default", action="store_true", help="do not fix glibc's mmap threshold")
     ap.add_argument("--plot", metavar="JSON", help="only draw the PNG next to an existing JSON")
@@ -199,13 +208,14 @@ def main():
         plot(args.plot)
         return
     shapes = SHAPES[:1] if args.quick else SHAPES
+    os.environ[_NO_ONEDNN] = "1" if args.no_onednn else "0"
     mem_env = dict(os.environ)
     if not args.malloc_default:
         mem_env["MALLOC_MMAP_THRESHOLD_"] = str(4 << 20)
     results = []
     for n, h, v in shapes:
         repeats = 3 if n * h * v < 1e11 else 1
-        for dt in DTYPES:
+        for dt in args.dtypes:
             for m in args.methods or METHODS:
                 res = _child(m, n, h, v, dt, repeats, dict(os.environ))
                 if "skipped" not in res:
@@ -238,6 +248,7 @@ def main():
         "time_malloc": "glibc defaults",
         "load_average_at_end": os.getloadavg(),
         "git": _git_head(),
+        "onednn": not args.no_onednn,
     }
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=1)
