@@ -543,6 +543,12 @@ def _add_product(
         # On CPU reading the scalar costs nothing and lets the GEMM apply it
         # (its beta) instead of a separate pass over the accumulator.
         beta = float(decay)
+        if beta == 0.0:
+            # A GEMM's beta = 0 drops what acc holds, NaN included, where 0 * NaN is NaN on the
+            # materialised logits (a NaN hidden row among ignored ones); a factor of 0 comes only
+            # once, after chunks with nothing active, so the pass is rare.
+            acc.mul_(0.0)
+            beta = 1.0
     else:
         beta = 1.0
         if decay is not None:

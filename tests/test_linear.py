@@ -424,6 +424,28 @@ def test_nan_reaches_every_row_through_the_normaliser(grad_in_forward, nan_chunk
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("scheme", [schemes.DM(), schemes.DM(beta=1000.0)], ids=["fixed", "running"])
+@pytest.mark.parametrize("grad_in_forward", [None, False])
+def test_a_nan_in_an_ignored_row_reaches_grad_weight(grad_in_forward, scheme, backend):
+    # An ignored row's logit gradient is 0, and 0 x its NaN hidden state is NaN in grad_weight on
+    # the materialised logits: so here, even when its chunk has nothing active and the running
+    # normaliser's first factor (0) meets what that chunk summed.
+    hidden, weight, bias, target, _, _ = _inputs(12, 3, 5, torch.float64)
+    hidden = hidden.detach().clone()
+    hidden[1, 1] = float("nan")
+    hidden.requires_grad_()
+    target = target.clamp(min=0)
+    target[:4] = -100  # the first chunk: ignored rows only
+    got, want = _both(hidden, weight, bias, target, scheme, None, None, lambda r: torch.ones_like(r),
+                      chunk_size=4, grad_in_forward=grad_in_forward, backend=backend)
+    (v1, g1), (v2, g2) = got, want
+    assert g2[1].isnan().any()  # the reference's NaN: this test can fail
+    torch.testing.assert_close(v1, v2)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scheme", [schemes.DM(), schemes.DM(beta=1000.0)], ids=["fixed", "running"])
 @pytest.mark.parametrize("where", ["sample", "class"])
 @pytest.mark.parametrize("inf_chunk", [0, 2])
 @pytest.mark.parametrize("grad_in_forward", [None, False])
