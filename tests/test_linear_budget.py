@@ -474,3 +474,60 @@ def test_native_16bit_gemms_stay_16bit(monkeypatch):
         out = linear_robust_cross_entropy(hidden, weight, target, schemes.DM(), bias=bias, chunk_size=5)
         torch.autograd.grad(out, (hidden, weight, bias))
     assert any(torch.bfloat16 in s for s in gemms.seen), gemms.seen
+
+
+@pytest.mark.parametrize("grad_in_forward", [None, False])
+def test_compiled_graph_does_not_grow_with_the_blocks(monkeypatch, grad_in_forward):
+    # Traced, _upcast_product's block loops would unroll: (m/512)(k/512)(n/512) products per
+    # call, ~50k a step at LLM sizes. Compiled, each product is one opaque op: in blocks of 5,
+    # H = 40 and V = 600 (8 x 120 blocks) give the graphs H = 20 and V = 300 give.
+    import robustloss_fast.linear as linear
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    monkeypatch.setitem(linear._CPU_FAST_16BIT, torch.float16, False)
+    monkeypatch.setattr(linear, "_UPCAST_BLOCK", 5)
+
+    def nodes(h, v):
+        hidden, weight, bias, target, _, _ = _inputs(23, h, v, torch.float16)
+        counts = []
+
+        def counting(gm, example_inputs):
+            def count(g, _):
+                counts.append(len(g.graph.nodes))
+                return make_boxed_func(g)
+
+            return aot_module_simplified(gm, example_inputs, fw_compiler=count, bw_compiler=count)
+
+        def f(hd, w, b):
+            return linear_robust_cross_entropy(hd, w, target, schemes.DM(), bias=b, chunk_size=5,
+                                               grad_in_forward=grad_in_forward)
+
+        torch._dynamo.reset()
+        out = torch.compile(f, fullgraph=True, backend=counting)(hidden, weight, bias)
+        got = torch.autograd.grad(out, (hidden, weight, bias))
+        want = torch.autograd.grad(f(hidden, weight, bias), (hidden, weight, bias))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+        return counts
+
+    small, large = nodes(20, 300), nodes(40, 600)
+    assert small == large and len(small) == 2, (small, large)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_compile_below_every_plan(dtype):
+    # A budget under every plan takes the smallest one (the split's one row, or narrow tiles),
+    # chosen while tracing too.
+    hidden, weight, bias, target, _, _ = _inputs(23, 7, 300, dtype)
+
+    def f(h, w, b):
+        return linear_robust_cross_entropy(h, w, target, schemes.DM(), bias=b, memory_budget=1)
+
+    torch._dynamo.reset()
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(hidden, weight, bias)
+    got = torch.autograd.grad(out, (hidden, weight, bias))
+    ref = f(hidden, weight, bias)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(got, torch.autograd.grad(ref, (hidden, weight, bias))):
+        torch.testing.assert_close(a, b)
