@@ -325,6 +325,7 @@ def _plan(n, v, hdim, dtype, device_type, *, needs_h, needs_w, needs_b, gif, cap
     * 16-bit weights: the ``V x H`` float32 ``grad_weight`` accumulator of
       row chunks (the exact sum across chunks); a 16-bit product block of up
       to ``4096 x H`` and its float32 copy where the GEMM cannot write float32;
+      the float32 ``grad_bias`` sum of a 16-bit bias (``V a``);
     * where 16-bit GEMMs are upcast (:func:`_upcast_gemm`), the float32
       blocks of the largest product at each point: a block of each operand
       and, for a 16-bit result (logits, whole-row ``grad_hidden``, a whole
@@ -361,6 +362,7 @@ def _plan(n, v, hdim, dtype, device_type, *, needs_h, needs_w, needs_b, gif, cap
     stats = 12 * a * n
     w_acc = v * hdim * a if wide and needs_w else 0
     h_acc = n * hdim * a if needs_h and wide else 0
+    b_acc = v * a if needs_b and wide else 0  # the recompute backward's float32 grad_bias sum
 
     def product(acc_rows):
         # A 16-bit GEMM's product block and its float32 copy in the add (none upcast: float32 GEMM into acc).
@@ -386,7 +388,7 @@ def _plan(n, v, hdim, dtype, device_type, *, needs_h, needs_w, needs_b, gif, cap
         w = with_w and needs_w
         tmp = max(product(v) if w else 0, up(v, rows, hdim) if w else 0,
                   up(rows, v, hdim, False) if needs_h else 0, up(rows, hdim, v, False))
-        return stats + (w_acc if w else 0) + tmp + rows * v * per_logit
+        return stats + (w_acc if w else 0) + b_acc + tmp + rows * v * per_logit
 
     def tile_bytes(rows, cols, with_h=True):
         h = with_h and needs_h
@@ -394,7 +396,7 @@ def _plan(n, v, hdim, dtype, device_type, *, needs_h, needs_w, needs_b, gif, cap
         tmp = max(product(rows) if h else 0, product(cols) if needs_w and rows < n else 0,
                   up(rows, hdim, cols, False), up(rows, cols, hdim) if h else 0,
                   up(cols, rows, hdim, rows < n) if needs_w else 0)
-        return stats + (h_acc if with_h else 0) + g_acc + tmp + rows * (cols + _TILE_PAD) * per_logit
+        return stats + (h_acc if with_h else 0) + g_acc + b_acc + tmp + rows * (cols + _TILE_PAD) * per_logit
 
     def fwd_bytes(rows):
         return stats + rows * v * e + up(rows, hdim, v, False)
