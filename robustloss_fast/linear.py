@@ -65,7 +65,8 @@ backend's, not repeated here.
   alone, then chunks of whole rows give ``grad_hidden``, each chunk's from
   one GEMM (``G_k W``, float32 inside, rounded once). **Cost: 5 matmuls**,
   and no float32 sum of either gradient across chunks: beyond the returned
-  gradients it holds a tile, a chunk and the row statistics.
+  gradients it holds a tile, a chunk and the row statistics (and, with a
+  16-bit bias, the float32 ``grad_bias`` sum: ``4 V`` bytes).
 
 Exact float32 sums across chunks need one float32 accumulator for 16-bit
 inputs: ``V x H`` for ``grad_weight`` when the rows are chunked, or ``N x H``
@@ -549,9 +550,13 @@ def _add_product(
     1.8e-3 before the final rounding).
     """
     on_cpu = acc.device.type == "cpu"
-    if fresh and torch.compiler.is_compiling():
+    if upcast is None:
+        upcast = a.dtype != acc.dtype and _upcast_gemm(a.dtype, acc.device.type)
+    upcast = upcast and a.dtype != acc.dtype
+    if fresh and torch.compiler.is_compiling() and not upcast:
         # Inductor may lower addmm to beta * acc + a @ b (small shapes, max-autotune's epilogue),
-        # where 0 * an uninitialised NaN is NaN: a compiled graph starts from zeros instead.
+        # where 0 * an uninitialised NaN is NaN: a compiled graph starts from zeros instead (the
+        # upcast product is an opaque op, whose beta = 0 reads nothing).
         acc.zero_()
         fresh, decay = False, None
     if fresh:
@@ -562,17 +567,16 @@ def _add_product(
         beta = float(decay)
         if beta == 0.0:
             # A GEMM's beta = 0 drops what acc holds, NaN included, where 0 * NaN is NaN on the
-            # materialised logits (a NaN hidden row among ignored ones); a factor of 0 comes only
-            # once, after chunks with nothing active, so the pass is rare.
+            # materialised logits (a NaN hidden row among ignored ones). A factor of 0 (the first
+            # active chunk after chunks with none, or a chunk whose normaliser is ~104 above the
+            # running one in float32) costs this one pass more.
             acc.mul_(0.0)
             beta = 1.0
     else:
         beta = 1.0
         if decay is not None:
             acc.mul_(decay)
-    if upcast is None:
-        upcast = a.dtype != acc.dtype and _upcast_gemm(a.dtype, acc.device.type)
-    if a.dtype != acc.dtype and upcast:
+    if upcast:
         _upcast_product(acc, a, b, beta)
         return
     if a.dtype == acc.dtype:
