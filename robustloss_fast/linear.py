@@ -357,7 +357,7 @@ def _plan(n, v, hdim, dtype, device_type, *, needs_h, needs_w, needs_b, gif, cap
     e = dtype.itemsize
     a = 8 if dtype == torch.float64 else 4
     wide = a != e
-    upcast = wide and _upcast_gemm(dtype, device_type)
+    upcast = _upcast_gemm(dtype, device_type)  # (16-bit only: wide)
     inplace = cap is None
     per_logit = e * (1 if inplace else 2)
     stats = 12 * a * n
@@ -551,7 +551,7 @@ def _add_product(
     """
     on_cpu = acc.device.type == "cpu"
     if upcast is None:
-        upcast = a.dtype != acc.dtype and _upcast_gemm(a.dtype, acc.device.type)
+        upcast = _upcast_gemm(a.dtype, acc.device.type)
     upcast = upcast and a.dtype != acc.dtype
     if fresh and torch.compiler.is_compiling() and not upcast:
         # Inductor may lower addmm to beta * acc + a @ b (small shapes, max-autotune's epilogue),
