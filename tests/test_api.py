@@ -282,8 +282,16 @@ _VARIANT_CHECK = textwrap.dedent(
                         s = s.double() if xx.dtype == torch.float64 else s
                         v = rf.robust_cross_entropy(xx, t, scheme, sample_weight=s, reduction=red, backend=backend)
                         (g,) = torch.autograd.grad(v, xx, up.to(v.dtype))
-                        res.append((v.detach().double(), g.double()))
-                    (v, g), (rv, rg), (av, _) = res
+                        res.append((v.detach().double(), g))
+                    # The in-place backward: the same kernel writing over its input, so the same bytes.
+                    xi = x.detach().clone().requires_grad_()
+                    s = sw.double() if x.dtype == torch.float64 else sw
+                    vi = rf.robust_cross_entropy(xi * 1, t, scheme, sample_weight=s, reduction=red, backend="cpu",
+                                                 inplace_backward=True)
+                    (gi,) = torch.autograd.grad(vi, xi, up.to(vi.dtype))
+                    if not torch.equal(gi.view(torch.uint8), res[0][1].view(torch.uint8)):
+                        worst = float("inf")
+                    (v, g), (rv, rg), (av, _) = ((a, b.double()) for a, b in res)
                     # As in the backend suite (tests/_cases.py): accumulator error, then 2 ulps of a half output.
                     acc = 1e-10 if dtype == torch.float64 else 1e-5
                     fi = torch.finfo(dtype)

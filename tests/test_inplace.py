@@ -109,6 +109,24 @@ def test_a_step_holds_under_one_percent_of_the_logits(backend, dtype):
     assert x.grad.data_ptr() == z.data_ptr()
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_in_place_is_bitwise_the_out_of_place_gradient(backend, dtype):
+    """The same kernel writing over its input: every byte of every row equal to the ordinary backward's,
+    at widths around the CPU vector lengths (8 and 16 floats: full vectors, tails, the target in a tail),
+    so a store that writes past its row or a lane short shows. Two-term rows (label smoothing) included."""
+    for c in (1, 7, 8, 15, 16, 17, 31, 33, 100):
+        for scheme, kw in ((DM(), {}), (CCE(), {"label_smoothing": 0.1})):
+            x = (torch.randn(6, c, dtype=torch.float64) * 4).to(dtype).to(backend.device)
+            t = torch.randint(0, c, (6,), device=backend.device)
+            t[0], t[3] = c - 1, -100
+            grads = []
+            for inplace in (False, True):
+                leaf = x.clone().requires_grad_()
+                rf.robust_cross_entropy(leaf * 1, t, scheme, backend=backend.name, inplace_backward=inplace, **kw).backward()
+                grads.append(leaf.grad)
+            assert torch.equal(grads[0].view(torch.uint8), grads[1].view(torch.uint8)), (c, scheme, kw)
+
+
 def test_strided_logits_keep_their_values(backend):
     """A slice of a wider tensor has no contiguous block to write into: out-of-place, logits untouched."""
     x = torch.randn(9, 20, device=backend.device).requires_grad_()

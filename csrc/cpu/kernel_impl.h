@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -89,14 +90,43 @@ RL_CPU_INLINE Vectorized<acc_t> vload_partial(const scalar_t* p, int64_t count) 
   }
 }
 
-// Store `count` lanes of v as scalar_t.
+// Store `count` (<= K) lanes of v as scalar_t, writing those bytes and no
+// others. ATen stores part of a vector with a masked store (AVX512; AVX2 for
+// float and double), and a full vector of floats as 16-bit values is only
+// half an AVX512 vector, so it too was a masked 512-bit store. A load that
+// falls in the masked-off bytes of such a store is not forwarded from it and
+// waits for it to retire; the in-place backward makes exactly that load next
+// (the following 16 values; after a row's tail, the next row's first ones),
+// which made it 4.5x slower per logit in bf16 than writing elsewhere on an
+// AMD EPYC (benchmarks/NOTES.md). So: plain stores of the vector's bytes, and
+// a tail through a stack buffer and memcpy.
 template <typename scalar_t, typename acc_t>
 RL_CPU_INLINE void vstore(scalar_t* p, const Vectorized<acc_t>& v, int64_t count) {
+  constexpr int64_t K = Vectorized<acc_t>::size();
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    v.store(p, count);
+    if (count == K) {
+      v.store(p);
+      return;
+    }
+    alignas(64) acc_t tmp[K];
+    v.store(tmp);
+    std::memcpy(p, tmp, count * sizeof(acc_t));
   } else {
-    const auto h = at::vec::convert_from_float<scalar_t>(v, v);
-    h.store(p, count);
+    const auto h = at::vec::convert_from_float<scalar_t>(v, v);  // v's K values in the first half
+#if defined(CPU_CAPABILITY_AVX512)
+    if (count == K) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_castsi512_si256(static_cast<__m512i>(h)));
+      return;
+    }
+#elif defined(CPU_CAPABILITY_AVX2)
+    if (count == K) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(static_cast<__m256i>(h)));
+      return;
+    }
+#endif
+    alignas(64) scalar_t tmp[Vectorized<scalar_t>::size()];
+    h.store(tmp);
+    std::memcpy(p, tmp, count * sizeof(scalar_t));
   }
 }
 
