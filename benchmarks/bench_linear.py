@@ -54,7 +54,7 @@ RSS high-water mark is the method's own:
 off in the measured processes (``torch.backends.mkldnn.enabled = False``),
 as on a CPU without native bfloat16 GEMMs: ATen's are then emulated.
 
-    python benchmarks/bench_linear.py [--quick] [--methods M ...] [--dtypes D ...] [--no-onednn] [--out benchmarks/results/linear_cpu.json]
+    python benchmarks/bench_linear.py [--quick | --shapes NxHxV ...] [--methods M ...] [--dtypes D ...] [--no-onednn] [--out benchmarks/results/linear_cpu.json]
     python benchmarks/bench_linear.py --plot benchmarks/results/linear_cpu.json
 """
 
@@ -192,6 +192,7 @@ def _child(method, n, h, v, dtype, repeats, env) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="only the small shape")
+    ap.add_argument("--shapes", nargs="+", metavar="NxHxV", help="these shapes instead (e.g. 16384x128x8000)")
     ap.add_argument("--methods", nargs="+", choices=METHODS, help="only these methods (default: all)")
     ap.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"], default=DTYPES)
     ap.add_argument("--no-onednn", action="store_true", help="measure with oneDNN off (no native bfloat16 GEMM)")
@@ -208,6 +209,8 @@ def main():
         plot(args.plot)
         return
     shapes = SHAPES[:1] if args.quick else SHAPES
+    if args.shapes:
+        shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes]
     os.environ[_NO_ONEDNN] = "1" if args.no_onednn else "0"
     mem_env = dict(os.environ)
     if not args.malloc_default:

@@ -116,7 +116,7 @@ synchronisation) before the first chunk.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -324,7 +324,8 @@ def _plan(n, v, hdim, dtype, device_type, *, needs_h, needs_w, needs_b, gif, cap
       gradient when a soft-cap needs the capped logits afterwards (otherwise
       the gradient is written over them);
     * 16-bit weights: the ``V x H`` float32 ``grad_weight`` accumulator of
-      row chunks (the exact sum across chunks); a 16-bit product block of up
+      row chunks (the exact sum across chunks; none where one chunk has every
+      row and :func:`_held_16bit` holds it in 16 bits); a 16-bit product block of up
       to ``4096 x H`` and its float32 copy where the GEMM cannot write float32;
       the float32 ``grad_bias`` sum of a 16-bit bias (``V a``);
     * where 16-bit GEMMs are upcast (:func:`_upcast_gemm`), the float32
@@ -333,7 +334,9 @@ def _plan(n, v, hdim, dtype, device_type, *, needs_h, needs_w, needs_b, gif, cap
       tile's ``grad_weight`` block), the block's sum, at most
       ``3 x 512 x 512 x a`` bytes;
     * gradient in forward: the float32 ``N x H`` ``grad_hidden`` of a 16-bit
-      ``hidden``; recompute tiled over the vocabulary: the same, summed over
+      ``hidden`` where products are upcast (elsewhere it is held in 16 bits,
+      and backward's factor takes a float32 block of at most ``_SCALE_BLOCK``
+      values); recompute tiled over the vocabulary: a float32 one, summed over
       tiles, and an ``tile_cols x H`` float32 block of ``grad_weight`` when a
       tile has fewer than ``N`` rows;
     * the row statistics, ``12 a`` per row.
@@ -380,10 +383,14 @@ def _plan(n, v, hdim, dtype, device_type, *, needs_h, needs_w, needs_b, gif, cap
 
     # The grad_bias column sums (1 x rows by rows x cols) hold less than the same logits' product.
     def gif_bytes(rows):
-        gh_tmp = rows * hdim * e if needs_h and wide and not upcast else 0
-        tmp = max(product(v) if needs_w else 0, gh_tmp, up(rows, hdim, v, False),
-                  up(v, rows, hdim) if needs_w else 0, up(rows, v, hdim) if needs_h else 0)
-        return stats + w_acc + h_acc + (v * a if needs_b else 0) + rows * v * per_logit + tmp
+        own_h, own_w = _held_16bit(dtype, device_type, rows >= n)
+        # What backward's factor needs for a gradient held in 16 bits: a float32 block.
+        scale = min(n * hdim, _SCALE_BLOCK) * a if (own_h and needs_h) or (own_w and needs_w) else 0
+        gh_tmp = rows * hdim * e if needs_h and wide and not upcast and not own_h else 0
+        tmp = max(product(v) if needs_w and not own_w else 0, gh_tmp, up(rows, hdim, v, False),
+                  up(v, rows, hdim) if needs_w else 0, up(rows, v, hdim) if needs_h else 0, scale)
+        held = (0 if own_w else w_acc) + (0 if own_h else h_acc)
+        return stats + held + (v * a if needs_b else 0) + rows * v * per_logit + tmp
 
     def whole_rows_bytes(rows, with_w=True):
         w = with_w and needs_w
@@ -523,6 +530,38 @@ def _fp32_out_gemm(device_type: str) -> bool:
     return ok
 
 
+def _held_16bit(dtype: torch.dtype, device_type: str, one_chunk: bool) -> Tuple[bool, bool]:
+    """Whether the gradient-in-forward path holds 16-bit ``(grad_hidden, grad_weight)`` in their own dtype.
+
+    Where a 16-bit product is rounded to 16 bits by its GEMM anyway (not upcast
+    to float32 blocks, not added into float32 by the GEMM itself), a float32
+    copy of it holds the same values at twice the bytes and costs a conversion
+    each way. ``grad_hidden``'s rows each come from one such GEMM; ``grad_weight``
+    only when one chunk has every row (else its float32 sum across chunks is
+    the exact one). The pending factor is applied in backward in float32 and
+    rounded once (:func:`_scale_16bit_`): the numbers of the float32 copy.
+    """
+    if dtype.itemsize != 2 or _upcast_gemm(dtype, device_type):
+        return False, False
+    return True, one_chunk and not _fp32_out_gemm(device_type)
+
+
+_SCALE_BLOCK = 1 << 18  # elements of the float32 block _scale_16bit_ holds (1 MiB)
+
+
+def _scale_16bit_(g: torch.Tensor, f: torch.Tensor) -> None:
+    """g <- g * f for a 16-bit ``g`` and a float32 ``f`` (0-dim, or one value per row): float32 products rounded once.
+
+    In blocks of rows, so the float32 copy is at most ``_SCALE_BLOCK`` values
+    (a CPU's mixed-dtype multiply would copy all of ``g``, and a 16-bit ``mul_``
+    would round ``f`` to 16 bits first).
+    """
+    step = max(1, _SCALE_BLOCK // max(1, g.shape[-1]))
+    for r0 in range(0, g.shape[0], step):
+        blk = g[r0 : r0 + step]
+        blk.copy_(blk.to(f.dtype).mul_(f if f.dim() == 0 else f[r0 : r0 + step]))
+
+
 def _add_product(
     acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, decay: Optional[torch.Tensor] = None, upcast=None,
     fresh: bool = False,
@@ -626,6 +665,20 @@ def _softcap_grad_(gl: torch.Tensor, zc: torch.Tensor, cap: float) -> None:
 
 def _chunks(n: int, chunk: int):
     return [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+
+
+def _chunk_buffer(n: int, rows: int, v: int, like: torch.Tensor) -> Optional[torch.Tensor]:
+    """One ``rows x v`` buffer for the logits of every chunk of ``n`` rows (``None`` for one chunk, or while compiling).
+
+    A chunk-sized tensor allocated per chunk is, on a CPU, a fresh mapping
+    each time (glibc maps blocks above 32 MiB and unmaps them when freed) whose
+    first touch page-faults: at (16384, 128, 8000) float32 that was a fifth of
+    a training step (benchmarks/NOTES.md). Inductor plans a compiled graph's
+    buffers itself, and Dynamo does not trace ``out=`` into a view.
+    """
+    if n <= rows or torch.compiler.is_compiling():
+        return None
+    return torch.empty((rows, v), dtype=like.dtype, device=like.device)
 
 
 def _finalize_all(backend, rows, target, spec, cw, sw, group):
@@ -736,8 +789,9 @@ class _LinearRobustCE(torch.autograd.Function):
         rows = torch.empty((n, ROW_COLS), dtype=acc, device=hidden.device)
 
         if gif:
-            gh = torch.empty((n, hdim), dtype=acc, device=hidden.device) if needs_h else None
-            gw = _accumulator((v, hdim), acc, hidden.device, n) if needs_w else None
+            own_h, own_w = _held_16bit(hidden.dtype, hidden.device.type, n <= plan.rows)
+            gh = torch.empty((n, hdim), dtype=hidden.dtype if own_h else acc, device=hidden.device) if needs_h else None
+            gw = _accumulator((v, hdim), weight.dtype if own_w else acc, hidden.device, n) if needs_w else None
             gb = torch.zeros((v,), dtype=acc, device=hidden.device) if needs_b else None
             one = torch.ones((), dtype=acc, device=hidden.device)
             ninf = torch.full((), -math.inf, dtype=acc, device=hidden.device)
@@ -747,8 +801,9 @@ class _LinearRobustCE(torch.autograd.Function):
             if spec.normalised:
                 frame = _fixed_reference(spec, target, cw, sw, hidden.dtype, -(-n // plan.rows))
 
+        buf = _chunk_buffer(n, plan.rows, v, hidden)
         for s, e in _chunks(n, plan.rows):
-            z = _logits(hidden[s:e], weight, bias)
+            z = _logits(hidden[s:e], weight, bias, out=None if buf is None else buf[: e - s])
             if cap is not None:
                 _softcap_(z, cap)
             t = target[s:e]
@@ -810,7 +865,9 @@ class _LinearRobustCE(torch.autograd.Function):
                     # long but the last: no host-made lengths, no copy to the device).
                     f = _shares(torch.stack(l_after), l_run) if l_after else one[None]
                     rows_f = f[:, None].expand(-1, plan.rows).reshape(-1)[:n]
-                if gh is not None:
+                # One chunk took the final L as its reference itself: its rows' factor is exactly 1 (or
+                # NaN for all, which the gradient op already gave every row that counts), none to apply.
+                if gh is not None and (frame is not None or len(l_after) > 1):
                     # A NaN row makes D, so every factor, NaN; an ignored row's zero gradient stays
                     # zero (SPEC §5: it counts nowhere), as on materialised logits.
                     row_scale = torch.where(target == spec.ignore_index, 0.0, rows_f)[:, None]
@@ -859,8 +916,9 @@ class _LinearRobustCE(torch.autograd.Function):
         gh = torch.empty_like(hidden) if needs_h else None
         gw = _accumulator(weight.shape, acc, weight.device, hidden.shape[0]) if needs_w else None
         gb = torch.zeros(weight.shape[:1], dtype=acc, device=weight.device) if needs_b else None
+        buf = _chunk_buffer(hidden.shape[0], rows, weight.shape[0], hidden)
         for s, e in _chunks(hidden.shape[0], rows):
-            z = _logits(hidden[s:e], weight, bias)
+            z = _logits(hidden[s:e], weight, bias, out=None if buf is None else buf[: e - s])
             if ctx.cap is not None:
                 _softcap_(z, ctx.cap)
             g = grad[s:e] if grad.dim() == 1 else grad
@@ -951,10 +1009,11 @@ class _LinearRobustCE(torch.autograd.Function):
         the parameter's dtype in one pass. On a CPU it is scaled in place and
         then rounded: ATen's CPU kernel for a float32 product written as
         bfloat16 is not vectorised (19 ms against 11 ms for the two passes at
-        32000 x 512). Either way the stored gradients count as modified, so a
-        second backward through this graph fails autograd's saved-tensor
-        version check instead of going wrong (with a factor of 1 on a CPU
-        nothing changes and none is needed).
+        32000 x 512). A gradient held in 16 bits (:func:`_held_16bit`) is
+        scaled in float32 blocks and returned itself. Either way the stored
+        gradients count as modified (those returned as they are too: the
+        caller may change them), so a second backward through this graph
+        fails autograd's saved-tensor version check instead of going wrong.
         """
         gh, gw, gb, scale, row_scale = ctx.saved_tensors
         grad = grad.to(scale.dtype)
@@ -971,13 +1030,18 @@ class _LinearRobustCE(torch.autograd.Function):
             if g is None:
                 out.append(None)
             elif compiling:
-                out.append((g * f).to(dt))
+                out.append((g.to(f.dtype) * f).to(dt))
             elif g.dtype != dt and not on_cpu:
                 out.append(torch.mul(g, f, out=torch.empty_like(g, dtype=dt)))
                 torch.autograd.graph.increment_version(g)
             else:
                 if per_row or not unit:
-                    g.mul_(f)
+                    if g.dtype != f.dtype:  # held in its 16-bit dtype (_held_16bit)
+                        _scale_16bit_(g, f)
+                    else:
+                        g.mul_(f)
+                elif g.dtype == dt:
+                    torch.autograd.graph.increment_version(g)  # returned as it is: still counts as used
                 out.append(g.to(dt))
         return tuple(out) + (None,) * 8
 

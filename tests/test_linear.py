@@ -816,3 +816,33 @@ def test_a_chunk_costs_a_bounded_number_of_torch_ops(monkeypatch, reference, bou
     # the CPU-only read of the decay for the GEMM's beta (item): 19-20. Comparing each share with -inf
     # on its own cost 40; the tensor-op cross-row step before the one-kernel one about 90 more.
     assert per_chunk <= bound, (per_chunk, sorted(set(many)))
+
+
+class _ChunkAllocations(TorchDispatchMode):
+    """Tensors of ``shape`` that ops allocate (views, in-place and ``out=`` calls write into existing ones)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.fresh = tuple(shape), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        writes_existing = func.is_view or func._overloadname.startswith("out") or func.__name__.split(".")[0].endswith("_")
+        if not writes_existing and isinstance(out, torch.Tensor) and tuple(out.shape) == self.shape:
+            self.fresh.append(func.__name__)
+        return out
+
+
+@pytest.mark.parametrize("grad_in_forward", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_chunks_share_one_logits_buffer(grad_in_forward, dtype):
+    # 5 chunks of 8 rows x 300 classes: one chunk-sized allocation a pass, not one per chunk (on a
+    # CPU each large one is a fresh mapping that page-faults on first touch).
+    hidden, weight, bias, target, _, _ = _inputs(40, 16, 300, dtype)
+    with _ChunkAllocations((8, 300)) as seen:
+        out = linear_robust_cross_entropy(hidden, weight, target, schemes.DM(), bias=bias, chunk_size=8,
+                                          grad_in_forward=grad_in_forward)
+        forward = len(seen.fresh)
+        torch.autograd.grad(out, (hidden, weight, bias))
+    assert forward == 1, seen.fresh
+    assert len(seen.fresh) == (1 if grad_in_forward else 2), seen.fresh

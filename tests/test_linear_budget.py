@@ -548,3 +548,49 @@ def test_compile_below_every_plan(dtype):
     torch.testing.assert_close(out, ref)
     for a, b in zip(got, torch.autograd.grad(ref, (hidden, weight, bias))):
         torch.testing.assert_close(a, b)
+
+
+def _native_bf16(monkeypatch):
+    import robustloss_fast.linear as linear
+
+    monkeypatch.setitem(linear._CPU_FAST_16BIT, torch.bfloat16, True)
+    if not linear._cpu_fast_16bit_gemm(torch.bfloat16):
+        pytest.skip("this torch has no oneDNN (or it is disabled): no native bfloat16 GEMM, so products are upcast")
+
+
+@pytest.mark.parametrize("scheme", [schemes.DM(), schemes.CCE()], ids=repr)
+def test_one_chunk_holds_16bit_gradients_in_their_dtype(monkeypatch, scheme):
+    # One chunk of every row, bfloat16 GEMMs that round their products: grad_weight is that
+    # product itself, so no V x H float32 accumulator (4 MiB here; the chunk's logits are 256 KiB)
+    # and no float32 grad_hidden is held.
+    _native_bf16(monkeypatch)
+    n, h, v = 64, 512, 2048
+    hidden, weight, bias, target, _, _ = _inputs(n, h, v, torch.bfloat16)
+
+    def step():
+        out = linear_robust_cross_entropy(hidden, weight, target, scheme, bias=bias)
+        return torch.autograd.grad(out, (hidden, weight, bias))
+
+    peak, grads = peak_cpu_bytes(step)
+    assert peak is not None, "this torch's profiler has no allocation events"
+    held = peak - sum(g.numel() * g.element_size() for g in grads)
+    assert held < v * h * 4 / 2, held
+    plan = _plan(n, v, h, torch.bfloat16, "cpu", needs_h=True, needs_w=True, needs_b=True, gif=True, cap=None,
+                 budget=None, chunk_size=None)
+    assert plan.rows >= n and held <= plan.working_bytes + MIB, (held, plan)
+
+
+def test_16bit_gradients_take_the_upstream_factor_in_float32(monkeypatch):
+    # The pending factor (here the upstream gradient 0.7, not a bfloat16 number) multiplies the
+    # float32 value of a gradient held in bfloat16 and is rounded once: exactly round(0.7 x the
+    # unit step's gradients) with one chunk (whose own factors are 1), as a float32 copy gives;
+    # a bfloat16 multiply would round 0.7 to 0.69921875 first.
+    _native_bf16(monkeypatch)
+    hidden, weight, bias, target, cw, sw = _inputs(64, 24, 40, torch.bfloat16)
+    kw = dict(bias=bias, class_weight=cw, sample_weight=sw)
+    units = torch.autograd.grad(linear_robust_cross_entropy(hidden, weight, target, schemes.DM(), **kw),
+                                (hidden, weight))
+    got = torch.autograd.grad(0.7 * linear_robust_cross_entropy(hidden, weight, target, schemes.DM(), **kw),
+                              (hidden, weight))
+    for g, u in zip(got, units):
+        assert torch.equal(g, (u.float() * 0.7).bfloat16())
