@@ -36,13 +36,17 @@ backend's, not repeated here.
   (no pass over ``grad_W`` per chunk), and the one factor ``exp(R - L)``
   joins backward's. Unnormalised reductions
   need no rescale (``"mean"`` divides by ``sum_i weight[y_i]``, known from
-  the targets, and left to backward). Backward only multiplies the stored
-  gradients by the (scalar) upstream gradient and that divisor (on a GPU in
-  the same pass that rounds a float32 sum to a 16-bit parameter's dtype).
+  the targets before the first chunk: every chunk's coefficients carry it).
+  Backward only multiplies the stored gradients by the (scalar) upstream
+  gradient and any pending factor (on a GPU in the same pass that rounds a
+  float32 sum to a 16-bit parameter's dtype; on a CPU not at all when
+  both are 1).
   **Cost: 3 matmuls** of ``N x H x V``
-  in all, the same as an eager ``linear`` + loss; the gradients (float32
-  ``grad_weight``, ``grad_hidden``) are held from forward to backward, and
-  they are computed even if ``backward`` is never called.
+  in all, the same as an eager ``linear`` + loss; the gradients are held
+  from forward to backward (``grad_weight`` as its float32 sum across
+  chunks; for 16-bit inputs ``grad_hidden``, and ``grad_weight`` of a single
+  chunk, in their own dtype where their one GEMM rounds them anyway:
+  ``_held_16bit``), and they are computed even if ``backward`` is never called.
 * **Recompute** (``grad_in_forward=False``; always for ``reduction="none"``,
   whose upstream gradient is per element and unknown in forward, and with a
   ``process_group``). Forward: per chunk ``z_k`` (matmul 1) and its rows;
@@ -80,9 +84,9 @@ by default chunks of about 64 MiB on CPUs, 512 MiB on GPUs): ``_plan`` holds
 the model of every tensor the layer allocates beyond its inputs and returned
 gradients, and picks the fastest plan that fits (3 matmuls with chunks of at
 least 256 rows, else whole-row recompute, else vocabulary tiles, else the
-split). A chunk's
-gradient is written over its logits (the backends' in-place gradient op)
-unless a soft-cap needs the capped logits afterwards.
+split). Every chunk's logits are written into one buffer, and a chunk's
+gradient over its logits (the backends' in-place gradient op) unless a
+soft-cap needs the capped logits afterwards.
 
 Precision: logits and their gradient chunks have the input's dtype (as eager
 logits would); row statistics are float32 (float64 for float64 input);
@@ -552,10 +556,15 @@ _SCALE_BLOCK = 1 << 18  # elements of the float32 block _scale_16bit_ holds (1 M
 def _scale_16bit_(g: torch.Tensor, f: torch.Tensor) -> None:
     """g <- g * f for a 16-bit ``g`` and a float32 ``f`` (0-dim, or one value per row): float32 products rounded once.
 
-    In blocks of rows, so the float32 copy is at most ``_SCALE_BLOCK`` values
-    (a CPU's mixed-dtype multiply would copy all of ``g``, and a 16-bit ``mul_``
-    would round ``f`` to 16 bits first).
+    A 16-bit ``mul_`` would round a 0-dim ``f`` to 16 bits first; a
+    dimensioned one makes the product float32. A GPU converts inside the
+    kernel (one pass); a CPU's mixed-dtype multiply copies all of ``g`` to
+    float32 first, so there it runs in blocks of rows, the float32 copy at
+    most ``_SCALE_BLOCK`` values.
     """
+    if g.device.type != "cpu":
+        torch.mul(g, f.reshape(1, 1) if f.dim() == 0 else f, out=g)
+        return
     step = max(1, _SCALE_BLOCK // max(1, g.shape[-1]))
     for r0 in range(0, g.shape[0], step):
         blk = g[r0 : r0 + step]
@@ -800,6 +809,14 @@ class _LinearRobustCE(torch.autograd.Function):
             frame = None
             if spec.normalised:
                 frame = _fixed_reference(spec, target, cw, sw, hidden.dtype, -(-n // plan.rows))
+            unnormalised_f = one
+            if not spec.normalised and spec.reduction == Reduction.MEAN:
+                # "mean"'s divisor sum_i weight[y_i] is known from the targets before any chunk: it
+                # is every chunk's upstream factor inside the gradient op, so backward is left with
+                # the upstream gradient alone (on a CPU nothing to do when that is 1).
+                _, _, cw_rows = _finalize.sample_scale(target, cw, None, spec, acc)
+                denom = cw_rows.sum()
+                unnormalised_f = torch.where(denom != 0, 1 / torch.where(denom != 0, denom, one), torch.zeros_like(denom))
 
         buf = _chunk_buffer(n, plan.rows, v, hidden)
         for s, e in _chunks(n, plan.rows):
@@ -831,7 +848,7 @@ class _LinearRobustCE(torch.autograd.Function):
             else:
                 # Unnormalised: the coefficients are s times the row's own; "mean" divides at the end.
                 _, st = backend.finalize(rows_k, t, chunk_sum, cw, sw_k)
-                decay, f_k = None, one
+                decay, f_k = None, unnormalised_f
             gl = _chunk_grad(backend, f_k, z, t, st, spec, cw, cap, plan.inplace)
             del z
             if gh is not None:
@@ -871,10 +888,6 @@ class _LinearRobustCE(torch.autograd.Function):
                     # A NaN row makes D, so every factor, NaN; an ignored row's zero gradient stays
                     # zero (SPEC §5: it counts nowhere), as on materialised logits.
                     row_scale = torch.where(target == spec.ignore_index, 0.0, rows_f)[:, None]
-            elif spec.reduction == Reduction.MEAN:
-                _, _, cw_rows = _finalize.sample_scale(target, cw, None, spec, acc)
-                denom = cw_rows.sum()
-                scale = torch.where(denom != 0, 1 / torch.where(denom != 0, denom, one), torch.zeros_like(denom))
             ctx.save_for_backward(gh, gw, gb, scale, row_scale)
         else:
             ctx.save_for_backward(hidden, weight, bias, target, stats, spec.smooth_weight(cw))

@@ -594,3 +594,19 @@ def test_16bit_gradients_take_the_upstream_factor_in_float32(monkeypatch):
                               (hidden, weight))
     for g, u in zip(got, units):
         assert torch.equal(g, (u.float() * 0.7).bfloat16())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the GPU branch (one in-place multiply) needs a CUDA device"))])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_scale_16bit_multiplies_in_float32_and_rounds_once(monkeypatch, device, dtype):
+    # 0.7 and per-row factors that no 16-bit number equals: exactly round(float32 product), in
+    # blocks of 5 x 7 values on a CPU (7 rows of 5 and a short last block), at once on a GPU.
+    import robustloss_fast.linear as linear
+
+    monkeypatch.setattr(linear, "_SCALE_BLOCK", 35)
+    g = torch.randn(23, 5, device=device).to(dtype)
+    for f in (torch.tensor(0.7, device=device), torch.rand(23, 1, device=device) + 0.1):
+        got = g.clone()
+        linear._scale_16bit_(got, f)
+        assert torch.equal(got, (g.float() * f).to(dtype)), f
