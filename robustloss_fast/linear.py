@@ -385,13 +385,16 @@ def _plan(n, v, hdim, dtype, device_type, *, needs_h, needs_w, needs_b, gif, cap
         bm, bk, bn = (min(x, _UPCAST_BLOCK) for x in (m, k, n_))
         return (bm * bk + bk * bn + (0 if direct else bm * bn)) * a
 
-    # The grad_bias column sums (1 x rows by rows x cols) hold less than the same logits' product.
+    # The grad_bias column sums (1 x rows by rows x cols): a 1 x V 16-bit product and its
+    # float32 copy in the add, where products are not upcast.
+    bias_tmp = v * (e + a) if needs_b and wide and not upcast else 0
+
     def gif_bytes(rows):
         own_h, own_w = _held_16bit(dtype, device_type, rows >= n)
-        # What backward's factor needs for a gradient held in 16 bits: a float32 block.
-        scale = min(n * hdim, _SCALE_BLOCK) * a if (own_h and needs_h) or (own_w and needs_w) else 0
-        gh_tmp = rows * hdim * e if needs_h and wide and not upcast and not own_h else 0
-        tmp = max(product(v) if needs_w and not own_w else 0, gh_tmp, up(rows, hdim, v, False),
+        # Backward's factor on a gradient held in 16 bits: a float32 block of whole rows.
+        held_rows = max(n if own_h and needs_h else 0, v if own_w and needs_w else 0)
+        scale = min(held_rows, max(1, _SCALE_BLOCK // hdim)) * hdim * a if held_rows and hdim else 0
+        tmp = max(product(v) if needs_w and not own_w else 0, bias_tmp, up(rows, hdim, v, False),
                   up(v, rows, hdim) if needs_w else 0, up(rows, v, hdim) if needs_h else 0, scale)
         held = (0 if own_w else w_acc) + (0 if own_h else h_acc)
         return stats + held + (v * a if needs_b else 0) + rows * v * per_logit + tmp
@@ -445,6 +448,10 @@ def _plan(n, v, hdim, dtype, device_type, *, needs_h, needs_w, needs_b, gif, cap
 
     least = min(n, _MIN_CHUNK_ROWS)
     if gif:
+        # One chunk may hold less than several (no float32 sum across chunks: _held_16bit), so
+        # the model is not monotonic in the rows there; every other count is searched.
+        if gif_bytes(n) <= budget:
+            return make(True, n, n, v)
         rows = largest(gif_bytes, n)
         if rows >= least:
             return make(True, rows, rows, v)
@@ -556,14 +563,18 @@ _SCALE_BLOCK = 1 << 18  # elements of the float32 block _scale_16bit_ holds (1 M
 def _scale_16bit_(g: torch.Tensor, f: torch.Tensor) -> None:
     """g <- g * f for a 16-bit ``g`` and a float32 ``f`` (0-dim, or one value per row): float32 products rounded once.
 
-    A 16-bit ``mul_`` would round a 0-dim ``f`` to 16 bits first; a
-    dimensioned one makes the product float32. A GPU converts inside the
-    kernel (one pass); a CPU's mixed-dtype multiply copies all of ``g`` to
-    float32 first, so there it runs in blocks of rows, the float32 copy at
-    most ``_SCALE_BLOCK`` values.
+    On a GPU a 16-bit ``mul_`` would round a 0-dim ``f`` to 16 bits first; a
+    dimensioned one makes the product float32, converted inside the kernel
+    (one pass). On a CPU a 0-dim ``f`` is read as a float32 scalar by the
+    16-bit ``mul_`` (one pass), but a per-row ``f`` makes ATen copy all of
+    ``g`` to float32 first: that runs in blocks of rows, the float32 copy at
+    most ``_SCALE_BLOCK`` values (or one row).
     """
     if g.device.type != "cpu":
         torch.mul(g, f.reshape(1, 1) if f.dim() == 0 else f, out=g)
+        return
+    if f.dim() == 0:
+        g.mul_(f)
         return
     step = max(1, _SCALE_BLOCK // max(1, g.shape[-1]))
     for r0 in range(0, g.shape[0], step):
@@ -683,10 +694,11 @@ def _chunk_buffer(n: int, rows: int, v: int, like: torch.Tensor) -> Optional[tor
     each time (glibc maps blocks above 32 MiB and unmaps them when freed) whose
     first touch page-faults: at (16384, 128, 8000) float32 that was a fifth of
     a training step (benchmarks/NOTES.md). Inductor plans a compiled graph's
-    buffers itself, and Dynamo does not trace ``out=`` into a view.
+    buffers itself, and Dynamo does not trace ``out=`` into a view. Under
+    autocast the logits are whatever dtype autocast gives each product.
     """
-    if n <= rows or torch.compiler.is_compiling():
-        return None
+    if n <= rows or torch.compiler.is_compiling() or torch.is_autocast_enabled(like.device.type):
+        return None  # (autocast picks the logits' dtype, and does not apply to out= products)
     return torch.empty((rows, v), dtype=like.dtype, device=like.device)
 
 
@@ -791,7 +803,7 @@ class _LinearRobustCE(torch.autograd.Function):
         acc = acc_dtype(hidden.dtype)
         gif = plan.gif
         # A chunk's provisional coefficients: its own derivative-normalised
-        # mean (rescaled below), or the plain sum ("mean" divides at the end).
+        # mean (rescaled below), or the plain sum ("mean": times its divisor, unnormalised_f below).
         chunk_normalised = replace(spec, reduction=Reduction.MEAN, normalize=True)
         chunk_sum = replace(spec, reduction=Reduction.SUM, normalize=False)
         needs_h, needs_w, needs_b = ctx.needs_input_grad[:3]
@@ -809,14 +821,22 @@ class _LinearRobustCE(torch.autograd.Function):
             frame = None
             if spec.normalised:
                 frame = _fixed_reference(spec, target, cw, sw, hidden.dtype, -(-n // plan.rows))
-            unnormalised_f = one
+            # "mean"'s divisor sum_i weight[y_i], from the targets (unnormalised schemes).
+            mean_f = None
             if not spec.normalised and spec.reduction == Reduction.MEAN:
-                # "mean"'s divisor sum_i weight[y_i] is known from the targets before any chunk: it
-                # is every chunk's upstream factor inside the gradient op, so backward is left with
-                # the upstream gradient alone (on a CPU nothing to do when that is 1).
-                _, _, cw_rows = _finalize.sample_scale(target, cw, None, spec, acc)
+                # A target outside [0, V) counts nowhere (the row pass stops on it): the class-weight
+                # gather must not be the one to fault first.
+                t_ok = target if cw is None else torch.where((target >= 0) & (target < v), target, spec.ignore_index)
+                _, _, cw_rows = _finalize.sample_scale(t_ok, cw, None, spec, acc)
                 denom = cw_rows.sum()
-                unnormalised_f = torch.where(denom != 0, 1 / torch.where(denom != 0, denom, one), torch.zeros_like(denom))
+                mean_f = torch.where(denom != 0, 1 / torch.where(denom != 0, denom, one), torch.zeros_like(denom))
+            # Known before any chunk, it is every chunk's upstream factor inside the gradient op,
+            # and backward is left with the upstream gradient alone (on a CPU nothing to do when
+            # that is 1). Not in float16: a chunk's gradient entries, already ~1/V, would shrink
+            # by the divisor too and fall below float16's range (15-22% error at N = 8192,
+            # V = 4000, against 0.1% with the divisor applied in backward to the products).
+            fold_mean = mean_f is not None and hidden.dtype != torch.float16
+            unnormalised_f = mean_f if fold_mean else one
 
         buf = _chunk_buffer(n, plan.rows, v, hidden)
         for s, e in _chunks(n, plan.rows):
@@ -827,7 +847,7 @@ class _LinearRobustCE(torch.autograd.Function):
             rows_k = backend.rows(z, t, spec, cw)
             rows[s:e] = rows_k
             if not gif:
-                del z  # before the next chunk's logits exist
+                del z
                 continue
             sw_k = None if sw is None else sw[s:e]
             if spec.normalised:
@@ -846,7 +866,7 @@ class _LinearRobustCE(torch.autograd.Function):
                     l_after.append(l_new)
                 l_run = l_new
             else:
-                # Unnormalised: the coefficients are s times the row's own; "mean" divides at the end.
+                # Unnormalised: the coefficients are s times the row's own, times "mean"'s divisor.
                 _, st = backend.finalize(rows_k, t, chunk_sum, cw, sw_k)
                 decay, f_k = None, unnormalised_f
             gl = _chunk_grad(backend, f_k, z, t, st, spec, cw, cap, plan.inplace)
@@ -888,6 +908,8 @@ class _LinearRobustCE(torch.autograd.Function):
                     # A NaN row makes D, so every factor, NaN; an ignored row's zero gradient stays
                     # zero (SPEC §5: it counts nowhere), as on materialised logits.
                     row_scale = torch.where(target == spec.ignore_index, 0.0, rows_f)[:, None]
+            elif mean_f is not None and not fold_mean:
+                scale = mean_f
             ctx.save_for_backward(gh, gw, gb, scale, row_scale)
         else:
             ctx.save_for_backward(hidden, weight, bias, target, stats, spec.smooth_weight(cw))

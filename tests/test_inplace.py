@@ -113,9 +113,10 @@ def test_a_step_holds_under_one_percent_of_the_logits(backend, dtype):
 def test_in_place_is_bitwise_the_out_of_place_gradient(backend, dtype):
     """The same kernel writing over its input: every byte of every row equal to the ordinary backward's,
     at widths around the CPU vector lengths (8 and 16 floats: full vectors, tails, the target in a tail),
-    so a store that writes past its row or a lane short shows. Two-term rows (label smoothing) included."""
+    so a store that writes past its row or a lane short shows. Two-term rows (label smoothing) and NFL's
+    P-form rows included."""
     for c in (1, 7, 8, 15, 16, 17, 31, 33, 100):
-        for scheme, kw in ((DM(), {}), (CCE(), {"label_smoothing": 0.1})):
+        for scheme, kw in ((DM(), {}), (CCE(), {"label_smoothing": 0.1}), (NFL(), {"normalize": False})):
             x = (torch.randn(6, c, dtype=torch.float64) * 4).to(dtype).to(backend.device)
             t = torch.randint(0, c, (6,), device=backend.device)
             t[0], t[3] = c - 1, -100

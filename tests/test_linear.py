@@ -154,9 +154,10 @@ def test_grad_in_forward_matches_recompute_and_refuses_a_second_backward():
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("scheme", [schemes.DM(), schemes.CCE()], ids=repr)
 def test_grad_in_forward_16bit_scales_once_and_refuses_a_second_backward(backend, scheme, reduction):
-    # 16-bit inputs: the float32 sums get the upstream gradient and "mean"'s divisor in backward
-    # (on a GPU in the pass that rounds them); the result matches the recompute path's, and a
-    # second backward is refused on every device, as for float32.
+    # 16-bit inputs: the stored gradients (float32 sums, or held in bfloat16) get the upstream
+    # gradient in backward (on a GPU in the pass that rounds a sum), "mean"'s divisor in forward;
+    # the result matches the recompute path's, and a second backward is refused on every device,
+    # as for float32.
     hidden, weight, bias, target, cw, sw = _inputs(17, 4, 9, torch.bfloat16, device=backend.device)
     kw = dict(bias=bias, class_weight=cw, sample_weight=sw, chunk_size=3, reduction=reduction, backend=backend.name)
     params = (hidden, weight, bias)
@@ -835,9 +836,13 @@ class _ChunkAllocations(TorchDispatchMode):
 
 @pytest.mark.parametrize("grad_in_forward", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_chunks_share_one_logits_buffer(grad_in_forward, dtype):
+def test_the_chunks_share_one_logits_buffer(monkeypatch, grad_in_forward, dtype):
     # 5 chunks of 8 rows x 300 classes: one chunk-sized allocation a pass, not one per chunk (on a
-    # CPU each large one is a fresh mapping that page-faults on first touch).
+    # CPU each large one is a fresh mapping that page-faults on first touch). Native bfloat16
+    # GEMMs: upcast ones make block-sized float32 copies (chunk-sized, at these sizes).
+    monkeypatch.setitem(linear._CPU_FAST_16BIT, torch.bfloat16, True)
+    if dtype == torch.bfloat16 and not linear._cpu_fast_16bit_gemm(torch.bfloat16):
+        pytest.skip("no native bfloat16 GEMM here: the upcast products copy blocks as large as a chunk")
     hidden, weight, bias, target, _, _ = _inputs(40, 16, 300, dtype)
     with _ChunkAllocations((8, 300)) as seen:
         out = linear_robust_cross_entropy(hidden, weight, target, schemes.DM(), bias=bias, chunk_size=8,
@@ -884,3 +889,29 @@ def test_a_unit_factor_leaves_backward_nothing_to_do(monkeypatch, dtype, scheme,
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
+
+
+def test_autocast_gives_the_same_loss_in_one_chunk_or_many():
+    # Under autocast the logits are autocast's dtype in every chunk (a shared float32 buffer written
+    # with out= would bypass autocast once there are several chunks: 2.6e-4 apart here).
+    hidden, weight, bias, target, _, _ = _inputs(64, 32, 50, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        one = linear_robust_cross_entropy(hidden, weight, target, schemes.CCE(), bias=bias)
+        many = linear_robust_cross_entropy(hidden, weight, target, schemes.CCE(), bias=bias, chunk_size=16)
+    torch.testing.assert_close(many, one, rtol=1e-5, atol=1e-6)
+
+
+def test_float16_mean_keeps_small_gradient_entries():
+    # CCE "mean" over 4096 rows of 4000 classes: each logit's gradient is ~1/(N V), below float16's
+    # smallest normal. The gradient-in-forward path applies the divisor to the products in float32
+    # and stays within 0.2% of float64 (3e-4 seen; dividing every chunk's float16 entries first: 1.7%; the
+    # recompute path writes the divided entries in float16, as materialised float16 logits do).
+    n, h, v = 4096, 16, 4000
+    h16 = torch.randn(n, h).half().requires_grad_()
+    w16 = (torch.randn(v, h) / h**0.5).half().requires_grad_()
+    target = torch.randint(0, v, (n,))
+    hidden, weight = (x.detach().double().requires_grad_() for x in (h16, w16))
+    truth = torch.autograd.grad(linear_robust_cross_entropy(hidden, weight, target, schemes.CCE()), (hidden, weight))
+    got = torch.autograd.grad(linear_robust_cross_entropy(h16, w16, target, schemes.CCE(), chunk_size=1024), (h16, w16))
+    errs = [float((g.double() - t).norm() / t.norm()) for g, t in zip(got, truth)]
+    assert max(errs) < 2e-3, errs

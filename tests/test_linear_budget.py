@@ -39,10 +39,21 @@ def test_default_chunks_from_the_device_budget():
     assert fixed.rows == 5
 
 
-def test_budget_picks_the_fastest_plan_that_fits():
-    # Room for the float32 V x H accumulator (2 GiB) and big chunks: 3 matmuls.
-    big = _llm_plan(4 * GIB)
-    assert big.gif and big.rows == 8192 // 2 and big.working_bytes <= 4 * GIB
+def test_budget_picks_the_fastest_plan_that_fits(monkeypatch):
+    import robustloss_fast.linear as linear
+
+    # A GPU whose GEMM adds bfloat16 products into float32 (recent CUDA builds of torch).
+    monkeypatch.setitem(linear._FP32_OUT_GEMM, "cuda", True)
+    # Room for the float32 V x H accumulator (2 GiB) and big chunks: 3 matmuls (one chunk of all
+    # 8192 rows, 2 GiB of logits beside the sum, is over 3.5 GiB).
+    big = _llm_plan(3.5 * GIB)
+    assert big.gif and big.rows == 8192 // 2 and big.working_bytes <= 3.5 * GIB
+    # Without that GEMM a chunk's product is rounded to bfloat16 anyway: one chunk of all 8192 rows
+    # needs no float32 sum and fits the same budget.
+    monkeypatch.setitem(linear._FP32_OUT_GEMM, "cuda", False)
+    one = _llm_plan(3.5 * GIB)
+    assert one.gif and one.rows == 8192 and one.working_bytes <= 3.5 * GIB
+    monkeypatch.setitem(linear._FP32_OUT_GEMM, "cuda", True)
     # No room for the accumulator: recompute, tiled over the vocabulary with all 8192 rows per tile.
     lean = _llm_plan(1 * GIB)
     assert not lean.gif and lean.tile_rows == 8192 and lean.tile_cols < 128256
@@ -610,3 +621,13 @@ def test_scale_16bit_multiplies_in_float32_and_rounds_once(monkeypatch, device, 
         got = g.clone()
         linear._scale_16bit_(got, f)
         assert torch.equal(got, (g.float() * f).to(dtype)), f
+
+
+def test_a_budget_that_holds_one_chunk_gets_it(monkeypatch):
+    # (1024, 4096, 32000) bfloat16 on a CPU with native bfloat16 GEMMs: one chunk holds its
+    # grad_weight in bfloat16 (63.5 MiB in all), several need the 500 MiB float32 sum. A budget
+    # of 100 MiB takes the one chunk (3 matmuls), not a 4-matmul recompute.
+    _native_bf16(monkeypatch)
+    plan = _plan(1024, 32000, 4096, torch.bfloat16, "cpu", needs_h=True, needs_w=True, needs_b=False, gif=True,
+                 cap=None, budget=100 * MIB, chunk_size=None)
+    assert plan.gif and plan.rows == 1024 and plan.working_bytes <= 100 * MIB, plan
