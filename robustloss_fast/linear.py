@@ -579,7 +579,7 @@ def _scale_16bit_(g: torch.Tensor, f: torch.Tensor) -> None:
     step = max(1, _SCALE_BLOCK // max(1, g.shape[-1]))
     for r0 in range(0, g.shape[0], step):
         blk = g[r0 : r0 + step]
-        blk.copy_(blk.to(f.dtype).mul_(f if f.dim() == 0 else f[r0 : r0 + step]))
+        blk.copy_(blk.to(f.dtype).mul_(f[r0 : r0 + step]))
 
 
 def _add_product(
@@ -722,6 +722,17 @@ _FIXED_REFERENCE_SPAN = 30.0
 _FIXED_REFERENCE_WEIGHTED_SHIFT = 10.0
 
 
+def _gatherable(target: torch.Tensor, cw: Optional[torch.Tensor], spec: KernelSpec) -> torch.Tensor:
+    """``target`` with classes outside ``[0, V)`` ignored, to gather class weights before the row pass.
+
+    Such a target counts nowhere (the row pass stops on it; on a GPU nothing
+    checked it before): the class-weight gather must not be the one to fault first.
+    """
+    if cw is None:
+        return target
+    return torch.where((target >= 0) & (target < cw.shape[0]), target, spec.ignore_index)
+
+
 def _fixed_reference(spec: KernelSpec, target, cw, sw, dtype: torch.dtype, chunks: int):
     """A reference ``R >= log D`` known before the first chunk, or None.
 
@@ -749,11 +760,7 @@ def _fixed_reference(spec: KernelSpec, target, cw, sw, dtype: torch.dtype, chunk
         return None if hi - lo + math.log(n) > _FIXED_REFERENCE_SPAN else math.log(n) + hi
     if hi - lo > _FIXED_REFERENCE_WEIGHTED_SHIFT or chunks < 2:
         return None
-    # A target outside [0, V) counts nowhere here (the row pass stops on it): the class-weight
-    # gather must not be the one to fault first.
-    v = cw.shape[0] if cw is not None else None
-    t = target if v is None else torch.where((target >= 0) & (target < v), target, spec.ignore_index)
-    _, s, _ = _finalize.sample_scale(t, cw, sw, spec, acc_dtype(dtype))
+    _, s, _ = _finalize.sample_scale(_gatherable(target, cw, spec), cw, sw, spec, acc_dtype(dtype))
     return torch.logsumexp(s.abs().log(), 0) + hi
 
 
@@ -824,10 +831,7 @@ class _LinearRobustCE(torch.autograd.Function):
             # "mean"'s divisor sum_i weight[y_i], from the targets (unnormalised schemes).
             mean_f = None
             if not spec.normalised and spec.reduction == Reduction.MEAN:
-                # A target outside [0, V) counts nowhere (the row pass stops on it): the class-weight
-                # gather must not be the one to fault first.
-                t_ok = target if cw is None else torch.where((target >= 0) & (target < v), target, spec.ignore_index)
-                _, _, cw_rows = _finalize.sample_scale(t_ok, cw, None, spec, acc)
+                _, _, cw_rows = _finalize.sample_scale(_gatherable(target, cw, spec), cw, None, spec, acc)
                 denom = cw_rows.sum()
                 mean_f = torch.where(denom != 0, 1 / torch.where(denom != 0, denom, one), torch.zeros_like(denom))
             # Known before any chunk, it is every chunk's upstream factor inside the gradient op,
