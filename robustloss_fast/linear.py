@@ -1049,7 +1049,7 @@ class _LinearRobustCE(torch.autograd.Function):
         then rounded: ATen's CPU kernel for a float32 product written as
         bfloat16 is not vectorised (19 ms against 11 ms for the two passes at
         32000 x 512). A gradient held in 16 bits (:func:`_held_16bit`) is
-        scaled in float32 blocks and returned itself. Either way the stored
+        scaled in float32, rounded once (:func:`_scale_16bit_`), and returned itself. Either way the stored
         gradients count as modified (those returned as they are too: the
         caller may change them), so a second backward through this graph
         fails autograd's saved-tensor version check instead of going wrong.
