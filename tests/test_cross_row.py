@@ -5,7 +5,7 @@ Fresh random row statistics with every flag the kernels specialise on
 (normalised or not, each reduction, class and signed sample weights, the class
 weights in the rows), ignored rows, rows that do not count (s = 0), rows with
 log w = -inf, infinite and NaN values, several blocks of rows and none,
-batches past 8192 rows (the CUDA step's two launches), NaN and infinite weights; and a
+batches past 1024 rows (both steps' two launches), NaN and infinite weights; and a
 training step's launch count: three Triton kernels and no other computing op.
 """
 
@@ -106,9 +106,10 @@ def test_kernel_matches_finalize(monkeypatch, which, kernel, reduction, normaliz
 @pytest.mark.parametrize("kernel,reduction,normalize", CASES, ids=lambda v: getattr(v, "name", str(v)))
 @pytest.mark.parametrize("name", [_param("cpu"), _param("cuda")])
 def test_kernel_matches_finalize_past_the_one_launch_limit(name, kernel, reduction, normalize, dtype):
-    """Batches past 8192 rows, where the CUDA step takes two launches (33 and 79 chunks), with the edge
-    rows in the first chunk and the last."""
-    batches = ((8193, "edges", True), (9000, "inf", True), (20000, "nan", False))
+    """Batches past the one-launch limit (1024 rows), where both steps take two launches, with the edge
+    rows in the first chunk and the last: at the limit + 1 (a last chunk of one row) and at 9000 and
+    20000 rows (36 and 79 chunks on CUDA)."""
+    batches = ((1025, "edges", True), (8193, "edges", True), (9000, "inf", True), (20000, "nan", False))
     _check_batches(name, _spec(kernel, reduction, normalize), dtype, batches)
 
 
@@ -177,7 +178,7 @@ def test_an_infinite_weight_matches_finalize(name, where, dtype):
     """An infinite sample or class weight on a row that counts makes D (and the sums) infinite: every
     other row's normalised coefficient is 0, the infinite rows' own inf / inf = NaN, the value NaN or
     inf. The kernels' log-domain merges meet inf - inf there; they must give _finalize's answer
-    wherever the infinite row falls (first, middle or last block; past 8192 rows on the CUDA step's
+    wherever the infinite row falls (first, middle or last block; past 1024 rows on the CUDA step's
     two-launch path), for every reduction. Its log w is within a few nats of the others' (as DM's are):
     one so far below the largest that exp(log w - max) underflows to 0 makes inf x 0 = NaN of D in any
     dtype (the float32 kernels at 104 nats, the float64 reference at 745)."""

@@ -30,10 +30,12 @@ namespace {
 constexpr int kFinBlock = 256;     // threads of partials_kernel and apply_kernel
 constexpr int kMaxPartials = 256;  // == kFinBlock: apply_kernel merges one partial per thread
 constexpr int kOneBlock = 1024;    // threads of one_block_kernel
-// At most this many rows (8 per thread): one launch. Where one block's serial
-// latency starts to cost more than a second launch is for a GPU run to settle
-// (benchmarks/NOTES.md); it matches the Triton backend's CROSS_ROW_ONE_PROGRAM_MAX.
-constexpr int64_t kOneBlockMaxRows = 8192;
+// At most this many rows (one per thread): one launch. Timed in a CUDA graph on
+// an H200 (benchmarks/NOTES.md), the one block took 9 us at 1024 rows, 16 at
+// 4096 and 27 at 8192, the two launches 10-12 us at 8193-65536 rows: one
+// block's serial latency overtakes a second launch at about 1500 rows. The
+// Triton backend's CROSS_ROW_ONE_PROGRAM_MAX is the same.
+constexpr int64_t kOneBlockMaxRows = 1024;
 
 // The emulator (emu/shim.h) can lower the limit, to run the two-launch path on small batches.
 #ifndef RL_ONE_BLOCK_MAX_ROWS

@@ -386,10 +386,11 @@ def run_checks(E) -> Checker:
             except ValueError as e:
                 ck.check("normalize" in str(e), f"normalize refusal message: {e}")
 
-    # Batches around the cross-row step's one-launch limit (8192 rows): 1300 in one block of 1024
-    # threads (some with two rows); 9000 in two launches (36 chunks of 250); 70000 at the
-    # 256-partial cap (chunks of 274 rows, more rows than threads per chunk).
-    for n in (1300, 9000, 70000):
+    # Batches around the cross-row step's one-launch limit (1024 rows): 1024 in one block of 1024
+    # threads, one row each; 1025 in two launches (5 chunks, the last of one row); 9000 in two
+    # launches (36 chunks of 250); 70000 at the 256-partial cap (chunks of 274 rows, more rows than
+    # threads per chunk).
+    for n in (1024, 1025, 9000, 70000):
         x = (torch.randn(n, 3, generator=gen) * 4).to(torch.float32)
         t = torch.randint(0, 3, (n,), generator=gen)
         t[torch.rand(n, generator=gen) < 0.1] = -100
@@ -404,8 +405,8 @@ def run_checks(E) -> Checker:
             launches = E.emu_launches() - before
             v_ref, st_ref = ref_forward(x, t, kid, a, b, w, sw, -100, reduction, normalize)
             what = f"n={n} scheme={kid, a, b} reduction={reduction} normalize={normalize}"
-            # The row pass, then the cross-row step: one launch up to 8192 rows, else two ("none": one).
-            ck.check(launches == (2 if n <= 8192 or reduction == 0 else 3), f"{launches} launches: forward {what}")
+            # The row pass, then the cross-row step: one launch up to 1024 rows, else two ("none": one).
+            ck.check(launches == (2 if n <= 1024 or reduction == 0 else 3), f"{launches} launches: forward {what}")
             close(v, v_ref, torch.float32, "value " + what)
             close(st[:, SC.ALPHA :], st_ref[:, SC.ALPHA :], torch.float32, "coefs " + what)
 

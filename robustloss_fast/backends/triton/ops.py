@@ -225,14 +225,15 @@ def triton_forward(
 
 # Rows per block of the one-program cross-row kernel. Its two passes are loops
 # of dependent blocks, so at large N the latency of each block's loads adds up:
-# wide blocks and 8 warps keep 8192 rows to 2 iterations a pass. Above
+# one wide block with 8 warps covers every row it takes in one iteration. Above
 # CROSS_ROW_ONE_PROGRAM_MAX rows the two-kernel version runs instead (a program
 # per CROSS_ROW_PARALLEL_BLOCK rows, then a program per block merging every
 # block's totals, CROSS_ROW_MERGE_BLOCK at a time): one launch more, no loop of
-# dependent blocks. The threshold is a prediction (benchmarks/NOTES.md), not yet
-# timed on a GPU.
+# dependent blocks. Timed in a CUDA graph on an H200 (benchmarks/NOTES.md): the
+# one program 6 us at 1024 rows, 16 at 4096, 31 at 8192; the two kernels 7-8 us
+# at 8193-65536 rows, so the one program keeps only batches up to 1024 rows.
 CROSS_ROW_BLOCK = 4096
-CROSS_ROW_ONE_PROGRAM_MAX = 8192
+CROSS_ROW_ONE_PROGRAM_MAX = 1024
 CROSS_ROW_PARALLEL_BLOCK = 1024
 CROSS_ROW_MERGE_BLOCK = 1024
 
