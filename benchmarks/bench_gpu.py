@@ -43,9 +43,10 @@ leaves no room for.
 
 ``cross_row`` (first, a few seconds): the cross-row step alone (the
 backend's ``finalize`` on float32 rows of the normalised DM mean), per GPU
-backend, at 1024 to 65536 rows. Both GPU backends run it in one launch up to
-8192 rows and in two above, so 8192 against 8193 rows says on which side of
-that limit one launch is cheaper. "eager": CUDA events around each call, the
+backend, at 512 to 65536 rows. Both GPU backends run it in one launch up to
+1024 rows and in two above (the limit this table set: one launch cost 27-31 us
+at 8192 rows on an H200, two 7-12 us), so 1024 against 1025 and 2048 rows
+say whether the limit still sits where one launch is cheaper. "eager": CUDA events around each call, the
 host's cost to issue it included (what a step sees when the host is the
 slower side); "graph": 20 calls in a CUDA graph, replayed, per call (the
 device's time alone).
@@ -93,7 +94,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOGITS_SHAPES = [(16384, 128256, "bfloat16"), (16384, 32000, "bfloat16"), (8192, 1000, "float32"), (65536, 10, "float32")]
 # The dry run's Triton kernels run under the interpreter, one program at a time: few rows.
 LOGITS_SHAPES_DRY = [(16, 1000, "bfloat16"), (16, 320, "bfloat16"), (16, 100, "float32"), (32, 10, "float32")]
-CROSS_ROW_ROWS = [1024, 4096, 8192, 8193, 16384, 65536]
+CROSS_ROW_ROWS = [512, 1024, 1025, 2048, 8192, 65536]
 CROSS_ROW_ROWS_DRY = [16, 17]
 CROSS_ROW_GRAPH_CALLS = 20
 LINEAR_TOKENS, LINEAR_H, LINEAR_V = [8192, 32768], 4096, 128256
@@ -349,6 +350,44 @@ def _extra_bytes(device, step, prepare=None):
     step()
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device) - base
+
+
+# Variants whose step is also run once under torch.profiler: each kernel's device time, so that a
+# step's time over its floor can be traced to the kernels it goes to (GEMMs, row passes, the
+# copies and sums between them) without another run on the GPU.
+PROFILED = {"Liger CE", "compile DM", "ours DM auto", "compile CE", "Liger FLCE", "ours DM", "ours DM lean"}
+
+
+def _kernel_profile(device, step, prepare=None, top=12):
+    """One step under torch.profiler: device time (ms) and launches per kernel, the largest first.
+
+    On the CPU (the dry run) the same for the ATen ops by self CPU time, which checks only that this
+    runs and what the JSON holds.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    if prepare is not None:
+        prepare()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize(device)
+    spent = {}
+    for e in prof.events():
+        on_device = e.device_type != torch.autograd.DeviceType.CPU
+        if on_device != cuda:
+            continue
+        us = e.time_range.elapsed_us() if cuda else e.self_cpu_time_total
+        ms, calls = spent.get(e.name, (0.0, 0))
+        spent[e.name] = (ms + us / 1e3, calls + 1)
+    total = sum(ms for ms, _ in spent.values())
+    ranked = sorted(spent.items(), key=lambda kv: -kv[1][0])
+    rows = [{"kernel": name[:160], "ms": ms, "calls": calls} for name, (ms, calls) in ranked[:top]]
+    rest = ranked[top:]
+    return {"unit": "device ms" if cuda else "self CPU ms (dry run)", "total_ms": total,
+            "launches": sum(c for _, (_, c) in ranked), "top": rows,
+            "rest": {"kinds": len(rest), "ms": sum(ms for _, (ms, _) in rest), "calls": sum(c for _, (_, c) in rest)}}
 
 
 def _lost_context(exc):
@@ -627,6 +666,8 @@ class Runner:
                 prep()
             warm.append(self.clock.wall(step))
         rec["extra_bytes"] = _extra_bytes(self.device, step, prep)
+        if name in PROFILED:
+            rec["kernels"] = _kernel_profile(self.device, step, prep)
         t = min(warm) if warm else rec["first_call_s"]
         rec["_t"] = t
         rec["_reps"] = max(self.min_reps, min(self.max_reps, int(self.target_s / max(t, 1e-6))))
@@ -1051,7 +1092,44 @@ def format_tables(result):
                 f"| {_mib(rec.get('extra_bytes'))} | {err} | {_fmt(rec.get('first_call_s'))} |"
             )
         lines.append("")
+    lines += _kernel_tables(result)
     return "\n".join(lines)
+
+
+def _short_kernel(name, width=90):
+    """A kernel's name without its parameter list (template arguments stay: they say which functor or
+    layout), shortened to ``width`` characters."""
+    short = name.replace("(anonymous namespace)::", "").replace("void ", "", 1).strip()
+    if short.endswith(")"):  # drop the trailing "(...)" parameter list
+        depth = 0
+        for k in range(len(short) - 1, -1, -1):
+            depth += {")": 1, "(": -1}.get(short[k], 0)
+            if depth == 0:
+                short = short[:k].rstrip() or short
+                break
+    return short if len(short) <= width else short[: width - 3] + "..."
+
+
+def _kernel_tables(result):
+    """Where a profiled variant's step goes: its largest kernels' device time (``PROFILED``)."""
+    lines = []
+    cases = [("Logits " + c["label"], c) for c in (result.get("logits") or {}).get("cases", [])]
+    cases += [("Linear + loss " + c["label"], c) for c in (result.get("linear") or {}).get("cases", [])]
+    for label, case in cases:
+        for name, rec in (case.get("variants") or {}).items():
+            prof = rec.get("kernels")
+            if not prof:
+                continue
+            if not lines:
+                lines += ["#### Kernels of one step (torch.profiler; a step run apart from the timed ones)", ""]
+            lines += [f"{label}, {name}: {_fmt(prof['total_ms'])} {prof['unit']} in {prof['launches']} launches", "",
+                      "| kernel | ms | calls |", "|---|---|---|"]
+            lines += [f"| `{_short_kernel(k['kernel'])}` | {_fmt(k['ms'])} | {k['calls']} |" for k in prof["top"]]
+            rest = prof["rest"]
+            if rest["kinds"]:
+                lines.append(f"| {rest['kinds']} other kernels | {_fmt(rest['ms'])} | {rest['calls']} |")
+            lines.append("")
+    return lines
 
 
 def write_png(result, path):

@@ -21,9 +21,12 @@ context is gone. Either is "reported clearly" (exit status 0, and the line
 unreported exits 3. The sanitizer's job there is only that no kernel reads or
 writes out of bounds on the way.
 
-Run with PYTORCH_NO_CUDA_MEMORY_CACHING=1 under the sanitizer: torch's
-caching allocator otherwise carves tensors out of large blocks, and an access
-past the end of a tensor that stays inside its block is invisible to memcheck.
+Run ``parity`` with PYTORCH_NO_CUDA_MEMORY_CACHING=1 under the sanitizer:
+torch's caching allocator otherwise carves tensors out of large blocks, and an
+access past the end of a tensor that stays inside its block is invisible to
+memcheck. Not ``bad-target``: after a device-side assertion every cudaFree
+fails, and without the cache torch frees through cudaFree in a destructor,
+which throws and ends the process before the report is printed.
 """
 
 from __future__ import annotations
@@ -97,6 +100,8 @@ def parity(device, backends, quick=False):
     bad, checked = [], 0
     # quick: float32 and bfloat16 only, still every layout (racecheck's slower run; the CPU dry run)
     for dtype in DTYPES[:2] if quick else DTYPES:
+        # progress, so that a run cut short by its time limit says how far it got
+        print(f"PARITY {dtype}: {checked} cases so far", flush=True)
         for c in CLASSES:
             n = 37 if c < 100 else 5  # small C: rows of several blocks and a partial one
             y = torch.randint(0, c, (n,), generator=gen).to(device)
@@ -111,6 +116,7 @@ def parity(device, backends, quick=False):
                         if not (_close(v, ref_v, dtype) and _close(g, ref_g, dtype)):
                             bad.append(f"{backend} {dtype} C={c} {layout} {sname}")
     # The fused linear layer: several row chunks, so the per-chunk views of the row ops run too.
+    print(f"PARITY linear: {checked} cases so far", flush=True)
     for dtype in (torch.float32,) if quick else (torch.float32, torch.bfloat16):
         h = (torch.randn(300, 64, generator=gen) / 8).to(dtype)
         w = torch.randn(1000, 64, generator=gen).to(dtype)
@@ -121,7 +127,9 @@ def parity(device, backends, quick=False):
             grads = {}
             for backend in ["torch"] + list(backends):
                 dev = "cpu" if backend == "torch" else device
-                hh, ww = h.to(dev).requires_grad_(True), w.to(dev).requires_grad_(True)
+                # detach(): a fresh leaf per backend (h.to("cpu") is h itself, and would stay one
+                # requiring grad, so the CUDA copies made from it afterwards were not leaves)
+                hh, ww = h.detach().to(dev).requires_grad_(True), w.detach().to(dev).requires_grad_(True)
                 v = rf.linear_robust_cross_entropy(hh, ww, y.to(dev), scheme, chunk_size=128, backend=backend, **kw)
                 v.sum().backward()
                 grads[backend] = (v.detach(), hh.grad, ww.grad)
