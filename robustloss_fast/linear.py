@@ -80,7 +80,7 @@ more (the split). The second is the lean one of 4 matmuls; the split is
 leaner still (a budget of tens of MiB at that size), at a fifth matmul.
 
 How the work is cut comes from a memory budget (``memory_budget=`` bytes;
-by default chunks of about 64 MiB on CPUs, 512 MiB on GPUs): ``_plan`` holds
+by default chunks of about 64 MiB on CPUs, 2 GiB on GPUs): ``_plan`` holds
 the model of every tensor the layer allocates beyond its inputs and returned
 gradients, and picks the fastest plan that fits (3 matmuls with chunks of at
 least 256 rows, else whole-row recompute, else vocabulary tiles, else the
@@ -149,12 +149,14 @@ _MIB = 1 << 20
 # (N, H, V) = (2048, 512, 32000) a training step took within 3% of its best
 # from 512 rows up (fp32 and bf16; see benchmarks/NOTES.md); 64 MiB is 512
 # float32 rows there, about the memory the fixed 2^23-logit chunks held. GPUs: every chunk
-# makes one pass over the float32 V x H grad_weight accumulator (two for the
-# normalised schemes, whose running normaliser rescales it), which only chunks
-# of thousands of rows amortise against the chunk's three GEMMs (the bytes
-# model in benchmarks/NOTES.md): 512 MiB is 2093 rows of bfloat16 at V = 128256.
+# after the first reads and writes the float32 V x H grad_weight sum (4.2 GB at V = 128256,
+# H = 4096, ~1 ms at an H200's 4.3 TB/s), against the chunk's GEMMs' 6 rows V H FLOPs: the
+# share of the sum is about 250 / rows there, whatever V and H. With 512 MiB (2048 rows at
+# that V) a step took 43.3 ms at N = 8192 and 173 ms at N = 32768, torch.compile's 39.1 and
+# 164 (benchmarks/NOTES.md); 2 GiB is 8192 rows there, one chunk at N = 8192 (no float32
+# sum at all: _held_16bit), and at most about as much as that sum holds beside it.
 _DEFAULT_CHUNK_BYTES = {"cpu": 64 * _MIB}
-_DEFAULT_CHUNK_BYTES_ACCELERATOR = 512 * _MIB
+_DEFAULT_CHUNK_BYTES_ACCELERATOR = 2048 * _MIB
 # With an explicit memory_budget, the gradient-in-forward path needs at least
 # this many rows per chunk (or all of them); below, its per-chunk passes over
 # the V x H accumulator cost more than the recompute path's extra GEMM.
@@ -545,16 +547,22 @@ def _held_16bit(dtype: torch.dtype, device_type: str, one_chunk: bool) -> Tuple[
     """Whether the gradient-in-forward path holds 16-bit ``(grad_hidden, grad_weight)`` in their own dtype.
 
     Where a 16-bit product is rounded to 16 bits by its GEMM anyway (not upcast
-    to float32 blocks, not added into float32 by the GEMM itself), a float32
-    copy of it holds the same values at twice the bytes and costs a conversion
-    each way. ``grad_hidden``'s rows each come from one such GEMM; ``grad_weight``
-    only when one chunk has every row (else its float32 sum across chunks is
-    the exact one). The pending factor is applied in backward in float32 and
-    rounded once (:func:`_scale_16bit_`): the numbers of the float32 copy.
+    to float32 blocks), a float32 copy of it holds the same values at twice the
+    bytes and costs a conversion each way. ``grad_hidden``'s rows each come
+    from one such GEMM; ``grad_weight`` only when one chunk has every row (else
+    its float32 sum across chunks is the exact one). The pending factor is
+    applied in backward in float32 and rounded once (:func:`_scale_16bit_`).
+    That factor is the upstream gradient (one chunk needs no rescale): at 1,
+    the numbers of a float32 copy; otherwise a second rounding of the GEMM's
+    16-bit output, where a GPU GEMM writing float32 (:func:`_fp32_out_gemm`)
+    would have rounded once. Eager bf16 (the upstream times the 16-bit logits'
+    gradient, then the GEMM) rounds twice too; holding it in float32 would
+    cost a ``V x H`` float32 matrix (2 GiB at V = 128256, H = 4096) and two
+    passes over it, about 4 ms of a 43 ms step on an H200 (benchmarks/NOTES.md).
     """
     if dtype.itemsize != 2 or _upcast_gemm(dtype, device_type):
         return False, False
-    return True, one_chunk and not _fp32_out_gemm(device_type)
+    return True, one_chunk
 
 
 _SCALE_BLOCK = 1 << 18  # elements of the float32 block _scale_16bit_ holds (1 MiB)
@@ -1168,7 +1176,7 @@ def linear_robust_cross_entropy(
             inputs and the gradients it returns (logit chunks, float32
             accumulators, row statistics; the model is ``_plan``'s
             docstring). ``None`` (default): chunks of about 64 MiB on CPUs
-            and 512 MiB on GPUs, the path as ``grad_in_forward`` says. Given,
+            and 2 GiB on GPUs, the path as ``grad_in_forward`` says. Given,
             the fastest plan that fits: the 3-matmul path with chunks of at
             least 256 rows, else the recompute path (4 matmuls), tiled over
             the vocabulary when whole rows do not fit -- the one that needs no

@@ -24,11 +24,12 @@ def _llm_plan(budget, n=8192, dtype=torch.bfloat16, device="cuda", cap=None, gif
 
 
 def test_default_chunks_from_the_device_budget():
-    # 512 MiB of bfloat16 logits at V = 128256 is 2093 rows: 8192 rows in 4 equal chunks of 2048.
+    # 2 GiB of bfloat16 logits at V = 128256 is 8372 rows: 8192 rows in one chunk, 32768 in four.
     plan = _llm_plan(None)
-    assert (plan.gif, plan.rows, plan.tile_cols, plan.inplace) == (True, 2048, 128256, True)
+    assert (plan.gif, plan.rows, plan.tile_cols, plan.inplace) == (True, 8192, 128256, True)
+    assert _llm_plan(None, n=32768).rows == 8192
     # A soft-cap keeps the capped logits beside their gradient: half the rows.
-    assert _llm_plan(None, cap=30.0).rows == 1024
+    assert _llm_plan(None, cap=30.0).rows == 4096
     # CPU: 64 MiB; float32 logits at V = 32000 are 524 rows, 2048 split in four.
     cpu = _plan(2048, 32000, 512, torch.float32, "cpu", needs_h=True, needs_w=True, needs_b=False, gif=True,
                 cap=None, budget=None, chunk_size=None)
@@ -44,16 +45,15 @@ def test_budget_picks_the_fastest_plan_that_fits(monkeypatch):
 
     # A GPU whose GEMM adds bfloat16 products into float32 (recent CUDA builds of torch).
     monkeypatch.setitem(linear._FP32_OUT_GEMM, "cuda", True)
-    # Room for the float32 V x H accumulator (2 GiB) and big chunks: 3 matmuls (one chunk of all
-    # 8192 rows, 2 GiB of logits beside the sum, is over 3.5 GiB).
-    big = _llm_plan(3.5 * GIB)
-    assert big.gif and big.rows == 8192 // 2 and big.working_bytes <= 3.5 * GIB
-    # Without that GEMM a chunk's product is rounded to bfloat16 anyway: one chunk of all 8192 rows
-    # needs no float32 sum and fits the same budget.
-    monkeypatch.setitem(linear._FP32_OUT_GEMM, "cuda", False)
-    one = _llm_plan(3.5 * GIB)
-    assert one.gif and one.rows == 8192 and one.working_bytes <= 3.5 * GIB
-    monkeypatch.setitem(linear._FP32_OUT_GEMM, "cuda", True)
+    # One chunk of all 8192 rows needs no float32 sum (its grad_weight comes from one GEMM, held
+    # in bfloat16): 2 GiB of logits fit 2.5 GiB, with or without a GEMM that writes float32.
+    for fp32_out in (True, False):
+        monkeypatch.setitem(linear._FP32_OUT_GEMM, "cuda", fp32_out)
+        one = _llm_plan(2.5 * GIB)
+        assert one.gif and one.rows == 8192 and one.working_bytes <= 2.5 * GIB
+    # 16384 rows: room for the float32 V x H sum (2 GiB) and three chunks of logits: 3 matmuls.
+    big = _llm_plan(3.5 * GIB, n=16384)
+    assert big.gif and big.rows == -(-16384 // 3) and big.working_bytes <= 3.5 * GIB
     # No room for the accumulator: recompute, tiled over the vocabulary with all 8192 rows per tile.
     lean = _llm_plan(1 * GIB)
     assert not lean.gif and lean.tile_rows == 8192 and lean.tile_cols < 128256
