@@ -237,7 +237,10 @@ stage_test() {
     # The tests that run on the GPU (CI runs the rest on every commit): whatever names cuda -- the
     # backend fixture's *_on_cuda cases, tests/test_cuda.py -- with tests/test_cuda.py first. The whole
     # suite took 15 minutes there (20% in 180 s: the CPU variants' tests are the slowest).
-    args+=(tests/test_cuda.py tests -k "${GPU_TESTS_K:-cuda}")
+    local f
+    args+=(tests/test_cuda.py)
+    for f in tests/test_*.py; do [ "$f" = tests/test_cuda.py ] || args+=("$f"); done
+    args+=(-k "${GPU_TESTS_K:-cuda}")
   fi
   # shellcheck disable=SC2206
   args+=(${PYTEST_ARGS:-})
