@@ -20,7 +20,8 @@ eager ``F.cross_entropy((h @ W.T).float(), y)``, eager DM on the same logits,
 ``torch.compile`` of the eager CE, ``F.linear_cross_entropy`` (chunked; torch
 >= 2.13), Liger's FusedLinearCrossEntropy, Apple's cut-cross-entropy, and
 ``linear_robust_cross_entropy`` with DM and CCE (the default plan, and the
-"lean" and "split" memory budgets: 4 and 5 matmuls). The floor is the three
+"lean" and "split" memory budgets: 4 and 5 matmuls; DM also in fixed chunks of
+2048 rows, the default's size before it grew to 2 GiB). The floor is the three
 N x H x V matrix products of any forward + backward at the bf16 rate of a
 large product measured in the same run.
 
@@ -128,7 +129,10 @@ LINEAR_VARIANTS = [
     "ours DM lean",
     "ours CCE lean",
     "ours DM split",
+    "ours DM 2048-row chunks",
 ]
+# The default chunks before 2 GiB (512 MiB: 2048 rows at V = 128256), timed beside the new default.
+FIXED_CHUNK_ROWS = {"ours DM 2048-row chunks": 2048}
 
 
 def lean_budget(n, h, v, itemsize):
@@ -355,7 +359,8 @@ def _extra_bytes(device, step, prepare=None):
 # Variants whose step is also run once under torch.profiler: each kernel's device time, so that a
 # step's time over its floor can be traced to the kernels it goes to (GEMMs, row passes, the
 # copies and sums between them) without another run on the GPU.
-PROFILED = {"Liger CE", "compile DM", "ours DM auto", "compile CE", "Liger FLCE", "ours DM", "ours DM lean"}
+PROFILED = {"Liger CE", "compile DM", "ours DM auto", "compile CE", "Liger FLCE", "ours DM", "ours DM lean",
+            "ours DM 2048-row chunks"}
 
 
 def _kernel_profile(device, step, prepare=None, top=12):
@@ -577,16 +582,17 @@ def linear_variant(name, dry_run):
 
         scheme = rf.schemes.DM(lam=DM_LAM, beta=DM_BETA) if name.startswith("ours DM") else rf.schemes.CCE()
         budget_of = _budget_of(name)
+        rows = FIXED_CHUNK_ROWS.get(name)
 
         def fn(h, w, y):
             budget = budget_of(h.shape[0], h.shape[1], w.shape[0], h.element_size()) if budget_of else None
-            return rf.linear_robust_cross_entropy(h, w, y, scheme, memory_budget=budget)
+            return rf.linear_robust_cross_entropy(h, w, y, scheme, memory_budget=budget, chunk_size=rows)
 
         def estimate(n, h, v, s):
             # The layer's own model of its working memory, plus the gradients it returns.
             dtype = {2: torch.bfloat16, 4: torch.float32}[s]
             plan = _plan(n, v, h, dtype, "cuda", needs_h=True, needs_w=True, needs_b=False, gif=True, cap=None,
-                         budget=budget_of(n, h, v, s) if budget_of else None, chunk_size=None)
+                         budget=budget_of(n, h, v, s) if budget_of else None, chunk_size=rows)
             return plan.working_bytes + grads(n, h, v, s)
 
         return fn, "dm" if name.startswith("ours DM") else "ce", estimate

@@ -45,6 +45,9 @@ LAUNCH = re.compile(r"(\w+<[^;<>]*>)<<<(.+), (\w+), 0, stream>>>\((\w+)\);")
 # stay CUDA syntax, and a .cu file missing here would go unchecked, so both stop the run.
 KERNEL_FILES = {"rows.cu": 1, "finalize.cu": 3, "backward.cu": 1}
 SHARED_HEADER = "common.cuh"
+with open(os.path.join(CUDA_DIR, "finalize.cu")) as _f:
+    # The cross-row step's one-launch limit, from the source: the launch counts expected below follow it.
+    ONE_BLOCK_MAX_ROWS = int(re.search(r"kOneBlockMaxRows = (\d+);", _f.read()).group(1))
 
 
 def host_cuda(text: str) -> str:
@@ -387,7 +390,7 @@ def run_checks(E) -> Checker:
                 ck.check("normalize" in str(e), f"normalize refusal message: {e}")
 
     # Batches around the cross-row step's one-launch limit (1024 rows): 1024 in one block of 1024
-    # threads, one row each; 1025 in two launches (5 chunks, the last of one row); 9000 in two
+    # threads, one row each; 1025 in two launches (5 chunks of 205 rows); 9000 in two
     # launches (36 chunks of 250); 70000 at the 256-partial cap (chunks of 274 rows, more rows than
     # threads per chunk).
     for n in (1024, 1025, 9000, 70000):
@@ -406,7 +409,8 @@ def run_checks(E) -> Checker:
             v_ref, st_ref = ref_forward(x, t, kid, a, b, w, sw, -100, reduction, normalize)
             what = f"n={n} scheme={kid, a, b} reduction={reduction} normalize={normalize}"
             # The row pass, then the cross-row step: one launch up to 1024 rows, else two ("none": one).
-            ck.check(launches == (2 if n <= 1024 or reduction == 0 else 3), f"{launches} launches: forward {what}")
+            ck.check(launches == (2 if n <= ONE_BLOCK_MAX_ROWS or reduction == 0 else 3),
+                     f"{launches} launches: forward {what}")
             close(v, v_ref, torch.float32, "value " + what)
             close(st[:, SC.ALPHA :], st_ref[:, SC.ALPHA :], torch.float32, "coefs " + what)
 
@@ -420,7 +424,7 @@ def run_checks(E) -> Checker:
     from _cases import cross_row_rows
 
     finalize_cases = [(K.DM, 1, True), (K.DM, 1, False), (K.DM, 2, False), (K.DM, 0, False), (K.CCE_LS, 1, False)]
-    edge_batches = [(1, None), (29, "edges"), (700, "edges"), (700, "inf"), (2100, "inf"), (300, "nan"),
+    edge_batches = [(1, None), (29, "edges"), (700, "edges"), (700, "inf"), (1024, "inf"), (2100, "inf"), (300, "nan"),
                     (29, "nan_sw"), (700, "nan_sw"), (29, "nan_cw"), (700, "nan_cw"), (29, "inf_sw"), (700, "inf_sw"),
                     (700, "inf_cw")]  # fmt: skip
     for limit in (None, "0"):
@@ -455,7 +459,8 @@ def run_checks(E) -> Checker:
                     before = E.emu_launches()
                     got = E.robust_ce_finalize(rows, target, w, sw, -100, reduction, normalize, K(kid).weight_in_rows)
                     launches = E.emu_launches() - before
-                    ck.check(launches == (2 if limit == "0" and reduction != 0 else 1), f"{launches} launches: {what}")
+                    two = (limit == "0" or n > ONE_BLOCK_MAX_ROWS) and reduction != 0
+                    ck.check(launches == (2 if two else 1), f"{launches} launches: {what}")
                     want = finalize(f64[0], target, spec(kid, 1.0, 8.0, -100, reduction, normalize), f64[1], f64[2],
                                     log_denominator=normalised)  # fmt: skip
                     for name, g, w_ in zip(("value", "stats", "log D"), got, want):
