@@ -272,6 +272,8 @@ def extensions():
     if WITH_CUDA:
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
         nvcc = ["-O3", "-DNDEBUG", "--use_fast_math" if os.environ.get("ROBUSTLOSS_FAST_MATH") else "-Xptxas=-O3"]
+        if os.environ.get("ROBUSTLOSS_FAST_EXP"):  # csrc/cuda/common.cuh: dexp_elem
+            nvcc.append("-DRL_FAST_EXP")
         if "TORCH_CUDA_ARCH_LIST" not in os.environ:
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
         ext = CUDAExtension(

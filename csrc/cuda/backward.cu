@@ -97,7 +97,7 @@ __global__ void __launch_bounds__(BLOCK) backward_kernel(const BackwardParams<T>
         const acc_t P = dexp(l);
         return static_cast<T>(ga * P + gb * focal_terms<acc_t>(p.a, l, P, -dexpm1(l)).h);
       } else {
-        acc_t v = with_r ? ga * dexp(z - m) : acc_t(0);
+        acc_t v = with_r ? ga * dexp_elem(z - m) : acc_t(0);
         if (with_u) v += gb * (p.u ? p.u[j] : acc_t(1));
         return static_cast<T>(v);
       }

@@ -93,6 +93,21 @@ __device__ __forceinline__ double dlog(double x) { return log(x); }
 __device__ __forceinline__ float dexpm1(float x) { return expm1f(x); }
 __device__ __forceinline__ double dexpm1(double x) { return expm1(x); }
 
+// The exp of the per-element loops (the row pass's online sum, backward's
+// exp(z - m)): dexp, or with RL_FAST_EXP (setup.py: ROBUSTLOSS_FAST_EXP=1) the
+// hardware approximation __expf (ex2.approx of x log2 e: ~2 instructions
+// against expf's ~20 in the PTX, a relative error of about 2^-22 + |x| 2^-24).
+// An experiment for a GPU run (benchmarks/gpu_suite.sh, stage fastexp): whether
+// those loops are bound by instructions rather than bytes at 16384 x 128256.
+__device__ __forceinline__ float dexp_elem(float x) {
+#ifdef RL_FAST_EXP
+  return __expf(x);
+#else
+  return expf(x);
+#endif
+}
+__device__ __forceinline__ double dexp_elem(double x) { return exp(x); }
+
 // ---------------------------------------------------------------------------
 // 16-byte packs and row alignment
 
@@ -122,11 +137,15 @@ __device__ __forceinline__ Pack<T> load_pack_coherent(const T* p) {  // p is 16-
   return out;
 }
 
+// One 16-byte store. A plain uint4 assignment was split by the compiler into
+// four 4-byte stores (bf16) or two 8-byte ones (float) -- seen in the PTX of
+// backward_kernel: four times the store instructions and partial-sector
+// writes per pack. The store intrinsic keeps it one st.global.v4.
 template <typename T>
 __device__ __forceinline__ void store_pack(T* p, const Pack<T>& pk) {  // p is 16-byte aligned
   uint4 raw;
   memcpy(&raw, &pk, kPackBytes);
-  *reinterpret_cast<uint4*>(p) = raw;
+  __stwb(reinterpret_cast<uint4*>(p), raw);
 }
 
 // Elements before the first 16-byte boundary of a row (all of them when the
@@ -159,10 +178,10 @@ __device__ __forceinline__ void lse_add(Lse<acc_t>& st, acc_t x) {
   if (x != x || x == inf<acc_t>()) {
     st.bad = 1;
   } else if (x > st.m) {  // also the first finite value: s * exp(-inf) = 0
-    st.s = st.s * dexp(st.m - x) + acc_t(1);
+    st.s = st.s * dexp_elem(st.m - x) + acc_t(1);
     st.m = x;
   } else if (x != -inf<acc_t>()) {
-    st.s += dexp(x - st.m);
+    st.s += dexp_elem(x - st.m);
   }
 }
 
@@ -180,11 +199,11 @@ __device__ __forceinline__ void lse_add_pack(Lse<acc_t>& st, acc_t (&x)[K]) {
   }
   if (vmax == -inf<acc_t>()) return;  // every lane masked: nothing to add (and -inf - -inf is NaN)
   if (vmax > st.m) {
-    st.s *= dexp(st.m - vmax);
+    st.s *= dexp_elem(st.m - vmax);
     st.m = vmax;
   }
 #pragma unroll
-  for (int k = 0; k < K; ++k) st.s += dexp(x[k] - st.m);  // exp(-inf) = 0 for masked lanes
+  for (int k = 0; k < K; ++k) st.s += dexp_elem(x[k] - st.m);  // exp(-inf) = 0 for masked lanes
 }
 
 template <typename acc_t>

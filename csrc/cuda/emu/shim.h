@@ -159,8 +159,10 @@ T __ldg(const T* p) {
   return *p;
 }
 
-inline void emu_check_store(const void* p) {
+// The one 16-byte store the kernels make (common.cuh: store_pack).
+inline void __stwb(uint4* p, uint4 v) {
   if (reinterpret_cast<uintptr_t>(p) % 16 != 0) emu::fault("misaligned 16-byte store");
+  *p = v;
 }
 
 inline long long atomicMin(long long* p, long long v) {
