@@ -1255,6 +1255,9 @@ def parse_args(argv=None):
     ap.add_argument("--out", help="folder for bench_gpu.json/.md/.png (default benchmarks/results/gpu_<UTC time>)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="seconds for the whole run: work that would not fit is skipped and recorded as such")
+    ap.add_argument("--logits-shapes", metavar="NxC:DTYPE,...",
+                    help="the logits part at these shapes only (e.g. 16384x128256:bfloat16)")
+    ap.add_argument("--variants", metavar="NAME,...", help="these variants only (names as in the tables)")
     ap.add_argument("--logits-share", type=float, default=0.55,
                     help="fraction of the budget the logits part may use before the linear part starts")
     ap.add_argument("--compile-reserve-s", type=float, default=None,
@@ -1303,11 +1306,28 @@ def main(argv=None):
     runner = Runner(device, budget, args.dry_run, args.compile_reserve_s)
 
     logits_names = list(LOGITS_VARIANTS) + ([INPLACE_VARIANT] if _inplace_keyword() else [])
+    linear_names = list(LINEAR_VARIANTS)
+    if args.variants:
+        wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
+        unknown = [v for v in wanted if v not in logits_names + linear_names]
+        if unknown:
+            print(f"bench_gpu: unknown variants {unknown}", file=sys.stderr)
+            return 2
+        logits_names = [v for v in logits_names if v in wanted]
+        linear_names = [v for v in linear_names if v in wanted]
+    shapes = LOGITS_SHAPES_DRY if args.dry_run else LOGITS_SHAPES
+    if args.logits_shapes:
+        try:
+            shapes = [(int(nc.split("x")[0]), int(nc.split("x")[1]), dt)
+                      for nc, dt in (item.strip().split(":") for item in args.logits_shapes.split(","))]
+        except ValueError:
+            print(f"bench_gpu: --logits-shapes wants NxC:DTYPE,... (got {args.logits_shapes!r})", file=sys.stderr)
+            return 2
     result = {
         "schema": SCHEMA,
         "machine": machine_info(device, args.dry_run),
         "settings": runner.settings(),
-        "variants": {"logits": logits_names, "linear": list(LINEAR_VARIANTS)},
+        "variants": {"logits": logits_names, "linear": linear_names},
         "inplace_keyword": _inplace_keyword(),
         "cross_row": None,
         "logits": None,
@@ -1328,7 +1348,6 @@ def main(argv=None):
         result["cross_row"] = run_cross_row(device, args.dry_run, math.inf if total is None else 0.1 * total, budget)
         save()
     if args.only not in ("linear", "cross_row"):
-        shapes = LOGITS_SHAPES_DRY if args.dry_run else LOGITS_SHAPES
         deadline = math.inf if total is None else (total if args.only == "logits" else args.logits_share * total)
         result["logits"] = {"cases": []}
 
@@ -1356,7 +1375,7 @@ def main(argv=None):
                               for k, v in c["variants"].items()), flush=True)
 
         result["linear"] = {"cases": []}
-        run_linear(runner, tokens, hdim, vocab, list(LINEAR_VARIANTS), out_linear, deadline)
+        run_linear(runner, tokens, hdim, vocab, linear_names, out_linear, deadline)
     if device.type == "cuda" and not runner.broken:
         result["machine"]["nvidia_smi_end"] = _nvidia_smi()
     result["cuda_context_lost"] = runner.broken

@@ -17,6 +17,11 @@
 #             (0 errors required), memcheck on its bad-target case per GPU backend (no
 #             out-of-bounds access, and the bad target reported clearly)
 #   bench     benchmarks/bench_gpu.py with the time that is left -> bench_gpu.json/.md/.png
+#   fastexp   an A/B of the exp in the kernels' per-element loops (csrc/cuda/common.cuh:
+#             dexp_elem): the extension rebuilt with ROBUSTLOSS_FAST_EXP=1 (left in place),
+#             the parity case on it (no sanitizer), and the benchmark's 16384 x 128256 bf16
+#             logits for ours and Liger -> logs/fastexp/, compared in summary.md; skipped when
+#             under FASTEXP_MIN_S (100) seconds are left
 #   summary   summary.md
 # test and sanitize run side by side (correctness checks, not timings); the
 # benchmark runs alone after them.
@@ -29,7 +34,8 @@
 #
 # Time: SUITE_BUDGET_S (default 540) for everything; each stage runs under
 # `timeout` (BUILD_TIMEOUT 240, CHECKS_TIMEOUT 300 for test and sanitize) and
-# the benchmark gets what is left less SUMMARY_RESERVE_S (20), so one stuck
+# the benchmark gets what is left less SUMMARY_RESERVE_S (20) and the fastexp
+# stage's FASTEXP_MIN_S (100, when that stage is wanted), so one stuck
 # stage cannot take the others' time. The checkout is importable
 # (PYTHONPATH=$PWD); the benchmark records GIT_COMMIT when .git is absent.
 #
@@ -47,11 +53,11 @@ for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
     -h|--help) sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-    setup|build|test|sanitize|bench|summary) stages+=("$arg") ;;
-    *) echo "gpu_suite: unknown argument $arg (stages: setup build test sanitize bench summary; --dry-run)" >&2; exit 2 ;;
+    setup|build|test|sanitize|bench|fastexp|summary) stages+=("$arg") ;;
+    *) echo "gpu_suite: unknown argument $arg (stages: setup build test sanitize bench fastexp summary; --dry-run)" >&2; exit 2 ;;
   esac
 done
-[ ${#stages[@]} -eq 0 ] && stages=(setup build test sanitize bench summary)
+[ ${#stages[@]} -eq 0 ] && stages=(setup build test sanitize bench fastexp summary)
 want() { local s; for s in "${stages[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
 
 PY=${PYTHON:-python3}
@@ -323,7 +329,7 @@ stage_sanitize() {
 
 stage_bench() {
   local t0=$SECONDS budget rc args=()
-  budget=$(($(left) - SUMMARY_RESERVE_S))
+  budget=$(($(left) - SUMMARY_RESERVE_S - FASTEXP_RESERVE_S))
   if [ "$budget" -lt 30 ]; then
     note "bench skipped: ${budget}s left in the budget"
     record bench skipped 0 "only ${budget}s left"
@@ -346,6 +352,49 @@ stage_bench() {
   return $rc
 }
 
+# Seconds kept for the fastexp stage by the stages before it (when it is wanted).
+FASTEXP_RESERVE_S=0
+want fastexp && FASTEXP_RESERVE_S=${FASTEXP_MIN_S:-100}
+FASTEXP_SHAPE=16384x128256:bfloat16
+FASTEXP_VARIANTS="ours DM auto,ours CCE auto,Liger CE"
+stage_fastexp() {
+  local t0=$SECONDS budget rc=0 dir=$LOGS/fastexp dev=cuda backends=cuda arch shape=$FASTEXP_SHAPE dry=()
+  budget=$(($(left) - SUMMARY_RESERVE_S))
+  if [ "$budget" -lt "${FASTEXP_MIN_S:-100}" ]; then
+    note "fastexp skipped: ${budget}s left in the budget"
+    record fastexp skipped 0 "only ${budget}s left"
+    return 0
+  fi
+  mkdir -p "$dir"
+  if [ "$DRY_RUN" = 1 ]; then
+    # No CUDA here: nothing to rebuild; the parity case and the benchmark run as on a GPU.
+    note "fastexp: dry run, no rebuild (RL_FAST_EXP only changes the CUDA kernels)"
+    dev=cpu backends=cpu shape=16x1000:bfloat16 dry=(--dry-run)
+  else
+    arch=$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null)
+    note "fastexp: rebuild with ROBUSTLOSS_FAST_EXP=1 (limit $((budget / 2))s)"
+    ROBUSTLOSS_FAST_EXP=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} MAX_JOBS=${MAX_JOBS:-16} \
+      timeout -k 10 $((budget / 2)) "$PY" setup.py build_ext --inplace --force >"$dir/build.log" 2>&1 || rc=$?
+    if [ $rc -ne 0 ]; then
+      tail -n 20 "$dir/build.log"
+      note "fastexp FAILED: the rebuild (rc $rc)"
+      record fastexp FAILED $((SECONDS - t0)) "rebuild rc $rc"
+      return 1
+    fi
+  fi
+  timeout -k 10 120 "$PY" benchmarks/sanitize_case.py parity --device $dev --backends $backends --quick \
+    >"$dir/parity.log" 2>&1 || rc=$?
+  note "fastexp: parity $(tail -n 1 "$dir/parity.log")"
+  budget=$(($(left) - SUMMARY_RESERVE_S))
+  timeout -k 10 $((budget + 20)) "$PY" benchmarks/bench_gpu.py ${dry[@]+"${dry[@]}"} --only logits \
+    --logits-shapes "$shape" --variants "$FASTEXP_VARIANTS" --out "$dir" --budget-s "$budget" >"$dir/bench.log" 2>&1 || rc=$?
+  grep -E "^\[bench_gpu|^bench_gpu:" "$dir/bench.log"
+  if [ $rc -eq 0 ]; then record fastexp ok $((SECONDS - t0)) "logs/fastexp"; else
+    record fastexp FAILED $((SECONDS - t0)) "rc $rc (logs/fastexp)"
+  fi
+  return $rc
+}
+
 status=0
 if want setup; then stage_setup || status=1; pack; fi
 if want build; then
@@ -354,7 +403,7 @@ if want build; then
   pack
 fi
 if want test || want sanitize; then
-  limit=$(cap "$CHECKS_TIMEOUT" 120)
+  limit=$(cap "$CHECKS_TIMEOUT" $((120 + FASTEXP_RESERVE_S)))
   pt="" ps=""
   if want test; then stage_test "$limit" & pt=$!; fi
   if want sanitize; then stage_sanitize "$limit" & ps=$!; fi
@@ -363,6 +412,7 @@ if want test || want sanitize; then
   pack
 fi
 if want bench; then finish_prewarm; stage_bench || status=1; pack; fi
+if want fastexp; then stage_fastexp || status=1; pack; fi
 if want summary; then
   "$PY" benchmarks/suite_summary.py summary --logs "$LOGS" --out "$OUT" $([ "$DRY_RUN" = 1 ] && echo --dry-run) \
     || { status=1; note "summary FAILED"; }

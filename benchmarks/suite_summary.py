@@ -126,6 +126,35 @@ def _field(text, key):
     return hit.group(1) if hit else None
 
 
+def _medians(result):
+    """{(case label, variant): median ms} of a bench_gpu.json's logits part."""
+    cases = ((result or {}).get("logits") or {}).get("cases", [])
+    return {(c["label"], name): rec["median_ms"] for c in cases for name, rec in c.get("variants", {}).items()
+            if "median_ms" in rec}
+
+
+def fastexp_section(logs, bench):
+    """The fastexp stage against the benchmark's own numbers for the same cases (none when it did not run)."""
+    d = os.path.join(logs, "fastexp")
+    if not os.path.isdir(d):
+        return []
+    lines = ["", "## Fast exp A/B (RL_FAST_EXP: __expf in the per-element loops)", ""]
+    parity = _read(os.path.join(d, "parity.log")).strip().splitlines()
+    lines.append(f"parity of that build: `{parity[-1] if parity else 'not run'}`")
+    try:
+        with open(os.path.join(d, "bench_gpu.json")) as f:
+            fast = _medians(json.load(f))
+    except (OSError, ValueError):
+        return lines + ["", "no benchmark JSON from that build (logs/fastexp/bench.log)"]
+    base = _medians(bench)
+    lines += ["", "| case | variant | default build ms | RL_FAST_EXP ms | ratio |", "|---|---|---|---|---|"]
+    for key, ms in fast.items():
+        ref = base.get(key)
+        ratio = f"{ms / ref:.3f}" if ref else "-"
+        lines.append(f"| {key[0]} | {key[1]} | {ref if ref is None else f'{ref:.3f}'} | {ms:.3f} | {ratio} |")
+    return lines
+
+
 def summary(logs, out, dry_run):
     lines = []
     bench = None
@@ -196,6 +225,7 @@ def summary(logs, out, dry_run):
         lines.append("bench_gpu.json only (the run stopped before its tables): see the JSON")
     else:
         lines.append("not run")
+    lines += fastexp_section(logs, bench)
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(text)

@@ -10,6 +10,7 @@ checks every gradient against.
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -59,7 +60,7 @@ def _check_variants(cases, names, where):
 def test_suite_dry_run_bench_and_summary(tmp_path):
     out = tmp_path / "out"
     done = subprocess.run(
-        ["bash", str(SUITE), "--dry-run", "setup", "bench", "summary"],
+        ["bash", str(SUITE), "--dry-run", "setup", "bench", "fastexp", "summary"],
         env=_env(OUT=str(out), PEER_SITE=str(tmp_path / "site")),
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
@@ -68,7 +69,8 @@ def test_suite_dry_run_bench_and_summary(tmp_path):
     assert files == ["bench_gpu.json", "bench_gpu.md", "bench_gpu.png", "logs.tar.gz", "summary.md"], files
     assert (out / "bench_gpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with tarfile.open(out / "logs.tar.gz") as tar:
-        logs = {Path(n).name for n in tar.getnames()}
+        logs_all = tar.getnames()
+        logs = {Path(n).name for n in logs_all}
     assert {"suite.log", "bench.log", "env.txt", "stages.tsv"} <= logs
 
     result = json.loads((out / "bench_gpu.json").read_text())
@@ -119,6 +121,11 @@ def test_suite_dry_run_bench_and_summary(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "DRY RUN" in summary and "| bench | ok |" in summary and "#### Logits" in summary
     assert "#### Cross-row step alone" in summary and "#### Kernels of one step" in summary
+    # The fastexp stage: its parity verdict and its numbers beside the benchmark's own for the same case.
+    assert "| fastexp | ok |" in summary and "parity of that build: `PARITY ok" in summary
+    ab = summary.split("## Fast exp A/B", 1)[1]
+    assert re.search(r"\| 16x1000 bfloat16 \| ours DM auto \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \|", ab), ab
+    assert "fastexp/bench_gpu.json" in " ".join(logs_all)
 
 
 def test_sanitizer_cases_run_on_the_cpu_backend():
