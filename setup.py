@@ -271,8 +271,9 @@ def extensions():
     depends = sorted(glob.glob("csrc/**/*.h", recursive=True)) + sorted(glob.glob("csrc/**/*.cuh", recursive=True))
     if WITH_CUDA:
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
-        nvcc = ["-O3", "-DNDEBUG", "--use_fast_math" if os.environ.get("ROBUSTLOSS_FAST_MATH") else "-Xptxas=-O3"]
-        if os.environ.get("ROBUSTLOSS_FAST_EXP"):  # csrc/cuda/common.cuh: dexp_elem
+        fast_math = os.environ.get("ROBUSTLOSS_FAST_MATH") == "1"
+        nvcc = ["-O3", "-DNDEBUG", "--use_fast_math" if fast_math else "-Xptxas=-O3"]
+        if os.environ.get("ROBUSTLOSS_FAST_EXP") == "1":  # csrc/cuda/common.cuh: dexp_elem
             nvcc.append("-DRL_FAST_EXP")
         if "TORCH_CUDA_ARCH_LIST" not in os.environ:
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"

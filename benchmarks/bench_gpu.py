@@ -356,11 +356,13 @@ def _extra_bytes(device, step, prepare=None):
     return torch.cuda.max_memory_allocated(device) - base
 
 
-# Variants whose step is also run once under torch.profiler: each kernel's device time, so that a
-# step's time over its floor can be traced to the kernels it goes to (GEMMs, row passes, the
-# copies and sums between them) without another run on the GPU.
-PROFILED = {"Liger CE", "compile DM", "ours DM auto", "compile CE", "Liger FLCE", "ours DM", "ours DM lean",
-            "ours DM 2048-row chunks"}
+# Steps run once more under torch.profiler, after everything is timed: each kernel's device time,
+# so that a step's time over its floor can be traced to the kernels it goes to (GEMMs, row passes,
+# the copies and sums between them) without another run on the GPU. Last, because a profiler
+# session leaves CUPTI behind it (slower launches were reported after one; with CUDA graphs,
+# crashes on its re-initialisation), and because timing must not see it.
+PROFILED_LOGITS = ["Liger CE", "compile DM", "ours DM auto"]  # at the first logits shape
+PROFILED_LINEAR = ["compile CE", "Liger FLCE", "ours DM", "ours DM lean", "ours DM 2048-row chunks"]  # first N
 
 
 def _kernel_profile(device, step, prepare=None, top=12):
@@ -381,7 +383,8 @@ def _kernel_profile(device, step, prepare=None, top=12):
     spent = {}
     for e in prof.events():
         on_device = e.device_type != torch.autograd.DeviceType.CPU
-        if on_device != cuda:
+        # GPU user annotations (record_function ranges, Inductor's graph calls) span kernels: not kernels.
+        if on_device != cuda or getattr(e, "is_user_annotation", False):
             continue
         us = e.time_range.elapsed_us() if cuda else e.self_cpu_time_total
         ms, calls = spent.get(e.name, (0.0, 0))
@@ -672,8 +675,6 @@ class Runner:
                 prep()
             warm.append(self.clock.wall(step))
         rec["extra_bytes"] = _extra_bytes(self.device, step, prep)
-        if name in PROFILED:
-            rec["kernels"] = _kernel_profile(self.device, step, prep)
         t = min(warm) if warm else rec["first_call_s"]
         rec["_t"] = t
         rec["_reps"] = max(self.min_reps, min(self.max_reps, int(self.target_s / max(t, 1e-6))))
@@ -1005,6 +1006,60 @@ def run_linear(runner, tokens, hdim, vocab, names, out, deadline):
     return result
 
 
+def run_profiles(runner, shapes, names_logits, names_linear, linear_case, deadline):
+    """One profiled step of each PROFILED_* variant still in the run, on fresh inputs of the first
+    logits shape and the first linear case; a list of records (failures recorded, never fatal)."""
+    dev, out = runner.device, []
+    jobs = []
+    if shapes:
+        n, c, dtype_name = shapes[0]
+        jobs += [("logits", f"{n}x{c} {dtype_name}", name) for name in PROFILED_LOGITS if name in names_logits]
+    if linear_case is not None:
+        jobs += [("linear", linear_case, name) for name in PROFILED_LINEAR if name in names_linear]
+    torch._dynamo.reset()
+    for part, label, name in jobs:
+        rec = {"part": part, "case": label if part == "logits" else "N={} H={} V={} bfloat16".format(*label),
+               "variant": name}
+        out.append(rec)
+        if runner.broken or runner.budget.elapsed() > deadline:
+            rec.update(status="skipped", reason="CUDA context lost" if runner.broken else "time budget")
+            continue
+        try:
+            gen = torch.Generator(device=dev).manual_seed(7)
+            if part == "logits":
+                z = (LOGIT_SPREAD * torch.randn(n, c, device=dev, generator=gen)).to(getattr(torch, dtype_name))
+                y = torch.randint(0, c, (n,), device=dev, generator=gen)
+                z.requires_grad_(True)
+                fn = logits_variant(name, runner.dry_run)[0]
+
+                def step():
+                    z.grad = None
+                    fn(z, y).backward()
+            else:
+                tokens, hdim, vocab = label
+                h = torch.randn(tokens, hdim, device=dev, generator=gen).to(torch.bfloat16).requires_grad_(True)
+                w = (LOGIT_SPREAD / math.sqrt(hdim) * torch.randn(vocab, hdim, device=dev, generator=gen)
+                     ).to(torch.bfloat16).requires_grad_(True)
+                y = torch.randint(0, vocab, (tokens,), device=dev, generator=gen)
+                fn = linear_variant(name, runner.dry_run)[0]
+
+                def step():
+                    h.grad = None
+                    w.grad = None
+                    fn(h, w, y).backward()
+            for _ in range(2):  # compilation and autotuning out of the profile
+                step()
+            rec.update(status="ok", **_kernel_profile(dev, step))
+        except Exception as exc:  # noqa: BLE001 - a profile is extra information
+            rec.update(_exc_record(exc))
+            runner._lost(name, rec, exc)
+        finally:
+            step = fn = None
+            if dev.type == "cuda" and not runner.broken:
+                torch.cuda.empty_cache()
+    return out
+
+
 # --------------------------------------------------------------------------- output
 
 
@@ -1105,7 +1160,7 @@ def format_tables(result):
 def _short_kernel(name, width=90):
     """A kernel's name without its parameter list (template arguments stay: they say which functor or
     layout), shortened to ``width`` characters."""
-    short = name.replace("(anonymous namespace)::", "").replace("void ", "", 1).strip()
+    short = name.replace("(anonymous namespace)::", "").removeprefix("void ").strip()
     if short.endswith(")"):  # drop the trailing "(...)" parameter list
         depth = 0
         for k in range(len(short) - 1, -1, -1):
@@ -1117,24 +1172,23 @@ def _short_kernel(name, width=90):
 
 
 def _kernel_tables(result):
-    """Where a profiled variant's step goes: its largest kernels' device time (``PROFILED``)."""
-    lines = []
-    cases = [("Logits " + c["label"], c) for c in (result.get("logits") or {}).get("cases", [])]
-    cases += [("Linear + loss " + c["label"], c) for c in (result.get("linear") or {}).get("cases", [])]
-    for label, case in cases:
-        for name, rec in (case.get("variants") or {}).items():
-            prof = rec.get("kernels")
-            if not prof:
-                continue
-            if not lines:
-                lines += ["#### Kernels of one step (torch.profiler; a step run apart from the timed ones)", ""]
-            lines += [f"{label}, {name}: {_fmt(prof['total_ms'])} {prof['unit']} in {prof['launches']} launches", "",
-                      "| kernel | ms | calls |", "|---|---|---|"]
-            lines += [f"| `{_short_kernel(k['kernel'])}` | {_fmt(k['ms'])} | {k['calls']} |" for k in prof["top"]]
-            rest = prof["rest"]
-            if rest["kinds"]:
-                lines.append(f"| {rest['kinds']} other kernels | {_fmt(rest['ms'])} | {rest['calls']} |")
-            lines.append("")
+    """Where a profiled step goes: its largest kernels' device time (``run_profiles``)."""
+    profiles = result.get("profiles") or []
+    if not profiles:
+        return []
+    lines = ["#### Kernels of one step (torch.profiler, after all the timing, on fresh inputs)", ""]
+    for prof in profiles:
+        head = f"{'Logits' if prof['part'] == 'logits' else 'Linear + loss'} {prof['case']}, {prof['variant']}"
+        if prof.get("status") != "ok":
+            lines += [f"{head}: {_why(prof)}", ""]
+            continue
+        lines += [f"{head}: {_fmt(prof['total_ms'])} {prof['unit']} in {prof['launches']} launches", "",
+                  "| kernel | ms | calls |", "|---|---|---|"]
+        lines += [f"| `{_short_kernel(k['kernel'])}` | {_fmt(k['ms'])} | {k['calls']} |" for k in prof["top"]]
+        rest = prof["rest"]
+        if rest["kinds"]:
+            lines.append(f"| {rest['kinds']} other kernels | {_fmt(rest['ms'])} | {rest['calls']} |")
+        lines.append("")
     return lines
 
 
@@ -1320,7 +1374,9 @@ def main(argv=None):
         try:
             shapes = [(int(nc.split("x")[0]), int(nc.split("x")[1]), dt)
                       for nc, dt in (item.strip().split(":") for item in args.logits_shapes.split(","))]
-        except ValueError:
+            if not all(isinstance(getattr(torch, dt, None), torch.dtype) for _, _, dt in shapes):
+                raise ValueError("unknown dtype")
+        except (ValueError, IndexError):
             print(f"bench_gpu: --logits-shapes wants NxC:DTYPE,... (got {args.logits_shapes!r})", file=sys.stderr)
             return 2
     result = {
@@ -1332,6 +1388,7 @@ def main(argv=None):
         "cross_row": None,
         "logits": None,
         "linear": None,
+        "profiles": None,
         "complete": False,
     }
     if args.dry_run:
@@ -1376,6 +1433,12 @@ def main(argv=None):
 
         result["linear"] = {"cases": []}
         run_linear(runner, tokens, hdim, vocab, linear_names, out_linear, deadline)
+    ran_logits = args.only not in ("linear", "cross_row")
+    ran_linear = args.only not in ("logits", "cross_row")
+    result["profiles"] = run_profiles(
+        runner, shapes if ran_logits else [], logits_names, linear_names,
+        (tokens[0], hdim, vocab) if ran_linear else None, math.inf if total is None else total)
+    save()
     if device.type == "cuda" and not runner.broken:
         result["machine"]["nvidia_smi_end"] = _nvidia_smi()
     result["cuda_context_lost"] = runner.broken

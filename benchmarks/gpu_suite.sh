@@ -10,7 +10,7 @@
 #             shared C++ runtime when that one does not);
 #             meanwhile bench_gpu.py --prewarm compiles the torch.compile variants into the
 #             on-disk caches, so the benchmark does not spend its time compiling
-#   test      the tests that run on the GPU: -k cuda (GPU_TESTS_K), tests/test_cuda.py first
+#   test      the tests that run on the GPU: -k "cuda or triton" (GPU_TESTS_K), tests/test_cuda.py first
 #             (pytest-xdist: PYTEST_WORKERS, default 12; pytest-timeout per test) -> junit.xml
 #   sanitize  compute-sanitizer memcheck and racecheck (float32, bfloat16) on
 #             benchmarks/sanitize_case.py parity, every launch layout, both GPU backends
@@ -172,7 +172,9 @@ shared_runtime_cxx() {
 
 # CXX (and CC beside it) for the build: the environment's, else the first g++ that links the shared runtime.
 pick_cxx() {
-  local cxx=${CXX:-c++} alt
+  local cxx=${CXX:-} alt
+  # Unset, setuptools takes Python's own compiler (sysconfig's CXX), not c++.
+  [ -n "$cxx" ] || cxx=$("$PY" -c 'import sysconfig; print((sysconfig.get_config_var("CXX") or "c++").split()[0])')
   shared_runtime_cxx "$cxx" && return 0
   for alt in /usr/bin/g++ g++ c++; do
     alt=$(command -v "$alt") || continue
@@ -240,13 +242,14 @@ stage_test() {
   else
     if "$PY" -c "import xdist" 2>/dev/null; then args+=(-n "${PYTEST_WORKERS:-12}"); fi
     if "$PY" -c "import pytest_timeout" 2>/dev/null; then args+=(--timeout "${PYTEST_TEST_TIMEOUT:-150}"); fi
-    # The tests that run on the GPU (CI runs the rest on every commit): whatever names cuda -- the
-    # backend fixture's *_on_cuda cases, tests/test_cuda.py -- with tests/test_cuda.py first. The whole
+    # The tests that run on the GPU (CI runs the rest on every commit): whatever names cuda or
+    # triton -- the backend fixture's *_on_cuda cases, tests/test_cuda.py, the Triton kernels'
+    # own tests (on the GPU there: no interpreter) -- with tests/test_cuda.py first. The whole
     # suite took 15 minutes there (20% in 180 s: the CPU variants' tests are the slowest).
     local f
     args+=(tests/test_cuda.py)
     for f in tests/test_*.py; do [ "$f" = tests/test_cuda.py ] || args+=("$f"); done
-    args+=(-k "${GPU_TESTS_K:-cuda}")
+    args+=(-k "${GPU_TESTS_K:-cuda or triton}")
   fi
   # shellcheck disable=SC2206
   args+=(${PYTEST_ARGS:-})
@@ -352,9 +355,10 @@ stage_bench() {
   return $rc
 }
 
-# Seconds kept for the fastexp stage by the stages before it (when it is wanted).
+# Seconds kept for the fastexp stage by the stages before it (when it is wanted): its minimum and
+# 40 more, as the benchmark before it may run past its own budget by its start and teardown.
 FASTEXP_RESERVE_S=0
-want fastexp && FASTEXP_RESERVE_S=${FASTEXP_MIN_S:-100}
+want fastexp && FASTEXP_RESERVE_S=$((${FASTEXP_MIN_S:-100} + 40))
 FASTEXP_SHAPE=16384x128256:bfloat16
 FASTEXP_VARIANTS="ours DM auto,ours CCE auto,Liger CE"
 stage_fastexp() {
@@ -372,6 +376,7 @@ stage_fastexp() {
     dev=cpu backends=cpu shape=16x1000:bfloat16 dry=(--dry-run)
   else
     arch=$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null)
+    pick_cxx
     note "fastexp: rebuild with ROBUSTLOSS_FAST_EXP=1 (limit $((budget / 2))s)"
     ROBUSTLOSS_FAST_EXP=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} MAX_JOBS=${MAX_JOBS:-16} \
       timeout -k 10 $((budget / 2)) "$PY" setup.py build_ext --inplace --force >"$dir/build.log" 2>&1 || rc=$?
@@ -382,12 +387,19 @@ stage_fastexp() {
       return 1
     fi
   fi
-  timeout -k 10 120 "$PY" benchmarks/sanitize_case.py parity --device $dev --backends $backends --quick \
-    >"$dir/parity.log" 2>&1 || rc=$?
+  timeout -k 10 "$(cap 120 $((SUMMARY_RESERVE_S + 30)))" "$PY" benchmarks/sanitize_case.py parity --device $dev \
+    --backends $backends --quick >"$dir/parity.log" 2>&1 || rc=$?
   note "fastexp: parity $(tail -n 1 "$dir/parity.log")"
   budget=$(($(left) - SUMMARY_RESERVE_S))
-  timeout -k 10 $((budget + 20)) "$PY" benchmarks/bench_gpu.py ${dry[@]+"${dry[@]}"} --only logits \
-    --logits-shapes "$shape" --variants "$FASTEXP_VARIANTS" --out "$dir" --budget-s "$budget" >"$dir/bench.log" 2>&1 || rc=$?
+  if [ "$budget" -lt 30 ]; then
+    note "fastexp: no benchmark, ${budget}s left"
+    record fastexp FAILED $((SECONDS - t0)) "parity rc $rc; no time left for the benchmark"
+    return 1
+  fi
+  # The hard limit ends where the budget does: the summary's reserve stays whole.
+  timeout -k 10 $((budget + SUMMARY_RESERVE_S / 2)) "$PY" benchmarks/bench_gpu.py ${dry[@]+"${dry[@]}"} --only logits \
+    --logits-shapes "$shape" --variants "$FASTEXP_VARIANTS" --out "$dir" --budget-s "$((budget - 10))" \
+    >"$dir/bench.log" 2>&1 || rc=$?
   grep -E "^\[bench_gpu|^bench_gpu:" "$dir/bench.log"
   if [ $rc -eq 0 ]; then record fastexp ok $((SECONDS - t0)) "logs/fastexp"; else
     record fastexp FAILED $((SECONDS - t0)) "rc $rc (logs/fastexp)"

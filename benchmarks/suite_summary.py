@@ -151,7 +151,7 @@ def fastexp_section(logs, bench):
     for key, ms in fast.items():
         ref = base.get(key)
         ratio = f"{ms / ref:.3f}" if ref else "-"
-        lines.append(f"| {key[0]} | {key[1]} | {ref if ref is None else f'{ref:.3f}'} | {ms:.3f} | {ratio} |")
+        lines.append(f"| {key[0]} | {key[1]} | {'-' if ref is None else f'{ref:.3f}'} | {ms:.3f} | {ratio} |")
     return lines
 
 

@@ -153,7 +153,7 @@ _MIB = 1 << 20
 # H = 4096, ~1 ms at an H200's 4.3 TB/s), against the chunk's GEMMs' 6 rows V H FLOPs: the
 # share of the sum is about 250 / rows there, whatever V and H. With 512 MiB (2048 rows at
 # that V) a step took 43.3 ms at N = 8192 and 173 ms at N = 32768, torch.compile's 39.1 and
-# 164 (benchmarks/NOTES.md); 2 GiB is 8192 rows there, one chunk at N = 8192 (no float32
+# 164 (benchmarks/NOTES.md); 2 GiB holds 8372 rows there, one chunk at N = 8192 (no float32
 # sum at all: _held_16bit), and at most about as much as that sum holds beside it.
 _DEFAULT_CHUNK_BYTES = {"cpu": 64 * _MIB}
 _DEFAULT_CHUNK_BYTES_ACCELERATOR = 2048 * _MIB
@@ -549,8 +549,8 @@ def _held_16bit(dtype: torch.dtype, device_type: str, one_chunk: bool) -> Tuple[
     Where a 16-bit product is rounded to 16 bits by its GEMM anyway (not upcast
     to float32 blocks), a float32 copy of it holds the same values at twice the
     bytes and costs a conversion each way. ``grad_hidden``'s rows each come
-    from one such GEMM; ``grad_weight`` only when one chunk has every row (else
-    its float32 sum across chunks is the exact one). The pending factor is
+    from one such GEMM; a bfloat16 ``grad_weight`` only when one chunk has
+    every row (else its float32 sum across chunks is the exact one). The pending factor is
     applied in backward in float32 and rounded once (:func:`_scale_16bit_`).
     That factor is the upstream gradient (one chunk needs no rescale): at 1,
     the numbers of a float32 copy; otherwise a second rounding of the GEMM's
@@ -562,7 +562,9 @@ def _held_16bit(dtype: torch.dtype, device_type: str, one_chunk: bool) -> Tuple[
     """
     if dtype.itemsize != 2 or _upcast_gemm(dtype, device_type):
         return False, False
-    return True, one_chunk
+    # Not float16's grad_weight: its unnormalised "mean" keeps the divisor for backward (see
+    # fold_mean), so one chunk's sum would hold N times the gradient -- past float16's 65504.
+    return True, one_chunk and dtype == torch.bfloat16
 
 
 _SCALE_BLOCK = 1 << 18  # elements of the float32 block _scale_16bit_ holds (1 MiB)
@@ -753,20 +755,22 @@ def _fixed_reference(spec: KernelSpec, target, cw, sw, dtype: torch.dtype, chunk
     too, so the spread is ``hi - lo + log N``). With weights ``S`` is a sum on
     the device, made once (a few small kernels, no host synchronisation): ``R``
     is a tensor, -inf when no row counts, NaN for a NaN weight (SPEC §6: it
-    reaches D); in one chunk nothing is rescaled across chunks, so that sum
-    would cost more than it saves. ``R`` is used only where the chunk
+    reaches D). None for one chunk: nothing is rescaled across chunks there,
+    and coefficients made against ``R`` would need ``exp(R - log D)`` in
+    backward, a second rounding of every 16-bit gradient held (on a GPU, one
+    chunk's ``grad_weight`` too). ``R`` is used only where the chunk
     gradients are not float16 and, without weights, ``hi - lo + log N <=
     _FIXED_REFERENCE_SPAN`` (DM with ``beta = 8``: 2 + log N), with weights
     ``hi - lo <= _FIXED_REFERENCE_WEIGHTED_SHIFT``.
     """
     bounds = spec.log_weight_range
     n = target.shape[0]
-    if bounds is None or n == 0 or dtype == torch.float16:
+    if bounds is None or n == 0 or dtype == torch.float16 or chunks < 2:
         return None
     lo, hi = bounds
     if cw is None and sw is None:
         return None if hi - lo + math.log(n) > _FIXED_REFERENCE_SPAN else math.log(n) + hi
-    if hi - lo > _FIXED_REFERENCE_WEIGHTED_SHIFT or chunks < 2:
+    if hi - lo > _FIXED_REFERENCE_WEIGHTED_SHIFT:
         return None
     _, s, _ = _finalize.sample_scale(_gatherable(target, cw, spec), cw, sw, spec, acc_dtype(dtype))
     return torch.logsumexp(s.abs().log(), 0) + hi

@@ -106,9 +106,9 @@ def test_kernel_matches_finalize(monkeypatch, which, kernel, reduction, normaliz
 @pytest.mark.parametrize("kernel,reduction,normalize", CASES, ids=lambda v: getattr(v, "name", str(v)))
 @pytest.mark.parametrize("name", [_param("cpu"), _param("cuda")])
 def test_kernel_matches_finalize_past_the_one_launch_limit(name, kernel, reduction, normalize, dtype):
-    """Batches past the one-launch limit (1024 rows), where both steps take two launches, with the edge
-    rows in the first chunk and the last: at the limit + 1 (a last chunk of one row) and at 9000 and
-    20000 rows (36 and 79 chunks on CUDA)."""
+    """Batches past the one-launch limit (1024 rows), where the step takes two launches, with the edge
+    rows in the first chunk and the last: at the limit + 1 (5 chunks of 205 rows on CUDA) and at
+    8193, 9000 and 20000 rows (33, 36 and 79 chunks)."""
     batches = ((1025, "edges", True), (8193, "edges", True), (9000, "inf", True), (20000, "nan", False))
     _check_batches(name, _spec(kernel, reduction, normalize), dtype, batches)
 

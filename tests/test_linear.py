@@ -562,8 +562,22 @@ def test_fixed_reference_with_weights_counts_only_rows_that_count():
     assert none.item() == -math.inf
     bad = linear._fixed_reference(spec, torch.tensor([0, 7, -100, 2]), cw, None, torch.float32, 2)
     assert bad.item() == pytest.approx(math.log(1.0 + 3.0) + hi, rel=1e-6)
-    # One chunk: nothing to rescale across chunks, so no sum of the weights either.
+    # One chunk: nothing to rescale across chunks, so no sum of the weights either; nor, without
+    # weights, the host's R, whose exp(R - log D) would round every held 16-bit gradient twice.
     assert linear._fixed_reference(spec, target, cw, sw, torch.float32, 1) is None
+    assert linear._fixed_reference(spec, target, None, None, torch.bfloat16, 1) is None
+    assert linear._fixed_reference(spec, target, None, None, torch.bfloat16, 2) is not None
+
+
+def test_one_chunk_holds_bfloat16_grad_weight_but_not_float16(monkeypatch):
+    # One chunk's grad_weight comes from one GEMM: held in bfloat16 on any device that does not upcast
+    # the product, a GPU whose GEMM could write float32 included. Not float16: its unnormalised
+    # "mean" leaves the divisor to backward, and N x the gradient would pass float16's 65504.
+    monkeypatch.setitem(linear._FP32_OUT_GEMM, "cuda", True)
+    assert linear._held_16bit(torch.bfloat16, "cuda", True) == (True, True)
+    assert linear._held_16bit(torch.bfloat16, "cuda", False) == (True, False)
+    assert linear._held_16bit(torch.float16, "cuda", True) == (True, False)
+    assert linear._held_16bit(torch.float32, "cuda", True) == (False, False)
 
 
 def test_fixed_reference_limits_with_and_without_weights():

@@ -224,8 +224,9 @@ def triton_forward(
 
 
 # Rows per block of the one-program cross-row kernel. Its two passes are loops
-# of dependent blocks, so at large N the latency of each block's loads adds up:
-# one wide block with 8 warps covers every row it takes in one iteration. Above
+# of dependent blocks of up to CROSS_ROW_BLOCK rows, so at large N the latency
+# of each block's loads adds up; at the rows it takes (up to 1024: one block,
+# 4 warps) there is one iteration a pass. Above
 # CROSS_ROW_ONE_PROGRAM_MAX rows the two-kernel version runs instead (a program
 # per CROSS_ROW_PARALLEL_BLOCK rows, then a program per block merging every
 # block's totals, CROSS_ROW_MERGE_BLOCK at a time): one launch more, no loop of
