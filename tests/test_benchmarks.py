@@ -113,7 +113,8 @@ def test_suite_dry_run_bench_and_summary(tmp_path):
     profiles = {(p["part"], p["variant"]): p for p in result["profiles"]}
     assert set(profiles) == {("logits", v) for v in bench_gpu.PROFILED_LOGITS} | {
         ("linear", v) for v in bench_gpu.PROFILED_LINEAR}
-    assert profiles[("logits", "Liger CE")]["status"] == "skipped"  # not installed here
+    # Liger runs where the peers' wheels sit in .whl/ (ignored by git), else it is skipped, saying why.
+    assert profiles[("logits", "Liger CE")]["status"] in ("ok", "skipped")
     for key in [("logits", "ours DM auto"), ("logits", "compile DM"), ("linear", "ours DM"), ("linear", "compile CE")]:
         prof = profiles[key]
         assert prof["status"] == "ok" and prof["top"] and prof["launches"] >= len(prof["top"]), (key, prof)
