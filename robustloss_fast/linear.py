@@ -550,8 +550,9 @@ def _held_16bit(dtype: torch.dtype, device_type: str, one_chunk: bool) -> Tuple[
     to float32 blocks), a float32 copy of it holds the same values at twice the
     bytes and costs a conversion each way. ``grad_hidden``'s rows each come
     from one such GEMM; a bfloat16 ``grad_weight`` only when one chunk has
-    every row (else its float32 sum across chunks is the exact one). The pending factor is
-    applied in backward in float32 and rounded once (:func:`_scale_16bit_`).
+    every row (else its float32 sum across chunks is the exact one). The
+    pending factor is applied in backward in float32 and rounded once
+    (:func:`_scale_16bit_`).
     That factor is the upstream gradient (one chunk needs no rescale): at 1,
     the numbers of a float32 copy; otherwise a second rounding of the GEMM's
     16-bit output, where a GPU GEMM writing float32 (:func:`_fp32_out_gemm`)
