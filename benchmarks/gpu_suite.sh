@@ -396,7 +396,7 @@ stage_fastexp() {
     record fastexp FAILED $((SECONDS - t0)) "parity rc $rc; no time left for the benchmark"
     return 1
   fi
-  # The hard limit ends where the budget does: the summary's reserve stays whole.
+  # Its budget stops new work 10 s early; the hard limit, half the summary's reserve late, catches a hang.
   timeout -k 10 $((budget + SUMMARY_RESERVE_S / 2)) "$PY" benchmarks/bench_gpu.py ${dry[@]+"${dry[@]}"} --only logits \
     --logits-shapes "$shape" --variants "$FASTEXP_VARIANTS" --out "$dir" --budget-s "$((budget - 10))" \
     >"$dir/bench.log" 2>&1 || rc=$?
