@@ -790,15 +790,28 @@ def _ours_inplace():
     return fn
 
 
+def _logits_inputs(dev, n, c, dtype_name, seed):
+    """The logits part's inputs: logits of spread LOGIT_SPREAD in ``dtype_name`` and uniform targets."""
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    z0 = (LOGIT_SPREAD * torch.randn(n, c, device=dev, generator=gen)).to(getattr(torch, dtype_name))
+    return z0, torch.randint(0, c, (n,), device=dev, generator=gen)
+
+
+def _linear_inputs(dev, n, hdim, vocab, seed):
+    """The linear part's bf16 inputs, the weights scaled so that the logits have the logits part's spread."""
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    h0 = torch.randn(n, hdim, device=dev, generator=gen).to(torch.bfloat16)
+    w0 = (LOGIT_SPREAD / math.sqrt(hdim) * torch.randn(vocab, hdim, device=dev, generator=gen)).to(torch.bfloat16)
+    return h0, w0, torch.randint(0, vocab, (n,), device=dev, generator=gen)
+
+
 def _logits_case(runner, case, names, deadline, seed, l2):
     """One logits shape: inputs, copy floor, reference, every variant (all freed on return)."""
     dev = runner.device
     n, c = case["shape"]
     dtype_name = case["dtype"]
     torch._dynamo.reset()
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    z0 = (LOGIT_SPREAD * torch.randn(n, c, device=dev, generator=gen)).to(getattr(torch, dtype_name))
-    y = torch.randint(0, c, (n,), device=dev, generator=gen)
+    z0, y = _logits_inputs(dev, n, c, dtype_name, seed)
     z = z0.clone().requires_grad_(True)
     nbytes = z0.numel() * z0.element_size()
     flush = 256 << 20 if nbytes < 4 * l2 else 0
@@ -935,11 +948,7 @@ def _linear_case(runner, case, names, deadline):
     dev = runner.device
     n, hdim, vocab = case["N"], case["H"], case["V"]
     torch._dynamo.reset()
-    gen = torch.Generator(device=dev).manual_seed(2000 + n)
-    h0 = torch.randn(n, hdim, device=dev, generator=gen).to(torch.bfloat16)
-    # Weights scaled so that the logits have the spread of the logits part.
-    w0 = (LOGIT_SPREAD / math.sqrt(hdim) * torch.randn(vocab, hdim, device=dev, generator=gen)).to(torch.bfloat16)
-    y = torch.randint(0, vocab, (n,), device=dev, generator=gen)
+    h0, w0, y = _linear_inputs(dev, n, hdim, vocab, 2000 + n)
     h = h0.clone().requires_grad_(True)
     w = w0.clone().requires_grad_(True)
     refs = {}
@@ -1025,10 +1034,8 @@ def run_profiles(runner, shapes, names_logits, names_linear, linear_case, deadli
             rec.update(status="skipped", reason="CUDA context lost" if runner.broken else "time budget")
             continue
         try:
-            gen = torch.Generator(device=dev).manual_seed(7)
             if part == "logits":
-                z = (LOGIT_SPREAD * torch.randn(n, c, device=dev, generator=gen)).to(getattr(torch, dtype_name))
-                y = torch.randint(0, c, (n,), device=dev, generator=gen)
+                z, y = _logits_inputs(dev, n, c, dtype_name, 7)
                 z.requires_grad_(True)
                 fn = logits_variant(name, runner.dry_run)[0]
 
@@ -1036,11 +1043,9 @@ def run_profiles(runner, shapes, names_logits, names_linear, linear_case, deadli
                     z.grad = None
                     fn(z, y).backward()
             else:
-                tokens, hdim, vocab = label
-                h = torch.randn(tokens, hdim, device=dev, generator=gen).to(torch.bfloat16).requires_grad_(True)
-                w = (LOGIT_SPREAD / math.sqrt(hdim) * torch.randn(vocab, hdim, device=dev, generator=gen)
-                     ).to(torch.bfloat16).requires_grad_(True)
-                y = torch.randint(0, vocab, (tokens,), device=dev, generator=gen)
+                h, w, y = _linear_inputs(dev, *label, 7)
+                h.requires_grad_(True)
+                w.requires_grad_(True)
                 fn = linear_variant(name, runner.dry_run)[0]
 
                 def step():
@@ -1400,11 +1405,13 @@ def main(argv=None):
 
     save()
     total = budget.seconds
+    run_logits_part = args.only not in ("linear", "cross_row")
+    run_linear_part = args.only not in ("logits", "cross_row")
     if args.only in (None, "cross_row"):
         # A few seconds; where the one-launch limits sit is for this to settle.
         result["cross_row"] = run_cross_row(device, args.dry_run, math.inf if total is None else 0.1 * total, budget)
         save()
-    if args.only not in ("linear", "cross_row"):
+    if run_logits_part:
         deadline = math.inf if total is None else (total if args.only == "logits" else args.logits_share * total)
         result["logits"] = {"cases": []}
 
@@ -1417,7 +1424,7 @@ def main(argv=None):
                               for k, v in c["variants"].items()), flush=True)
 
         run_logits(runner, shapes, logits_names, out_logits, deadline)
-    if args.only not in ("logits", "cross_row"):
+    if run_linear_part:
         tokens = LINEAR_TOKENS_DRY if args.dry_run else LINEAR_TOKENS
         hdim = LINEAR_H_DRY if args.dry_run else LINEAR_H
         vocab = LINEAR_V_DRY if args.dry_run else LINEAR_V
@@ -1433,11 +1440,9 @@ def main(argv=None):
 
         result["linear"] = {"cases": []}
         run_linear(runner, tokens, hdim, vocab, linear_names, out_linear, deadline)
-    ran_logits = args.only not in ("linear", "cross_row")
-    ran_linear = args.only not in ("logits", "cross_row")
     result["profiles"] = run_profiles(
-        runner, shapes if ran_logits else [], logits_names, linear_names,
-        (tokens[0], hdim, vocab) if ran_linear else None, math.inf if total is None else total)
+        runner, shapes if run_logits_part else [], logits_names, linear_names,
+        (tokens[0], hdim, vocab) if run_linear_part else None, math.inf if total is None else total)
     save()
     if device.type == "cuda" and not runner.broken:
         result["machine"]["nvidia_smi_end"] = _nvidia_smi()

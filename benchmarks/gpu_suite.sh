@@ -156,6 +156,9 @@ finish_prewarm() {
   grep "^\[prewarm\]" "$LOGS/prewarm.log" | sed 's/^/    /'
 }
 
+# The GPU's compute capability ("9.0"): the one architecture a build here compiles for.
+cuda_arch() { "$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null; }
+
 # 0 when compiler $1 links a shared library against the shared C++ runtime (libstdc++.so, libgcc_s),
 # as setup.py requires: it refuses an extension that carries its own copy, in which a C++ error
 # would crash Python. On the H200 machine (2026-11-30) CXX named a g++ that links them statically.
@@ -199,7 +202,7 @@ stage_build() {
     rc=$?
   else
     pick_cxx
-    arch=$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null)
+    arch=$(cuda_arch)
     note "build: TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} MAX_JOBS=${MAX_JOBS:-16}, limit ${limit}s"
     TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} MAX_JOBS=${MAX_JOBS:-16} timeout -k 10 "$limit" \
       "$PY" setup.py build_ext --inplace >"$LOGS/build.log" 2>&1
@@ -375,7 +378,7 @@ stage_fastexp() {
     note "fastexp: dry run, no rebuild (RL_FAST_EXP only changes the CUDA kernels)"
     dev=cpu backends=cpu shape=16x1000:bfloat16 dry=(--dry-run)
   else
-    arch=$("$PY" -c 'import torch; print("%d.%d" % torch.cuda.get_device_capability())' 2>/dev/null)
+    arch=$(cuda_arch)
     pick_cxx
     note "fastexp: rebuild with ROBUSTLOSS_FAST_EXP=1 (limit $((budget / 2))s)"
     ROBUSTLOSS_FAST_EXP=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} MAX_JOBS=${MAX_JOBS:-16} \
