@@ -273,8 +273,8 @@ def extensions():
         sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
         fast_math = os.environ.get("ROBUSTLOSS_FAST_MATH") == "1"
         nvcc = ["-O3", "-DNDEBUG", "--use_fast_math" if fast_math else "-Xptxas=-O3"]
-        if os.environ.get("ROBUSTLOSS_FAST_EXP") == "1":  # csrc/cuda/common.cuh: dexp_elem
-            nvcc.append("-DRL_FAST_EXP")
+        if os.environ.get("ROBUSTLOSS_ACCURATE_EXP") == "1":  # csrc/cuda/common.cuh: exp_elem
+            nvcc.append("-DRL_ACCURATE_EXP")
         if "TORCH_CUDA_ARCH_LIST" not in os.environ:
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
         ext = CUDAExtension(

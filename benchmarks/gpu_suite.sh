@@ -17,8 +17,8 @@
 #             (0 errors required), memcheck on its bad-target case per GPU backend (no
 #             out-of-bounds access, and the bad target reported clearly)
 #   bench     benchmarks/bench_gpu.py with the time that is left -> bench_gpu.json/.md/.png
-#   fastexp   an A/B of the exp in the kernels' per-element loops (csrc/cuda/common.cuh:
-#             dexp_elem): the extension rebuilt with ROBUSTLOSS_FAST_EXP=1 (left in place),
+#   fastexp   an A/B of the fast exp in the kernels' per-element loops (csrc/cuda/common.cuh:
+#             exp_elem): the extension rebuilt with ROBUSTLOSS_ACCURATE_EXP=1 (left in place),
 #             the parity case on it (no sanitizer), and the benchmark's 16384 x 128256 bf16
 #             logits for ours and Liger -> logs/fastexp/, compared in summary.md; skipped when
 #             under FASTEXP_MIN_S (100) seconds are left
@@ -375,13 +375,13 @@ stage_fastexp() {
   mkdir -p "$dir"
   if [ "$DRY_RUN" = 1 ]; then
     # No CUDA here: nothing to rebuild; the parity case and the benchmark run as on a GPU.
-    note "fastexp: dry run, no rebuild (RL_FAST_EXP only changes the CUDA kernels)"
+    note "fastexp: dry run, no rebuild (RL_ACCURATE_EXP only changes the CUDA kernels)"
     dev=cpu backends=cpu shape=16x1000:bfloat16 dry=(--dry-run)
   else
     arch=$(cuda_arch)
     pick_cxx
-    note "fastexp: rebuild with ROBUSTLOSS_FAST_EXP=1 (limit $((budget / 2))s)"
-    ROBUSTLOSS_FAST_EXP=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} MAX_JOBS=${MAX_JOBS:-16} \
+    note "fastexp: rebuild with ROBUSTLOSS_ACCURATE_EXP=1 (limit $((budget / 2))s)"
+    ROBUSTLOSS_ACCURATE_EXP=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} MAX_JOBS=${MAX_JOBS:-16} \
       timeout -k 10 $((budget / 2)) "$PY" setup.py build_ext --inplace --force >"$dir/build.log" 2>&1 || rc=$?
     if [ $rc -ne 0 ]; then
       tail -n 20 "$dir/build.log"

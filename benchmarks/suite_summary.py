@@ -138,17 +138,17 @@ def fastexp_section(logs, bench):
     d = os.path.join(logs, "fastexp")
     if not os.path.isdir(d):
         return []
-    lines = ["", "## Fast exp A/B (RL_FAST_EXP: __expf in the per-element loops)", ""]
+    lines = ["", "## Fast exp A/B (16-bit logits: the default ex2 against RL_ACCURATE_EXP's expf)", ""]
     parity = _read(os.path.join(d, "parity.log")).strip().splitlines()
     lines.append(f"parity of that build: `{parity[-1] if parity else 'not run'}`")
     try:
         with open(os.path.join(d, "bench_gpu.json")) as f:
-            fast = _medians(json.load(f))
+            accurate = _medians(json.load(f))
     except (OSError, ValueError):
         return lines + ["", "no benchmark JSON from that build (logs/fastexp/bench.log)"]
     base = _medians(bench)
-    lines += ["", "| case | variant | default build ms | RL_FAST_EXP ms | ratio |", "|---|---|---|---|---|"]
-    for key, ms in fast.items():
+    lines += ["", "| case | variant | default build ms | RL_ACCURATE_EXP ms | ratio |", "|---|---|---|---|---|"]
+    for key, ms in accurate.items():
         ref = base.get(key)
         ratio = f"{ms / ref:.3f}" if ref else "-"
         lines.append(f"| {key[0]} | {key[1]} | {'-' if ref is None else f'{ref:.3f}'} | {ms:.3f} | {ratio} |")

@@ -86,60 +86,76 @@ __global__ void __launch_bounds__(BLOCK) backward_kernel(const BackwardParams<T>
     [[maybe_unused]] const bool with_r = m != -inf<acc_t>();
     [[maybe_unused]] const bool with_u = gb != acc_t(0);
     const T* in = p.logits + i * p.row_stride;
-    // In place (out = logits): each element is still read before its own thread writes it,
-    // but not through the read-only cache.
-    auto load = [alias = p.out == p.logits](const T* q) { return alias ? load_pack_coherent(q) : load_pack(q); };
-    auto grad_of = [&](int64_t j, acc_t z) -> T {
-      if (j == y) return static_cast<T>(gy);
+    // Any element, the target included (the scalar head and tail, the general packs).
+    auto grad_of = [&](int64_t j, acc_t z) -> acc_t {
+      if (j == y) return gy;
       if constexpr (NFL) {
         // g (alpha P_j + beta h_j), P_j = exp((z_j - m) - ls), h_j of focal_terms_of_logit (schemes.h).
         const acc_t l = (z - m) - ls;
         const acc_t P = dexp(l);
-        return static_cast<T>(ga * P + gb * focal_terms<acc_t>(p.a, l, P, -dexpm1(l)).h);
+        return ga * P + gb * focal_terms<acc_t>(p.a, l, P, -dexpm1(l)).h;
       } else {
-        acc_t v = with_r ? ga * dexp_elem(z - m) : acc_t(0);
+        acc_t v = with_r ? ga * exp_elem<T>(z - m) : acc_t(0);
         if (with_u) v += gb * (p.u ? p.u[j] : acc_t(1));
-        return static_cast<T>(v);
+        return v;
       }
+    };
+    auto general = [&](const Pack<T>& x, int64_t j0) {
+      acc_t v[K];
+#pragma unroll
+      for (int k = 0; k < K; ++k) v[k] = grad_of(j0 + k, static_cast<acc_t>(x.v[k]));
+      store_pack(out + j0, pack_of<T>(v));
+    };
+    // The common row (one-term schemes, a finite non-target logit): g alpha r_j
+    // off the target, branch-free, and the target patched in once per pack --
+    // the loop that sets the speed of a large vocabulary (benchmarks/NOTES.md).
+    auto plain = [&](const Pack<T>& x, int64_t j0) {
+      acc_t v[K];
+#pragma unroll
+      for (int k = 0; k < K; ++k) v[k] = ga * exp_elem<T>(static_cast<acc_t>(x.v[k]) - m);
+      set_at(v, y - j0, gy);
+      store_pack(out + j0, pack_of<T>(v));
     };
 
     // Packs are aligned on the output row; the input shares that alignment
     // when its row starts at the same offset modulo 16 bytes (always for
-    // contiguous logits), else its elements are loaded one by one.
+    // contiguous logits), else its elements are loaded one by one. Loads take
+    // the coherent path: in place (out = logits) each element is read before
+    // its own thread writes it, but __ldg's read-only contract would not hold.
     const int64_t head = head_count(out, p.c);
     const bool in_packed = head_count(in, p.c) == head &&
                            (reinterpret_cast<uintptr_t>(in) % kPackBytes) == (reinterpret_cast<uintptr_t>(out) % kPackBytes);
-    for (int64_t j = lane; j < head; j += TPR) out[j] = grad_of(j, static_cast<acc_t>(in[j]));
+    for (int64_t j = lane; j < head; j += TPR) out[j] = static_cast<T>(grad_of(j, static_cast<acc_t>(in[j])));
     const int64_t npack = (p.c - head) / K;
-    auto emit = [&](const Pack<T>& x, int64_t q) {
-      const int64_t j0 = head + q * K;
-      Pack<T> pk;
+    auto packs = [&](auto emit) {
+      if (in_packed) {
+        constexpr int kU = NFL ? kFocalUnroll : kUnroll;
+        int64_t q = lane;
+        for (; q + (kU - 1) * TPR < npack; q += kU * TPR) {
+          Pack<T> x[kU];
 #pragma unroll
-      for (int k = 0; k < K; ++k) pk.v[k] = grad_of(j0 + k, static_cast<acc_t>(x.v[k]));
-      store_pack(out + j0, pk);
+          for (int u = 0; u < kU; ++u) x[u] = load_pack_coherent(in + head + (q + u * TPR) * K);
+#pragma unroll
+          for (int u = 0; u < kU; ++u) emit(x[u], head + (q + u * TPR) * K);
+        }
+        if constexpr (kU > 1) {
+          for (; q < npack; q += TPR) emit(load_pack_coherent(in + head + q * K), head + q * K);
+        }
+      } else {
+        for (int64_t q = lane; q < npack; q += TPR) {
+          Pack<T> x;
+#pragma unroll
+          for (int k = 0; k < K; ++k) x.v[k] = in[head + q * K + k];
+          emit(x, head + q * K);
+        }
+      }
     };
-    if (in_packed) {
-      constexpr int kU = NFL ? kFocalUnroll : kUnroll;
-      int64_t q = lane;
-      for (; q + (kU - 1) * TPR < npack; q += kU * TPR) {
-        Pack<T> x[kU];
-#pragma unroll
-        for (int u = 0; u < kU; ++u) x[u] = load(in + head + (q + u * TPR) * K);
-#pragma unroll
-        for (int u = 0; u < kU; ++u) emit(x[u], q + u * TPR);
-      }
-      if constexpr (kU > 1) {
-        for (; q < npack; q += TPR) emit(load(in + head + q * K), q);
-      }
+    if (!NFL && with_r && !with_u) {
+      packs(plain);
     } else {
-      for (int64_t q = lane; q < npack; q += TPR) {
-        Pack<T> x;
-#pragma unroll
-        for (int k = 0; k < K; ++k) x.v[k] = in[head + q * K + k];
-        emit(x, q);
-      }
+      packs(general);
     }
-    for (int64_t j = head + npack * K + lane; j < p.c; j += TPR) out[j] = grad_of(j, static_cast<acc_t>(in[j]));
+    for (int64_t j = head + npack * K + lane; j < p.c; j += TPR) out[j] = static_cast<T>(grad_of(j, static_cast<acc_t>(in[j])));
   }
 }
 

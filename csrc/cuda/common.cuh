@@ -92,21 +92,43 @@ __device__ __forceinline__ float dlog(float x) { return logf(x); }
 __device__ __forceinline__ double dlog(double x) { return log(x); }
 __device__ __forceinline__ float dexpm1(float x) { return expm1f(x); }
 __device__ __forceinline__ double dexpm1(double x) { return expm1(x); }
+// The larger of a and b, and the other one where one is NaN (one FMNMX).
+__device__ __forceinline__ float dmax(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ double dmax(double a, double b) { return fmax(a, b); }
 
-// The exp of the per-element loops (the row pass's online sum, backward's
-// exp(z - m)): dexp, or with RL_FAST_EXP (setup.py: ROBUSTLOSS_FAST_EXP=1) the
-// hardware approximation __expf (ex2.approx of x log2 e: ~2 instructions
-// against expf's ~20 in the PTX, a relative error of about 2^-22 + |x| 2^-24).
-// An experiment for a GPU run (benchmarks/gpu_suite.sh, stage fastexp): whether
-// those loops are bound by instructions rather than bytes at 16384 x 128256.
-__device__ __forceinline__ float dexp_elem(float x) {
-#ifdef RL_FAST_EXP
-  return __expf(x);
-#else
-  return expf(x);
+// 2^x by the hardware's ex2 alone (MUFU.EX2; x < -126 gives 0). __expf would
+// be the same ex2 plus a compare and two predicated multiplies per call, which
+// keep its results below 2^-126 from flushing to 0.
+__device__ __forceinline__ float ex2_ftz(float x) {
+#ifdef __CUDA_ARCH__
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+#else  // the emulator (csrc/cuda/emu: ex2's own error and the flush not modelled); nvcc's host pass never calls it
+  return exp2f(x);
 #endif
 }
-__device__ __forceinline__ double dexp_elem(double x) { return exp(x); }
+
+// The exp of the per-element loops over logits of type T (the row pass's
+// online sum, backward's exp(z - m)), where it sets the instruction count: at
+// 16384 x 128256 bf16 those loops issued about as many instructions as their
+// bytes take to move, and expf is 8 of them per logit, a range reduction around
+// ex2 (benchmarks/NOTES.md, "what the SASS says"). For 16-bit logits it is
+// ex2(x log2 e): a relative error of about 2^-22 + |x| 2^-24 (x = z - m <= 0;
+// results below 2^-126 are 0), far under the 2^-9 (bf16) or 2^-12 (float16)
+// rounding of every gradient entry written, and at most ~3e-7 relative on the
+// float32 sum of the row's terms (a term e^x <= 1 carries |x| e^x 2^-24 <=
+// 2^-24 / e). float32 and float64 logits keep the full-precision exp: their
+// gradients are compared at float32 precision. RL_ACCURATE_EXP (setup.py:
+// ROBUSTLOSS_ACCURATE_EXP=1) gives 16-bit logits expf too: the A/B of
+// benchmarks/gpu_suite.sh's fastexp stage.
+template <typename T>
+__device__ __forceinline__ typename AccOf<T>::type exp_elem(typename AccOf<T>::type x) {
+#ifndef RL_ACCURATE_EXP
+  if constexpr (sizeof(T) == 2) return ex2_ftz(x * 1.44269504f);  // log2 e, rounded to float
+#endif
+  return dexp(x);
+}
 
 // ---------------------------------------------------------------------------
 // 16-byte packs and row alignment
@@ -137,15 +159,38 @@ __device__ __forceinline__ Pack<T> load_pack_coherent(const T* p) {  // p is 16-
   return out;
 }
 
-// One 16-byte store. A plain uint4 assignment was split by the compiler into
-// four 4-byte stores (bf16) or two 8-byte ones (float) -- seen in the PTX of
-// backward_kernel: four times the store instructions and partial-sector
-// writes per pack. The store intrinsic keeps it one st.global.v4.
+// A pack of values in the logits' type, rounded from acc_t (built in the
+// registers, then stored once by store_pack).
+template <typename T, int K>
+__device__ __forceinline__ Pack<T> pack_of(const typename AccOf<T>::type (&v)[K]) {
+  static_assert(K == Pack<T>::kVec, "one pack");
+  Pack<T> pk;
+#pragma unroll
+  for (int k = 0; k < K; ++k) pk.v[k] = static_cast<T>(v[k]);
+  return pk;
+}
+
+// One 16-byte store, streaming (st.global.cs: evict-first, since nothing here
+// reads the gradient back). A plain uint4 assignment was split by the compiler
+// into four 4-byte stores (bf16) or two 8-byte ones (float), seen in the PTX of
+// backward_kernel; __stwb kept one st.global.v4 but as a strong (.STRONG.SM)
+// store in the SASS. __stcs is one weak STG.E.EF.128.
 template <typename T>
 __device__ __forceinline__ void store_pack(T* p, const Pack<T>& pk) {  // p is 16-byte aligned
   uint4 raw;
   memcpy(&raw, &pk, kPackBytes);
-  __stwb(reinterpret_cast<uint4*>(p), raw);
+  __stcs(reinterpret_cast<uint4*>(p), raw);
+}
+
+// x[d] = v when 0 <= d < K, else nothing: the one element of a pack that is
+// the row's target (d = y - the pack's first column), at the cost of one
+// compare per pack instead of one per element.
+template <int K, typename V>
+__device__ __forceinline__ void set_at(V (&x)[K], int64_t d, V v) {
+  if (static_cast<uint64_t>(d) < static_cast<uint64_t>(K)) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) x[k] = k == d ? v : x[k];
+  }
 }
 
 // Elements before the first 16-byte boundary of a row (all of them when the
@@ -173,37 +218,42 @@ __device__ __forceinline__ Lse<acc_t> lse_identity() {
   return Lse<acc_t>{-inf<acc_t>(), acc_t(0), 0};
 }
 
-template <typename acc_t>
+template <typename T, typename acc_t>
 __device__ __forceinline__ void lse_add(Lse<acc_t>& st, acc_t x) {
   if (x != x || x == inf<acc_t>()) {
     st.bad = 1;
   } else if (x > st.m) {  // also the first finite value: s * exp(-inf) = 0
-    st.s = st.s * dexp_elem(st.m - x) + acc_t(1);
+    st.s = st.s * exp_elem<T>(st.m - x) + acc_t(1);
     st.m = x;
   } else if (x != -inf<acc_t>()) {
-    st.s += dexp_elem(x - st.m);
+    st.s += exp_elem<T>(x - st.m);
   }
 }
 
-// A pack at once: one rescale per pack instead of one per element.
-template <typename acc_t, int K>
-__device__ __forceinline__ void lse_add_pack(Lse<acc_t>& st, acc_t (&x)[K]) {
-  acc_t vmax = -inf<acc_t>();
+// A pack at once: one max and one rescale per pack, and no test of its own per
+// element. NaN and +inf are not looked for here: a NaN makes exp(NaN - m) NaN
+// (fmax skips it in the max), a +inf becomes the max and adds exp(inf - inf) =
+// NaN, and from then on s stays NaN; lse_seal turns that into bad. -inf adds
+// exp(-inf - m) = 0; while the max is still -inf the terms are taken against 0
+// instead (-inf - -inf would be NaN: GPU_NOTES, masked lanes).
+template <typename T, typename acc_t, int K>
+__device__ __forceinline__ void lse_add_pack(Lse<acc_t>& st, const acc_t (&x)[K]) {
+  acc_t vmax = x[0];
 #pragma unroll
-  for (int k = 0; k < K; ++k) {
-    if (x[k] != x[k] || x[k] == inf<acc_t>()) {
-      st.bad = 1;
-      x[k] = -inf<acc_t>();
-    }
-    vmax = x[k] > vmax ? x[k] : vmax;
-  }
-  if (vmax == -inf<acc_t>()) return;  // every lane masked: nothing to add (and -inf - -inf is NaN)
-  if (vmax > st.m) {
-    st.s *= dexp_elem(st.m - vmax);
+  for (int k = 1; k < K; ++k) vmax = dmax(vmax, x[k]);
+  if (vmax > st.m) {  // NaN > m is false; the first finite pack: s * exp(-inf) = 0
+    st.s *= exp_elem<T>(st.m - vmax);
     st.m = vmax;
   }
+  const acc_t m = st.m == -inf<acc_t>() ? acc_t(0) : st.m;
 #pragma unroll
-  for (int k = 0; k < K; ++k) st.s += dexp_elem(x[k] - st.m);  // exp(-inf) = 0 for masked lanes
+  for (int k = 0; k < K; ++k) st.s += exp_elem<T>(x[k] - m);
+}
+
+// After lse_add_pack's last pack: a NaN sum means the share saw NaN or +inf.
+template <typename acc_t>
+__device__ __forceinline__ void lse_seal(Lse<acc_t>& st) {
+  if (st.s != st.s) st.bad = 1;
 }
 
 template <typename acc_t>

@@ -60,13 +60,15 @@ template <typename T, int TPR, typename acc_t>
 __device__ __forceinline__ void lse_row_share(Lse<acc_t>& st, const T* row, int64_t c, int64_t y, int lane) {
   constexpr int K = Pack<T>::kVec;
   row_share<T, TPR>(
-      row, c, lane, [&](int64_t j, T z) { lse_add(st, j == y ? -inf<acc_t>() : static_cast<acc_t>(z)); },
+      row, c, lane, [&](int64_t j, T z) { lse_add<T>(st, j == y ? -inf<acc_t>() : static_cast<acc_t>(z)); },
       [&](const Pack<T>& pk, int64_t j0) {
         acc_t x[K];
 #pragma unroll
-        for (int k = 0; k < K; ++k) x[k] = (j0 + k == y) ? -inf<acc_t>() : static_cast<acc_t>(pk.v[k]);
-        lse_add_pack(st, x);
+        for (int k = 0; k < K; ++k) x[k] = static_cast<acc_t>(pk.v[k]);
+        set_at(x, y - j0, -inf<acc_t>());
+        lse_add_pack<T>(st, x);
       });
+  lse_seal(st);
 }
 
 // This thread's share of (spread, U) over the whole row, target included, the

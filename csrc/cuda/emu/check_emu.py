@@ -68,8 +68,8 @@ def generate(out_dir: str) -> list:
 
     with open(os.path.join(CUDA_DIR, SHARED_HEADER)) as f:
         common = host_cuda(f.read())
-    # Its one 16-byte store goes through __stwb, which the shim checks for alignment.
-    if '#include "shim.h"' not in common or common.count("__stwb(") != 1 or "<<<" in common:
+    # Its one 16-byte store goes through __stcs, which the shim checks for alignment.
+    if '#include "shim.h"' not in common or common.count("__stcs(") != 1 or "<<<" in common:
         raise SystemExit(f"check_emu: {SHARED_HEADER} no longer has the expected shape")
     texts = {SHARED_HEADER: common}
 

@@ -160,7 +160,7 @@ T __ldg(const T* p) {
 }
 
 // The one 16-byte store the kernels make (common.cuh: store_pack).
-inline void __stwb(uint4* p, uint4 v) {
+inline void __stcs(uint4* p, uint4 v) {
   if (reinterpret_cast<uintptr_t>(p) % 16 != 0) emu::fault("misaligned 16-byte store");
   *p = v;
 }
