@@ -336,6 +336,21 @@ def _nfl_row(g, b, logp, p, q, sum_F, sum_h):
 
 
 @triton.jit
+def _exp_elem(x):
+    """exp(x) in the per-element loops: exp2(x log2 e), the hardware ex2 alone.
+
+    Triton's exp is the same ex2 plus a compare and two predicated multiplies
+    that keep results below 2^-126 from flushing to 0; a gradient entry or a
+    term of the row's sum that small changes nothing that is compared. float64
+    keeps exp: log2 e would be rounded to float32 here.
+    """
+    if x.dtype == tl.float64:
+        return tl.exp(x)
+    else:
+        return tl.exp2(x * 1.4426950408889634)
+
+
+@triton.jit
 def rows_kernel(
     logits_ptr,
     target_ptr,
@@ -385,31 +400,33 @@ def rows_kernel(
     z_y = tl.load(row_base + y_safe, mask=live, other=0.0).to(acc)
 
     # Online logsumexp over the non-target lanes: running max m and sum s of
-    # exp(z - m). NaN / +inf lanes are recorded in `bad` and kept out of m and s,
-    # so max and sum never see a NaN (whose handling differs between backends).
+    # exp(z - m). Per element only the target's select, the max and the exp:
+    # NaN and +inf lanes are not masked but left to poison s (a NaN adds
+    # exp(NaN - m), a +inf becomes m and adds exp(inf - inf)), whichever way
+    # the backend's max treats NaN (the GPU's skips it, the interpreter's keeps
+    # it), and the row is marked bad from s and m after the loop. Columns are
+    # the loop's own integer type (int32 unless C needs int64); the target's
+    # position in a block is compared in int32.
     m = tl.full([BLOCK_N], float("-inf"), acc)
     s = tl.zeros([BLOCK_N], acc)
-    bad = tl.zeros([BLOCK_N], tl.int32)
+    lanes = tl.arange(0, BLOCK_C)
     for start in range(0, n_cols, BLOCK_C):
-        cols = start + tl.arange(0, BLOCK_C).to(tl.int64)
-        col_ok = cols < n_cols
-        mask = live[:, None] & col_ok[None, :]
+        cols = start + lanes
+        mask = live[:, None] & (cols < n_cols)[None, :]
         z = tl.load(row_base[:, None] + cols[None, :], mask=mask, other=float("-inf")).to(acc)
-        non_target = cols[None, :] != y_safe[:, None]
-        not_finite_above = (z != z) | (z == float("inf"))
-        bad = tl.maximum(bad, tl.max((not_finite_above & non_target).to(tl.int32), axis=1))
-        z = tl.where(non_target & ~not_finite_above, z, float("-inf"))
+        y_in = tl.minimum(tl.maximum(y_safe - start, -1), BLOCK_C).to(tl.int32)
+        z = tl.where(lanes[None, :] == y_in[:, None], float("-inf"), z)
         m_new = tl.maximum(m, tl.max(z, axis=1))
         # While the running max is still -inf nothing has been summed, and
-        # exp(-inf - (-inf)) would be NaN: guard both the rescale and the terms.
-        alpha = tl.where(m_new == float("-inf"), 0.0, tl.exp(m - m_new))
-        e = tl.where(z == float("-inf"), 0.0, tl.exp(z - m_new[:, None]))
-        s = s * alpha + tl.sum(e, axis=1)
+        # exp(-inf - (-inf)) would be NaN: take the terms against 0 instead.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * _exp_elem(m - m_ref) + tl.sum(_exp_elem(z - m_ref[:, None]), axis=1)
         m = m_new
+    bad = (s != s) | (m != m) | (m == float("inf"))
     # lse_nt = m + ls, kept in its two parts (no finite non-target logit: m = -inf, ls = 0).
     ls = tl.where(m == float("-inf"), 0.0, tl.log(s))
     # SPEC §6: a NaN or +inf logit, the target's included, makes the whole row NaN.
-    row_nan = (bad != 0) | (z_y != z_y) | (z_y == float("inf"))
+    row_nan = bad | (z_y != z_y) | (z_y == float("inf"))
     m = tl.where(row_nan, float("nan"), m)
     ls = tl.where(row_nan, float("nan"), ls)
     logp, logq, p, q = _row_prob(z_y, m, ls)
@@ -498,13 +515,6 @@ def rows_kernel(
 
 
 @triton.jit
-def _ratio(z, m, ls):
-    """r = exp((z - m) - ls) on a tile, 0 for rows with m = -inf (no finite non-target logit)."""
-    r = tl.exp((z - m[:, None]) - ls[:, None])
-    return tl.where((m == float("-inf"))[:, None], 0.0, r)
-
-
-@triton.jit
 def backward_kernel(
     grad_ptr,
     grad_stride,
@@ -539,11 +549,15 @@ def backward_kernel(
     """
     acc = stats_ptr.dtype.element_ty
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    # The tile's first column in int64, its lanes in int32: per element only
+    # int32 compares (a column index past 2^31 is only ever a row offset here).
+    col0 = tl.program_id(1).to(tl.int64) * BLOCK_C
+    lanes = tl.arange(0, BLOCK_C)
     row_ok = rows < n_rows
-    col_ok = cols < n_cols
+    col_ok = lanes < tl.minimum(n_cols - col0, BLOCK_C).to(tl.int32)
     y = tl.load(target_ptr + rows, mask=row_ok, other=ignore_index).to(tl.int64)
     valid = row_ok & (y != ignore_index)
+    y_in = tl.minimum(tl.maximum(y - col0, -1), BLOCK_C).to(tl.int32)
     st = stats_ptr + rows * 5  # StatCol: (m, ls, alpha, beta, gamma)
     m = tl.load(st, mask=valid, other=0.0)
     ls = tl.load(st + 1, mask=valid, other=0.0)
@@ -551,26 +565,38 @@ def backward_kernel(
     ga = g * tl.load(st + 2, mask=valid, other=0.0)
     gb = g * tl.load(st + 3, mask=valid, other=0.0)
     gy = g * tl.load(st + 4, mask=valid, other=0.0)
+    # A NaN row is NaN everywhere, its target too (off the target z - m is NaN already).
+    gy = tl.where(m != m, float("nan"), gy)
 
     z = tl.load(
-        logits_ptr + rows[:, None] * stride_row + cols[None, :],
+        (logits_ptr + rows * stride_row + col0)[:, None] + lanes[None, :],
         mask=valid[:, None] & col_ok[None, :],
         other=float("-inf"),
     ).to(acc)
     if P_FORM:
         gam = tl.cast(a_hi, acc) + tl.cast(a_lo, acc)
         P, _, h = _focal_terms_of_logit(gam, z, m[:, None], ls[:, None])
-        off = ga[:, None] * P + gb[:, None] * h
-    elif HAS_U:
-        u = tl.load(u_ptr + cols, mask=col_ok, other=0.0).to(acc)
-        off = ga[:, None] * _ratio(z, m, ls) + gb[:, None] * u[None, :]
+        # Ignored rows load their coefficients as 0 but their -inf logits'
+        # focal terms need not be finite: select.
+        off = tl.where(valid[:, None], ga[:, None] * P + gb[:, None] * h, 0.0)
     else:
-        off = ga[:, None] * _ratio(z, m, ls) + gb[:, None]
-    out = tl.where(cols[None, :] == y[:, None], gy[:, None], off)
-    out = tl.where((m != m)[:, None], float("nan"), out)
-    out = tl.where(valid[:, None], out, 0.0)
+        # Ignored rows load their coefficients as 0 and their logits as -inf:
+        # every term below is 0 without a select.
+        # g alpha r = (g alpha e^-ls) e^(z - m): the row's factors folded once, per
+        # element one exp. No finite non-target logit (m = -inf): r = 0, with every
+        # non-target z = -inf and the terms taken against 0 (-inf - -inf is NaN).
+        dead = m == float("-inf")
+        gr = tl.where(dead, 0.0, ga * tl.exp(-ls))
+        m_ref = tl.where(dead, 0.0, m)
+        r_part = gr[:, None] * _exp_elem(z - m_ref[:, None])
+        if HAS_U:
+            u = tl.load(u_ptr + col0 + lanes, mask=col_ok, other=0.0).to(acc)
+            off = r_part + gb[:, None] * u[None, :]
+        else:
+            off = r_part + gb[:, None]
+    out = tl.where(lanes[None, :] == y_in[:, None], gy[:, None], off)
     tl.store(
-        out_ptr + rows[:, None] * n_cols + cols[None, :],
+        (out_ptr + rows * n_cols + col0)[:, None] + lanes[None, :],
         out.to(out_ptr.dtype.element_ty),
         mask=row_ok[:, None] & col_ok[None, :],
     )
