@@ -106,13 +106,15 @@ __global__ void __launch_bounds__(BLOCK) backward_kernel(const BackwardParams<T>
       for (int k = 0; k < K; ++k) v[k] = grad_of(j0 + k, static_cast<acc_t>(x.v[k]));
       store_pack(out + j0, pack_of<T>(v));
     };
-    // The common row (one-term schemes, a finite non-target logit): g alpha r_j
-    // off the target, branch-free, and the target patched in once per pack --
-    // the loop that sets the speed of a large vocabulary (benchmarks/NOTES.md).
+    // The common row (a finite non-target logit, u = 1: the one-term schemes,
+    // label smoothing without class weights, NCE/APL): g alpha r_j + g beta off
+    // the target (g beta = 0 for one-term rows), branch-free, and the target
+    // patched in once per pack -- the loop that sets the speed of a large
+    // vocabulary (benchmarks/NOTES.md).
     auto plain = [&](const Pack<T>& x, int64_t j0) {
       acc_t v[K];
 #pragma unroll
-      for (int k = 0; k < K; ++k) v[k] = ga * exp_elem<T>(static_cast<acc_t>(x.v[k]) - m);
+      for (int k = 0; k < K; ++k) v[k] = ga * exp_elem<T>(static_cast<acc_t>(x.v[k]) - m) + gb;
       set_at(v, y - j0, gy);
       store_pack(out + j0, pack_of<T>(v));
     };
@@ -150,7 +152,7 @@ __global__ void __launch_bounds__(BLOCK) backward_kernel(const BackwardParams<T>
         }
       }
     };
-    if (!NFL && with_r && !with_u) {
+    if (!NFL && with_r && p.u == nullptr) {
       packs(plain);
     } else {
       packs(general);
