@@ -4,8 +4,9 @@ A GPU run is one call with no second chance, so everything it runs is run
 here first, on the CPU: the suite's dry run of its benchmark and summary
 stages (the JSON schema and the PNG are checked), the sanitizer cases on the
 CPU backend, the verdicts on sanitizer logs written to look like the real
-tool's, the parallel compile loop, and the float64 reference the benchmark
-checks every gradient against.
+tool's, the parallel compile loop, the float64 reference the benchmark
+checks every gradient against, and sass_counts.py's reading of a cuobjdump
+listing.
 """
 
 import json
@@ -187,3 +188,40 @@ def test_logits_reference_is_the_exact_gradient(family):
     ref = bench_gpu.LogitsReference(z.detach(), y, chunk_bytes=8 * 11 * 5)  # rows in chunks of 5
     err, finite = bench_gpu._rel_l1(z.grad, ref.chunks(family))
     assert finite and err < tol, err
+
+
+# A cuobjdump listing in its real layout: one function with a two-load loop nested in a
+# four-load loop, each closed by a backward branch (and one forward branch that closes nothing).
+_SASS = """
+\t\tFunction : _Z6kernelPf
+\t.headerflags\t@"EF_CUDA_VIRTUAL_SM(EF_CUDA_SM90)"
+        /*0000*/                   MOV R1, c[0x0][0x28] ;                 /* 0x0 */
+        /*0010*/                   LDG.E.128 R4, desc[UR4][R2.64] ;       /* 0x0 */
+        /*0020*/                   LDG.E.128 R8, desc[UR4][R2.64+0x10] ;  /* 0x0 */
+        /*0030*/                   MUFU.EX2 R12, R4 ;                     /* 0x0 */
+        /*0040*/                   LDG.E.128 R4, desc[UR4][R2.64+0x20] ;  /* 0x0 */
+        /*0050*/                   LDG.E.128 R8, desc[UR4][R2.64+0x30] ;  /* 0x0 */
+        /*0060*/              @!P0 FADD R13, R12, R4 ;                    /* 0x0 */
+        /*0070*/              @P1 BRA 0x40 ;                              /* 0x0 */
+        /*0080*/                   BRA 0xa0 ;                             /* 0x0 */
+        /*0090*/                   BRA `(.L_x_3) 0x10 ;                   /* 0x0 */
+        /*00a0*/                   EXIT ;                                 /* 0x0 */
+"""
+
+
+def test_sass_counts_finds_the_loops_and_counts_their_opcodes():
+    import sass_counts
+
+    fns = sass_counts.functions(_SASS)
+    assert list(fns) == ["_Z6kernelPf"]
+    ins = fns["_Z6kernelPf"]
+    assert len(ins) == 11 and ins[6] == (0x60, "@!P0 FADD R13, R12, R4")
+    assert sass_counts.opcode("@!P0 FADD R13, R12, R4") == "FADD"
+    # Innermost first; the forward BRA 0xa0 closes no loop.
+    spans = [(lo, hi, len(body)) for lo, hi, body in sass_counts.loops(ins)]
+    assert spans == [(0x40, 0x70, 4), (0x10, 0x90, 9)]
+    inner = sass_counts.hot_loop(ins, 2, wide=True)
+    assert inner["start"] == "0x40" and inner["instructions"] == 4 and inner["opcodes"]["LDG"] == 2
+    outer = sass_counts.hot_loop(ins, 3, wide=True)  # at least 3 wide loads: only the outer loop
+    assert outer["start"] == "0x10" and outer["opcodes"] == {"LDG": 4, "BRA": 3, "MUFU": 1, "FADD": 1}
+    assert sass_counts.hot_loop(ins, 1, wide=False) == {}  # no narrow load anywhere
