@@ -149,8 +149,10 @@ __device__ __forceinline__ Pack<T> load_pack(const T* p) {  // p is 16-byte alig
   return out;
 }
 
-// The same through the ordinary (coherent) path, for memory the kernel also
-// writes -- the in-place backward, where __ldg's read-only contract does not hold.
+// The same through the ordinary (coherent) path, for memory the kernel may also
+// write: backward's loads, whose in-place form breaks __ldg's read-only contract
+// (one load path keeps its loop one copy; a read-once stream gains nothing from
+// the read-only cache).
 template <typename T>
 __device__ __forceinline__ Pack<T> load_pack_coherent(const T* p) {  // p is 16-byte aligned
   const uint4 raw = *reinterpret_cast<const uint4*>(p);
