@@ -53,6 +53,15 @@ def functions(sass: str) -> dict:
     return out
 
 
+def opcode_counts(body: list) -> dict:
+    return dict(collections.Counter(opcode(t) for t in body).most_common())
+
+
+def wide_loads(body: list) -> int:
+    """The 16-byte global loads among `body`'s instructions."""
+    return sum(1 for t in body if opcode(t) == "LDG" and ".128" in t)
+
+
 def loops(ins: list) -> list:
     """Every backward branch's body, innermost first: [(start, end, instructions)]."""
     found = []
@@ -69,10 +78,9 @@ def hot_loop(ins: list, loads: int, wide: bool) -> dict:
 
     (At least: a loop may hold two predicated copies of its loads, both issued.)"""
     for lo, hi, body in loops(ins):
-        n = sum(1 for t in body if opcode(t) == "LDG" and (".128" in t) == wide)
+        n = wide_loads(body) if wide else sum(1 for t in body if opcode(t) == "LDG" and ".128" not in t)
         if n >= loads:
-            return {"start": hex(lo), "end": hex(hi), "instructions": len(body),
-                    "opcodes": dict(collections.Counter(opcode(t) for t in body).most_common())}
+            return {"start": hex(lo), "end": hex(hi), "instructions": len(body), "opcodes": opcode_counts(body)}
     return {}
 
 
@@ -107,9 +115,9 @@ def cuda_counts(tmp: str) -> dict:
     """The CUDA row pass and backward, bf16, 512 threads per row, one-term schemes."""
     import sysconfig
 
-    flags = ["-cubin", "-arch=sm_90", "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DNDEBUG",
-             "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
-             "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS  # what torch's CUDAExtension adds to setup.py's build
+
+    flags = ["-cubin", "-arch=sm_90", "-O3", "-std=c++17", "-DNDEBUG", *COMMON_NVCC_FLAGS,
              "-I", os.path.join(ROOT, "csrc", "include"), "-I", sysconfig.get_paths()["include"]]
     inc = torch_cuda_include()
     flags += ["-I", inc, "-I", os.path.join(inc, "torch", "csrc", "api", "include")]
@@ -170,7 +178,7 @@ def triton_counts(tmp: str, liger_dir: str | None) -> dict:
                                 "stride_row"], tmp, "t_backward")
     # One tile per program, no loop: the whole kernel, prologue included.
     out["backward_kernel"] = {"instructions": len(fn), "logits_per_iteration": bw_c // (32 * bw_warps),
-                              "opcodes": dict(collections.Counter(opcode(t) for _, t in fn).most_common())}
+                              "opcodes": opcode_counts([t for _, t in fn])}
 
     if liger_dir:
         sys.path.insert(0, liger_dir)
@@ -192,11 +200,9 @@ def triton_counts(tmp: str, liger_dir: str | None) -> dict:
     fn = triton_sass(liger_cross_entropy_kernel, sig, const, 32, ["X_ptr", "X_stride", "Y_ptr", "loss_ptr", "n_cols"],
                      tmp, "liger")
     # Its two passes over the row are two loops of 32 logits per thread (4 x 16-byte loads each).
-    passes = [body for _, _, body in loops(fn)
-              if sum(1 for t in body if opcode(t) == "LDG" and ".128" in t) == 4]
+    passes = [body for _, _, body in loops(fn) if wide_loads(body) == 4]
     for label, body in zip(("liger forward pass", "liger gradient pass"), passes[:2]):
-        out[label] = {"instructions": len(body), "logits_per_iteration": 32,
-                      "opcodes": dict(collections.Counter(opcode(t) for t in body).most_common())}
+        out[label] = {"instructions": len(body), "logits_per_iteration": 32, "opcodes": opcode_counts(body)}
     return out
 
 
