@@ -78,6 +78,9 @@ class RobustCEFunction : public torch::autograd::Function<RobustCEFunction> {
     ctx->saved_data["scheme"] = scheme;
     ctx->saved_data["a"] = a;
     ctx->mark_non_differentiable({stats});
+    // The stats take no gradient: materialised, autograd would fill an (N, 5)
+    // tensor of zeros for them every step (one more launch on a GPU).
+    ctx->set_materialize_grads(false);
     return {value, stats};
   }
 
@@ -90,6 +93,7 @@ class RobustCEFunction : public torch::autograd::Function<RobustCEFunction> {
     // The backward op has no derivative of its own: refuse create_graph=True
     // rather than return a silently missing second-order gradient.
     TORCH_CHECK(!at::GradMode::is_enabled(), "robustloss: double backward (create_graph=True) is not supported");
+    if (!grads[0].defined()) return variable_list(10);  // nothing reached the value
     const auto saved = ctx->get_saved_variables();
     const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
     std::optional<at::Tensor> smooth_weight;

@@ -210,15 +210,17 @@ __device__ __forceinline__ void apply_rows(const FinParams<acc_t>& p, const Tota
   }
 }
 
-// The value of "mean"/"sum" (0 where D = 0) and log D = M + log D (-inf where
-// D = 0, M taken as 0 when it is -inf), by one thread.
+// By one thread: the value of "mean"/"sum" (0 where D = 0) and log D = M + log D
+// (-inf where D = 0, M taken as 0 when it is -inf; 0 where the loss is not
+// normalised). Writing log D in every case lets the host allocate it empty: a
+// zero fill would be one more launch per step.
 template <typename acc_t>
 __device__ __forceinline__ void store_totals(const FinParams<acc_t>& p, const Totals& g) {
-  double v;
-  if (p.normalised || p.reduction == kMean) v = g.d != 0.0 ? g.v / g.d : 0.0;
-  else v = g.v;
-  p.value[0] = static_cast<acc_t>(v);
-  if (p.log_den && p.normalised) *p.log_den = static_cast<acc_t>((g.m == -inf<double>() ? 0.0 : g.m) + log(g.d));
+  const bool totals = p.reduction != kNone;
+  if (totals) p.value[0] = static_cast<acc_t>((p.normalised || p.reduction == kMean) ? (g.d != 0.0 ? g.v / g.d : 0.0) : g.v);
+  if (p.log_den) {
+    *p.log_den = p.normalised ? static_cast<acc_t>((g.m == -inf<double>() ? 0.0 : g.m) + log(g.d)) : acc_t(0);
+  }
 }
 
 template <typename acc_t>
@@ -227,7 +229,7 @@ __global__ void __launch_bounds__(kOneBlock) one_block_kernel(const FinParams<ac
   Totals g = no_rows();
   if (p.reduction != kNone) g = block_totals<kOneBlock>(p, 0, p.n, sm);
   apply_rows(p, g, threadIdx.x, kOneBlock);
-  if (threadIdx.x == 0 && p.reduction != kNone) store_totals(p, g);
+  if (threadIdx.x == 0) store_totals(p, g);
 }
 
 // Block b: the totals of chunk b into partials[b].
@@ -257,7 +259,7 @@ __global__ void __launch_bounds__(kFinBlock) apply_kernel(const FinParams<acc_t>
     g = block_merge<kFinBlock>(g, p.normalised, sm);
   }
   apply_rows(p, g, static_cast<int64_t>(blockIdx.x) * kFinBlock + t, static_cast<int64_t>(gridDim.x) * kFinBlock);
-  if (blockIdx.x == 0 && t == 0 && p.reduction != kNone) store_totals(p, g);
+  if (blockIdx.x == 0 && t == 0) store_totals(p, g);
 }
 
 // ---------------------------------------------------------------------------

@@ -131,9 +131,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> finalize_cuda(const at::Tensor& r
   const auto sw = check_vector(sw_in, rows, "sample_weight", n);
   check_reduction(reduction);
   at::Tensor stats = at::empty({n, kStatCols}, rows.options());
-  at::Tensor log_den = at::zeros({}, rows.options());
+  at::Tensor log_den = at::empty({}, rows.options());  // the kernel writes it (no fill launch)
   if (n == 0) {  // SPEC §5: an empty batch has value 0, and no row counts
-    if (reduction == kMean && normalize) log_den.fill_(-std::numeric_limits<double>::infinity());
+    log_den.fill_(reduction == kMean && normalize ? -std::numeric_limits<double>::infinity() : 0.0);
     return {reduction == kNone ? at::empty({0}, rows.options()) : at::zeros({}, rows.options()), stats, log_den};
   }
   at::Tensor value = reduction == kNone ? at::empty({n}, rows.options()) : at::empty({}, rows.options());
