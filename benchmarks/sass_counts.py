@@ -154,8 +154,7 @@ def triton_counts(tmp: str, liger_dir: str | None) -> dict:
     from robustloss_fast._common import Kernel
     from robustloss_fast.backends.triton import kernels, ops
 
-    block_c = ops.MAX_BLOCK_C  # 128256 columns: the row pass's widest tile, one row per program
-    warps = ops._num_warps(block_c)
+    _, block_c, warps = ops._rows_tile(16384, 128256)  # the row pass's widest tile, one row per program
     rows_sig = {"logits_ptr": "*bf16", "target_ptr": "*i64", "u_ptr": "*fp32", "rows_ptr": "*fp32", "n_rows": "i32",
                 "n_cols": "i32", "stride_row": "i32", "ignore_index": "i32", "a_hi": "fp32", "a_lo": "fp32",
                 "b_hi": "fp32", "b_lo": "fp32", "SCHEME": "constexpr", "SPREAD": "constexpr", "P_FORM": "constexpr",

@@ -8,9 +8,9 @@ function for one that returns a fixed (BLOCK_C, num_warps) per kernel, one
 candidate at a time, and times the DM loss's forward alone and its whole
 training step (zero grad, forward, backward) with CUDA events, so that the
 backward's share is the difference. The candidates come from the static
-SASS counts in benchmarks/NOTES.md ("Triton tiles, read but not changed"):
-the row pass spills at 32 warps and BLOCK_C 32768, and the backward's
-prologue is amortised over 16 logits per thread at BLOCK_C 4096 / 8 warps.
+SASS counts in benchmarks/NOTES.md ("Triton tiles"): at BLOCK_C 32768 on
+32 warps the row pass spilled, and the backward's prologue is amortised over
+16 logits per thread at BLOCK_C 4096 / 8 warps.
 Each candidate's gradient is compared with the shipped tiles' (max |diff|):
 a tile shape must not change the numbers beyond the order of a float32 sum.
 
@@ -41,8 +41,8 @@ import robustloss_fast as rf  # noqa: E402
 from robustloss_fast.backends.triton import ops  # noqa: E402
 
 # (kernel, BLOCK_C, num_warps); None: the shipped choice for that kernel.
-ROW_CANDIDATES = [None, (16384, 16), (16384, 32), (8192, 8), (32768, 16)]
-BACKWARD_CANDIDATES = [None, (8192, 8), (4096, 4), (8192, 16), (16384, 16)]
+ROW_CANDIDATES = [None, (32768, 32), (4096, 4), (4096, 8), (8192, 4), (16384, 8)]
+BACKWARD_CANDIDATES = [None, (4096, 4), (8192, 8)]
 
 
 def tile_with(rows_tile, backward_tile):
@@ -107,9 +107,10 @@ def main():
         rows_c, back_c = ROW_CANDIDATES, BACKWARD_CANDIDATES
     clock = Clock(dev)
     result = {"machine": machine_info(dev, args.dry_run), "dtype": "bfloat16", "scheme": f"DM(lam={DM_LAM}, beta={DM_BETA})",
-              "shipped": {"MAX_BLOCK_C": ops.MAX_BLOCK_C, "BACKWARD_BLOCK_C": ops.BACKWARD_BLOCK_C},
+              "shipped": {"MAX_BLOCK_C": ops.MAX_BLOCK_C, "ROWS_MAX_WARPS": ops.ROWS_MAX_WARPS,
+                          "BACKWARD_BLOCK_C": ops.BACKWARD_BLOCK_C},
               "cases": []}
-    shipped = ops._tile
+    shipped, shipped_cap = ops._tile, ops.ROWS_MAX_WARPS
     for n, c in shapes:
         g = torch.Generator(device=dev).manual_seed(n * 7 + c)
         z = (torch.randn(n, c, device=dev, generator=g) * 4).to(torch.bfloat16).requires_grad_()
@@ -118,6 +119,7 @@ def main():
         combos = [(r, None) for r in rows_c] + [(None, b) for b in back_c if b is not None]
         for rows_tile, back_tile in combos:
             ops._tile = tile_with(rows_tile, back_tile)
+            ops.ROWS_MAX_WARPS = 32 if rows_tile else shipped_cap  # a candidate's warps are its own
             try:
                 rec = measure(z, y, clock, reps)
                 z.grad = None
@@ -132,7 +134,7 @@ def main():
             except Exception as exc:  # noqa: BLE001 - one candidate's failure is recorded
                 rec = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             finally:
-                ops._tile = shipped
+                ops._tile, ops.ROWS_MAX_WARPS = shipped, shipped_cap
                 z.grad = None
             rec.update(shape=f"{n}x{c}", rows_tile=rows_tile or "shipped", backward_tile=back_tile or "shipped")
             result["cases"].append(rec)

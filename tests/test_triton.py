@@ -61,7 +61,6 @@ DEVICE = TRITON.device
 def tiny_blocks(monkeypatch):
     """Tiles of 8 columns: every row below spans several chunks of the online max/sum."""
     monkeypatch.setattr(tops, "MAX_BLOCK_C", 8)
-    monkeypatch.setattr(tops, "MAX_BLOCK_C_F64", 8)
     monkeypatch.setattr(tops, "BACKWARD_BLOCK_C", 8)
     assert tops._tile(4, 37, tops.MAX_BLOCK_C)[1] == 8
 

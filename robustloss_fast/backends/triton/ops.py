@@ -55,15 +55,19 @@ from . import cross_row, kernels
 
 NS = "robustloss"
 
-# Tile shapes (untuned: starting points from GPU_NOTES.md, to be measured on a
-# GPU). A row pass program reads at most MAX_BLOCK_C columns per chunk and
-# loops over wider rows; narrow rows are packed several per program, up to
+# Tile shapes. A row pass program reads at most MAX_BLOCK_C columns per chunk
+# and loops over wider rows; narrow rows are packed several per program, up to
 # SMALL_TILE elements and MAX_BLOCK_N rows. The backward pass uses a 2-D grid
 # of (rows x BACKWARD_BLOCK_C column) tiles, so large C still spreads over
 # many programs. Tests lower MAX_BLOCK_C / BACKWARD_BLOCK_C to force the
 # chunked path on small C.
-MAX_BLOCK_C = 32768
-MAX_BLOCK_C_F64 = 16384  # float64 tiles take twice the registers
+# The row pass's 8192 columns on at most 8 warps (32 logits a thread, no
+# spills) were timed on an H200 (benchmarks/triton_tiles.py, NOTES.md): its
+# forward at 16384 x 128256 bf16 took 1.29 ms against 1.79 ms at the old 32768
+# columns on 32 warps, which spilled loop invariants. Other backward tiles
+# moved that step by under 2%.
+MAX_BLOCK_C = 8192
+ROWS_MAX_WARPS = 8
 BACKWARD_BLOCK_C = 4096
 SMALL_TILE = 4096
 MAX_BLOCK_N = 64
@@ -84,6 +88,12 @@ def _tile(n: int, c: int, max_block_c: int) -> Tuple[int, int, int]:
     block_c = min(triton.next_power_of_2(c), max_block_c)
     block_n = max(1, min(SMALL_TILE // block_c, MAX_BLOCK_N, triton.next_power_of_2(max(n, 1))))
     return block_n, block_c, _num_warps(block_n * block_c)
+
+
+def _rows_tile(n: int, c: int) -> Tuple[int, int, int]:
+    """The row pass's (BLOCK_N, BLOCK_C, num_warps): at most MAX_BLOCK_C columns on ROWS_MAX_WARPS warps."""
+    block_n, block_c, warps = _tile(n, c, MAX_BLOCK_C)
+    return block_n, block_c, min(warps, ROWS_MAX_WARPS)
 
 
 def _split(v: float) -> Tuple[float, float]:
@@ -156,8 +166,7 @@ def _rows_impl(logits, target, scheme, a, b, smooth_weight, ignore_index, normal
     # specialisation (NFL has no spread; its u, like the C++ op's, is checked and unused).
     u = _smooth_weight(smooth_weight, logits) if kernel.two_term else None
     u = u if kernel.needs_spread else None
-    max_c = MAX_BLOCK_C_F64 if logits.dtype == torch.float64 else MAX_BLOCK_C
-    block_n, block_c, warps = _tile(n, c, max_c)
+    block_n, block_c, warps = _rows_tile(n, c)
     a_hi, a_lo = _split(a)
     b_hi, b_lo = _split(b)
     wrap_triton(kernels.rows_kernel)[(triton.cdiv(n, block_n),)](
