@@ -203,10 +203,24 @@ stage_build() {
   else
     pick_cxx
     arch=$(cuda_arch)
-    note "build: TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} MAX_JOBS=${MAX_JOBS:-16}, limit ${limit}s"
+    note "build: TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} MAX_JOBS=${MAX_JOBS:-16} CXX=${CXX:-unset}, limit ${limit}s"
     TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} MAX_JOBS=${MAX_JOBS:-16} timeout -k 10 "$limit" \
       "$PY" setup.py build_ext --inplace >"$LOGS/build.log" 2>&1
     rc=$?
+    # The probe can pass a compiler whose real link still carries the runtime (the H200
+    # machine's CXX, 2026-12-01: a g++ wrapper): setup.py's refusal then names it, and the
+    # build runs once more with the distribution's g++.
+    if [ $rc -ne 0 ] && grep -q "linked with its own copy of the C++ runtime" "$LOGS/build.log" \
+        && [ -x /usr/bin/g++ ] && [ "${CXX:-}" != /usr/bin/g++ ]; then
+      note "build: ${CXX:-the default compiler} linked its own C++ runtime after all; again with CXX=/usr/bin/g++"
+      mv "$LOGS/build.log" "$LOGS/build_first.log"
+      export CXX=/usr/bin/g++
+      [ -x /usr/bin/gcc ] && export CC=/usr/bin/gcc
+      limit=$(cap "$BUILD_TIMEOUT" 200)
+      TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} MAX_JOBS=${MAX_JOBS:-16} timeout -k 10 "$limit" \
+        "$PY" setup.py build_ext --inplace >"$LOGS/build.log" 2>&1
+      rc=$?
+    fi
   fi
   {
     # A C++ exception thrown from the extension crashed the process on the first GPU machine:
