@@ -166,8 +166,7 @@ def triton_counts(tmp: str, liger_dir: str | None) -> dict:
                      ["logits_ptr", "target_ptr", "u_ptr", "rows_ptr", "n_cols", "stride_row"], tmp, "t_rows")
     out = {"rows_kernel": dict(hot_loop(fn, per_thread * 2 // 16, wide=True), logits_per_iteration=per_thread)}
 
-    bw_c = ops.BACKWARD_BLOCK_C
-    bw_warps = ops._num_warps(bw_c)
+    _, bw_c, bw_warps = ops._backward_tile(16384, 128256)
     bw_sig = {"grad_ptr": "*fp32", "grad_stride": "i32", "logits_ptr": "*bf16", "target_ptr": "*i64",
               "stats_ptr": "*fp32", "u_ptr": "*fp32", "out_ptr": "*bf16", "n_rows": "i32", "n_cols": "i32",
               "stride_row": "i32", "ignore_index": "i32", "a_hi": "fp32", "a_lo": "fp32", "P_FORM": "constexpr",

@@ -2,9 +2,9 @@
 
     python benchmarks/triton_tiles.py --out DIR [--dry-run]
 
-The row pass (``rows_kernel``) and the backward (``backward_kernel``) take
-their tiles from ``ops._tile(n, c, max_block_c)``. This script swaps that
-function for one that returns a fixed (BLOCK_C, num_warps) per kernel, one
+The row pass (``rows_kernel``) takes its tile from ``ops._rows_tile(n, c)``,
+the backward (``backward_kernel``) from ``ops._backward_tile(n, c)``.
+This script swaps one of them for a fixed (BLOCK_C, num_warps), one
 candidate at a time, and times the DM loss's forward alone and its whole
 training step (zero grad, forward, backward) with CUDA events, so that the
 backward's share is the difference. The candidates come from the static
@@ -45,19 +45,14 @@ ROW_CANDIDATES = [None, (32768, 32), (4096, 4), (4096, 8), (8192, 4), (16384, 8)
 BACKWARD_CANDIDATES = [None, (4096, 4), (8192, 8)]
 
 
-def tile_with(rows_tile, backward_tile):
-    """An ``ops._tile`` that returns the given (BLOCK_C, warps) per kernel (the shipped one for None)."""
-    shipped = ops._tile
+def fixed_tile(block_c_max, warps):
+    """(n, c) -> (BLOCK_N, BLOCK_C, num_warps) with at most ``block_c_max`` columns on ``warps`` warps."""
 
-    def tile(n, c, max_c):
+    def tile(n, c):
         tile.calls += 1
-        block_n, block_c, warps = shipped(n, c, max_c)
-        fixed = backward_tile if max_c == ops.BACKWARD_BLOCK_C else rows_tile
-        if fixed is None:
-            return block_n, block_c, warps
-        block_c = min(triton.next_power_of_2(c), fixed[0])
+        block_c = min(triton.next_power_of_2(c), block_c_max)
         block_n = max(1, min(ops.SMALL_TILE // block_c, ops.MAX_BLOCK_N, triton.next_power_of_2(max(n, 1))))
-        return block_n, block_c, fixed[1]
+        return block_n, block_c, warps
 
     tile.calls = 0
     return tile
@@ -110,16 +105,17 @@ def main():
               "shipped": {"MAX_BLOCK_C": ops.MAX_BLOCK_C, "ROWS_MAX_WARPS": ops.ROWS_MAX_WARPS,
                           "BACKWARD_BLOCK_C": ops.BACKWARD_BLOCK_C},
               "cases": []}
-    shipped, shipped_cap = ops._tile, ops.ROWS_MAX_WARPS
+    shipped = {"_rows_tile": ops._rows_tile, "_backward_tile": ops._backward_tile}
     for n, c in shapes:
         g = torch.Generator(device=dev).manual_seed(n * 7 + c)
         z = (torch.randn(n, c, device=dev, generator=g) * 4).to(torch.bfloat16).requires_grad_()
         y = torch.randint(0, c, (n,), device=dev, generator=g)
         ref_grad = None
-        combos = [(r, None) for r in rows_c] + [(None, b) for b in back_c if b is not None]
-        for rows_tile, back_tile in combos:
-            ops._tile = tile_with(rows_tile, back_tile)
-            ops.ROWS_MAX_WARPS = 32 if rows_tile else shipped_cap  # a candidate's warps are its own
+        combos = [("_rows_tile", r) for r in rows_c] + [("_backward_tile", b) for b in back_c if b is not None]
+        for name, cand in combos:
+            swapped = fixed_tile(*cand) if cand else None
+            if swapped:
+                setattr(ops, name, swapped)
             try:
                 rec = measure(z, y, clock, reps)
                 z.grad = None
@@ -129,14 +125,16 @@ def main():
                     ref_grad = grad.clone()
                 rec["grad_max_abs_diff_vs_shipped"] = (grad - ref_grad).abs().max().item()
                 rec["grad_max_abs"] = ref_grad.abs().max().item()
-                if ops._tile.calls == 0:
+                if swapped and swapped.calls == 0:
                     raise RuntimeError("the candidate tile was never asked for: the swap did not take")
             except Exception as exc:  # noqa: BLE001 - one candidate's failure is recorded
                 rec = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             finally:
-                ops._tile, ops.ROWS_MAX_WARPS = shipped, shipped_cap
+                for attr, fn in shipped.items():
+                    setattr(ops, attr, fn)
                 z.grad = None
-            rec.update(shape=f"{n}x{c}", rows_tile=rows_tile or "shipped", backward_tile=back_tile or "shipped")
+            rows_tile = cand if name == "_rows_tile" and cand else "shipped"
+            rec.update(shape=f"{n}x{c}", rows_tile=rows_tile, backward_tile=cand if name == "_backward_tile" else "shipped")
             result["cases"].append(rec)
             print(json.dumps(rec), flush=True)
         del z, y, ref_grad

@@ -3,8 +3,8 @@
 A GPU run is one call with no second chance, so everything it runs is run
 here first, on the CPU: the suite's dry run of its benchmark and summary
 stages (the JSON schema and the PNG are checked), the sanitizer cases on the
-CPU backend, the verdicts on sanitizer logs written to look like the real
-tool's, the parallel compile loop, the float64 reference the benchmark
+CPU backend, the Triton tile sweep under the interpreter, the verdicts on
+sanitizer logs written to look like the real tool's, the parallel compile loop, the float64 reference the benchmark
 checks every gradient against, and sass_counts.py's reading of a cuobjdump
 listing.
 """
@@ -135,6 +135,19 @@ def test_sanitizer_cases_run_on_the_cpu_backend():
                          env=_env(), capture_output=True, text=True, timeout=300)
     assert bad.returncode == 0, bad.stdout + bad.stderr
     assert bad.stdout.count("reported: IndexError") == 2 and "NOT reported" not in bad.stdout
+
+
+def test_triton_tiles_dry_run_swaps_every_candidate(tmp_path):
+    """Under the interpreter: every candidate runs (its tile asked for), and none changes the gradient."""
+    pytest.importorskip("triton", reason="the Triton backend's tile sweep needs Triton")
+    done = subprocess.run([sys.executable, str(BENCH / "triton_tiles.py"), "--dry-run", "--out", str(tmp_path)],
+                          env=_env(TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    cases = json.loads((tmp_path / "triton_tiles.json").read_text())["cases"]
+    assert [c for c in cases if "error" in c] == []
+    assert {str(c["rows_tile"]) for c in cases} > {"shipped"} and {str(c["backward_tile"]) for c in cases} > {"shipped"}
+    assert all(c["grad_max_abs_diff_vs_shipped"] <= 1e-6 * c["grad_max_abs"] for c in cases)
+    assert (tmp_path / "triton_tiles.md").read_text().count("\n| ") == len(cases)  # a line per case below the header
 
 
 def _log(tmp_path, name, text):

@@ -96,6 +96,11 @@ def _rows_tile(n: int, c: int) -> Tuple[int, int, int]:
     return block_n, block_c, min(warps, ROWS_MAX_WARPS)
 
 
+def _backward_tile(n: int, c: int) -> Tuple[int, int, int]:
+    """The backward's (BLOCK_N, BLOCK_C, num_warps): tiles of at most BACKWARD_BLOCK_C columns."""
+    return _tile(n, c, BACKWARD_BLOCK_C)
+
+
 def _split(v: float) -> Tuple[float, float]:
     """v as hi + lo, both float32-representable (Triton passes float arguments as float32)."""
     v = float(v)
@@ -302,7 +307,7 @@ def _launch_backward(grad, logits, target, stats, smooth_weight, ignore_index, s
     u = _smooth_weight(smooth_weight, logits)
     # NFL's gradient has no u term (the C++ op ignores a smooth_weight there too).
     u = None if p_form else u
-    block_n, block_c, warps = _tile(n, c, BACKWARD_BLOCK_C)
+    block_n, block_c, warps = _backward_tile(n, c)
     # The focal gamma, read by the P-form kernel only (the others get 0, 0).
     a_hi, a_lo = _split(a) if p_form else (0.0, 0.0)
     wrap_triton(kernels.backward_kernel)[(triton.cdiv(n, block_n), triton.cdiv(c, block_c))](
