@@ -929,3 +929,18 @@ def test_float16_mean_keeps_small_gradient_entries():
     got = torch.autograd.grad(linear_robust_cross_entropy(h16, w16, target, schemes.CCE(), chunk_size=1024), (h16, w16))
     errs = [float((g.double() - t).norm() / t.norm()) for g, t in zip(got, truth)]
     assert max(errs) < 2e-3, errs
+
+
+@pytest.mark.parametrize("shape,per_row", [((6, 40), False), ((6, 40), True), ((301,), False)])
+@pytest.mark.parametrize("src_dtype,out_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float32, torch.bfloat16),
+                                                 (torch.float32, torch.float16)])  # fmt: skip
+def test_scale_into_without_a_kernel_is_the_float32_product_rounded_once(monkeypatch, shape, per_row, src_dtype,
+                                                                           out_dtype):
+    """Where no backend has a scale kernel (backends.fused_scale gives None), ATen's mul computes it, for the
+    stored gradients of every shape the layer holds (grad_bias is 1-D), the factor never rounded to 16 bits."""
+    monkeypatch.setattr(backends, "fused_scale", lambda device: None)
+    src = (torch.randn(shape, dtype=torch.float64) * 3).to(src_dtype)
+    f = (torch.rand(shape[0], 1) if per_row else torch.tensor(1.0 + 3 * 2.0**-9)).float()  # rounded to bf16 it would be 1 + 2^-7
+    out = src.clone() if src_dtype == out_dtype else torch.empty(shape, dtype=out_dtype)
+    linear._scale_into(out if src_dtype == out_dtype else src, f, out)
+    assert torch.equal(out, (src.float() * f).to(out_dtype))

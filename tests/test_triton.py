@@ -206,3 +206,61 @@ def test_torch_compile_fullgraph_nfl():
         return backends.get("triton").loss(inp, target, spec, weight, None)
 
     _compiled_parity(loss, Loss(scheme), problem)
+
+
+# ---- the fused linear layer's scale of its stored gradients (scale.py) ----
+
+
+def _rounded(p: torch.Tensor, dtype: torch.dtype):
+    """float32 values p rounded to dtype: to nearest (a GPU), or also toward zero for bfloat16 under the
+    interpreter, whose float32 -> bfloat16 conversion truncates (Triton 3.9)."""
+    nearest = p.to(dtype)
+    if not (tops.kernels.INTERPRETED and dtype == torch.bfloat16):
+        return (nearest,)
+    return nearest, (p.view(torch.int32) & ~0xFFFF).view(torch.float32).to(dtype)
+
+
+_BF16, _F16, _F32 = torch.bfloat16, torch.float16, torch.float32
+# (src, out, in place): the layer's 16-bit gradients scaled where they are, its float32 sums into 16 bits.
+_SCALE_CASES = [(_BF16, _BF16, True), (_F16, _F16, True), (_F32, _F32, True), (_BF16, _BF16, False),
+                (_F32, _BF16, False), (_F32, _F16, False)]  # fmt: skip
+
+
+@pytest.mark.parametrize("src_dtype,out_dtype,in_place", _SCALE_CASES,
+                         ids=[f"{dtype_id(a)}-{dtype_id(b)}-{'in_place' if c else 'out'}" for a, b, c in _SCALE_CASES])
+@pytest.mark.parametrize("shape", [(37, 300), (5000,), (3, 1)])
+@pytest.mark.parametrize("factor", ["one", "scalar", "nan", "huge", "per_row"])
+def test_scale_is_the_float32_product_rounded_once(src_dtype, out_dtype, in_place, shape, factor):
+    src = (torch.randn(shape, dtype=torch.float64) * 3).to(src_dtype).to(DEVICE)
+    src.view(-1)[::97] = float("nan")  # a NaN value stays NaN under every factor
+    rows = src.numel() // shape[-1]
+    f = {"one": torch.tensor(1.0), "scalar": torch.rand(()) * 4, "nan": torch.tensor(float("nan")),
+         "huge": torch.tensor(3e38), "per_row": torch.rand(rows) * 4}[factor].to(DEVICE)  # fmt: skip
+    want = _rounded((src.float().reshape(rows, -1) * f.reshape(-1, 1)).reshape(shape), out_dtype)
+    out = src.clone() if in_place else torch.full(shape, 7.0, dtype=out_dtype, device=DEVICE)
+    tops.scale_op(out if in_place else src, f.reshape(-1), out)
+    assert any(torch.equal(out.nan_to_num(0.5, 9.0, -9.0), w.nan_to_num(0.5, 9.0, -9.0)) for w in want), factor
+    assert torch.equal(out.isnan(), want[0].isnan())
+
+
+def test_scale_refuses_what_it_cannot_do():
+    src = torch.zeros(4, 6, dtype=torch.bfloat16, device=DEVICE)
+    with pytest.raises(ValueError, match="one value, or one per row"):
+        tops.scale_op(src, torch.ones(5, device=DEVICE), src)
+    with pytest.raises(ValueError, match="float32"):
+        tops.scale_op(src, torch.ones(1, dtype=torch.float64, device=DEVICE), src)
+    with pytest.raises(ValueError, match="one shape"):
+        tops.scale_op(src, torch.ones(1, device=DEVICE), torch.zeros(6, 4, dtype=torch.bfloat16, device=DEVICE))
+    with pytest.raises(ValueError, match="contiguous"):
+        tops.scale_op(src.t(), torch.ones(1, device=DEVICE), torch.zeros(6, 4, dtype=torch.bfloat16, device=DEVICE))
+
+
+def test_the_fused_linear_scales_its_gradients_with_the_kernel_where_the_registry_has_it():
+    from robustloss_fast import linear
+
+    assert backends.fused_scale(torch.device(DEVICE)) is not None
+    g = torch.randn(9, 40, device=DEVICE).to(torch.bfloat16)
+    f = torch.rand(9, 1, device=DEVICE) * 2  # grad_hidden's factor per row, shaped as the layer makes it
+    out = g.clone()
+    linear._scale_into(out, f, out)
+    assert any(torch.equal(out, w) for w in _rounded(g.float() * f, torch.bfloat16))

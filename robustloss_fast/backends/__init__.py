@@ -22,6 +22,10 @@ up here and calls it through one interface, a ``Backend``:
     kernels read each logit before writing its gradient, in place; the
     reference computes it aside and copies it in).
 
+Beside the five, ``fused_scale(device)`` hands out a kernel for ``out = src *
+f`` rounded once (the fused linear layer's stored gradients) where a backend
+has one for that device: the Triton backend's, on CUDA.
+
 ``spec`` is the call's ``KernelSpec`` (``robustloss_fast._common``); ``weight``
 is the class-weight vector, which each backend routes into the rows where the
 spec says so (label smoothing). Backends live in their own modules and import
@@ -42,7 +46,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-__all__ = ["Backend", "NAMES", "resolve", "get", "devices", "unavailable_reason", "available_backends"]
+__all__ = ["Backend", "NAMES", "resolve", "get", "devices", "unavailable_reason", "available_backends", "fused_scale"]
 
 #: Every backend, in the order ``available_backends`` lists them.
 NAMES = ("torch", "cpu", "cuda", "triton")
@@ -111,6 +115,19 @@ def devices(name: str) -> Optional[Tuple[str, ...]]:
     if name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
         return ("cuda", "cpu")  # under the Triton interpreter the kernels run on CPU tensors too
     return {"cpu": ("cpu",), "cuda": ("cuda",), "triton": ("cuda",)}.get(name)
+
+
+def fused_scale(device: torch.device) -> Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]]:
+    """A kernel for ``out = src * f`` in float32, rounded once, on ``device``'s tensors; None where there is none.
+
+    The fused linear layer scales its stored gradients with it on a GPU, where
+    ATen's own mixed-dtype product runs at a fifth of the copy rate (the
+    Triton backend's ``scale.py``; the only backend with such a kernel).
+    """
+    types = devices("triton")
+    if device.type not in types or unavailable_reason("triton") is not None:
+        return None
+    return _module("triton").scale
 
 
 def resolve(backend: str, device: torch.device) -> Backend:

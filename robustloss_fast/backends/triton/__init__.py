@@ -44,7 +44,7 @@ try:
 except ImportError as exc:  # Triton (or a torch with triton_op / wrap_triton) is missing
     _IMPORT_ERROR = exc
 
-__all__ = ["unavailable_reason", "get"]
+__all__ = ["unavailable_reason", "get", "scale"]
 
 
 def unavailable_reason(name: str = "triton") -> Optional[str]:
@@ -66,3 +66,8 @@ def get(name: str = "triton"):
     from .. import Backend
 
     return Backend("triton", ops._loss, ops._rows, ops._finalize, ops._grad, ops._grad_inplace)
+
+
+def scale(src: torch.Tensor, f: torch.Tensor, out: torch.Tensor) -> None:
+    """``out = src * f`` in float32, rounded once to ``out``'s dtype (``scale.py``; ``out`` may be ``src``)."""
+    ops.scale_op(src, f, out)

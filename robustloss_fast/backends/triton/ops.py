@@ -20,6 +20,10 @@ ignore_index, reduction, normalize) -> (value, stats)``
 ``robustloss::triton_backward_(logits, grad, target, stats, smooth_weight?, ignore_index, scheme, a) -> ()``
     the same, written over ``logits`` (contiguous): each program loads its
     tile of logits before it stores the tile's gradient.
+``robustloss::triton_scale_(src, f, out) -> ()``
+    ``out = src * f`` in float32, rounded once to ``out``'s dtype (``scale.py``):
+    ``f`` a 0-dim factor or one per row of ``src`` (rows of ``src.shape[-1]``);
+    the fused linear layer's stored gradients.
 
 Registration. On a GPU the ops are ``torch.library.triton_op``s launching through
 ``wrap_triton``, so ``torch.compile`` sees the kernels themselves. Under the
@@ -51,7 +55,7 @@ from ..._common import (
     acc_dtype,
     check_target,
 )
-from . import cross_row, kernels
+from . import cross_row, kernels, scale
 
 NS = "robustloss"
 
@@ -367,6 +371,37 @@ def triton_backward_(
     _launch_backward(grad, logits, target, stats, smooth_weight, ignore_index, scheme, a, logits)
 
 
+SCALE_BLOCK = 4096
+_SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def triton_scale_(src: torch.Tensor, f: torch.Tensor, out: torch.Tensor) -> None:
+    if src.shape != out.shape or not (src.is_contiguous() and out.is_contiguous()):
+        raise ValueError(f"scale: src and out must be contiguous and of one shape, got {tuple(src.shape)} "
+                         f"and {tuple(out.shape)}")  # fmt: skip
+    if src.dtype not in _SCALE_DTYPES or out.dtype not in _SCALE_DTYPES or f.dtype != torch.float32:
+        raise ValueError(f"scale: src and out must be float16, bfloat16 or float32 and f float32, got "
+                         f"{src.dtype}, {out.dtype} and {f.dtype}")  # fmt: skip
+    n_cols = src.shape[-1] if src.dim() else 1
+    per_row = f.numel() != 1
+    if per_row and (n_cols == 0 or f.numel() * n_cols != src.numel()):
+        raise ValueError(f"scale: f must hold one value, or one per row of {n_cols}, got {f.numel()} for "
+                         f"{src.numel()} values")  # fmt: skip
+    if src.numel() == 0:
+        return
+    wrap_triton(scale.scale_kernel)[(triton.cdiv(src.numel(), SCALE_BLOCK),)](
+        src,
+        f.contiguous(),
+        out,
+        src.numel(),
+        n_cols,
+        PER_ROW=per_row,
+        SKIP_ONE=src is out,  # in place: a factor of 1 leaves it as it is
+        BLOCK=SCALE_BLOCK,
+        num_warps=8,
+    )
+
+
 # ---- fake kernels (used only where the ops are opaque custom_ops) ----
 
 
@@ -389,6 +424,10 @@ def _backward_inplace_fake(logits, grad, target, stats, smooth_weight, ignore_in
     return None
 
 
+def _scale_fake(src, f, out):
+    return None
+
+
 def _register(name, fn, fake, mutates_args=()):
     qualname = f"{NS}::{name}"
     if kernels.INTERPRETED:
@@ -402,6 +441,7 @@ rows_op = _register("triton_rows", triton_rows, _rows_fake)
 forward_op = _register("triton_forward", triton_forward, _forward_fake)
 backward_op = _register("triton_backward", triton_backward, _backward_fake)
 backward_inplace_op = _register("triton_backward_", triton_backward_, _backward_inplace_fake, mutates_args=("logits",))
+scale_op = _register("triton_scale_", triton_scale_, _scale_fake, mutates_args=("out",))
 
 
 def _setup_context(ctx, inputs, output):
