@@ -192,6 +192,12 @@ pick_cxx() {
   note "build: no g++ here links the shared C++ runtime (setup.py will refuse the extension)"
 }
 
+# The CUDA build for arch $1 within $2 seconds -> build.log.
+cuda_build() {
+  TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$1} MAX_JOBS=${MAX_JOBS:-16} timeout -k 10 "$2" \
+    "$PY" setup.py build_ext --inplace >"$LOGS/build.log" 2>&1
+}
+
 stage_build() {
   local t0=$SECONDS limit rc arch
   limit=$(cap "$BUILD_TIMEOUT" 200)
@@ -204,8 +210,7 @@ stage_build() {
     pick_cxx
     arch=$(cuda_arch)
     note "build: TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} MAX_JOBS=${MAX_JOBS:-16} CXX=${CXX:-unset}, limit ${limit}s"
-    TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} MAX_JOBS=${MAX_JOBS:-16} timeout -k 10 "$limit" \
-      "$PY" setup.py build_ext --inplace >"$LOGS/build.log" 2>&1
+    cuda_build "$arch" "$limit"
     rc=$?
     # The probe can pass a compiler whose real link still carries the runtime (the H200
     # machine's CXX, 2026-12-01: a g++ wrapper): setup.py's refusal then names it, and the
@@ -216,9 +221,7 @@ stage_build() {
       mv "$LOGS/build.log" "$LOGS/build_first.log"
       export CXX=/usr/bin/g++
       [ -x /usr/bin/gcc ] && export CC=/usr/bin/gcc
-      limit=$(cap "$BUILD_TIMEOUT" 200)
-      TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} MAX_JOBS=${MAX_JOBS:-16} timeout -k 10 "$limit" \
-        "$PY" setup.py build_ext --inplace >"$LOGS/build.log" 2>&1
+      cuda_build "$arch" "$(cap "$BUILD_TIMEOUT" 200)"
       rc=$?
     fi
   fi
