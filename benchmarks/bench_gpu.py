@@ -19,9 +19,11 @@ loss, bf16, both inputs requiring gradients, N = 8192 and 32768. Variants:
 eager ``F.cross_entropy((h @ W.T).float(), y)``, eager DM on the same logits,
 ``torch.compile`` of the eager CE, ``F.linear_cross_entropy`` (chunked; torch
 >= 2.13), Liger's FusedLinearCrossEntropy, Apple's cut-cross-entropy, and
-``linear_robust_cross_entropy`` with DM and CCE (the default plan, and the
-"lean" and "split" memory budgets: 4 and 5 matmuls; DM also in fixed chunks of
-2048 rows, the default's size before it grew to 2 GiB). The floor is the three
+``linear_robust_cross_entropy`` with DM and CCE (the default plan; the hybrid
+with a memory budget of Liger's one chunk of logits, 4 matmuls and no float32
+sum across chunks; DM recomputing at the "lean" and "split" budgets, 4 and 5
+matmuls; DM also in fixed chunks of 2048 rows, the default's size before it
+grew to 2 GiB). The floor is the three
 N x H x V matrix products of any forward + backward at the bf16 rate of a
 large product measured in the same run.
 
@@ -126,8 +128,9 @@ LINEAR_VARIANTS = [
     "Apple CCE",
     "ours DM",
     "ours CCE",
+    "ours DM hybrid",
+    "ours CCE hybrid",
     "ours DM lean",
-    "ours CCE lean",
     "ours DM split",
     "ours DM 2048-row chunks",
 ]
@@ -136,23 +139,38 @@ FIXED_CHUNK_ROWS = {"ours DM 2048-row chunks": 2048}
 
 
 def lean_budget(n, h, v, itemsize):
-    """memory_budget of the "lean" variants: the float32 grad_hidden sum, tiles of all N rows by
-    min(8192, V / 4) columns, the row statistics and 64 KiB -- the vocabulary-tiled recompute path
-    (no V x H float32 accumulator; 4 matmuls). 256 MiB at N = 8192, H = 4096, bf16."""
+    """memory_budget of the "lean" variant: the float32 grad_hidden sum, tiles of all N rows by
+    min(8192, V / 4) columns, the row statistics and 64 KiB -- recomputing (grad_in_forward=False),
+    the vocabulary-tiled path (no V x H float32 accumulator; 4 matmuls). 256 MiB at N = 8192,
+    H = 4096, bf16."""
     return 4 * n * h + n * min(8192, v // 4) * itemsize + 48 * n + (1 << 16)
 
 
 def split_budget(n, h, v, itemsize):
     """memory_budget of the "split" variant: tiles of all N rows by min(2048, V / 4) columns, the row
-    statistics and 4 KiB -- too little for the float32 grad_hidden sum beside tiles of 1024 columns, so
-    the backward splits in two (5 matmuls, no float32 sum of either gradient). 32.4 MiB at N = 8192,
-    bf16."""
+    statistics and 4 KiB -- recomputing, too little for the float32 grad_hidden sum beside tiles of 1024
+    columns, so the backward splits in two (5 matmuls, no float32 sum of either gradient). 32.4 MiB at
+    N = 8192, bf16."""
     return n * min(2048, v // 4) * itemsize + 48 * n + (1 << 12)
 
 
+def liger_budget(n, h, v, itemsize):
+    """memory_budget of the "hybrid" variants: the bytes of Liger's one chunk of logits, whose rows are
+    the power of two at or above N / ceil(V / H) (256 rows, 62.6 MiB at N = 8192, H = 4096, V = 128256
+    in bf16; 1024 rows, 250.5 MiB at N = 32768) -- the hybrid at the memory of the leanest exact-time
+    peer: grad_hidden in forward in chunks of a little fewer rows, grad_weight from tiles of all N rows
+    (4 matmuls, no float32 sum across chunks)."""
+    rows = 1 << max(0, math.ceil(math.log2(max(1, -(-n // -(-v // h))))))
+    return rows * v * itemsize
+
+
+# A variant's last word: its memory_budget function and grad_in_forward (None: the default plan).
+_BUDGETS = {"lean": (lean_budget, False), "split": (split_budget, False), "hybrid": (liger_budget, None)}
+
+
 def _budget_of(name):
-    """The variant's memory_budget function (None: the default plan)."""
-    return {"lean": lean_budget, "split": split_budget}.get(name.rsplit(" ", 1)[-1])
+    """(memory_budget function or None, grad_in_forward) of the variant."""
+    return _BUDGETS.get(name.rsplit(" ", 1)[-1], (None, None))
 
 
 class Skip(Exception):
@@ -362,7 +380,7 @@ def _extra_bytes(device, step, prepare=None):
 # session leaves CUPTI behind it (slower launches were reported after one; with CUDA graphs,
 # crashes on its re-initialisation), and because timing must not see it.
 PROFILED_LOGITS = ["Liger CE", "compile DM", "ours DM auto"]  # at the first logits shape
-PROFILED_LINEAR = ["compile CE", "Liger FLCE", "ours DM", "ours DM lean", "ours DM 2048-row chunks"]  # first N
+PROFILED_LINEAR = ["compile CE", "Liger FLCE", "ours DM", "ours DM hybrid", "ours DM 2048-row chunks"]  # first N
 
 
 def _kernel_profile(device, step, prepare=None, top=12):
@@ -584,18 +602,19 @@ def linear_variant(name, dry_run):
         from robustloss_fast.linear import _plan
 
         scheme = rf.schemes.DM(lam=DM_LAM, beta=DM_BETA) if name.startswith("ours DM") else rf.schemes.CCE()
-        budget_of = _budget_of(name)
+        budget_of, gif = _budget_of(name)
         rows = FIXED_CHUNK_ROWS.get(name)
 
         def fn(h, w, y):
             budget = budget_of(h.shape[0], h.shape[1], w.shape[0], h.element_size()) if budget_of else None
-            return rf.linear_robust_cross_entropy(h, w, y, scheme, memory_budget=budget, chunk_size=rows)
+            return rf.linear_robust_cross_entropy(h, w, y, scheme, memory_budget=budget, chunk_size=rows,
+                                                  grad_in_forward=gif)
 
         def estimate(n, h, v, s):
             # The layer's own model of its working memory, plus the gradients it returns.
             dtype = {2: torch.bfloat16, 4: torch.float32}[s]
-            plan = _plan(n, v, h, dtype, "cuda", needs_h=True, needs_w=True, needs_b=False, gif=True, cap=None,
-                         budget=budget_of(n, h, v, s) if budget_of else None, chunk_size=rows)
+            plan = _plan(n, v, h, dtype, "cuda", needs_h=True, needs_w=True, needs_b=False, gif=gif is not False,
+                         cap=None, budget=budget_of(n, h, v, s) if budget_of else None, chunk_size=rows)
             return plan.working_bytes + grads(n, h, v, s)
 
         return fn, "dm" if name.startswith("ours DM") else "ce", estimate

@@ -11,10 +11,14 @@ process so its RSS high-water mark is its own:
 * ``linear``: ``linear_robust_cross_entropy`` (default: gradient in forward,
   3 matmuls);
 * ``linear_recompute``: the same with ``grad_in_forward=False`` (4 matmuls);
-* ``linear_tiled``: the same with ``bench_gpu.lean_budget``'s
+* ``linear_hybrid``: the default with ``bench_gpu.split_budget``'s
+  ``memory_budget`` (tiles of 2048 columns and no float32 sum): the hybrid,
+  ``grad_hidden`` in forward and ``grad_weight`` from vocabulary tiles,
+  4 matmuls;
+* ``linear_tiled``: recomputing with ``bench_gpu.lean_budget``'s
   ``memory_budget`` (the float32 ``grad_hidden`` sum and vocabulary tiles:
   4 matmuls, no ``V x H`` float32 sum);
-* ``linear_split``: the same with ``bench_gpu.split_budget``'s (too small
+* ``linear_split``: recomputing with ``bench_gpu.split_budget``'s (too small
   for that sum: the backward split in two, 5 matmuls, no float32 sum;
   16-bit only, as a float32 ``grad_hidden`` needs no separate sum);
 * ``linear_cce``: ``linear_robust_cross_entropy`` with ``CCE()`` (plain
@@ -78,6 +82,7 @@ METHODS = [
     "fused_logits_inplace",
     "linear",
     "linear_recompute",
+    "linear_hybrid",
     "linear_tiled",
     "linear_split",
     "linear_cce",
@@ -106,7 +111,7 @@ def run_one(method: str, n: int, hdim: int, v: int, dtype: str, repeats: int) ->
     if method == "linear_split" and dt.itemsize > 2:
         return {"method": method, "N": n, "H": hdim, "V": v, "dtype": dtype,
                 "skipped": "only 16-bit inputs split the backward"}  # fmt: skip
-    if method in ("linear_tiled", "linear_split"):
+    if method in ("linear_hybrid", "linear_tiled", "linear_split"):
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from bench_gpu import lean_budget, split_budget
 
@@ -129,7 +134,8 @@ def run_one(method: str, n: int, hdim: int, v: int, dtype: str, repeats: int) ->
             opts = torch.nn.LinearCrossEntropyOptions()
             loss = torch.nn.functional.linear_cross_entropy(hidden, weight, target, ignore_index=-100, options=opts)
         else:
-            gif = False if method == "linear_recompute" else None  # linear and linear_cce: the default
+            # linear, linear_cce and linear_hybrid: the default (the budget picks the hybrid).
+            gif = False if method in ("linear_recompute", "linear_tiled", "linear_split") else None
             loss = linear_robust_cross_entropy(hidden, weight, target, scheme, grad_in_forward=gif, memory_budget=budget)
         loss.backward()
         return loss

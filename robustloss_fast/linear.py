@@ -63,6 +63,20 @@ backend's, not repeated here.
   finished (over all rows) before the next, so no ``V x H`` float32
   accumulator exists; ``grad_hidden`` is summed over the blocks in float32
   instead (``N x H``). Still 4 matmuls.
+* **Hybrid** (a ``memory_budget`` too small for the gradient-in-forward
+  path, where that path is allowed: ``"mean"``/``"sum"``, no
+  ``process_group``). Forward as the gradient-in-forward path for
+  ``grad_hidden`` alone: per chunk ``z_k`` (matmul 1) and ``grad_h_k = G_k W``
+  (matmul 2, its one GEMM over the whole vocabulary, held as that path holds
+  it, with the same pending factors); nothing is summed across chunks.
+  Backward: the tiles of the vocabulary-tiled recompute below for
+  ``grad_weight`` and ``grad_bias`` alone (matmuls 3 and 4; each block of
+  ``grad_weight`` from one GEMM over all ``N`` rows when a tile has them all).
+  **Cost: 4 matmuls**, and neither float32 sum: beyond the returned
+  gradients it holds one chunk of logits in forward and one tile in backward
+  (and the row statistics), so it replaces the two plans below wherever the
+  upstream gradient is a scalar: the tiled one's ``N x H`` float32 sum
+  (and its pass per tile) and the split's fifth matmul are gone.
 * **Recompute, split** (16-bit inputs, a ``memory_budget`` too small for
   that ``N x H`` sum beside tiles of 1024 columns). Forward as above. Backward
   twice: the vocabulary-outer tiles give ``grad_weight`` and ``grad_bias``
@@ -79,12 +93,22 @@ for ``grad_hidden`` when the vocabulary is (2 GiB against 128 MiB at
 more (the split). The second is the lean one of 4 matmuls; the split is
 leaner still (a budget of tens of MiB at that size), at a fifth matmul.
 
+Exactness and memory together: with 3 matmuls, every row chunk's
+``G_k^T h_k`` adds into one ``grad_weight`` sum, so holding that sum in
+float32 costs ``4 V H`` bytes (2 GiB at ``V = 128256``, ``H = 4096``)
+unless one chunk holds every row's logits (``2 N V``: 2 GiB at
+``N = 8192``). A plan that holds less makes the logits twice (4 matmuls:
+the hybrid), or accumulates the sum in the 16-bit gradient itself, which
+this layer does not do (Liger-Kernel's fused linear cross-entropy does:
+3 matmuls and one chunk of logits, its ``grad_weight`` off by ~3e-3).
+
 How the work is cut comes from a memory budget (``memory_budget=`` bytes;
 by default chunks of about 64 MiB on CPUs, 2 GiB on GPUs): ``_plan`` holds
 the model of every tensor the layer allocates beyond its inputs and returned
 gradients, and picks the fastest plan that fits (3 matmuls with chunks of at
-least 256 rows, else whole-row recompute, else vocabulary tiles, else the
-split). Every chunk's logits are written into one buffer, and a chunk's
+least 256 rows, else the hybrid, else whole-row recompute, else vocabulary
+tiles, else the split; the last three where the hybrid is not allowed or
+fits nowhere). Every chunk's logits are written into one buffer, and a chunk's
 gradient over its logits (the backends' in-place gradient op) unless a
 soft-cap needs the capped logits afterwards.
 
@@ -295,7 +319,9 @@ class _Plan:
     ``rows``: rows per forward chunk (and per gradient chunk of the
     gradient-in-forward path). ``tile_rows`` x ``tile_cols``: the recompute
     backward's tile; ``tiled``: it runs vocabulary blocks outermost (else in
-    chunks of ``tile_rows`` whole rows, ``tile_cols == V``).
+    chunks of ``tile_rows`` whole rows, ``tile_cols == V``). ``gif`` and
+    ``tiled`` together are the hybrid: ``grad_hidden`` made in forward,
+    ``grad_weight`` and ``grad_bias`` from the tiles.
     ``inplace``: each chunk's gradient is written over its logits.
     ``working_bytes``: the model's working memory beyond the inputs and the
     returned gradients (what :func:`_plan` keeps under the budget).
@@ -344,13 +370,18 @@ def _plan(n, v, hdim, dtype, device_type, *, needs_h, needs_w, needs_b, gif, cap
       and backward's factor takes a float32 block of at most ``_SCALE_BLOCK``
       values); recompute tiled over the vocabulary: a float32 one, summed over
       tiles, and an ``tile_cols x H`` float32 block of ``grad_weight`` when a
-      tile has fewer than ``N`` rows;
+      tile has fewer than ``N`` rows; the hybrid: the larger of its forward
+      (the gradient-in-forward chunk without ``grad_weight``) and its tiles
+      (beside a float32 ``grad_hidden`` where products are upcast);
     * the row statistics, ``12 a`` per row.
 
     With ``budget=None`` a chunk gets the device's default
     (``_DEFAULT_CHUNK_BYTES``) and the path is the caller's. With a budget:
     the gradient-in-forward path (3 GEMMs) if it fits with at least
-    ``min(N, 256)`` rows per chunk; else the recompute path (4 GEMMs), whole
+    ``min(N, 256)`` rows per chunk; else, where the gradient may be made in
+    forward, the hybrid (4 GEMMs, no float32 sum across chunks: chunks of as
+    many rows as fit, tiles of all ``N`` rows and as many columns as fit, else
+    of 128 columns and fewer rows); else the recompute path (4 GEMMs), whole
     rows if they fit, else tiles of all ``N`` rows and as many vocabulary
     columns as fit (each ``grad_weight`` block then comes from one GEMM,
     nothing accumulated across chunks), at least ``_SPLIT_BELOW_COLS`` of
@@ -391,15 +422,16 @@ def _plan(n, v, hdim, dtype, device_type, *, needs_h, needs_w, needs_b, gif, cap
     # float32 copy in the add, where products are not upcast.
     bias_tmp = v * (e + a) if needs_b and wide and not upcast else 0
 
-    def gif_bytes(rows):
+    def gif_bytes(rows, with_w=True):
+        w, b = with_w and needs_w, with_w and needs_b
         own_h, own_w = _held_16bit(dtype, device_type, rows >= n)
         # Backward's factor on a gradient held in 16 bits: a float32 block of whole rows.
-        held_rows = max(n if own_h and needs_h else 0, v if own_w and needs_w else 0)
+        held_rows = max(n if own_h and needs_h else 0, v if own_w and w else 0)
         scale = min(held_rows, max(1, _SCALE_BLOCK // hdim)) * hdim * a if held_rows and hdim else 0
-        tmp = max(product(v) if needs_w and not own_w else 0, bias_tmp, up(rows, hdim, v, False),
-                  up(v, rows, hdim) if needs_w else 0, up(rows, v, hdim) if needs_h else 0, scale)
-        held = (0 if own_w else w_acc) + (0 if own_h else h_acc)
-        return stats + held + (v * a if needs_b else 0) + rows * v * per_logit + tmp
+        tmp = max(product(v) if w and not own_w else 0, bias_tmp if b else 0, up(rows, hdim, v, False),
+                  up(v, rows, hdim) if w else 0, up(rows, v, hdim) if needs_h else 0, scale)
+        held = (0 if own_w or not w else w_acc) + (0 if own_h else h_acc)
+        return stats + held + (v * a if b else 0) + rows * v * per_logit + tmp
 
     def whole_rows_bytes(rows, with_w=True):
         w = with_w and needs_w
@@ -418,11 +450,19 @@ def _plan(n, v, hdim, dtype, device_type, *, needs_h, needs_w, needs_b, gif, cap
     def fwd_bytes(rows):
         return stats + rows * v * e + up(rows, hdim, v, False)
 
+    # grad_hidden made in forward stays float32 through backward where it is not held in 16 bits.
+    h_held = 0 if _held_16bit(dtype, device_type, False)[0] else h_acc
+
+    def hybrid_bytes(rows, tile_rows, cols):
+        return max(gif_bytes(rows, with_w=False), h_held + tile_bytes(tile_rows, cols, with_h=False))
+
     def make(gif, rows, tile_rows, tile_cols, balance=True, tiled=False, split_rows=0):
         if balance:  # an explicit chunk_size is taken as given
             rows, tile_rows = _balanced(n, rows), _balanced(n, tile_rows)
             split_rows = split_rows and _balanced(n, split_rows)
-        if gif:
+        if gif and tiled:
+            used = hybrid_bytes(rows, tile_rows, tile_cols)
+        elif gif:
             used = gif_bytes(rows)
         elif split_rows:
             backward = max(tile_bytes(tile_rows, tile_cols, with_h=False), whole_rows_bytes(split_rows, with_w=False))
@@ -457,15 +497,28 @@ def _plan(n, v, hdim, dtype, device_type, *, needs_h, needs_w, needs_b, gif, cap
         rows = largest(gif_bytes, n)
         if rows >= least:
             return make(True, rows, rows, v)
+
+    # The last tile may be short: a vocabulary that is not a multiple of 128 gets its full width too.
+    def widest(cost):
+        return v if cost(v) <= budget else largest(cost, v, _MIN_VOCAB_TILE)
+
+    if gif and needs_h and (needs_w or needs_b):
+        # The hybrid: grad_hidden in forward (each chunk's from one GEMM), grad_weight and grad_bias
+        # from tiles of the vocabulary in backward (each block from one GEMM over all rows when a
+        # tile has them all): 4 GEMMs, and no float32 sum across chunks for either gradient.
+        h_rows = largest(lambda r: gif_bytes(r, with_w=False), n)
+        cols = widest(lambda c: hybrid_bytes(h_rows, n, c)) if h_rows else 0
+        if cols:
+            return make(True, h_rows, n, cols, tiled=True)
+        cols = min(v, _MIN_VOCAB_TILE)
+        tile_rows = largest(lambda r: hybrid_bytes(h_rows, r, cols), n) if h_rows else 0
+        if tile_rows:
+            return make(True, h_rows, tile_rows, cols, tiled=True)
     # Recompute: forward chunks hold only their logits (no gradient, no accumulator).
     fwd_rows = max(1, largest(fwd_bytes, n))
     rows = largest(whole_rows_bytes, n)
     if rows >= least:
         return make(False, fwd_rows, rows, v)
-    # The last tile may be short: a vocabulary that is not a multiple of 128 gets its full width too.
-    def widest(cost):
-        return v if cost(v) <= budget else largest(cost, v, _MIN_VOCAB_TILE)
-
     cols = widest(lambda c: tile_bytes(n, c))
     split = h_acc > 0
     if cols >= (min(v, _SPLIT_BELOW_COLS) if split else 1):
@@ -849,6 +902,8 @@ class _LinearRobustCE(torch.autograd.Function):
         if gif:
             own_h, own_w = _held_16bit(hidden.dtype, hidden.device.type, n <= plan.rows)
             gh = torch.empty((n, hdim), dtype=hidden.dtype if own_h else acc, device=hidden.device) if needs_h else None
+            # The hybrid plan (tiled) leaves grad_weight and grad_bias to backward's tiles.
+            needs_w, needs_b = needs_w and not plan.tiled, needs_b and not plan.tiled
             gw = _accumulator((v, hdim), weight.dtype if own_w else acc, hidden.device, n) if needs_w else None
             gb = torch.zeros((v,), dtype=acc, device=hidden.device) if needs_b else None
             one = torch.ones((), dtype=acc, device=hidden.device)
@@ -944,7 +999,8 @@ class _LinearRobustCE(torch.autograd.Function):
                     row_scale = torch.where(target == spec.ignore_index, 0.0, rows_f)[:, None]
             elif mean_f is not None and not fold_mean:
                 scale = mean_f
-            ctx.save_for_backward(gh, gw, gb, scale, row_scale)
+            recompute = (hidden, weight, bias, target, stats, spec.smooth_weight(cw)) if plan.tiled else ()
+            ctx.save_for_backward(gh, gw, gb, scale, row_scale, *recompute)
         else:
             ctx.save_for_backward(hidden, weight, bias, target, stats, spec.smooth_weight(cw))
         return value
@@ -953,20 +1009,26 @@ class _LinearRobustCE(torch.autograd.Function):
     def backward(ctx, grad):
         if torch.is_grad_enabled():  # create_graph=True: refuse rather than drop the second-order term
             raise RuntimeError("robustloss: double backward (create_graph=True) is not supported")
-        if ctx.plan.gif:
-            return _LinearRobustCE._backward_stored(ctx, grad)
-        hidden, weight, bias, target, stats, u = ctx.saved_tensors
-        grad = grad.to(stats.dtype)
         plan = ctx.plan
         needs_h, needs_w, needs_b = ctx.needs_input_grad[:3]
+        saved = ctx.saved_tensors
+        gh = None
+        if plan.gif:
+            gh, gw, gb = _LinearRobustCE._backward_stored(ctx, grad, *saved[:5])
+            if not plan.tiled:
+                return (gh, gw, gb) + (None,) * 8
+            saved = saved[5:]  # the hybrid: what the tiles recompute grad_weight and grad_bias from
+        hidden, weight, bias, target, stats, u = saved
+        grad = grad.to(stats.dtype)
         args = (ctx, grad, hidden, weight, bias, target, stats, u)
-        if plan.split_rows:
-            # The tiles for grad_weight and grad_bias, then whole rows for grad_hidden: each finished
-            # within its own sweep, so no float32 sum across chunks is held (one GEMM more).
-            gh = gw = gb = None
+        if plan.gif or plan.split_rows:
+            # The tiles for grad_weight and grad_bias alone; grad_hidden made in forward (the hybrid)
+            # or after them from whole rows (the split, one GEMM more): each finished within its own
+            # sweep, so no float32 sum across chunks is held.
+            gw = gb = None
             if needs_w or needs_b:
                 _, gw, gb = _LinearRobustCE._backward_tiled(*args, (False, needs_w, needs_b))
-            if needs_h:
+            if needs_h and plan.split_rows:
                 gh, _, _ = _LinearRobustCE._backward_rows(*args, (True, False, False), plan.split_rows)
         elif plan.tiled:
             gh, gw, gb = _LinearRobustCE._backward_tiled(*args, (needs_h, needs_w, needs_b))
@@ -1071,8 +1133,8 @@ class _LinearRobustCE(torch.autograd.Function):
         return gh, gw, gb
 
     @staticmethod
-    def _backward_stored(ctx, grad):
-        """The stored gradients times ``grad`` and the forward's pending factor.
+    def _backward_stored(ctx, grad, gh, gw, gb, scale, row_scale):
+        """The gradients stored in forward (None for those not stored) times ``grad`` and the forward's pending factor.
 
         On a GPU a float32 sum for a 16-bit parameter is scaled and rounded to
         the parameter's dtype in one pass. On a CPU it is scaled in place and
@@ -1084,7 +1146,6 @@ class _LinearRobustCE(torch.autograd.Function):
         caller may change them), so a second backward through this graph
         fails autograd's saved-tensor version check instead of going wrong.
         """
-        gh, gw, gb, scale, row_scale = ctx.saved_tensors
         grad = grad.to(scale.dtype)
         factor = grad * scale
         compiling = torch.compiler.is_compiling()
@@ -1113,7 +1174,7 @@ class _LinearRobustCE(torch.autograd.Function):
                 elif g.dtype == dt:
                     torch.autograd.graph.increment_version(g)  # returned as it is: still counts as used
                 out.append(g.to(dt))
-        return tuple(out) + (None,) * 8
+        return tuple(out)
 
 
 def _check(hidden, weight, bias, target, class_weight, sample_weight):
@@ -1201,10 +1262,12 @@ def linear_robust_cross_entropy(
             docstring). ``None`` (default): chunks of about 64 MiB on CPUs
             and 2 GiB on GPUs, the path as ``grad_in_forward`` says. Given,
             the fastest plan that fits: the 3-matmul path with chunks of at
-            least 256 rows, else the recompute path (4 matmuls), tiled over
-            the vocabulary when whole rows do not fit -- the one that needs no
-            ``V x H`` float32 accumulator for 16-bit weights. Exclusive with
-            ``chunk_size``.
+            least 256 rows, else the hybrid (4 matmuls: ``grad_hidden`` in
+            forward, ``grad_weight`` from vocabulary tiles in backward; no
+            float32 sum across chunks, so tens of MiB suffice at LLM sizes),
+            else (``grad_in_forward=False``, ``"none"``, a ``process_group``)
+            the recompute path (4 matmuls), tiled over the vocabulary when
+            whole rows do not fit. Exclusive with ``chunk_size``.
         backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"torch"``
             (chosen as in :func:`robust_cross_entropy`); the chunk matmuls are
             ATen's, the row and gradient passes the backend's ops.

@@ -103,7 +103,8 @@ def test_suite_dry_run_bench_and_summary(tmp_path):
         assert case["copy"]["median_ms"] > 0
     assert logits["ours DM cuda"]["status"] == "skipped"  # no CUDA build here
     for case in result["linear"]["cases"]:
-        ours = ("ours DM", "ours CCE", "ours DM lean", "ours CCE lean", "ours DM split", "ours DM 2048-row chunks")
+        ours = ("ours DM", "ours CCE", "ours DM hybrid", "ours CCE hybrid", "ours DM lean", "ours DM split",
+                "ours DM 2048-row chunks")
         for name in ("eager CE", "eager DM", "compile CE") + ours:
             assert case["variants"][name]["status"] == "ok", (case["label"], name)
         for name in ours:
