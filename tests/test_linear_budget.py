@@ -499,8 +499,8 @@ def test_tiled_compile_fullgraph(tiling, dtype, path):
         torch.testing.assert_close(a, b)
 
 
-class _GemmDtypes(TorchDispatchMode):
-    """The operand dtypes of every matrix product dispatched while active."""
+class _Gemms(TorchDispatchMode):
+    """The operand dtypes (``seen``) and multiply-adds (``macs``) of every matrix product dispatched while active."""
 
     GEMMS = {torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_, torch.ops.aten.bmm,
              torch.ops.aten.baddbmm, torch.ops.aten.baddbmm_, torch.ops.aten.mv, torch.ops.aten.addmv,
@@ -509,26 +509,15 @@ class _GemmDtypes(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket in self.GEMMS:
-            self.seen.append({x.dtype for x in args if isinstance(x, torch.Tensor)})
-        return func(*args, **(kwargs or {}))
-
-
-class _GemmWork(TorchDispatchMode):
-    """The multiply-adds of every matrix product dispatched while active."""
-
-    def __init__(self):
-        super().__init__()
         self.macs = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.overloadpacket in _GemmDtypes.GEMMS:
-            a, b = [x for x in args if isinstance(x, torch.Tensor)][-2:]
-            self.macs += a.shape[0] * a.shape[1] * b.shape[1]
-        return out
+        if func.overloadpacket in self.GEMMS:
+            tensors = [x for x in args if isinstance(x, torch.Tensor)]
+            self.seen.append({x.dtype for x in tensors})
+            a, b = tensors[-2:]  # (addmm's and addmv's first operand is what they add to)
+            self.macs += a.numel() * (b.shape[-1] if b.dim() > 1 else 1)
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("plan,products", [
@@ -543,7 +532,7 @@ def test_each_plan_multiplies_as_many_n_h_v_products_as_it_says(monkeypatch, pla
         _force_split(monkeypatch, *SPLITS["few_rows"])
     kw = dict(chunk_size=5) if plan == "split" else PLANS[plan]
     hidden, weight, _, target, cw, sw = _inputs(n, h, v, torch.float64)
-    with _GemmWork() as work:
+    with _Gemms() as work:
         out = linear_robust_cross_entropy(hidden, weight, target, schemes.DM(), class_weight=cw, sample_weight=sw,
                                           **kw)
         torch.autograd.grad(out, (hidden, weight))
@@ -562,7 +551,7 @@ def test_emulated_16bit_gemms_run_in_float32_blocks(nan_filled_empty, monkeypatc
     monkeypatch.setitem(linear._CPU_FAST_16BIT, dtype, False)
     monkeypatch.setattr(linear, "_UPCAST_BLOCK", 16)
     hidden, weight, bias, target, cw, sw = _inputs(23, 20, 300, dtype)
-    with _GemmDtypes() as gemms:
+    with _Gemms() as gemms:
         out = linear_robust_cross_entropy(hidden, weight, target, schemes.DM(), bias=bias, class_weight=cw,
                                           sample_weight=sw, **PLANS[plan])
         grads = torch.autograd.grad(out, (hidden, weight, bias))
@@ -580,7 +569,7 @@ def test_native_16bit_gemms_stay_16bit(monkeypatch):
     if not linear._cpu_fast_16bit_gemm(torch.bfloat16):
         pytest.skip("this torch has no oneDNN (or it is disabled): no native bfloat16 GEMM to take")
     hidden, weight, bias, target, _, _ = _inputs(23, 20, 300, torch.bfloat16)
-    with _GemmDtypes() as gemms:
+    with _Gemms() as gemms:
         out = linear_robust_cross_entropy(hidden, weight, target, schemes.DM(), bias=bias, chunk_size=5)
         torch.autograd.grad(out, (hidden, weight, bias))
     assert any(torch.bfloat16 in s for s in gemms.seen), gemms.seen
