@@ -12,9 +12,10 @@ process so its RSS high-water mark is its own:
   3 matmuls);
 * ``linear_recompute``: the same with ``grad_in_forward=False`` (4 matmuls);
 * ``linear_hybrid``: the default with ``bench_gpu.split_budget``'s
-  ``memory_budget`` (tiles of 2048 columns and no float32 sum): the hybrid,
-  ``grad_hidden`` in forward and ``grad_weight`` from vocabulary tiles,
-  4 matmuls;
+  ``memory_budget`` (tiles of 2048 columns and no float32 sum): for 16-bit
+  inputs the hybrid, ``grad_hidden`` in forward and ``grad_weight`` from
+  vocabulary tiles, 4 matmuls (float32, which needs no ``grad_hidden`` sum,
+  gets the tiled recompute there);
 * ``linear_tiled``: recomputing with ``bench_gpu.lean_budget``'s
   ``memory_budget`` (the float32 ``grad_hidden`` sum and vocabulary tiles:
   4 matmuls, no ``V x H`` float32 sum);

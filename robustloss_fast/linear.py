@@ -63,9 +63,10 @@ backend's, not repeated here.
   finished (over all rows) before the next, so no ``V x H`` float32
   accumulator exists; ``grad_hidden`` is summed over the blocks in float32
   instead (``N x H``). Still 4 matmuls.
-* **Hybrid** (a ``memory_budget`` too small for the gradient-in-forward
-  path, where that path is allowed: ``"mean"``/``"sum"``, no
-  ``process_group``). Forward as the gradient-in-forward path for
+* **Hybrid** (16-bit inputs, a ``memory_budget`` too small for the
+  gradient-in-forward path and for the tiled recompute's float32 sum beside
+  wide tiles, where the gradient may be made in forward: ``"mean"``/``"sum"``,
+  no ``process_group``). Forward as the gradient-in-forward path for
   ``grad_hidden`` alone: per chunk ``z_k`` (matmul 1) and ``grad_h_k = G_k W``
   (matmul 2, its one GEMM over the whole vocabulary, held as that path holds
   it, with the same pending factors); nothing is summed across chunks.
@@ -74,9 +75,10 @@ backend's, not repeated here.
   ``grad_weight`` from one GEMM over all ``N`` rows when a tile has them all).
   **Cost: 4 matmuls**, and neither float32 sum: beyond the returned
   gradients it holds one chunk of logits in forward and one tile in backward
-  (and the row statistics), so it replaces the two plans below wherever the
-  upstream gradient is a scalar: the tiled one's ``N x H`` float32 sum
-  (and its pass per tile) and the split's fifth matmul are gone.
+  (and the row statistics). It takes the split's place below (one matmul
+  fewer, the same memory); where the tiled recompute fits it is kept, as its
+  tiles of all rows multiply faster than the hybrid's forward chunks (on a
+  2-vCPU Xeon, benchmarks/NOTES.md).
 * **Recompute, split** (16-bit inputs, a ``memory_budget`` too small for
   that ``N x H`` sum beside tiles of 1024 columns). Forward as above. Backward
   twice: the vocabulary-outer tiles give ``grad_weight`` and ``grad_bias``
@@ -106,9 +108,9 @@ How the work is cut comes from a memory budget (``memory_budget=`` bytes;
 by default chunks of about 64 MiB on CPUs, 2 GiB on GPUs): ``_plan`` holds
 the model of every tensor the layer allocates beyond its inputs and returned
 gradients, and picks the fastest plan that fits (3 matmuls with chunks of at
-least 256 rows, else the hybrid, else whole-row recompute, else vocabulary
-tiles, else the split; the last three where the hybrid is not allowed or
-fits nowhere). Every chunk's logits are written into one buffer, and a chunk's
+least 256 rows, else whole-row recompute, else vocabulary tiles, else the
+hybrid where the gradient may be made in forward, else the split). Every
+chunk's logits are written into one buffer, and a chunk's
 gradient over its logits (the backends' in-place gradient op) unless a
 soft-cap needs the capped logits afterwards.
 
@@ -378,15 +380,15 @@ def _plan(n, v, hdim, dtype, device_type, *, needs_h, needs_w, needs_b, gif, cap
     With ``budget=None`` a chunk gets the device's default
     (``_DEFAULT_CHUNK_BYTES``) and the path is the caller's. With a budget:
     the gradient-in-forward path (3 GEMMs) if it fits with at least
-    ``min(N, 256)`` rows per chunk; else, where the gradient may be made in
-    forward, the hybrid (4 GEMMs, no float32 sum across chunks: chunks of as
-    many rows as fit, tiles of all ``N`` rows and as many columns as fit, else
-    of 128 columns and fewer rows); else the recompute path (4 GEMMs), whole
+    ``min(N, 256)`` rows per chunk; else the recompute path (4 GEMMs), whole
     rows if they fit, else tiles of all ``N`` rows and as many vocabulary
     columns as fit (each ``grad_weight`` block then comes from one GEMM,
     nothing accumulated across chunks), at least ``_SPLIT_BELOW_COLS`` of
     them for a 16-bit ``grad_hidden``. Past that, a 16-bit ``grad_hidden``
-    splits the backward in two (5 GEMMs, no float32 sum of either gradient
+    is made in forward where it may be (the hybrid: 4 GEMMs, chunks of as
+    many rows as fit, tiles of all ``N`` rows and as many columns as fit,
+    else of 128 columns and fewer rows), else it splits the backward in two
+    (5 GEMMs, no float32 sum of either gradient
     across chunks: the tiles give ``grad_weight``, chunks of whole rows give
     ``grad_hidden``); other dtypes, or a split that cannot hold one whole
     row, take narrower tiles of fewer rows, else (no tile's float32
@@ -502,18 +504,6 @@ def _plan(n, v, hdim, dtype, device_type, *, needs_h, needs_w, needs_b, gif, cap
     def widest(cost):
         return v if cost(v) <= budget else largest(cost, v, _MIN_VOCAB_TILE)
 
-    if gif and needs_h and (needs_w or needs_b):
-        # The hybrid: grad_hidden in forward (each chunk's from one GEMM), grad_weight and grad_bias
-        # from tiles of the vocabulary in backward (each block from one GEMM over all rows when a
-        # tile has them all): 4 GEMMs, and no float32 sum across chunks for either gradient.
-        h_rows = largest(lambda r: gif_bytes(r, with_w=False), n)
-        cols = widest(lambda c: hybrid_bytes(h_rows, n, c)) if h_rows else 0
-        if cols:
-            return make(True, h_rows, n, cols, tiled=True)
-        cols = min(v, _MIN_VOCAB_TILE)
-        tile_rows = largest(lambda r: hybrid_bytes(h_rows, r, cols), n) if h_rows else 0
-        if tile_rows:
-            return make(True, h_rows, tile_rows, cols, tiled=True)
     # Recompute: forward chunks hold only their logits (no gradient, no accumulator).
     fwd_rows = max(1, largest(fwd_bytes, n))
     rows = largest(whole_rows_bytes, n)
@@ -523,6 +513,21 @@ def _plan(n, v, hdim, dtype, device_type, *, needs_h, needs_w, needs_b, gif, cap
     split = h_acc > 0
     if cols >= (min(v, _SPLIT_BELOW_COLS) if split else 1):
         return make(False, fwd_rows, n, cols, tiled=True)
+    if split and gif and (needs_w or needs_b):
+        # The hybrid, where the float32 grad_hidden sum leaves the tiles too narrow: grad_hidden in
+        # forward (each chunk's from one GEMM), grad_weight and grad_bias from tiles of the vocabulary
+        # in backward (each block from one GEMM over all rows when a tile has them all): 4 GEMMs, no
+        # float32 sum across chunks, against the split's 5. (Where both fit, the tiles of all rows
+        # give grad_hidden too: on a 2-vCPU Xeon 2-29% faster than the hybrid's forward chunks,
+        # benchmarks/NOTES.md.)
+        h_rows = largest(lambda r: gif_bytes(r, with_w=False), n)
+        cols = widest(lambda c: hybrid_bytes(h_rows, n, c)) if h_rows else 0
+        if cols:
+            return make(True, h_rows, n, cols, tiled=True)
+        cols = min(v, _MIN_VOCAB_TILE)
+        tile_rows = largest(lambda r: hybrid_bytes(h_rows, r, cols), n) if h_rows else 0
+        if tile_rows:
+            return make(True, h_rows, tile_rows, cols, tiled=True)
 
     def split_plan(split_rows):
         cols = widest(lambda c: tile_bytes(n, c, with_h=False))
@@ -1262,12 +1267,14 @@ def linear_robust_cross_entropy(
             docstring). ``None`` (default): chunks of about 64 MiB on CPUs
             and 2 GiB on GPUs, the path as ``grad_in_forward`` says. Given,
             the fastest plan that fits: the 3-matmul path with chunks of at
-            least 256 rows, else the hybrid (4 matmuls: ``grad_hidden`` in
-            forward, ``grad_weight`` from vocabulary tiles in backward; no
-            float32 sum across chunks, so tens of MiB suffice at LLM sizes),
-            else (``grad_in_forward=False``, ``"none"``, a ``process_group``)
-            the recompute path (4 matmuls), tiled over the vocabulary when
-            whole rows do not fit. Exclusive with ``chunk_size``.
+            least 256 rows, else the recompute path (4 matmuls), tiled over
+            the vocabulary when whole rows do not fit -- the one that needs no
+            ``V x H`` float32 accumulator for 16-bit weights; where even its
+            ``N x H`` float32 ``grad_hidden`` sum leaves the tiles narrow,
+            ``"mean"``/``"sum"`` get the hybrid (4 matmuls: ``grad_hidden``
+            in forward, ``grad_weight`` from the tiles; no float32 sum across
+            chunks, so tens of MiB suffice at LLM sizes). Exclusive with
+            ``chunk_size``.
         backend: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"triton"`` or ``"torch"``
             (chosen as in :func:`robust_cross_entropy`); the chunk matmuls are
             ATen's, the row and gradient passes the backend's ops.

@@ -54,27 +54,23 @@ def test_budget_picks_the_fastest_plan_that_fits(monkeypatch):
     # 16384 rows: room for the float32 V x H sum (2 GiB) and three chunks of logits: 3 matmuls.
     big = _llm_plan(3.5 * GIB, n=16384)
     assert big.gif and big.rows == -(-16384 // 3) and big.working_bytes <= 3.5 * GIB
-    # No room for the accumulator: the hybrid, grad_hidden in forward (held in bfloat16) and
-    # grad_weight from tiles of the vocabulary with all 8192 rows per tile (4 matmuls).
+    # No room for the accumulator: recompute, tiled over the vocabulary with all 8192 rows per tile.
     lean = _llm_plan(1 * GIB)
-    assert lean.gif and lean.tiled and lean.tile_rows == 8192 and lean.tile_cols < 128256
-    assert lean.tile_cols % 128 == 0 and lean.working_bytes <= 1 * GIB and not lean.split_rows
-    # Without the gradient in forward (reduction "none", a process group): the recompute path, tiled,
-    # its float32 grad_hidden sum (128 MiB) beside the tiles.
-    rec = _llm_plan(1 * GIB, gif=False)
-    assert not rec.gif and rec.tiled and rec.tile_rows == 8192 and rec.tile_cols < lean.tile_cols
-    # Smaller still: narrower tiles, always within the budget; the hybrid keeps all 8192 rows a tile
-    # down to tens of MiB (no float32 sum of either gradient).
-    for budget in (256 * MIB, 200 * MIB, 32 * MIB):
-        plan = _llm_plan(budget)
-        assert plan.gif and plan.tiled and plan.tile_rows == 8192 and plan.working_bytes <= budget, (budget, plan)
-        assert plan.rows * 128256 * 2 <= budget, plan
-        plan = _llm_plan(budget, gif=False)
-        assert not plan.gif and plan.working_bytes <= budget, (budget, plan)
-    tiny = _llm_plan(1 * MIB, n=8192)
+    assert not lean.gif and lean.tile_rows == 8192 and lean.tile_cols < 128256
+    assert lean.tile_cols % 128 == 0 and lean.working_bytes <= 1 * GIB
+    # Smaller still: narrower tiles of fewer rows, always within the budget.
+    for budget in (256 * MIB, 200 * MIB):
+        for gif in (True, False):
+            plan = _llm_plan(budget, gif=gif)
+            assert plan.working_bytes <= budget, (budget, plan)
+    tiny = _llm_plan(16 * MIB, n=8192)
     assert (tiny.tile_rows, tiny.tile_cols) < (8192, 128256) and tiny.tile_rows >= 1
-    # 256 MiB, recompute: the float32 grad_hidden (128 MiB) leaves tiles of 1920 columns, 67 of them: tiled.
-    assert _llm_plan(256 * MIB, gif=False).tile_cols >= 512 and not _llm_plan(256 * MIB, gif=False).split_rows
+    # 256 MiB: the float32 grad_hidden (128 MiB) leaves tiles of 1920 columns, 67 of them: tiled.
+    assert _llm_plan(256 * MIB).tile_cols >= 512 and not _llm_plan(256 * MIB).gif
+    # 200 MiB: it would leave fewer than 1024 columns; grad_hidden is made in forward instead, and
+    # the tiles of all 8192 rows are 3968 columns wide: the hybrid (4 matmuls, no float32 sum).
+    hybrid = _llm_plan(200 * MIB)
+    assert hybrid.gif and hybrid.tiled and hybrid.tile_rows == 8192 and hybrid.tile_cols >= 3968, hybrid
     # float32 weights need no separate accumulator: the 3-matmul path fits where bf16's did not.
     assert _llm_plan(1 * GIB, dtype=torch.float32).gif
 
@@ -124,9 +120,9 @@ def test_split_backward_where_tiles_would_be_narrow():
         plan = _llm_plan(mib * MIB, gif=False)
         assert not plan.gif and plan.tiled and plan.split_rows >= 1 and plan.tile_rows == 8192, plan
         assert plan.tile_cols >= 512 and plan.split_rows * 128256 * 2 <= mib * MIB, plan
-        # Where the gradient may be made in forward, the hybrid fits the same tiles and chunks of about
-        # as many whole rows (beside them, backward's 1 MiB float32 block that scales grad_hidden) at
-        # one GEMM fewer.
+        # Where the gradient may be made in forward, the hybrid takes the split's place: the same tiles
+        # and chunks of about as many whole rows (beside them, backward's 1 MiB float32 block that
+        # scales grad_hidden) at one GEMM fewer.
         hybrid = _llm_plan(mib * MIB)
         assert hybrid.gif and hybrid.tiled and not hybrid.split_rows and hybrid.tile_rows == 8192, hybrid
         assert hybrid.tile_cols >= plan.tile_cols and hybrid.rows >= 0.95 * plan.split_rows, (hybrid, plan)
@@ -155,7 +151,7 @@ def test_budget_arguments_are_validated():
 TILED = {"all_rows": 30_000, "few_rows": 12_000}
 # Where the tiles give every gradient (the recompute path: grad_in_forward=False, as for reduction
 # "none" or a process group), or grad_weight and grad_bias only (the hybrid: grad_hidden made in
-# forward, the default where the upstream gradient is a scalar).
+# forward, where the upstream gradient is a scalar).
 PATHS = {"hybrid": None, "recompute": False}
 
 
@@ -164,20 +160,53 @@ def _tiled_plan(budget, n=23, h=7, v=300, dtype=torch.float64, cap=None, device=
                  budget=budget, chunk_size=None)
 
 
-@pytest.mark.parametrize("path", sorted(PATHS))
-def test_the_test_budgets_tile_as_intended(path):
-    gif = path == "hybrid"
-    plan = _tiled_plan(TILED["all_rows"], gif=gif)
-    assert (plan.gif, plan.tiled, plan.tile_rows, plan.tile_cols) == (gif, True, 23, 128)
-    plan = _tiled_plan(TILED["few_rows"], gif=gif)
-    assert plan.gif == gif and plan.tiled and plan.tile_cols == 128 and 1 < plan.tile_rows < 23
-    assert not plan.split_rows and plan.rows < 23
+def _force_hybrid(monkeypatch):
+    """Every tiled plan that may make the gradient in forward runs as the hybrid.
+
+    The planner picks the hybrid only for a 16-bit grad_hidden whose float32 sum would leave the
+    tiles narrow; its parity at float64 tolerances needs it forced (the same tiles and chunks).
+    """
+    import robustloss_fast.linear as linear
+
+    real = linear._plan
+    used = []
+
+    def forced(*args, **kwargs):
+        plan = real(*args, **kwargs)
+        if plan.tiled and kwargs["gif"]:
+            plan = dataclasses.replace(plan, gif=True, split_rows=0)
+        used.append(plan)
+        return plan
+
+    monkeypatch.setattr(linear, "_plan", forced)
+    return used
 
 
-@pytest.mark.parametrize("path", sorted(PATHS))
+@pytest.fixture(params=sorted(PATHS))
+def tiled_path(request, monkeypatch):
+    """grad_in_forward for each way the tiles run: the hybrid (forced; where the test tiled, it ran the
+    hybrid) and the recompute path. (bfloat16 at the "all_rows" budget fits one chunk: no tiles.)"""
+    used = _force_hybrid(monkeypatch) if request.param == "hybrid" else None
+    yield PATHS[request.param]
+    if used is not None and any(p.tiled for p in used):
+        assert any(p.gif and p.tiled for p in used), used
+
+
+def test_the_test_budgets_tile_as_intended():
+    for gif in (True, False):
+        plan = _tiled_plan(TILED["all_rows"], gif=gif)
+        assert (plan.gif, plan.tiled, plan.tile_rows, plan.tile_cols) == (False, True, 23, 128)
+        plan = _tiled_plan(TILED["few_rows"], gif=gif)
+        assert not plan.gif and plan.tiled and plan.tile_cols == 128 and 1 < plan.tile_rows < 23
+    # bfloat16 at the smaller budget: the split where the gradient cannot be made in forward, else the hybrid.
+    assert _tiled_plan(TILED["few_rows"], dtype=torch.bfloat16, gif=False).split_rows
+    plan = _tiled_plan(TILED["few_rows"], dtype=torch.bfloat16)
+    assert plan.gif and plan.tiled and not plan.split_rows, plan
+
+
 @pytest.mark.parametrize("tiling", sorted(TILED))
 @pytest.mark.parametrize("scheme", ALL_SCHEMES, ids=repr)
-def test_tiled_parity_every_scheme_float64(backend, scheme, tiling, path):
+def test_tiled_parity_every_scheme_float64(backend, scheme, tiling, tiled_path):
     # Every backend on its own device; ignored rows, class and signed sample weights, bias,
     # a random upstream gradient, every reduction ("none" always recomputes).
     reductions = thin(["mean", "sum", "none"], backend, 2, ALL_SCHEMES.index(scheme))
@@ -185,36 +214,34 @@ def test_tiled_parity_every_scheme_float64(backend, scheme, tiling, path):
         hidden, weight, bias, target, cw, sw = _inputs(23, 7, 300, torch.float64, device=backend.device)
         got, want = _both(hidden, weight, bias, target, scheme, cw, sw, lambda r: torch.randn_like(r),
                           reduction=reduction, memory_budget=TILED[tiling], backend=backend.name,
-                          grad_in_forward=PATHS[path])
+                          grad_in_forward=tiled_path)
         _close(got, want, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("path", sorted(PATHS))
 @pytest.mark.parametrize("ignore_index", [-100, 0, 130, 300])
-def test_tiled_any_ignore_index(ignore_index, path):
+def test_tiled_any_ignore_index(ignore_index, tiled_path):
     # An ignore_index that is a column of some tile (0, 130) or the first spare column's
     # local index (300 - 256 = 44 is the short block's width) must not be confused with a class.
     hidden, weight, bias, target, cw, sw = _inputs(23, 7, 300, torch.float64)
     target = torch.where(target == -100, ignore_index, target)
     target[:3] = torch.tensor([0, 130, 256])
     got, want = _both(hidden, weight, bias, target, schemes.DM(), cw, sw, lambda r: torch.randn_like(r),
-                      memory_budget=TILED["all_rows"], ignore_index=ignore_index, grad_in_forward=PATHS[path])
+                      memory_budget=TILED["all_rows"], ignore_index=ignore_index, grad_in_forward=tiled_path)
     _close(got, want, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("path", sorted(PATHS))
 @pytest.mark.parametrize("tiling", sorted(TILED))
-def test_tiled_label_smoothing_and_softcap(tiling, path):
+def test_tiled_label_smoothing_and_softcap(tiling, tiled_path):
     # Label smoothing routes the class weights into every column (the spare ones get 1s);
     # the soft-cap's chain rule needs the capped logits beside the gradient.
     hidden, weight, bias, target, cw, sw = _inputs(23, 7, 300, torch.float64)
     got, want = _both(hidden, weight, bias, target, schemes.CCE(), cw, sw, lambda r: torch.randn_like(r),
-                      memory_budget=TILED[tiling], label_smoothing=0.2, grad_in_forward=PATHS[path])
+                      memory_budget=TILED[tiling], label_smoothing=0.2, grad_in_forward=tiled_path)
     _close(got, want, rtol=1e-9, atol=1e-12)
     cap = 1.5
     out = linear_robust_cross_entropy(hidden, weight, target, schemes.DM(), bias=bias, class_weight=cw,
                                       sample_weight=sw, softcap=cap, memory_budget=TILED[tiling],
-                                      grad_in_forward=PATHS[path])
+                                      grad_in_forward=tiled_path)
     params = (hidden, weight, bias)
     logits = cap * torch.tanh(torch.addmm(bias, hidden, weight.t()) / cap)
     ref = rf.robust_cross_entropy(logits, target, schemes.DM(), weight=cw, sample_weight=sw, backend="torch")
@@ -226,12 +253,11 @@ def test_tiled_label_smoothing_and_softcap(tiling, path):
 LOW_PRECISION = [(torch.float32, 2e-5), (torch.bfloat16, 3e-2), (torch.float16, 5e-3)]
 
 
-@pytest.mark.parametrize("path", sorted(PATHS))
 @pytest.mark.parametrize("scheme", ALL_SCHEMES, ids=repr)
-def test_tiled_parity_low_precision(backend, scheme, path):
+def test_tiled_parity_low_precision(backend, scheme, tiled_path):
     # Every scheme on every backend on its own device, against the reference on logits of
     # the same dtype (an emulated backend: two of the three dtypes, rotated over the schemes).
-    gif = path == "hybrid"
+    gif = tiled_path is None
     for dtype, tol in thin(LOW_PRECISION, backend, 2, ALL_SCHEMES.index(scheme)):
         hidden, weight, bias, target, cw, sw = _inputs(45, 16, 700, dtype, device=backend.device)
         # The smallest budget (in 1 KiB steps) that tiles all 45 rows by at least 256 columns.
@@ -240,9 +266,9 @@ def test_tiled_parity_low_precision(backend, scheme, path):
 
         budget = next(b for b in range(1024, 1 << 20, 1024) if plan_of(b).tile_rows == 45 and plan_of(b).tile_cols >= 256)
         plan = plan_of(budget)
-        assert plan.gif == gif and plan.tiled and plan.tile_cols < 700 and not (gif and plan.split_rows), plan
+        assert plan.tiled and plan.tile_cols < 700, plan
         got, want = _both(hidden, weight, bias, target, scheme, cw, sw, lambda r: torch.randn_like(r),
-                          memory_budget=budget, backend=backend.name, grad_in_forward=PATHS[path])
+                          memory_budget=budget, backend=backend.name, grad_in_forward=tiled_path)
         _close(got, want, rtol=tol, atol=tol)
 
 
@@ -340,7 +366,7 @@ def test_split_parity_low_precision(backend, scheme):
         _close(got, want, rtol=tol, atol=tol)
 
 
-def test_tiled_nan_row_and_all_ignored():
+def test_tiled_nan_row_and_all_ignored(tiled_path):
     hidden, weight, bias, target, cw, sw = _inputs(23, 7, 300, torch.float64, extras=False)
     target[4] = 7
     with torch.no_grad():
@@ -353,23 +379,29 @@ def test_tiled_nan_row_and_all_ignored():
     rest[4] = False
     assert got[rest].isfinite().all() and gh[rest].isfinite().all()
     target = torch.full_like(target, -100)
-    for gif in PATHS.values():
-        weight.grad = None
-        out = linear_robust_cross_entropy(hidden.detach()[5:].requires_grad_(), weight, target[5:], schemes.DM(),
-                                          memory_budget=TILED["all_rows"], grad_in_forward=gif)
-        out.backward()
-        assert out.item() == 0.0 and weight.grad.abs().sum() == 0
+    out = linear_robust_cross_entropy(hidden.detach()[5:].requires_grad_(), weight, target[5:], schemes.DM(),
+                                      memory_budget=TILED["all_rows"], grad_in_forward=tiled_path)
+    out.backward()
+    assert out.item() == 0.0 and weight.grad.abs().sum() == 0
 
 
 # Several chunks (or tiles) each, so every float32 sum has a first term and later ones. (bfloat16
 # takes, recomputing, whole-width tiles at the "all_rows" budget and the split backward at the
-# "few_rows" one; as the hybrid, one chunk of the 3-matmul path and tiles of 128 columns.)
+# "few_rows" one; with the gradient in forward, one chunk of the 3-matmul path and the hybrid's
+# tiles of 128 columns. The "hybrid_*" plans are forced: _plan_kwargs.)
 PLANS = {
     "grad_in_forward": dict(chunk_size=5),
     "recompute": dict(chunk_size=5, grad_in_forward=False),
     **{f"{path}_{name}": dict(memory_budget=budget, grad_in_forward=gif) for name, budget in TILED.items()
        for path, gif in PATHS.items()},
 }
+
+
+def _plan_kwargs(monkeypatch, name):
+    """PLANS[name], its tiled plans run as the hybrid for the "hybrid_*" ones."""
+    if name.startswith("hybrid"):
+        _force_hybrid(monkeypatch)
+    return PLANS[name]
 
 
 @pytest.mark.parametrize("plan", sorted(PLANS))
@@ -384,19 +416,19 @@ def test_sums_are_written_before_they_are_read(nan_filled_empty, monkeypatch, pl
     assert torch.empty(64).isnan().all()  # the fill is live: this test can fail
     hidden, weight, bias, target, cw, sw = _inputs(23, 7, 300, dtype)
     got, want = _both(hidden, weight, bias, target, schemes.DM(), cw, sw, lambda r: torch.randn_like(r),
-                      **PLANS[plan])
+                      **_plan_kwargs(monkeypatch, plan))
     tol = (1e-9, 1e-12) if dtype == torch.float64 else (3e-2, 3e-2)
     _close(got, want, rtol=tol[0], atol=tol[1])
 
 
 @pytest.mark.parametrize("plan", [None, *sorted(PLANS)])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_an_empty_batch_gives_zeros(nan_filled_empty, plan, reduction):
+def test_an_empty_batch_gives_zeros(nan_filled_empty, monkeypatch, plan, reduction):
     # N = 0 (SPEC §5: D = 0 gives value 0 and gradient 0): every plan, no chunk at all, so the
     # float32 sums must be zeros rather than the uninitialised first-chunk buffers.
     hidden, weight, bias, target, _, _ = _inputs(0, 7, 300, torch.float32)
     out = linear_robust_cross_entropy(hidden, weight, target, schemes.DM(), bias=bias, reduction=reduction,
-                                      **({} if plan is None else PLANS[plan]))
+                                      **({} if plan is None else _plan_kwargs(monkeypatch, plan)))
     gh, gw, gb = torch.autograd.grad(out.sum(), (hidden, weight, bias))
     assert out.shape == ((0,) if reduction == "none" else ())
     assert (out == 0).all() and gh.shape == (0, 7)
@@ -475,10 +507,9 @@ def test_the_float32_bias_sum_is_held_within_the_budget(budget_mib):
     assert held <= (budget_mib + 1) * MIB, (held / MIB, budget_mib)
 
 
-@pytest.mark.parametrize("path", sorted(PATHS))
 @pytest.mark.parametrize("tiling", sorted(TILED))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
-def test_tiled_compile_fullgraph(tiling, dtype, path):
+def test_tiled_compile_fullgraph(tiling, dtype, tiled_path):
     # The tiles' GEMMs write into views of one buffer (out=), which Dynamo does not trace:
     # under torch.compile they copy instead, and nothing breaks the graph (aot_eager: no codegen).
     # float16 on a CPU without AMX-FP16: the products in float32 blocks (_upcast_product).
@@ -487,7 +518,7 @@ def test_tiled_compile_fullgraph(tiling, dtype, path):
 
     def f(h, w, b, t, s):
         return linear_robust_cross_entropy(h, w, t, schemes.DM(), bias=b, class_weight=cw, sample_weight=s,
-                                           memory_budget=TILED[tiling], grad_in_forward=PATHS[path])
+                                           memory_budget=TILED[tiling], grad_in_forward=tiled_path)
 
     params = (hidden, weight, bias)
     out = torch.compile(f, fullgraph=True, backend="aot_eager")(hidden, weight, bias, target, sw)
@@ -530,7 +561,7 @@ def test_each_plan_multiplies_as_many_n_h_v_products_as_it_says(monkeypatch, pla
     n, h, v = 23, 7, 300
     if plan == "split":
         _force_split(monkeypatch, *SPLITS["few_rows"])
-    kw = dict(chunk_size=5) if plan == "split" else PLANS[plan]
+    kw = dict(chunk_size=5) if plan == "split" else _plan_kwargs(monkeypatch, plan)
     hidden, weight, _, target, cw, sw = _inputs(n, h, v, torch.float64)
     with _Gemms() as work:
         out = linear_robust_cross_entropy(hidden, weight, target, schemes.DM(), class_weight=cw, sample_weight=sw,
@@ -553,7 +584,7 @@ def test_emulated_16bit_gemms_run_in_float32_blocks(nan_filled_empty, monkeypatc
     hidden, weight, bias, target, cw, sw = _inputs(23, 20, 300, dtype)
     with _Gemms() as gemms:
         out = linear_robust_cross_entropy(hidden, weight, target, schemes.DM(), bias=bias, class_weight=cw,
-                                          sample_weight=sw, **PLANS[plan])
+                                          sample_weight=sw, **_plan_kwargs(monkeypatch, plan))
         grads = torch.autograd.grad(out, (hidden, weight, bias))
     assert len(gemms.seen) > 3 * 19 and all(s == {torch.float32} for s in gemms.seen), gemms.seen
     ref = _both(hidden, weight, bias, target, schemes.DM(), cw, sw, lambda r: torch.ones_like(r))[1]
