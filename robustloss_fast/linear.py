@@ -518,7 +518,7 @@ def _plan(n, v, hdim, dtype, device_type, *, needs_h, needs_w, needs_b, gif, cap
         # forward (each chunk's from one GEMM), grad_weight and grad_bias from tiles of the vocabulary
         # in backward (each block from one GEMM over all rows when a tile has them all): 4 GEMMs, no
         # float32 sum across chunks, against the split's 5. (Where both fit, the tiles of all rows
-        # give grad_hidden too: on a 2-vCPU Xeon 2-29% faster than the hybrid's forward chunks,
+        # give grad_hidden too: on a 2-vCPU Xeon 1-32% faster than the hybrid's forward chunks,
         # benchmarks/NOTES.md.)
         h_rows = largest(lambda r: gif_bytes(r, with_w=False), n)
         cols = widest(lambda c: hybrid_bytes(h_rows, n, c)) if h_rows else 0
