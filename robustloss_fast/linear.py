@@ -499,16 +499,15 @@ def _plan(n, v, hdim, dtype, device_type, *, needs_h, needs_w, needs_b, gif, cap
         rows = largest(gif_bytes, n)
         if rows >= least:
             return make(True, rows, rows, v)
-
-    # The last tile may be short: a vocabulary that is not a multiple of 128 gets its full width too.
-    def widest(cost):
-        return v if cost(v) <= budget else largest(cost, v, _MIN_VOCAB_TILE)
-
     # Recompute: forward chunks hold only their logits (no gradient, no accumulator).
     fwd_rows = max(1, largest(fwd_bytes, n))
     rows = largest(whole_rows_bytes, n)
     if rows >= least:
         return make(False, fwd_rows, rows, v)
+    # The last tile may be short: a vocabulary that is not a multiple of 128 gets its full width too.
+    def widest(cost):
+        return v if cost(v) <= budget else largest(cost, v, _MIN_VOCAB_TILE)
+
     cols = widest(lambda c: tile_bytes(n, c))
     split = h_acc > 0
     if cols >= (min(v, _SPLIT_BELOW_COLS) if split else 1):
