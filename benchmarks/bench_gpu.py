@@ -157,9 +157,9 @@ def split_budget(n, h, v, itemsize):
 def liger_budget(n, h, v, itemsize):
     """memory_budget of the "hybrid" variants: the bytes of Liger's one chunk of logits, whose rows are
     the power of two at or above N / ceil(V / H) (256 rows, 62.6 MiB at N = 8192, H = 4096, V = 128256
-    in bf16; 1024 rows, 250.5 MiB at N = 32768) -- the hybrid at the memory of the leanest exact-time
-    peer: grad_hidden in forward in chunks of a little fewer rows, grad_weight from tiles of all N rows
-    (4 matmuls, no float32 sum across chunks)."""
+    in bf16; 1024 rows, 250.5 MiB at N = 32768) -- the hybrid at Liger's memory: grad_hidden in forward
+    in chunks of a little fewer rows, grad_weight from tiles of all N rows (4 matmuls, no float32 sum
+    across chunks)."""
     rows = 1 << max(0, math.ceil(math.log2(max(1, -(-n // -(-v // h))))))
     return rows * v * itemsize
 
