@@ -520,13 +520,14 @@ def _plan(n, v, hdim, dtype, device_type, *, needs_h, needs_w, needs_b, gif, cap
         # give grad_hidden too: on a 2-vCPU Xeon 1-32% faster than the hybrid's forward chunks,
         # benchmarks/NOTES.md.)
         h_rows = largest(lambda r: gif_bytes(r, with_w=False), n)
-        cols = widest(lambda c: hybrid_bytes(h_rows, n, c)) if h_rows else 0
-        if cols:
-            return make(True, h_rows, n, cols, tiled=True)
-        cols = min(v, _MIN_VOCAB_TILE)
-        tile_rows = largest(lambda r: hybrid_bytes(h_rows, r, cols), n) if h_rows else 0
-        if tile_rows:
-            return make(True, h_rows, tile_rows, cols, tiled=True)
+        if h_rows:
+            cols = widest(lambda c: hybrid_bytes(h_rows, n, c))
+            if cols:
+                return make(True, h_rows, n, cols, tiled=True)
+            cols = min(v, _MIN_VOCAB_TILE)
+            tile_rows = largest(lambda r: hybrid_bytes(h_rows, r, cols), n)
+            if tile_rows:
+                return make(True, h_rows, tile_rows, cols, tiled=True)
 
     def split_plan(split_rows):
         cols = widest(lambda c: tile_bytes(n, c, with_h=False))
